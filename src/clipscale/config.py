@@ -1,0 +1,393 @@
+"""Typed run configuration: YAML files + dotted `key=value` overrides, validated at start-up.
+
+One `Config` object is loaded once and passed down; nothing else parses settings. Every
+mistake (unknown key, wrong type, impossible value) is a `ConfigError` whose message is one
+line naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/ and logs go here."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "clip-tiny"
+    """Any open_clip model name (ViT-B-32, RN50, ...) or one of configs/models/*.json."""
+    pretrained: Optional[str] = None
+    """A local checkpoint path or an open_clip pretrained tag (downloads are unavailable offline)."""
+    config_dirs: list[str] = field(default_factory=list)
+    """Extra folders of open_clip model JSON configs to register."""
+    grad_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision; auto = bf16 on GPUs that support it, fp32 elsewhere."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    """WebDataset shard URLs: brace patterns, several joined with '::', local paths or pipe: URLs."""
+    train_num_samples: Optional[int] = None
+    """Samples per epoch; defaults to the total from the manifest(s)."""
+    manifest: Optional[str] = None
+    """Explicit manifest.json path (default: manifest.json / *_stats.json next to the shards)."""
+    batch_size: int = 32
+    """Per-process micro-batch size."""
+    workers: int = 2
+    """DataLoader worker processes per rank (0 = read in the training process)."""
+    prefetch_factor: int = 2
+    shuffle: bool = True
+    shuffle_block_shards: int = 2
+    """Shards interleaved together into one shuffle block (per worker stream)."""
+    shuffle_buffer: int = 1000
+    """Samples held in the deterministic shuffle buffer inside a block."""
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    caption_key: str = "txt"
+    """Sample field holding the caption; 'json' reads `caption_json_field` from the .json."""
+    caption_json_field: str = "caption"
+    max_decode_errors_logged: int = 5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    accum_steps: int = 1
+    """Micro-batches per optimizer step (feature-cached: the loss is over the whole batch)."""
+    grad_clip_norm: Optional[float] = 1.0
+    fused: bool = False
+    """Use torch's fused AdamW kernel (CUDA only)."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    name: Literal["clip", "siglip"] = "clip"
+    impl: Literal["auto", "full", "local", "chunked", "gather", "ring"] = "auto"
+    """clip: full | local | chunked (auto = local); siglip: gather | ring (auto = gather)."""
+    chunk_size: int = 4096
+    """Tile size of the chunked loss."""
+
+
+@dataclass
+class EngineConfig:
+    name: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 2
+    deepspeed_config: Any = None
+    """Extra DeepSpeed settings: a JSON/YAML file path or an inline mapping."""
+    dist_timeout_s: int = 600
+    """Collective timeout: a dead rank makes the others fail after this many seconds."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 1000
+    resume: str = "none"
+    """none | auto (latest checkpoint of the run directory, if any) | a checkpoint path."""
+    keep_last: int = 3
+    """Checkpoints kept on disk (0 = keep all)."""
+    async_save: bool = field(default=False, metadata={"key": "async"})
+    """Write checkpoints in a background thread."""
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    every_n_steps: int = 10
+    tensorboard: bool = False
+    sample_keys: bool = False
+    """Every rank appends {step, rank, keys} lines to sample_keys.jsonl."""
+    progress: bool = True
+    """Show a tqdm progress bar on rank 0."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Total optimizer steps."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_nonfinite_steps: int = 5
+    """Abort after this many consecutive steps with a non-finite loss (each is skipped)."""
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    """Signals that make every rank checkpoint after the current step and exit."""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- key plumbing
+
+
+def _key(f: dataclasses.Field) -> str:
+    """The YAML key of a dataclass field (a field may alias a Python keyword, e.g. `async`)."""
+    return f.metadata.get("key", f.name)
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {_key(f): f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(name: str, choices, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check `value` against the annotation `tp`; convert the harmless cases (int → float)."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(
+            f"'{key}' must be one of {', '.join(map(str, choices))}; got {value!r}"
+            + (_suggest(str(value), map(str, choices)) if isinstance(value, str) else "")
+        )
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str) and "," in value:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            value = [value] if value is not None and not isinstance(value, dict) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+    raise ConfigError(f"'{key}': unsupported type {tp}")
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    """Set fields of dataclass `obj` from a nested mapping, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+    fields = _fields(type(obj))
+    hints = _hints(type(obj))
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown key '{full}'{_suggest(str(key), fields, prefix)}; valid keys: "
+                              + ", ".join(prefix + k for k in fields))
+        f = fields[key]
+        current = getattr(obj, f.name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value if value is not None else {}, full + ".")
+        else:
+            setattr(obj, f.name, _coerce(full, value, hints[f.name]))
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. optim.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def to_dict(cfg) -> dict:
+    """The config as a plain nested dict with YAML key names."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[_key(f)] = to_dict(v) if dataclasses.is_dataclass(v) else v
+    return out
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data or {})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load YAML `path` (optional), apply dotted overrides, validate; ConfigError on any problem."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else "parse error"
+            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        _apply(cfg, data)
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _apply(cfg, _nest(key, value))
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- validation
+
+CLIP_IMPLS = ("full", "local", "chunked")
+SIGLIP_IMPLS = ("gather", "ring")
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with one line naming the key."""
+    _require(cfg.data.batch_size >= 1, f"'data.batch_size' must be >= 1, got {cfg.data.batch_size}")
+    _require(cfg.data.workers >= 0, f"'data.workers' must be >= 0, got {cfg.data.workers}")
+    _require(cfg.data.prefetch_factor >= 1, "'data.prefetch_factor' must be >= 1")
+    _require(cfg.data.shuffle_block_shards >= 1, "'data.shuffle_block_shards' must be >= 1")
+    _require(cfg.data.shuffle_buffer >= 1, "'data.shuffle_buffer' must be >= 1")
+    _require(cfg.data.train_num_samples is None or cfg.data.train_num_samples >= 1,
+             "'data.train_num_samples' must be >= 1")
+    _require(len(cfg.data.image_keys) >= 1, "'data.image_keys' must list at least one extension")
+    _require(cfg.optim.lr >= 0, f"'optim.lr' must be >= 0, got {cfg.optim.lr}")
+    _require(cfg.optim.weight_decay >= 0, "'optim.weight_decay' must be >= 0")
+    _require(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "'optim.beta1/beta2' must be in [0, 1)")
+    _require(cfg.optim.eps > 0, "'optim.eps' must be > 0")
+    _require(cfg.optim.accum_steps >= 1, f"'optim.accum_steps' must be >= 1, got {cfg.optim.accum_steps}")
+    _require(cfg.optim.grad_clip_norm is None or cfg.optim.grad_clip_norm > 0,
+             "'optim.grad_clip_norm' must be > 0 or null")
+    _require(cfg.schedule.warmup_steps >= 0, "'schedule.warmup_steps' must be >= 0")
+    _require(cfg.schedule.min_lr >= 0, "'schedule.min_lr' must be >= 0")
+    _require(cfg.train.steps >= 1, f"'train.steps' must be >= 1, got {cfg.train.steps}")
+    _require(cfg.train.max_nonfinite_steps >= 1, "'train.max_nonfinite_steps' must be >= 1")
+    _require(cfg.loss.chunk_size >= 1, "'loss.chunk_size' must be >= 1")
+    impls = CLIP_IMPLS if cfg.loss.name == "clip" else SIGLIP_IMPLS
+    _require(cfg.loss.impl == "auto" or cfg.loss.impl in impls,
+             f"'loss.impl' must be one of auto, {', '.join(impls)} for loss.name={cfg.loss.name}; "
+             f"got {cfg.loss.impl!r}")
+    _require(cfg.engine.zero_stage in (0, 1, 2, 3),
+             f"'engine.zero_stage' must be one of 0, 1, 2, 3; got {cfg.engine.zero_stage}")
+    _require(cfg.engine.dist_timeout_s >= 1, "'engine.dist_timeout_s' must be >= 1")
+    _require(cfg.checkpoint.every_n_steps >= 1, "'checkpoint.every_n_steps' must be >= 1")
+    _require(cfg.checkpoint.keep_last >= 0, "'checkpoint.keep_last' must be >= 0")
+    _require(cfg.logging.every_n_steps >= 1, "'logging.every_n_steps' must be >= 1")
+    _require(bool(cfg.run.dir), "'run.dir' must not be empty")
+    import signal
+
+    for name in cfg.train.preempt_signals:
+        _require(hasattr(signal, name) and name.startswith("SIG"),
+                 f"'train.preempt_signals' has unknown signal {name!r} (e.g. SIGUSR1, SIGUSR2, SIGTERM)")
+
+
+def resolved_loss_impl(cfg: Config) -> str:
+    if cfg.loss.impl != "auto":
+        return cfg.loss.impl
+    return "local" if cfg.loss.name == "clip" else "gather"

@@ -1,0 +1,111 @@
+"""The training data of one rank: plan + DataLoader + the consumed position of every stream."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import Config
+from ..distributed import DistEnv, all_gather_object
+from .plan import StreamPlan
+from .samples import SampleDecoder
+from .shardlist import resolve_shards
+from .stream import Position, StreamDataset, initial_position
+
+log = logging.getLogger(__name__)
+
+
+def build_plan(cfg: Config, world_size: int) -> StreamPlan:
+    shards = resolve_shards(cfg.data.train_shards, cfg.data.manifest)
+    return StreamPlan(
+        shards,
+        seed=cfg.seed,
+        num_streams=world_size * max(1, cfg.data.workers),
+        shuffle=cfg.data.shuffle,
+        block_shards=cfg.data.shuffle_block_shards,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+
+
+class TrainData:
+    """Yields this rank's micro-batches; `state()` is what a checkpoint needs to resume exactly."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        transform: Callable,
+        tokenizer: Callable,
+        env: DistEnv,
+        resume_state: Optional[dict] = None,
+        draft_size: Optional[int] = None,
+    ):
+        self.cfg = cfg
+        self.env = env
+        self.workers = max(1, cfg.data.workers)
+        self.plan = build_plan(cfg, env.world_size)
+        self.batches = 0  # micro-batches this rank has consumed
+        saved_positions: dict[int, Position] = {}
+        if resume_state:
+            self.plan, saved_positions, self.batches = self._restore(resume_state)
+        first = env.rank * self.workers
+        self.positions = {s: saved_positions.get(s, initial_position()) for s in range(first, first + self.workers)}
+        self.num_samples = cfg.data.train_num_samples or self.plan.total_samples
+        decoder = SampleDecoder(transform, cfg.data.image_keys, cfg.data.caption_key,
+                                cfg.data.caption_json_field, draft_size)
+        self.dataset = StreamDataset(
+            self.plan, env.rank, self.workers, dict(self.positions), self.batches % self.workers,
+            decoder, tokenizer, cfg.data.batch_size, cfg.seed, cfg.data.max_decode_errors_logged,
+        )
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=cfg.data.workers,
+            prefetch_factor=cfg.data.prefetch_factor if cfg.data.workers > 0 else None,
+            pin_memory=env.device.type == "cuda",
+        )
+        self._iter = None
+
+    def _restore(self, state: dict):
+        saved = StreamPlan.from_layout(state["layout"])
+        if saved.same_order_as(self.plan):
+            streams = {int(k): v for k, v in state["streams"].items()}
+            return self.plan, streams, int(state["batches"][self.env.rank])
+        log.warning("data layout changed since the checkpoint (world size x workers %d -> %d, or the shard "
+                    "list / shuffle settings); restarting the data stream from the beginning of the data",
+                    saved.num_streams, self.plan.num_streams)
+        return self.plan, {}, 0
+
+    def next(self) -> tuple[dict, float]:
+        """The next micro-batch and the seconds spent waiting for it."""
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        t0 = time.perf_counter()
+        batch = next(self._iter)
+        wait = time.perf_counter() - t0
+        self.positions[batch["stream"]] = batch.pop("position")
+        self.batches += 1
+        return batch, wait
+
+    def skipped(self) -> dict[str, int]:
+        """Skip counts by reason over this rank's streams."""
+        total: dict[str, int] = {}
+        for pos in self.positions.values():
+            for reason, n in pos.get("skipped", {}).items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+    def state(self) -> dict:
+        """Collective: the global data state (every rank's stream positions) for a checkpoint."""
+        local = {"streams": self.positions, "batches": self.batches}
+        everyone = all_gather_object(local)
+        streams: dict[int, Position] = {}
+        for part in everyone:
+            streams.update(part["streams"])
+        return {"layout": self.plan.layout(), "streams": streams, "batches": [p["batches"] for p in everyone]}
+
+    def close(self) -> None:
+        self._iter = None

@@ -1,0 +1,198 @@
+"""Process-group set-up from the launcher's environment (torchrun, SLURM srun, or none).
+
+This is the one module (with cli.py) that reads os.environ. torchrun's variables win when
+present (torchrun inside an sbatch job); otherwise SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
+with the master taken from the first host of SLURM_JOB_NODELIST; otherwise one process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+class DistributedEnvError(UserError):
+    """The launcher's environment is inconsistent (e.g. RANK >= WORLD_SIZE)."""
+
+
+@dataclass
+class LaunchInfo:
+    launcher: str  # "torchrun" | "slurm" | "none"
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+    restart_count: int = 0
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: Optional[str]
+    launcher: str
+    restart_count: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """SLURM's compressed host list ("gpu[01-03,07],login1") → ["gpu01", "gpu02", ...]."""
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", hostlist):
+        m = re.match(r"^(.*?)\[([^\]]*)\](.*)$", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-", 1)
+                width = len(lo)
+                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise DistributedEnvError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def detect_launch(env: Mapping[str, str] = os.environ) -> LaunchInfo:
+    """Read rank/world/local rank and the rendezvous address from the launcher's variables."""
+    restarts = int(env.get("TORCHELASTIC_RESTART_COUNT", env.get("SLURM_RESTART_COUNT", "0")) or 0)
+    if "RANK" in env or "WORLD_SIZE" in env:
+        missing = [k for k in ("RANK", "WORLD_SIZE") if k not in env]
+        if missing:
+            raise DistributedEnvError(f"RANK and WORLD_SIZE must be set together; missing {', '.join(missing)}")
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+        info = LaunchInfo("torchrun", rank, world, local, env.get("MASTER_ADDR"),
+                          _int(env, "MASTER_PORT") if "MASTER_PORT" in env else None, restarts)
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _int(env, "SLURM_NTASKS") > 1:
+        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+        local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+        hosts = expand_hostlist(nodelist) if nodelist else []
+        addr = env.get("MASTER_ADDR") or (hosts[0] if hosts else None)
+        if not addr:
+            raise DistributedEnvError("SLURM job with several tasks but no SLURM_JOB_NODELIST or MASTER_ADDR")
+        job = int(re.sub(r"\D", "", env.get("SLURM_JOB_ID", "0")) or 0)
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + job % 20000
+        info = LaunchInfo("slurm", rank, world, local, addr, port, restarts)
+    else:
+        info = LaunchInfo("none", 0, 1, 0, restart_count=restarts)
+    if info.world_size < 1:
+        raise DistributedEnvError(f"world size must be >= 1, got {info.world_size}")
+    if not 0 <= info.rank < info.world_size:
+        raise DistributedEnvError(f"rank {info.rank} is outside world size {info.world_size}")
+    if not 0 <= info.local_rank <= info.rank:
+        raise DistributedEnvError(f"local rank {info.local_rank} is inconsistent with rank {info.rank}")
+    return info
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DistributedEnvError("train.device=cuda but no CUDA device is available")
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise DistributedEnvError(f"local rank {local_rank} has no GPU: only {count} visible on this node")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto", timeout_s: int = 600,
+                     env: Mapping[str, str] = os.environ) -> DistEnv:
+    """Start the default process group when launched with several processes (NCCL on CUDA, gloo on CPU)."""
+    info = detect_launch(env)
+    device = pick_device(device_preference, info.local_rank)
+    backend = None
+    if info.world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if info.launcher == "slurm":
+            os.environ.setdefault("MASTER_ADDR", str(info.master_addr))
+            os.environ.setdefault("MASTER_PORT", str(info.master_port))
+        dist.init_process_group(
+            backend=backend, rank=info.rank, world_size=info.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    elif dist.is_initialized():
+        backend = dist.get_backend()
+    return DistEnv(info.rank, info.world_size, info.local_rank, device, backend, info.launcher, info.restart_count)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (a one-element list without a process group)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a copy; the input is left alone)."""
+    t = t.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(t)
+        t /= world_size()
+    return t
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank (one small all-reduce)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

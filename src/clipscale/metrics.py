@@ -1,0 +1,116 @@
+"""Where training numbers go: metrics.jsonl, TensorBoard, the console, sample_keys.jsonl."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("clipscale")
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLE_KEYS_FILE = "sample_keys.jsonl"
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep them readable
+    return v
+
+
+def append_line(path: Path, record: dict) -> None:
+    """One write() per line with O_APPEND, so several ranks can share the file."""
+    line = (json.dumps({k: _clean(v) for k, v in record.items()}) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop records of steps after `step` (work that a resume redoes) from a jsonl file."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line torn by a kill
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, is_main: bool, rank: int, tensorboard: bool = False,
+                 sample_keys: bool = False, console=None):
+        self.run_dir = Path(run_dir)
+        self.is_main = is_main
+        self.rank = rank
+        self.sample_keys_enabled = sample_keys
+        self.console = console or log.info
+        self.tb = None
+        if is_main and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("logging.tensorboard=true but tensorboard is not installed; pip install tensorboard")
+            else:
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def resume_at(self, step: int) -> None:
+        """Forget records past `step`: those steps will be trained again."""
+        if self.is_main:
+            truncate_after(self.run_dir / METRICS_FILE, step)
+            truncate_after(self.run_dir / SAMPLE_KEYS_FILE, step)
+
+    def log(self, step: int, metrics: dict, console: bool = True) -> None:
+        if not self.is_main:
+            return
+        record = {"step": step, **metrics}
+        append_line(self.run_dir / METRICS_FILE, record)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+        if console:
+            self.console(format_metrics(record))
+
+    def sample_keys(self, step: int, keys: list[str], passes: Optional[list[int]] = None) -> None:
+        if self.sample_keys_enabled:
+            record = {"step": step, "rank": self.rank, "keys": keys}
+            if passes is not None:
+                record["passes"] = passes
+            append_line(self.run_dir / SAMPLE_KEYS_FILE, record)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_metrics(record: dict) -> str:
+    parts = []
+    for k, v in record.items():
+        if isinstance(v, float):
+            parts.append(f"{k} {v:.4g}")
+        elif isinstance(v, dict):
+            continue
+        else:
+            parts.append(f"{k} {v}")
+    return " | ".join(parts)

@@ -1,0 +1,134 @@
+"""The model: open_clip's factory, our small configs, gradient checkpointing, parameter groups.
+
+clipscale keeps open_clip's module and state_dict layout, so any checkpoint we write loads
+with `open_clip.create_model_and_transforms(name, pretrained=path)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import open_clip
+import torch
+from torch import nn
+
+from .config import Config, ModelConfig
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BUNDLED_CONFIGS = Path(__file__).parent / "configs" / "models"
+MAX_LOGIT_SCALE = math.log(100.0)
+_registered: set[str] = set()
+
+
+def register_model_configs(extra_dirs: Optional[list[str]] = None) -> None:
+    """Make configs/models/*.json (and any user folders) known to open_clip by name."""
+    for d in [str(BUNDLED_CONFIGS), *(extra_dirs or [])]:
+        if d in _registered:
+            continue
+        path = Path(d)
+        if not path.is_dir():
+            raise ConfigError(f"'model.config_dirs': {d} is not a directory")
+        open_clip.add_model_config(path)
+        _registered.add(d)
+
+
+def available_models() -> list[str]:
+    register_model_configs()
+    return open_clip.list_models()
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    train_transform: Callable
+    val_transform: Callable
+    tokenizer: Callable
+    image_size: int
+
+
+def _image_size(model: nn.Module) -> int:
+    size = getattr(getattr(model, "visual", None), "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def create_model(mcfg: ModelConfig, loss_name: str = "clip", device: str | torch.device = "cpu") -> ModelBundle:
+    """Build an open_clip model + transforms + tokenizer from the model section of the config."""
+    register_model_configs(mcfg.config_dirs)
+    if mcfg.name not in open_clip.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(mcfg.name, open_clip.list_models(), n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise ConfigError(f"unknown model 'model.name={mcfg.name}'{hint}; see `clipscale models`")
+    kwargs = {}
+    cfg = open_clip.get_model_config(mcfg.name) or {}
+    if loss_name == "siglip" and "init_logit_bias" not in cfg:
+        # SigLIP needs a learnable bias; the paper's initialisation (t' = log 10, b = -10).
+        kwargs.update(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+    pretrained = mcfg.pretrained
+    if pretrained and (Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors")) \
+            and not Path(pretrained).is_file():
+        raise ConfigError(f"'model.pretrained': file not found: {pretrained}")
+    with _quiet_open_clip():
+        model, train_tf, val_tf = open_clip.create_model_and_transforms(
+            mcfg.name, pretrained=pretrained, device=device, output_dict=True, **kwargs
+        )
+    if mcfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    tokenizer = open_clip.get_tokenizer(mcfg.name)
+    return ModelBundle(model, train_tf, val_tf, tokenizer, _image_size(model))
+
+
+class _quiet_open_clip:
+    """open_clip warns 'No pretrained weights loaded' for every random init; that is our default."""
+
+    def __enter__(self):
+        self._logger = logging.getLogger()
+        self._level = self._logger.level
+        self._logger.setLevel(max(self._level, logging.ERROR))
+
+    def __exit__(self, *exc):
+        self._logger.setLevel(self._level)
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Gains, biases (all 1-D), embeddings and the temperature are not decayed."""
+    return param.ndim < 2 or "embedding" in name or "logit_scale" in name or "logit_bias" in name
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    fused = bool(o.fused and device.type == "cuda")
+    return torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None
+    )
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: nn.Module) -> None:
+    """Keep the learnable temperature at most 100 (ln 100 = 4.6052), as CLIP does."""
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, torch.Tensor):
+        scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

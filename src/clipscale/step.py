@@ -1,0 +1,89 @@
+"""One optimizer step's forward/backward, with or without the feature cache.
+
+With `accum_steps` K > 1 the loss must be the loss of the WHOLE K x world x micro-batch
+batch, not an average of micro-batch losses (contrastive losses do not decompose). We use the
+GradCache scheme:
+  1. encode all K micro-batches without grad and keep their features;
+  2. compute the loss once over all cached features (gathered across ranks) and back-propagate
+     to the features (and to the temperature / bias) only;
+  3. re-encode each micro-batch with grad and back-propagate the cached feature gradients
+     through the towers (DDP no_sync on all but the last, which also carries the temperature's
+     gradient so every parameter takes part in the synchronised backward).
+Gradients equal those of one process computing the whole batch at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .engine.base import Engine
+
+FEATURES = ("image_features", "text_features")
+SCALARS = ("logit_scale", "logit_bias")
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # this rank's loss (mean over ranks = loss of the global batch), detached
+
+
+def loss_inputs(loss_fn, out: dict) -> list[torch.Tensor]:
+    """Positional arguments of the loss from a model output dict (fp32 features)."""
+    args = [out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float()]
+    if getattr(loss_fn, "uses_bias", False):
+        if out.get("logit_bias") is None:
+            raise ValueError("the SigLIP loss needs a model with a logit_bias")
+        args.append(out["logit_bias"].float())
+    return args
+
+
+def forward_backward(engine: Engine, loss_fn, micro_batches: list[dict]) -> StepOutput:
+    """Accumulate the gradients of one optimizer step (the caller then calls engine.step())."""
+    device = engine.device
+    if len(micro_batches) == 1:
+        mb = micro_batches[0]
+        out = engine.forward(mb["images"].to(device, non_blocking=True), mb["texts"].to(device, non_blocking=True))
+        loss = loss_fn(*loss_inputs(loss_fn, out))
+        engine.backward(loss)
+        return StepOutput(loss.detach())
+    return _cached_forward_backward(engine, loss_fn, micro_batches)
+
+
+def _cached_forward_backward(engine: Engine, loss_fn, micro_batches: list[dict]) -> StepOutput:
+    device = engine.device
+    inputs = [(mb["images"].to(device, non_blocking=True), mb["texts"].to(device, non_blocking=True))
+              for mb in micro_batches]
+    # 1. cache features without building graphs
+    cached: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURES}
+    scalars: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for images, texts in inputs:
+            out = engine.forward(images, texts)
+            for k in FEATURES:
+                cached[k].append(out[k].float())
+            scalars = {k: out[k].float() for k in SCALARS if out.get(k) is not None}
+    sizes = [f.shape[0] for f in cached["image_features"]]
+    # 2. loss over the whole batch, gradient w.r.t. the features and scalars only
+    leaves = {k: torch.cat(v).requires_grad_(True) for k, v in cached.items()}
+    leaves.update({k: v.detach().requires_grad_(True) for k, v in scalars.items()})
+    loss = loss_fn(*loss_inputs(loss_fn, leaves))
+    loss.backward()
+    grads = {k: v.grad for k, v in leaves.items()}
+    feature_grads = {k: torch.split(grads[k], sizes) for k in FEATURES}
+    # 3. re-encode with grad and push the cached gradients through the towers
+    last = len(inputs) - 1
+    for j, (images, texts) in enumerate(inputs):
+        sync = j == last
+        with engine.no_sync() if not sync else contextlib.nullcontext():
+            out = engine.forward(images, texts)
+            surrogate = sum((out[k].float() * feature_grads[k][j]).sum() for k in FEATURES)
+            for k in scalars:
+                # the temperature/bias gradient is applied once, on the synchronised micro-batch
+                weight = grads[k] if sync else torch.zeros_like(grads[k])
+                surrogate = surrogate + (out[k].float() * weight).sum()
+            engine.backward(surrogate)
+    return StepOutput(loss.detach())
+

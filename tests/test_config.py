@@ -1,0 +1,85 @@
+import pytest
+import yaml
+
+from clipscale.config import Config, load_config, to_dict
+from clipscale.errors import ConfigError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 1.0e-3\ndata:\n  batch_size: 8\n  train_shards: /x/a-{0..3}.tar\n")
+    cfg = load_config(path, ["optim.lr=3e-4", "data.batch_size=256", "model.grad_checkpointing=true",
+                             "checkpoint.resume=auto", "loss.name=siglip", "optim.grad_clip_norm=null"])
+    assert isinstance(cfg, Config)
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.data.batch_size == 256 and isinstance(cfg.data.batch_size, int)
+    assert cfg.model.grad_checkpointing is True
+    assert cfg.checkpoint.resume == "auto"
+    assert cfg.loss.name == "siglip"
+    assert cfg.optim.grad_clip_norm is None
+    assert cfg.data.train_shards == "/x/a-{0..3}.tar"
+
+
+def test_int_is_accepted_for_float_and_list_from_string(tmp_path):
+    cfg = load_config(None, ["optim.lr=1", "data.image_keys=jpg,png"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.image_keys == ["jpg", "png"]
+
+
+def test_aliased_key_async(tmp_path):
+    cfg = load_config(write(tmp_path, "checkpoint:\n  async: true\n"))
+    assert cfg.checkpoint.async_save is True
+    assert to_dict(cfg)["checkpoint"]["async"] is True
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    ("optimm.lr=1", "unknown key 'optimm' (did you mean 'optim'?)"),
+    ("data.batch_size=abc", "'data.batch_size' must be an integer, got 'abc'"),
+    ("data.batch_size=0", "'data.batch_size' must be >= 1"),
+    ("model.grad_checkpointing=maybe", "'model.grad_checkpointing' must be true or false"),
+    ("loss.name=infonce", "'loss.name' must be one of clip, siglip"),
+    ("loss.impl=ring", "'loss.impl' must be one of auto, full, local, chunked for loss.name=clip"),
+    ("engine.zero_stage=5", "'engine.zero_stage' must be one of 0, 1, 2, 3"),
+    ("optim.lr=-1", "'optim.lr' must be >= 0"),
+    ("train.preempt_signals=[SIGFOO]", "unknown signal 'SIGFOO'"),
+    ("nonsense", "must look like key=value"),
+])
+def test_bad_overrides_fail_with_one_clear_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_unknown_key_in_yaml_names_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'data.batchsize' \(did you mean 'data.batch_size'\?\)"):
+        load_config(write(tmp_path, "data:\n  batchsize: 3\n"))
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "data: [unclosed\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_every_shipped_config_loads():
+    from helpers import REPO
+
+    paths = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "deepspeed").glob("*.yaml"))
+    assert paths
+    for p in paths:
+        load_config(str(p))
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(None, ["optim.lr=2e-4", "checkpoint.async=true"])
+    again = load_config(write(tmp_path, yaml.safe_dump(to_dict(cfg))))
+    assert to_dict(again) == to_dict(cfg)

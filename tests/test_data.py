@@ -1,0 +1,169 @@
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipscale.data import TrainData
+from clipscale.data.plan import StreamPlan
+from clipscale.data.shardlist import resolve_shards
+from clipscale.data.stream import iter_stream
+from clipscale.distributed import DistEnv
+from clipscale.errors import DataError
+from clipscale.model import create_model
+from clipscale.shards import write_shards
+from helpers import color_samples, make_shards, tiny_config
+
+CPU = torch.device("cpu")
+
+
+def env(rank=0, world=1):
+    return DistEnv(rank=rank, world_size=world, local_rank=0, device=CPU, backend=None, launcher="none")
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    cfg = tiny_config("/tmp/unused", "x")
+    return create_model(cfg.model)
+
+
+def identity_transform(img):
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+
+
+def collect(data: TrainData, n_batches: int):
+    batches = [data.next()[0] for _ in range(n_batches)]
+    return batches
+
+
+def test_round_trip_keys_images_captions(tmp_path, bundle):
+    samples = list(color_samples(24, size=16))
+    write_shards(samples, tmp_path, "rt", 8)
+    cfg = tiny_config(tmp_path / "run", str(tmp_path / "rt-{000000..000002}.tar"), data__batch_size=4,
+                      data__shuffle="false")
+    data = TrainData(cfg, identity_transform, bundle.tokenizer, env())
+    got = {}
+    for batch in collect(data, 6):
+        for key, img, tokens in zip(batch["keys"], batch["images"], batch["texts"]):
+            got[key] = (img, tokens)
+    assert sorted(got) == sorted(s["__key__"] for s in samples)
+    for s in samples:
+        img, tokens = got[s["__key__"]]
+        expected = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+        assert np.array_equal(img.numpy(), expected)
+        assert torch.equal(tokens, bundle.tokenizer([s["txt"]])[0])
+
+
+def test_two_workers_see_disjoint_samples_covering_the_set(toy_shards, bundle):
+    cfg = tiny_config("/tmp/unused", toy_shards, data__workers=2, data__batch_size=8)
+    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env())
+    by_stream = {}
+    for batch in collect(data, 8):  # 64 samples = one pass
+        assert set(batch["passes"]) == {0}
+        by_stream.setdefault(batch["stream"], []).extend(batch["keys"])
+    assert set(by_stream) == {0, 1}
+    a, b = set(by_stream[0]), set(by_stream[1])
+    assert len(a) == len(by_stream[0]) == 32 and len(b) == 32
+    assert not a & b
+    assert len(a | b) == 64
+
+
+def test_ranks_split_the_set(toy_shards, bundle):
+    cfg = tiny_config("/tmp/unused", toy_shards, data__workers=1, data__batch_size=8)
+    keys = []
+    for rank in range(2):
+        data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env(rank, 2))
+        keys.append([k for b in collect(data, 4) for k in b["keys"]])
+    assert not set(keys[0]) & set(keys[1])
+    assert len(set(keys[0]) | set(keys[1])) == 64
+
+
+def test_order_depends_on_seed_and_epoch(toy_shards):
+    shards = resolve_shards(toy_shards)
+
+    def keys(seed, data_pass_start):
+        plan = StreamPlan(shards, seed=seed, num_streams=1, block_shards=2, shuffle_buffer=8)
+        out = []
+        for sample, _, _ in iter_stream(plan, 0, 0, 0, lambda u, e: None):
+            out.append((sample["__pass__"], sample["__key__"]))
+            if len(out) == 128:
+                break
+        return [k for p, k in out if p == data_pass_start]
+
+    a0, a0_again, b0 = keys(0, 0), keys(0, 0), keys(1, 0)
+    a1 = keys(0, 1)
+    assert a0 == a0_again
+    assert a0 != b0
+    assert a0 != a1 and sorted(a0) == sorted(a1)
+
+
+def corrupt_shards(tmp_path):
+    good = list(color_samples(10, size=16))
+    good[2]["jpg"] = b"not a jpeg at all"
+    good[5]["txt"] = "   "
+    del good[7]["txt"]
+    del good[7]["json"]
+    good[8]["jpg"] = good[8]["jpg"][:40]  # truncated JPEG
+    write_shards(good, tmp_path, "bad", 10)
+    return str(tmp_path / "bad-000000.tar")
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, bundle):
+    cfg = tiny_config(tmp_path / "run", corrupt_shards(tmp_path), data__batch_size=6, data__shuffle="false")
+    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env())
+    batch = data.next()[0]
+    assert len(batch["keys"]) == 6
+    assert not {"s000002", "s000005", "s000007", "s000008"} & set(batch["keys"])
+    assert data.skipped() == {"corrupt_image": 2, "empty_caption": 1, "no_caption": 1}
+
+
+def test_missing_shard_is_a_clear_startup_error(tmp_path):
+    make_shards(tmp_path, n_shards=2, per_shard=4)
+    with pytest.raises(DataError, match=r"shard not found: .*toy-000002.tar"):
+        resolve_shards(str(tmp_path / "toy-{000000..000002}.tar"))
+
+
+def test_counts_from_other_tools_indexes(tmp_path):
+    # img2dataset layout: 00000.tar + 00000_stats.json, no manifest
+    d1 = tmp_path / "i2d"
+    d1.mkdir()
+    write_shards(color_samples(5, size=8), d1, "tmp", 5)
+    (d1 / "tmp-000000.tar").rename(d1 / "00000.tar")
+    (d1 / "manifest.json").unlink()
+    (d1 / "00000_stats.json").write_text(json.dumps({"count": 6, "successes": 5, "failed_to_download": 1}))
+    # OpenCLIP sizes.json
+    d2 = tmp_path / "oc"
+    write_shards(color_samples(7, size=8), d2, "x", 7)
+    (d2 / "manifest.json").unlink()
+    (d2 / "sizes.json").write_text(json.dumps({"x-000000.tar": 7}))
+    # no index at all: counted by reading the tar
+    d3 = tmp_path / "bare"
+    write_shards(color_samples(3, size=8), d3, "y", 3)
+    (d3 / "manifest.json").unlink()
+    shards = resolve_shards(f"{d1}/00000.tar::{d2}/x-000000.tar::{d3}/y-000000.tar")
+    assert [s.samples for s in shards] == [5, 7, 3]
+
+
+def test_pipe_urls_are_read(tmp_path, bundle):
+    pattern = make_shards(tmp_path, n_shards=2, per_shard=8)
+    pipe = "::".join(f"pipe:cat {tmp_path}/toy-00000{i}.tar" for i in range(2))
+    cfg = tiny_config(tmp_path / "run", pipe, data__batch_size=8, data__manifest=str(tmp_path / "manifest.json"))
+    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env())
+    keys = [k for b in collect(data, 2) for k in b["keys"]]
+    assert len(set(keys)) == 16
+    assert pattern.endswith(".tar")
+
+
+def test_truncated_tar_ends_its_shard_with_a_count(tmp_path, bundle):
+    make_shards(tmp_path, n_shards=2, per_shard=8)
+    path = tmp_path / "toy-000001.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    cfg = tiny_config(tmp_path / "run", str(tmp_path / "toy-{000000..000001}.tar"), data__batch_size=4,
+                      data__shuffle="false")
+    td = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env())
+    keys = [k for b in collect(td, 4) for k in b["keys"]]
+    assert len(keys) == 16  # the rest came from the next pass
+    assert td.skipped().get("unreadable_shard", 0) >= 1
