@@ -87,3 +87,18 @@ def test_sample_keys_file(tmp_path, toy_shards):
     lines = [json.loads(x) for x in (run / "sample_keys.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert all(x["rank"] == 0 and len(x["keys"]) == 8 for x in lines)
+
+
+def test_module_entry_point_and_tensorboard(tmp_path, toy_shards):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "clipscale.train", f"run.dir={run}", f"data.train_shards={toy_shards}",
+           "train.steps=2", "data.batch_size=8", "data.workers=0", "logging.tensorboard=true", "logging.every_n_steps=1",
+           "logging.progress=false", "train.device=cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
