@@ -1,27 +1,345 @@
-"""Contrastive losses over a batch of (already normalised) image and text features."""
+"""Contrastive losses over the GLOBAL batch, computed from this rank's features.
+
+Every loss takes this rank's (already normalised) features [b, d] and gathers what it needs
+across the default process group itself. Convention (open_clip's, which makes DDP's gradient
+averaging exact): the mean over ranks of the returned losses is the loss of the global batch;
+each rank's gradient w.r.t. its own features is world_size x the matching slice of the
+single-process gradient; temperature/bias gradients averaged over ranks equal the
+single-process ones.
+
+CLIP (symmetric InfoNCE), `impl`:
+  full     all_gather with grad, global [B, B] logits on every rank (the baseline)
+  local    this rank's rows/columns only: [b, B] logits, labels offset by rank (OpenCLIP's local_loss)
+  chunked  like local, but logits are computed tile by tile with an online log-sum-exp and a
+           custom backward, so memory is O(chunk^2) instead of O(b x B)
+SigLIP (sigmoid loss with temperature and bias), `impl`:
+  gather   all_gather texts with grad, [b, B] logits
+  ring     text blocks travel around the ring of ranks (forward and backward): no rank ever
+           holds more than two blocks of text features
+"""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+# --------------------------------------------------------------------------- communication
+
+
+class CommTimer:
+    """Seconds spent in collectives (CUDA events on GPU, so timing does not force a sync)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._events: list = []
+
+    @contextlib.contextmanager
+    def time(self, device: torch.device):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - t0
+
+    def pop(self) -> float:
+        """Seconds since the last pop (synchronises pending CUDA events)."""
+        for start, end in self._events:
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1000.0
+        self._events.clear()
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGatherGrad(torch.autograd.Function):
+    """Concatenate every rank's [b, d] tensor; backward sums the gradients of each slice over ranks
+    (reduce-scatter on NCCL; all-reduce + slice on gloo, which has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, timer):
+        rank, world = _world()
+        ctx.rank, ctx.world, ctx.timer, ctx.b = rank, world, timer, x.shape[0]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        with timer.time(x.device):
+            dist.all_gather(parts, x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()  # reduced in place below; autograd may share the input
+        with ctx.timer.time(grad.device):
+            if dist.get_backend() == "nccl":
+                out = torch.empty((ctx.b, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+                dist.reduce_scatter_tensor(out, grad)
+            else:
+                dist.all_reduce(grad)
+                out = grad[ctx.rank * ctx.b:(ctx.rank + 1) * ctx.b]
+        return out, None
+
+
+class Gather:
+    """all_gather with grad over the default group; `timer` accumulates the time it takes."""
+
+    def __init__(self):
+        self.timer = CommTimer()
+
+    def rank_world(self) -> tuple[int, int]:
+        return _world()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if _world()[1] == 1:
+            return x
+        return _AllGatherGrad.apply(x, self.timer)
+
+
+# --------------------------------------------------------------------------- chunked CLIP
+
+
+def _tiles(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+class _ChunkedRowCE(torch.autograd.Function):
+    """mean_i [ logsumexp_j(s q_i.k_j) - s q_i.k_{offset+i} ], tile by tile, never [n, N] at once."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, offset: int, chunk: int):
+        n, N = q.shape[0], k.shape[0]
+        lse = torch.empty(n, dtype=q.dtype, device=q.device)
+        for r0, r1 in _tiles(n, chunk):
+            acc = torch.full((r1 - r0,), float("-inf"), dtype=q.dtype, device=q.device)
+            for c0, c1 in _tiles(N, chunk):
+                acc = torch.logaddexp(acc, torch.logsumexp((q[r0:r1] @ k[c0:c1].T) * scale, dim=1))
+            lse[r0:r1] = acc
+        pos = (q * k[offset:offset + n]).sum(1) * scale
+        ctx.save_for_backward(q, k, scale, lse)
+        ctx.offset, ctx.chunk = offset, chunk
+        return (lse - pos).mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, scale, lse = ctx.saved_tensors
+        n, N, offset, chunk = q.shape[0], k.shape[0], ctx.offset, ctx.chunk
+        coef = g / n
+        dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+        dscale = torch.zeros((), dtype=q.dtype, device=q.device)
+        for r0, r1 in _tiles(n, chunk):
+            qr = q[r0:r1]
+            for c0, c1 in _tiles(N, chunk):
+                kc = k[c0:c1]
+                raw = qr @ kc.T
+                p = torch.exp(raw * scale - lse[r0:r1, None]) * coef  # d loss / d logits (negatives part)
+                dq[r0:r1] += (p @ kc) * scale
+                dk[c0:c1] += (p.T @ qr) * scale
+                dscale += (p * raw).sum()
+        kpos = k[offset:offset + n]
+        dq -= kpos * (coef * scale)
+        dk[offset:offset + n] -= q * (coef * scale)
+        dscale -= (q * kpos).sum() * coef
+        return dq, dk, dscale.reshape(scale.shape), None, None
+
+
+class _ChunkedSymmetricCE(torch.autograd.Function):
+    """Both directions of a single [B, B] logit matrix in one tiled pass (world size 1)."""
+
+    @staticmethod
+    def forward(ctx, img, txt, scale, chunk: int):
+        B = img.shape[0]
+        row = torch.full((B,), float("-inf"), dtype=img.dtype, device=img.device)
+        col = torch.full((B,), float("-inf"), dtype=img.dtype, device=img.device)
+        for r0, r1 in _tiles(B, chunk):
+            for c0, c1 in _tiles(B, chunk):
+                blk = (img[r0:r1] @ txt[c0:c1].T) * scale
+                row[r0:r1] = torch.logaddexp(row[r0:r1], torch.logsumexp(blk, dim=1))
+                col[c0:c1] = torch.logaddexp(col[c0:c1], torch.logsumexp(blk, dim=0))
+        pos = (img * txt).sum(1) * scale
+        ctx.save_for_backward(img, txt, scale, row, col)
+        ctx.chunk = chunk
+        return ((row - pos).mean() + (col - pos).mean()) / 2
+
+    @staticmethod
+    def backward(ctx, g):
+        img, txt, scale, row, col = ctx.saved_tensors
+        B, chunk = img.shape[0], ctx.chunk
+        half = g / (2 * B)
+        dimg, dtxt = torch.zeros_like(img), torch.zeros_like(txt)
+        dscale = torch.zeros((), dtype=img.dtype, device=img.device)
+        for r0, r1 in _tiles(B, chunk):
+            ir = img[r0:r1]
+            for c0, c1 in _tiles(B, chunk):
+                tc = txt[c0:c1]
+                raw = ir @ tc.T
+                logits = raw * scale
+                d = (torch.exp(logits - row[r0:r1, None]) + torch.exp(logits - col[None, c0:c1])) * half
+                dimg[r0:r1] += (d @ tc) * scale
+                dtxt[c0:c1] += (d.T @ ir) * scale
+                dscale += (d * raw).sum()
+        both = 2 * half
+        dimg -= txt * (both * scale)
+        dtxt -= img * (both * scale)
+        dscale -= (img * txt).sum() * both
+        return dimg, dtxt, dscale.reshape(scale.shape), None
+
+
+# --------------------------------------------------------------------------- CLIP loss
+
 
 class ClipLoss(nn.Module):
-    """Symmetric InfoNCE: mean of image→text and text→image cross-entropy, pairs on the diagonal."""
+    """Symmetric InfoNCE over the global batch (see the module docstring for `impl`)."""
 
-    def __init__(self, impl: str = "full", chunk_size: int = 4096):
+    uses_bias = False
+
+    def __init__(self, impl: str = "local", chunk_size: int = 4096, gather: Optional[Gather] = None):
         super().__init__()
+        if impl not in ("full", "local", "chunked"):
+            raise ValueError(f"ClipLoss impl must be full, local or chunked; got {impl!r}")
         self.impl = impl
         self.chunk_size = chunk_size
+        self.gather = gather or Gather()
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor):
-        logits = logit_scale * image_features @ text_features.T
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        rank, world = self.gather.rank_world()
+        b = image_features.shape[0]
+        if self.impl == "chunked":
+            if world == 1:
+                return _ChunkedSymmetricCE.apply(image_features, text_features, logit_scale, self.chunk_size)
+            all_img, all_txt = self.gather(image_features), self.gather(text_features)
+            return (_ChunkedRowCE.apply(image_features, all_txt, logit_scale, rank * b, self.chunk_size)
+                    + _ChunkedRowCE.apply(text_features, all_img, logit_scale, rank * b, self.chunk_size)) / 2
+        if world == 1 or self.impl == "full":
+            all_img, all_txt = self.gather(image_features), self.gather(text_features)
+            logits = logit_scale * all_img @ all_txt.T
+            labels = torch.arange(logits.shape[0], device=logits.device)
+            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        all_img, all_txt = self.gather(image_features), self.gather(text_features)
+        labels = torch.arange(b, device=image_features.device) + rank * b
+        per_image = logit_scale * image_features @ all_txt.T
+        per_text = logit_scale * text_features @ all_img.T
+        return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+
+# --------------------------------------------------------------------------- SigLIP loss
+
+
+def _siglip_block_loss(img, txt, scale, bias, positives: bool) -> torch.Tensor:
+    """sum of -log sigmoid(label * logit) over one [b, b'] block (labels +1 on the diagonal if `positives`)."""
+    logits = (img @ txt.T) * scale + bias
+    loss = F.softplus(logits).sum()  # every pair as a negative: -log sigmoid(-x) = softplus(x)
+    if positives:
+        loss = loss - torch.diagonal(logits).sum()  # softplus(-x) - softplus(x) = -x
+    return loss
+
+
+def _siglip_block_grads(img, txt, scale, bias, positives: bool, coef):
+    """Gradients of coef x _siglip_block_loss w.r.t. img, txt, scale, bias."""
+    raw = img @ txt.T
+    d = torch.sigmoid(raw * scale + bias) * coef
+    if positives:
+        d.diagonal().sub_(coef)
+    return (d @ txt) * scale, (d.T @ img) * scale, (d * raw).sum(), d.sum()
+
+
+def _ring_shift(x: torch.Tensor, timer: CommTimer) -> torch.Tensor:
+    """Send `x` to the next rank, receive the previous rank's tensor."""
+    rank, world = _world()
+    out = torch.empty_like(x)
+    with timer.time(x.device):
+        ops = [dist.P2POp(dist.isend, x.contiguous(), (rank + 1) % world),
+               dist.P2POp(dist.irecv, out, (rank - 1) % world)]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    return out
+
+
+class _RingSigLip(torch.autograd.Function):
+    """SigLIP of local images against every rank's texts, texts passed around the ring.
+
+    Backward runs the ring again, carrying each text block with its gradient accumulator; after
+    a full turn every block is back home with the gradient contributed by every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, img, txt, scale, bias, timer):
+        rank, world = _world()
+        total = _siglip_block_loss(img, txt, scale, bias, positives=True)
+        block = txt
+        for _ in range(world - 1):
+            block = _ring_shift(block, timer)
+            total = total + _siglip_block_loss(img, block, scale, bias, positives=False)
+        ctx.save_for_backward(img, txt, scale, bias)
+        ctx.timer = timer
+        return total / img.shape[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        img, txt, scale, bias = ctx.saved_tensors
+        _, world = _world()
+        coef = g / img.shape[0]
+        dimg = torch.zeros_like(img)
+        dscale = torch.zeros((), dtype=img.dtype, device=img.device)
+        dbias = torch.zeros((), dtype=img.dtype, device=img.device)
+        block, dblock = txt, torch.zeros_like(txt)
+        for step in range(world):
+            gi, gt, gs, gb = _siglip_block_grads(img, block, scale, bias, step == 0, coef)
+            dimg += gi
+            dblock = dblock + gt
+            dscale += gs
+            dbias += gb
+            # after `world` shifts every block (with its accumulated gradient) is back with its owner
+            packed = _ring_shift(torch.cat([block, dblock], dim=1), ctx.timer)
+            block, dblock = packed.split(txt.shape[1], dim=1)
+        return dimg, dblock, dscale.reshape(scale.shape), dbias.reshape(bias.shape), None
+
+
+class SigLipLoss(nn.Module):
+    """Sigmoid loss (SigLIP) over the global batch: positives on the diagonal, every other pair negative."""
+
+    uses_bias = True
+
+    def __init__(self, impl: str = "gather", gather: Optional[Gather] = None):
+        super().__init__()
+        if impl not in ("gather", "ring"):
+            raise ValueError(f"SigLipLoss impl must be gather or ring; got {impl!r}")
+        self.impl = impl
+        self.gather = gather or Gather()
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias):
+        rank, world = self.gather.rank_world()
+        b = image_features.shape[0]
+        if world == 1:
+            return _siglip_block_loss(image_features, text_features, logit_scale, logit_bias, True) / b
+        if self.impl == "ring":
+            return _RingSigLip.apply(image_features, text_features, logit_scale, logit_bias, self.gather.timer)
+        all_txt = self.gather(text_features)
+        logits = (image_features @ all_txt.T) * logit_scale + logit_bias
+        loss = F.softplus(logits).sum()
+        own = logits[:, rank * b:(rank + 1) * b]
+        return (loss - torch.diagonal(own).sum()) / b
 
 
 def build_loss(cfg) -> nn.Module:
     from .config import resolved_loss_impl
 
-    return ClipLoss(impl=resolved_loss_impl(cfg), chunk_size=cfg.loss.chunk_size)
+    impl = resolved_loss_impl(cfg)
+    if cfg.loss.name == "siglip":
+        return SigLipLoss(impl=impl)
+    return ClipLoss(impl=impl, chunk_size=cfg.loss.chunk_size)

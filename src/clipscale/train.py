@@ -171,6 +171,7 @@ class Trainer:
                     "global_batch": self.global_batch,
                     "samples_per_s": self.global_batch * window_steps / max(elapsed, 1e-9),
                     "data_wait": window_wait / max(elapsed, 1e-9),
+                    "gather_frac": self.loss_fn.gather.timer.pop() / max(elapsed, 1e-9),
                     "skipped": sum(self.data.skipped().values()),
                 })
                 window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0

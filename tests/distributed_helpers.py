@@ -1,0 +1,52 @@
+"""Run a function in N real processes joined by a gloo process group (CPU)."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank, world, init_file, fn, args, results):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        out = fn(rank, world, *args)
+        buf = io.BytesIO()
+        torch.save(out, buf)  # plain bytes: shared-memory tensors would die with this process
+        results.put((rank, "ok", buf.getvalue()))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, *args, timeout: float = 300):
+    """fn(rank, world, *args) in `world` processes; returns the results ordered by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        procs = [ctx.Process(target=_entry, args=(r, world, init_file, fn, args, results)) for r in range(world)]
+        for p in procs:
+            p.start()
+        out = {}
+        try:
+            for _ in range(world):
+                rank, status, value = results.get(timeout=timeout)
+                if status != "ok":
+                    raise AssertionError(f"rank {rank} failed:\n{value}")
+                out[rank] = torch.load(io.BytesIO(value), weights_only=False)
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    return [out[r] for r in range(world)]
