@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from .distributed import barrier
+from .fsutil import atomic_write_bytes, fsync_dir, remove_path
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -39,42 +39,12 @@ def step_of(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def torch_save_synced(obj, path: Path) -> None:
     """torch.save + fsync: the bytes are on disk before anyone renames the file into place."""
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def remove_path(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 # --------------------------------------------------------------------------- RNG state

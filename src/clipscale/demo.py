@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import load_config, save_config
-from .data.shardlist import MANIFEST_NAME
+from .shards.manifest import MANIFEST_NAME
 from .demo_data import build_demo_shards
 from .metrics import METRICS_FILE, read_jsonl
 

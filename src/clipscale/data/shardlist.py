@@ -21,10 +21,9 @@ from urllib.parse import urlparse
 from webdataset.shardlists import expand_urls
 
 from ..errors import DataError
+from ..shards.manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
-
-MANIFEST_NAME = "manifest.json"
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,17 @@ shard); `clipscale shards verify` checks counts and hashes against it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..checkpoint import atomic_write_bytes
-from ..data.shardlist import MANIFEST_NAME
+from ..fsutil import atomic_write_bytes, sha256_file
+
+MANIFEST_NAME = "manifest.json"
 
 FORMAT = "clipscale-manifest/1"
+__all__ = ["MANIFEST_NAME", "ShardRecord", "read_manifest", "sha256_file", "write_manifest"]
 
 
 @dataclass
@@ -24,14 +25,6 @@ class ShardRecord:
     samples: int
     bytes: int
     sha256: str
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(directory: Path, records: Iterable[ShardRecord], extra: dict | None = None) -> Path:

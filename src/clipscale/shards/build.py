@@ -1,0 +1,264 @@
+"""`clipscale shards build`: rows → verified, deterministic, resumable WebDataset shards.
+
+Shard i holds rows [i*N, (i+1)*N) of the input (N = --samples-per-shard), minus the rows that
+were skipped (as img2dataset does): every shard depends on its own rows only, so shards are
+built in parallel (one whole shard per worker task), in any order, and a re-run after an
+interruption rebuilds exactly the incomplete ones. Keys are `{shard:06d}{row-in-shard}`, unique
+across the set. Output per shard: `NAME-000000.tar` (written to a temp name, then renamed) and
+`NAME-000000_stats.json`; at the end `manifest.json` and `stats.json` for the whole set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import multiprocessing as mp
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image, ImageOps
+
+from ..fsutil import atomic_write_bytes
+from ..errors import DataError
+from .manifest import ShardRecord, write_manifest
+from .sources import Row, load_rows
+from .writer import shard_filename, write_shard
+
+EXAMPLES_KEPT = 5
+FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    samples_per_shard: int = 1000
+    quality: int = 95
+    max_size: Optional[int] = None
+    resize_side: str = "shorter"  # the side that --max-size bounds: shorter | longer
+    reencode: bool = True
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Skip(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- one sample
+
+
+def clean_caption(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise Skip("missing_caption")
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Skip("bad_caption", "caption is not valid UTF-8") from None
+    if not isinstance(value, str):
+        raise Skip("bad_caption", f"caption is a {type(value).__name__}, not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes kept by surrogateescape
+        raise Skip("bad_caption", "caption is not valid UTF-8") from None
+    text = value.strip()
+    if not text:
+        raise Skip("empty_caption")
+    return text
+
+
+def read_image_bytes(path: str) -> bytes:
+    if not path:
+        raise Skip("missing_file", "no image path")
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise Skip("missing_file", path) from None
+    except OSError as exn:
+        raise Skip("unreadable_file", f"{path}: {exn.strerror or exn}") from None
+    if not data:
+        raise Skip("empty_file", path)
+    return data
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _target_size(w: int, h: int, opts: BuildOptions) -> tuple[int, int]:
+    if not opts.max_size:
+        return w, h
+    side = min(w, h) if opts.resize_side == "shorter" else max(w, h)
+    if side <= opts.max_size:
+        return w, h
+    scale = opts.max_size / side
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def encode_image(data: bytes, opts: BuildOptions) -> tuple[str, bytes, dict]:
+    """(extension, bytes, size info) of the stored image; Skip('corrupt_image') if it does not decode."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format
+            orig_w, orig_h = img.size
+            if not opts.reencode:
+                img.load()
+                if fmt in FORMAT_EXT:
+                    return FORMAT_EXT[fmt], data, {"width": orig_w, "height": orig_h}
+            # EXIF rotation swaps the sides; bound the draft by the larger target side to stay safe
+            tw, th = _target_size(orig_w, orig_h, opts)
+            if fmt == "JPEG" and (tw, th) != (orig_w, orig_h):
+                img.draft("RGB", (max(tw, th), max(tw, th)))  # libjpeg DCT downscale while decoding
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+            tw, th = _target_size(*img.size, opts)
+            if (tw, th) != img.size:
+                img = img.resize((tw, th), Image.BICUBIC, reducing_gap=None)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=opts.quality)
+    except Skip:
+        raise
+    except Exception as exn:
+        raise Skip("corrupt_image", f"{type(exn).__name__}: {exn}") from None
+    return "jpg", buf.getvalue(), {"width": img.size[0], "height": img.size[1],
+                                   "original_width": orig_w, "original_height": orig_h}
+
+
+def make_sample(row: Row, key: str, opts: BuildOptions) -> dict:
+    caption = clean_caption(row.caption)
+    ext, image, size = encode_image(read_image_bytes(row.image), opts)
+    meta = {**row.extra, "source": row.source, "key": key, "caption": caption, **size}
+    return {"__key__": key, ext: image, "txt": caption, "json": json.dumps(meta, sort_keys=True, ensure_ascii=False)}
+
+
+# --------------------------------------------------------------------------- one shard
+
+
+def stats_path(out: Path, name: str, index: int) -> Path:
+    return out / shard_filename(name, index).replace(".tar", "_stats.json")
+
+
+def build_one_shard(task) -> dict:
+    """Worker task: write shard `index` from its rows; returns the shard's stats record."""
+    out, name, index, rows, opts = task
+    t0 = time.perf_counter()
+    width = len(str(max(opts.samples_per_shard - 1, 1)))
+    skipped: Counter = Counter()
+    examples: dict[str, list] = {}
+
+    def samples():
+        for pos, row in enumerate(rows):
+            key = f"{index:06d}{pos:0{width}d}"
+            try:
+                yield make_sample(row, key, opts)
+            except Skip as skip:
+                skipped[skip.reason] += 1
+                if len(examples.setdefault(skip.reason, [])) < EXAMPLES_KEPT:
+                    examples[skip.reason].append({"source": row.source, "detail": str(skip)})
+
+    record = write_shard(Path(out) / shard_filename(name, index), samples())
+    stats = {
+        **asdict(record),
+        "count": len(rows),
+        "successes": record.samples,
+        "skipped": dict(sorted(skipped.items())),
+        "examples": examples,
+        "options": opts.fingerprint(),
+        "seconds": time.perf_counter() - t0,
+    }
+    atomic_write_bytes(stats_path(Path(out), name, index), (json.dumps(stats, indent=1) + "\n").encode())
+    return stats
+
+
+def completed_shard(out: Path, name: str, index: int, opts: BuildOptions) -> Optional[dict]:
+    """The stats of shard `index` if it was fully written with these options, else None."""
+    tar, sp = out / shard_filename(name, index), stats_path(out, name, index)
+    if not (tar.is_file() and sp.is_file()):
+        return None
+    try:
+        stats = json.loads(sp.read_text())
+    except ValueError:
+        return None
+    if stats.get("options") != opts.fingerprint():
+        raise DataError(f"{tar} was built with other options; use a new --output folder or delete the old shards")
+    if stats.get("bytes") != tar.stat().st_size:
+        return None
+    return stats
+
+
+# --------------------------------------------------------------------------- the whole set
+
+
+def build_shards(src: str, out_dir: str, name: str = "shard", opts: BuildOptions = BuildOptions(),
+                 workers: int = 1, image_col: Optional[str] = None, caption_col: Optional[str] = None,
+                 caption_field: Optional[str] = None, progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    rows = load_rows(src, image_col, caption_col, caption_field)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f".{name}-*.tar.tmp"):
+        stale.unlink()
+    n = opts.samples_per_shard
+    n_shards = math.ceil(len(rows) / n)
+    done = {i: s for i in range(n_shards) if (s := completed_shard(out, name, i, opts)) is not None}
+    todo = [(str(out), name, i, rows[i * n:(i + 1) * n], opts) for i in range(n_shards) if i not in done]
+    rows_todo = sum(len(t[3]) for t in todo)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=rows_todo, unit="img", desc="shards", disable=not progress, dynamic_ncols=True)
+    results = dict(done)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for task in todo:
+                results[task[2]] = build_one_shard(task)
+                bar.update(len(task[3]))
+        else:
+            with mp.get_context("fork").Pool(workers) as pool:
+                for stats in pool.imap_unordered(build_one_shard, todo):
+                    results[int(stats["file"][-10:-4])] = stats
+                    bar.update(stats["count"])
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    ordered = [results[i] for i in range(n_shards)]
+    write_manifest(out, [ShardRecord(s["file"], s["samples"], s["bytes"], s["sha256"]) for s in ordered])
+    skipped: Counter = Counter()
+    examples: dict[str, list] = {}
+    for s in ordered:
+        skipped.update(s["skipped"])
+        for reason, ex in s["examples"].items():
+            examples.setdefault(reason, []).extend(ex[: EXAMPLES_KEPT - len(examples.get(reason, []))])
+    summary = {
+        "input": str(src),
+        "read": len(rows),
+        "written": sum(s["samples"] for s in ordered),
+        "skipped": dict(sorted(skipped.items())),
+        "examples": examples,
+        "shards": n_shards,
+        "shards_reused": len(done),
+        "seconds": seconds,
+        "images_per_s": rows_todo / seconds if seconds > 0 else 0.0,
+        "workers": workers,
+        "options": asdict(opts),
+    }
+    atomic_write_bytes(out / "stats.json", (json.dumps(summary, indent=1) + "\n").encode())
+    return summary

@@ -1,0 +1,161 @@
+"""Reading whole shards back: which shards a target names, and what each one holds.
+
+`scan_shard` is shared by `shards index` (counts + hashes → manifest.json) and `shards verify`
+(every sample decodes and has a caption; counts and hashes match the manifest).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import tarfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+from PIL import Image
+
+from ..data.shardlist import expand, local_path, shard_name
+from ..data.tar_reader import iter_raw_samples
+from ..errors import DataError
+from .manifest import MANIFEST_NAME, ShardRecord, sha256_file, write_manifest
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+T = TypeVar("T")
+
+
+@dataclass
+class ShardScan:
+    url: str
+    samples: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def shard_urls(target: str) -> tuple[list[str], Optional[Path]]:
+    """The shard URLs of a directory (every *.tar in it) or a pattern, and the folder holding them."""
+    path = Path(target)
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.iterdir() if p.name.endswith((".tar", ".tar.gz")))
+        if not urls:
+            raise DataError(f"{target}: no .tar shards in this folder")
+        return urls, path
+    urls = expand(target)
+    missing = [u for u in urls if (p := local_path(u)) is not None and not Path(p).is_file()]
+    if missing:
+        raise DataError(f"shard not found: {missing[0]}")
+    first = local_path(urls[0])
+    return urls, Path(first).parent if first else None
+
+
+def caption_text(sample: dict) -> Optional[str]:
+    raw = sample.get("txt")
+    if raw is None and "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            raw = meta.get("caption") if isinstance(meta, dict) else None
+        except ValueError:
+            return None
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return raw.strip() if isinstance(raw, str) and raw.strip() else None
+
+
+def _image_problem(sample: dict) -> Optional[str]:
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if data is None:
+        return "no image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Image.open(io.BytesIO(data)).load()
+        return None
+    except Exception as exn:
+        return f"image does not decode ({type(exn).__name__})"
+
+
+def tar_structure_problem(path: Path) -> Optional[str]:
+    """Truncation that tar streaming does not notice: member data past the end of the file, or a
+    missing end-of-archive marker (two zero blocks after the last member)."""
+    size = path.stat().st_size
+    try:
+        with tarfile.open(path, "r:") as tf:
+            members = tf.getmembers()
+    except (tarfile.TarError, OSError) as exn:
+        return f"truncated or corrupt tar ({type(exn).__name__}: {exn})"
+    end = 0
+    for m in members:
+        end = m.offset_data + -(-m.size // 512) * 512
+        if m.offset_data + m.size > size:
+            return f"truncated: member {m.name} needs {m.offset_data + m.size} bytes, the file has {size}"
+    with open(path, "rb") as f:
+        f.seek(end)
+        if f.read(1024) != bytes(1024):
+            return "truncated: no end-of-archive marker after the last member"
+    return None
+
+
+def scan_shard(url: str, decode: bool = True) -> ShardScan:
+    """Read one shard fully; with `decode`, check every sample's image and caption."""
+    scan = ShardScan(url)
+    path = local_path(url)
+    if path is not None:
+        scan.bytes = Path(path).stat().st_size
+        scan.sha256 = sha256_file(Path(path))
+        if decode and (problem := tar_structure_problem(Path(path))):
+            scan.problems.append(f"{shard_name(url)}: {problem}")
+
+    def on_error(exn: Exception) -> None:
+        scan.problems.append(f"{shard_name(url)}: unreadable tar after {scan.samples} samples "
+                             f"({type(exn).__name__}: {exn})")
+
+    for sample in iter_raw_samples(url, on_error):
+        scan.samples += 1
+        if not decode:
+            continue
+        problem = _image_problem(sample)
+        if problem:
+            scan.problems.append(f"{shard_name(url)}: sample {sample['__key__']}: {problem}")
+        if caption_text(sample) is None:
+            scan.problems.append(f"{shard_name(url)}: sample {sample['__key__']}: no caption (or not UTF-8)")
+    return scan
+
+
+def scan_all(urls: list[str], fn: Callable[[str], T], workers: int) -> list[T]:
+    """fn(url) for every shard, in a process pool when workers > 1 (order kept)."""
+    if workers <= 1 or len(urls) <= 1:
+        return [fn(u) for u in urls]
+    with mp.get_context("fork").Pool(min(workers, len(urls))) as pool:
+        return pool.map(fn, urls)
+
+
+def _count_only(url: str) -> ShardScan:
+    return scan_shard(url, decode=False)
+
+
+def index_shards(target: str, workers: int = 1) -> tuple[Path, list[ShardScan]]:
+    """Write manifest.json for any existing local shard set (counts, sizes, hashes)."""
+    urls, folder = shard_urls(target)
+    if folder is None:
+        raise DataError("shards index writes manifest.json next to the shards: give local shards")
+    scans = scan_all(urls, _count_only, workers)
+    records = [ShardRecord(Path(s.url).name, s.samples, s.bytes, s.sha256) for s in scans]
+    return write_manifest(folder, records), scans
+
+
+def read_manifest_at(folder: Optional[Path]) -> Optional[dict]:
+    if folder is None or not (folder / MANIFEST_NAME).is_file():
+        return None
+    try:
+        data = json.loads((folder / MANIFEST_NAME).read_text())
+    except ValueError:
+        raise DataError(f"{folder / MANIFEST_NAME} is not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("shards"), list):
+        raise DataError(f"{folder / MANIFEST_NAME} is not a clipscale manifest")
+    return data
