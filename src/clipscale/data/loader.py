@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from ..config import Config
 from ..distributed import DistEnv, all_gather_object
 from .plan import StreamPlan
+from .relayout import relayout, remaining_samples
 from .samples import SampleDecoder
 from .shardlist import resolve_shards
 from .stream import Position, StreamDataset, initial_position
@@ -31,6 +32,14 @@ def build_plan(cfg: Config, world_size: int) -> StreamPlan:
     )
 
 
+def _sum_skipped(positions) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for pos in positions:
+        for reason, n in pos.get("skipped", {}).items():
+            total[reason] = total.get(reason, 0) + n
+    return total
+
+
 class TrainData:
     """Yields this rank's micro-batches; `state()` is what a checkpoint needs to resume exactly."""
 
@@ -48,6 +57,7 @@ class TrainData:
         self.workers = max(1, cfg.data.workers)
         self.plan = build_plan(cfg, env.world_size)
         self.batches = 0  # micro-batches this rank has consumed
+        self.skipped_before: dict[str, int] = {}  # skip counts of streams that a relayout retired
         saved_positions: dict[int, Position] = {}
         if resume_state:
             self.plan, saved_positions, self.batches = self._restore(resume_state)
@@ -70,13 +80,22 @@ class TrainData:
         self._iter = None
 
     def _restore(self, state: dict):
+        """(plan, stream positions, batches taken) to continue from a checkpoint's data state."""
         saved = StreamPlan.from_layout(state["layout"])
-        if saved.same_order_as(self.plan):
-            streams = {int(k): v for k, v in state["streams"].items()}
-            return self.plan, streams, int(state["batches"][self.env.rank])
-        log.warning("data layout changed since the checkpoint (world size x workers %d -> %d, or the shard "
-                    "list / shuffle settings); restarting the data stream from the beginning of the data",
-                    saved.num_streams, self.plan.num_streams)
+        positions = {int(k): v for k, v in state["streams"].items()}
+        if saved.same_streams_as(self.plan):
+            self.skipped_before = dict(state.get("skipped_before", {}))
+            return saved.with_shards(self.plan.shards), positions, int(state["batches"][self.env.rank])
+        if saved.same_shards_as(self.plan):
+            plan = relayout(saved, positions, self.plan)
+            log.warning("resuming on a different data layout (%d streams -> %d streams = world size x workers, "
+                        "or other seed/shuffle settings): batch order is not reproduced, but the %d samples not "
+                        "yet consumed in the current data epoch are read first and none twice",
+                        saved.num_streams, plan.num_streams, remaining_samples(plan))
+            self.skipped_before = _sum_skipped([*positions.values(), {"skipped": state.get("skipped_before", {})}])
+            return plan, {}, 0
+        log.warning("the shard list differs from the checkpoint's (other files or sample counts); "
+                    "the data stream restarts from the beginning")
         return self.plan, {}, 0
 
     def next(self) -> tuple[dict, float]:
@@ -91,21 +110,22 @@ class TrainData:
         return batch, wait
 
     def skipped(self) -> dict[str, int]:
-        """Skip counts by reason over this rank's streams."""
-        total: dict[str, int] = {}
-        for pos in self.positions.values():
-            for reason, n in pos.get("skipped", {}).items():
+        """Skip counts by reason over this rank's streams (and, after a relayout, before it)."""
+        total = _sum_skipped(self.positions.values())
+        if self.env.rank == 0:
+            for reason, n in self.skipped_before.items():
                 total[reason] = total.get(reason, 0) + n
         return total
 
     def state(self) -> dict:
         """Collective: the global data state (every rank's stream positions) for a checkpoint."""
-        local = {"streams": self.positions, "batches": self.batches}
+        local = {"streams": self.positions, "batches": self.batches, "skipped_before": self.skipped_before}
         everyone = all_gather_object(local)
         streams: dict[int, Position] = {}
         for part in everyone:
             streams.update(part["streams"])
-        return {"layout": self.plan.layout(), "streams": streams, "batches": [p["batches"] for p in everyone]}
+        return {"layout": self.plan.layout(), "streams": streams, "batches": [p["batches"] for p in everyone],
+                "skipped_before": everyone[0]["skipped_before"]}
 
     def close(self) -> None:
         self._iter = None

@@ -34,19 +34,23 @@ def stable_hash(*parts) -> int:
 
 @dataclass(frozen=True)
 class Item:
-    """One shard read by one stream: position `g` in the global sequence, optionally restricted
-    to the sample indices in `include` (half-open ranges); None means the whole shard."""
+    """One shard read by one stream: position `g` in the global sequence (which fixes its data
+    pass and augmentation seeds), the shard itself (explicit for leftovers of a relayout, else
+    the permutation's choice), and optionally only the sample indices in `include` (half-open
+    ranges); None means the whole shard."""
 
     g: int
     include: Optional[Ranges] = None
+    shard: Optional[int] = None
 
     def to_state(self) -> list:
-        return [self.g, None if self.include is None else [list(r) for r in self.include]]
+        return [self.g, None if self.include is None else [list(r) for r in self.include], self.shard]
 
     @staticmethod
     def from_state(state) -> "Item":
-        g, include = state
-        return Item(int(g), None if include is None else tuple((int(a), int(b)) for a, b in include))
+        g, include, shard = state
+        return Item(int(g), None if include is None else tuple((int(a), int(b)) for a, b in include),
+                    None if shard is None else int(shard))
 
 
 def ranges_len(ranges: Ranges) -> int:
@@ -116,7 +120,12 @@ class StreamPlan:
         return self._perm(g // self.num_shards)[g % self.num_shards]
 
     def shard(self, item: Item) -> Shard:
-        return self.shards[self.shard_index(item.g)]
+        return self.shards[item.shard if item.shard is not None else self.shard_index(item.g)]
+
+    def pinned(self, item: Item, include: Optional[Ranges] = None) -> Item:
+        """`item` with its shard named explicitly (valid in any plan over the same shard list)."""
+        shard = item.shard if item.shard is not None else self.shard_index(item.g)
+        return Item(item.g, item.include if include is None else include, shard)
 
     def data_pass(self, item: Item) -> int:
         return item.g // self.num_shards
@@ -144,13 +153,29 @@ class StreamPlan:
     def item_at(self, stream: int, index: int) -> Item:
         return next(self.items(stream, index))
 
+    def _group(self, stream: int, index: int, item: Item) -> tuple:
+        """Items of one block share a group: leftover-or-regular, and the data pass."""
+        return (index < len(self.leftovers[stream]), self.data_pass(item))
+
     def blocks(self, stream: int, cursor: int = 0) -> Iterator[tuple[int, list[Item]]]:
-        """(cursor, items) for each block of the stream, starting at the block at `cursor`."""
+        """(cursor, items) for each block of the stream, starting at the block at `cursor`.
+
+        A block is up to `block_shards` consecutive items of one group, so a stream finishes
+        every sample of a data pass (and of its leftovers) before it reads the next one.
+        `cursor` must be a block start, which every recorded position is.
+        """
         it = self.items(stream, cursor)
+        pending = next(it)
         while True:
-            items = [next(it) for _ in range(self.block_shards)]
-            yield cursor, items
-            cursor += len(items)
+            block = [pending]
+            group = self._group(stream, cursor, pending)
+            while True:
+                pending = next(it)
+                if len(block) == self.block_shards or self._group(stream, cursor + len(block), pending) != group:
+                    break
+                block.append(pending)
+            yield cursor, block
+            cursor += len(block)
 
     def block_seed(self, items: list[Item]) -> int:
         return stable_hash("block", self.seed, [i.to_state() for i in items])
@@ -182,11 +207,18 @@ class StreamPlan:
             leftovers=[[Item.from_state(s) for s in left] for left in layout["leftovers"]],
         )
 
-    def _order_key(self) -> dict:
-        key = self.layout()
-        key["shards"] = [[shard_name(url), n] for url, n in key["shards"]]  # shards may have moved
-        return key
+    def _shard_key(self) -> list:
+        return [[shard_name(s.url), s.samples] for s in self.shards]  # shards may have moved
 
-    def same_order_as(self, other: "StreamPlan") -> bool:
-        """True when `other` yields exactly the same streams (so positions carry over as is)."""
-        return self._order_key() == other._order_key()
+    def same_shards_as(self, other: "StreamPlan") -> bool:
+        return self._shard_key() == other._shard_key()
+
+    def same_streams_as(self, other: "StreamPlan") -> bool:
+        """Same shards and stream parameters: positions of one are positions of the other."""
+        keys = ("num_streams", "seed", "shuffle", "block_shards", "shuffle_buffer")
+        return self.same_shards_as(other) and all(self.layout()[k] == other.layout()[k] for k in keys)
+
+    def with_shards(self, shards: list[Shard]) -> "StreamPlan":
+        """This plan reading `shards` (same names and counts, possibly other URLs)."""
+        return StreamPlan(shards, self.seed, self.num_streams, self.shuffle, self.block_shards,
+                          self.shuffle_buffer, self.frontier, self.leftovers)
