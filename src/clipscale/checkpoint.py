@@ -1,19 +1,25 @@
-"""Checkpoints on disk: atomic files, a `latest` pointer, retention, and auto-resume.
+"""Checkpoints on disk: atomic, checksummed, retained, found again after any crash.
 
 Layout of a run directory:
-    checkpoints/step_00001000.pt   one file per saved step (open_clip layout under "state_dict")
-    checkpoints/latest             the file name of the newest *complete* checkpoint
+    checkpoints/step_00001000.pt          one checkpoint per saved step (a file for DDP, a folder
+                                          for DeepSpeed), open_clip layout under "state_dict"
+    checkpoints/step_00001000.pt.sha256   sha256 of every file of that checkpoint (JSON)
+    checkpoints/latest                    the name of the newest complete checkpoint
 
-A checkpoint is written to a temporary name, fsync'ed, then renamed; `latest` is updated only
-after that, so a crash at any moment leaves the previous checkpoint loadable and pointed at.
+Saving: write under a temporary name (fsync), write the checksums, rename into place, then move
+`latest`. A kill at any moment leaves the previous checkpoint intact and pointed at. Loading
+(`resume: auto`): the checkpoint `latest` names, else the newest; one whose checksum does not
+match is skipped with a warning in favour of the one before it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import re
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,17 +27,18 @@ import numpy as np
 import torch
 
 from .distributed import barrier
-from .fsutil import atomic_write_bytes, fsync_dir, remove_path
 from .errors import CheckpointError
+from .fsutil import atomic_write_bytes, fsync_dir, remove_path, sha256_file
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+CHECKSUM_SUFFIX = ".sha256"
 NAME_RE = re.compile(r"^step_(\d{8,})(\.pt)?$")
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}.pt"
+def checkpoint_name(step: int, suffix: str = ".pt") -> str:
+    return f"step_{step:08d}{suffix}"
 
 
 def step_of(path: Path) -> int:
@@ -45,6 +52,33 @@ def torch_save_synced(obj, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def checksums(path: Path) -> dict[str, str]:
+    """sha256 of a checkpoint file ({"": hash}) or of every file of a checkpoint folder."""
+    if path.is_file():
+        return {"": sha256_file(path)}
+    return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def checksum_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + CHECKSUM_SUFFIX)
+
+
+def checksum_problem(checkpoint: Path) -> Optional[str]:
+    """Why `checkpoint` is damaged, or None if it matches its recorded checksums (or has none)."""
+    sums = checksum_path(checkpoint)
+    if not sums.is_file():
+        return None
+    try:
+        expected = json.loads(sums.read_text())
+    except ValueError:
+        return f"unreadable checksum file {sums.name}"
+    actual = checksums(checkpoint) if checkpoint.exists() else {}
+    for rel, digest in expected.items():
+        if actual.get(rel) != digest:
+            return f"sha256 mismatch ({rel or checkpoint.name})" if rel in actual else f"missing file {rel}"
+    return None
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -74,41 +108,117 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# --------------------------------------------------------------------------- compatibility
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "deepspeed_config":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, checkpoint value, current value) for every setting that differs."""
+    a, b = flatten(saved or {}), flatten(current)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def incompatibility(source: str, saved_config: Optional[dict], current_config: dict,
+                    model_state: dict, saved_state: dict) -> Optional[str]:
+    """One line listing why a checkpoint cannot be loaded into this run, or None if it can."""
+    weights = []
+    shapes = [f"{k} {tuple(saved_state[k].shape)} vs {tuple(v.shape)}" for k, v in model_state.items()
+              if k in saved_state and tuple(saved_state[k].shape) != tuple(v.shape)]
+    missing = [k for k in model_state if k not in saved_state]
+    unexpected = [k for k in saved_state if k not in model_state]
+    if shapes:
+        weights.append(f"{len(shapes)} weight shape(s) differ, e.g. {'; '.join(shapes[:2])} (checkpoint vs now)")
+    if missing:
+        weights.append(f"{len(missing)} weight(s) missing from the checkpoint, e.g. {missing[0]}")
+    if unexpected:
+        weights.append(f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[0]}")
+    settings = [f"{k}: {old!r} in the checkpoint, {new!r} now"
+                for k, old, new in config_changes(saved_config or {}, current_config)
+                if saved_config and k in ("model.name", "loss.name")]
+    if "text_projection" in saved_state and "text_projection" in model_state:
+        a, b = saved_state["text_projection"].shape[-1], model_state["text_projection"].shape[-1]
+        if a != b:
+            settings.append(f"embedding size: {a} in the checkpoint, {b} now")
+    if not weights and not any(s.startswith("model.name") for s in settings):
+        return None
+    return f"{source} does not fit this model: " + "; ".join(settings + weights)
+
+
 # --------------------------------------------------------------------------- manager
 
 
 class CheckpointManager:
-    """Save/find/load checkpoints of one run directory. Only the main rank writes."""
+    """Save/find checkpoints of one run directory. Only the main rank touches the files."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 3, is_main: bool = True):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.is_main = is_main
+        self._pending: Optional[threading.Thread] = None
+        self._pending_error: Optional[BaseException] = None
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- writing
-    def save(self, step: int, write: Callable[[Path], None]) -> Path:
-        """Collective: `write(tmp)` on every rank, then the main rank renames tmp into place and
-        moves `latest`. A kill at any point leaves the previous checkpoint and pointer intact."""
-        name = checkpoint_name(step)
-        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
+    def save(self, step: int, write: Callable[[Path], None], suffix: str = ".pt") -> Path:
+        """Collective: `write(tmp)` on every rank, then the main rank checksums the result,
+        renames it into place and moves `latest`."""
+        self.wait()
+        final = self.dir / checkpoint_name(step, suffix)
+        tmp = final.with_name(f".{final.name}.tmp")
         if self.is_main:
             remove_path(tmp)
         barrier()
         write(tmp)
         barrier()
         if self.is_main:
-            remove_path(final)
-            os.replace(tmp, final)
-            fsync_dir(self.dir)
-            self._set_latest(final.name)
-            self._retain()
+            self._publish(tmp, final)
         barrier()
         return final
 
-    def _set_latest(self, name: str) -> None:
-        atomic_write_bytes(self.dir / LATEST, (name + "\n").encode())
+    def save_async(self, step: int, write: Callable[[Path], None], suffix: str = ".pt") -> Path:
+        """Main rank only, no collectives: write + publish in a background thread (the caller
+        hands over a snapshot that training will not modify). Waits for the previous one first."""
+        self.wait()
+        final = self.dir / checkpoint_name(step, suffix)
+        tmp = final.with_name(f".{final.name}.tmp")
+
+        def run():
+            try:
+                remove_path(tmp)
+                write(tmp)
+                self._publish(tmp, final)
+            except BaseException as exn:  # reported by the next wait()
+                self._pending_error = exn
+
+        self._pending = threading.Thread(target=run, name=f"checkpoint-{step}", daemon=False)
+        self._pending.start()
+        return final
+
+    def wait(self) -> None:
+        """Block until a background save has finished; raise if it failed."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._pending_error is not None:
+            exn, self._pending_error = self._pending_error, None
+            raise CheckpointError(f"background checkpoint save failed: {type(exn).__name__}: {exn}")
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        atomic_write_bytes(checksum_path(final), (json.dumps(checksums(tmp), indent=1) + "\n").encode())
+        remove_path(final)
+        os.replace(tmp, final)
+        fsync_dir(self.dir)
+        atomic_write_bytes(self.dir / LATEST, (final.name + "\n").encode())
+        self._retain()
 
     def all_checkpoints(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -122,19 +232,34 @@ class CheckpointManager:
         for old in self.all_checkpoints()[: -self.keep_last]:
             try:
                 remove_path(old)
+                remove_path(checksum_path(old))
             except OSError as e:
                 log.warning("could not remove old checkpoint %s: %s", old, e)
 
     # ---------------------------------------------------------------- finding
-    def latest(self) -> Optional[Path]:
+    def candidates(self) -> list[Path]:
+        """Checkpoints to try, best first: the one `latest` names, then newest to oldest."""
+        found = list(reversed(self.all_checkpoints()))
         pointer = self.dir / LATEST
         if pointer.is_file():
-            name = pointer.read_text().strip()
-            if name and (self.dir / name).exists():
-                return self.dir / name
-            log.warning("checkpoints/latest names %r, which does not exist; using the newest file", name)
-        found = self.all_checkpoints()
-        return found[-1] if found else None
+            name = pointer.read_text(errors="replace").strip()
+            target = self.dir / name
+            if NAME_RE.match(name) and target.exists():
+                found.remove(target)
+                found.insert(0, target)
+            else:
+                log.warning("checkpoints/latest names %r, which is not a checkpoint here; "
+                            "trying the newest checkpoints instead", name[:80])
+        return found
+
+    def latest(self) -> Optional[Path]:
+        """The newest intact checkpoint (damaged ones are skipped with a warning)."""
+        for path in self.candidates():
+            problem = checksum_problem(path)
+            if problem is None:
+                return path
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path.name, problem)
+        return None
 
     def resolve(self, resume: str) -> Optional[Path]:
         """`checkpoint.resume` → a path to load, or None to start fresh."""
@@ -143,10 +268,13 @@ class CheckpointManager:
         if resume == "auto":
             return self.latest()
         path = Path(resume)
-        if path.is_dir() and (path / LATEST).is_file():  # a checkpoints/ folder
+        if path.is_dir() and path.name == "checkpoints":
             return CheckpointManager(path.parent, is_main=False).latest()
         if not path.exists():
             raise CheckpointError(f"checkpoint.resume: no checkpoint at {resume}")
+        problem = checksum_problem(path)
+        if problem:
+            raise CheckpointError(f"checkpoint.resume: {path} is damaged ({problem})")
         return path
 
 

@@ -25,8 +25,7 @@ def cmd_train(args) -> int:
     from .train import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
-    return 0
+    return train(cfg)["exit_code"]
 
 
 def cmd_config(args) -> int:

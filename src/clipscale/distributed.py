@@ -8,6 +8,7 @@ with the master taken from the first host of SLURM_JOB_NODELIST; otherwise one p
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class DistributedEnvError(UserError):
@@ -124,6 +127,30 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _store_for_elastic_restart(info: LaunchInfo, timeout: datetime.timedelta,
+                               env: Mapping[str, str]) -> Optional[dist.Store]:
+    """A fresh key space in torchrun's shared store after an elastic restart (None: the default).
+
+    torchrun keeps one TCPStore for all restart rounds and never clears it, so after
+    `--max-restarts` the new workers read the dead workers' gloo/NCCL addresses and fail with
+    "Connection refused" (pytorch/pytorch#135712). On one node every worker restarts together,
+    so TORCHELASTIC_RESTART_COUNT is the same on all of them and makes a safe key prefix. Across
+    nodes the counts can disagree; there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (set by our sbatch
+    scripts) gives each round its own store, and we say so.
+    """
+    if info.launcher != "torchrun" or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if env.get("GROUP_WORLD_SIZE", "1") != "1":
+        if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and info.rank == 0:
+            log.warning("torchrun --max-restarts across nodes: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                        "before torchrun, or restarted workers may connect to stale addresses")
+        return None
+    if info.restart_count == 0:
+        return None
+    store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"clipscale/restart{info.restart_count}", store)
+
+
 def init_distributed(device_preference: str = "auto", timeout_s: int = 600,
                      env: Mapping[str, str] = os.environ) -> DistEnv:
     """Start the default process group when launched with several processes (NCCL on CUDA, gloo on CPU)."""
@@ -135,10 +162,11 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600,
         if info.launcher == "slurm":
             os.environ.setdefault("MASTER_ADDR", str(info.master_addr))
             os.environ.setdefault("MASTER_PORT", str(info.master_port))
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
-            backend=backend, rank=info.rank, world_size=info.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            backend=backend, rank=info.rank, world_size=info.world_size, timeout=timeout,
             device_id=device if device.type == "cuda" else None,
+            store=_store_for_elastic_restart(info, timeout, env),
         )
     elif dist.is_initialized():
         backend = dist.get_backend()

@@ -6,7 +6,9 @@ Run with `clipscale train --config X.yaml [key=value ...]` or
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import platform
 import random
 import sys
@@ -16,20 +18,28 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import __version__
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, config_changes, rng_state, set_rng_state, torch_save_synced
 from .config import Config, save_config, to_dict
 from .data import TrainData
-from .distributed import DistEnv, all_gather_object, all_reduce_mean, broadcast_object, cleanup, init_distributed
+from .distributed import DistEnv, all_gather_object, broadcast_object, cleanup, init_distributed, world_size
 from .engine import build_engine
 from .errors import UserError
+from .fsutil import atomic_write_bytes
 from .loss import build_loss
 from .metrics import MetricsLogger
-from .model import create_model, count_parameters
+from .model import count_parameters, create_model
+from .preempt import EXIT_PREEMPTED, PreemptionHandler
 from .step import forward_backward
 
 log = logging.getLogger("clipscale")
+STATUS_FILE = "status.json"
+
+
+class TrainingDiverged(UserError):
+    """The loss stayed non-finite for train.max_nonfinite_steps consecutive steps."""
 
 
 def setup_logging(env: DistEnv) -> None:
@@ -64,6 +74,15 @@ def software_versions() -> dict:
     }
 
 
+def reduce_step(loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
+    """One all-reduce per step: the global loss (mean over ranks) and whether any rank was signalled."""
+    t = torch.stack([loss.detach().float().reshape(()), loss.new_tensor(1.0 if stop_requested else 0.0).float()])
+    if world_size() > 1:
+        dist.all_reduce(t)
+    total, stops = t.tolist()
+    return total / world_size(), stops > 0
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -71,6 +90,7 @@ class Trainer:
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+        self.preempt = PreemptionHandler(cfg.train.preempt_signals)  # before DataLoader workers fork
 
         seed_everything(cfg.seed)  # identical initial weights on every rank
         self.bundle = create_model(cfg.model, cfg.loss.name, env.device)
@@ -83,7 +103,7 @@ class Trainer:
         extra = self.engine.load(Path(resume)) if resume else {}
         self.step = int(extra.get("step", 0))
         if resume:
-            log.info("resumed from %s at step %d", resume, self.step)
+            self._log_resume(resume, extra)
         rngs = extra.get("rng")
         if rngs is not None and len(rngs) == env.world_size:
             set_rng_state(rngs[env.rank])
@@ -95,6 +115,8 @@ class Trainer:
                                      cfg.logging.sample_keys, console=self._console)
         self.metrics.resume_at(self.step)
         self.global_batch = cfg.data.batch_size * env.world_size * cfg.optim.accum_steps
+        self.nonfinite_run = 0  # consecutive skipped steps
+        self.nonfinite_total = int(extra.get("nonfinite_total", 0))
         self.progress = None
 
     # ------------------------------------------------------------------ helpers
@@ -104,10 +126,29 @@ class Trainer:
         else:
             log.info(line)
 
-    def epoch(self, step: Optional[int] = None) -> int:
-        return ((self.step if step is None else step) * self.global_batch) // self.data.num_samples
+    def _log_resume(self, path: str, extra: dict) -> None:
+        log.info("resumed from %s at step %d", path, self.step)
+        changes = [f"{k}: {a!r} -> {b!r}" for k, a, b in config_changes(extra.get("config", {}), to_dict(self.cfg))
+                   if k != "checkpoint.resume"]
+        if changes:
+            log.info("settings changed since that checkpoint: %s", "; ".join(changes))
+        if extra.get("world_size", self.env.world_size) != self.env.world_size:
+            log.warning("world size changed %s -> %d: RNG states are re-seeded and the data stream is "
+                        "re-dealt (see README, 'Resuming and preemption')", extra.get("world_size"),
+                        self.env.world_size)
 
-    def save(self) -> Path:
+    def status(self, state: str, **fields) -> None:
+        """RUN_DIR/status.json: running | finished | preempted | failed (read by the sbatch scripts)."""
+        if self.env.is_main:
+            record = {"state": state, "step": self.step, "total_steps": self.cfg.train.steps,
+                      "restart_count": self.env.restart_count, "time": time.time(), **fields}
+            atomic_write_bytes(self.run_dir / STATUS_FILE, (json.dumps(record, indent=1) + "\n").encode())
+
+    def epoch(self) -> int:
+        return (self.step * self.global_batch) // self.data.num_samples
+
+    def save(self, final: bool = False) -> Path:
+        """Collective. With checkpoint.async, the main rank writes a CPU snapshot in the background."""
         extra = {
             "step": self.step,
             "epoch": self.epoch(),
@@ -117,10 +158,32 @@ class Trainer:
             "versions": software_versions(),
             "model_name": self.cfg.model.name,
             "world_size": self.env.world_size,
+            "nonfinite_total": self.nonfinite_total,
         }
-        path = self.ckpts.save(self.step, lambda tmp: self.engine.save(tmp, extra))
+        suffix = self.engine.checkpoint_suffix
+        if self.cfg.checkpoint.async_save and self.engine.supports_async_save and not final:
+            snap = self.engine.snapshot(extra)
+            path = self.ckpts.dir / f"step_{self.step:08d}{suffix}"
+            if self.env.is_main:
+                path = self.ckpts.save_async(self.step, lambda tmp: torch_save_synced(snap, tmp), suffix)
+            log.info("saving checkpoint %s in the background", path)
+            return path
+        path = self.ckpts.save(self.step, lambda tmp: self.engine.save(tmp, extra), suffix)
         log.info("saved checkpoint %s", path)
         return path
+
+    def _after_update(self, stats: dict) -> None:
+        if not stats["skipped"]:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_run += 1
+        self.nonfinite_total += 1
+        log.warning("step %d skipped: non-finite loss or gradients (%d in a row, %d in total)",
+                    self.step, self.nonfinite_run, self.nonfinite_total)
+        if self.nonfinite_run >= self.cfg.train.max_nonfinite_steps:
+            raise TrainingDiverged(f"the loss or gradients were not finite for {self.nonfinite_run} consecutive "
+                                   f"steps (up to step {self.step}); training stopped. Lower optim.lr, "
+                                   f"check the data, or resume from an earlier checkpoint")
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
@@ -131,6 +194,7 @@ class Trainer:
                  cfg.model.name, count_parameters(self.engine.module) / 1e6, env.world_size, env.device,
                  self.global_batch, cfg.data.batch_size, env.world_size, cfg.optim.accum_steps,
                  self.data.num_samples, self.step, total)
+        self.status("running")
         if env.is_main and cfg.logging.progress:
             from tqdm import tqdm
 
@@ -139,6 +203,7 @@ class Trainer:
         last_loss = float("nan")
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
         last_saved = self.step if self.step > 0 else -1
+        preempted = None
         while self.step < total:
             micro, wait = [], 0.0
             for _ in range(cfg.optim.accum_steps):
@@ -147,9 +212,14 @@ class Trainer:
                 wait += w
             self.engine.module.train()
             out = forward_backward(self.engine, self.loss_fn, micro)
-            global_loss = all_reduce_mean(out.loss).item()
-            stats = self.engine.step()
+            global_loss, stop = reduce_step(out.loss, self.preempt.requested)
+            if math.isfinite(global_loss):
+                stats = self.engine.step()
+            else:
+                self.engine.skip_step()
+                stats = {"grad_norm": float("nan"), "skipped": True}
             self.step += 1
+            self._after_update(stats)
             window_steps += 1
             window_wait += wait
             last_loss = global_loss
@@ -159,44 +229,63 @@ class Trainer:
                 self.progress.update(1)
                 self.progress.set_postfix(loss=f"{global_loss:.4f}", refresh=False)
 
-            if self.step % cfg.logging.every_n_steps == 0 or self.step == total:
+            if self.step % cfg.logging.every_n_steps == 0 or self.step == total or stop:
                 elapsed = time.perf_counter() - window_start
-                scale = self.engine.module.logit_scale.detach().exp().item()
                 self.metrics.log(self.step, {
                     "epoch": self.epoch(),
                     "loss": global_loss,
                     "lr": self.engine.lr(),
-                    "logit_scale": scale,
+                    "logit_scale": self.engine.module.logit_scale.detach().exp().item(),
                     "grad_norm": float(stats["grad_norm"]),
                     "global_batch": self.global_batch,
                     "samples_per_s": self.global_batch * window_steps / max(elapsed, 1e-9),
                     "data_wait": window_wait / max(elapsed, 1e-9),
                     "gather_frac": self.loss_fn.gather.timer.pop() / max(elapsed, 1e-9),
-                    "skipped": sum(self.data.skipped().values()),
+                    "skipped_samples": sum(self.data.skipped().values()),
+                    "skipped_steps": self.nonfinite_total,
                 })
                 window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
 
-            if self.step % cfg.checkpoint.every_n_steps == 0:
+            if stop:
+                preempted = next((r for r in all_gather_object(self.preempt.received) if r), "unknown signal")
+                log.warning("preemption requested (%s): saving at step %d and exiting with code %d",
+                            preempted, self.step, EXIT_PREEMPTED)
+                break
+            if self.step % cfg.checkpoint.every_n_steps == 0 and self.step < total:
                 self.save()
                 last_saved = self.step
 
-        if cfg.checkpoint.save_final and last_saved != self.step:
-            self.save()
+        if preempted or (cfg.checkpoint.save_final and last_saved != self.step):
+            path = self.save(final=True)
+        else:
+            path = self.ckpts.dir / f"step_{last_saved:08d}{self.engine.checkpoint_suffix}"
+        self.ckpts.wait()
         if self.progress is not None:
             self.progress.close()
         skipped = self.data.skipped()
         if skipped:
             log.warning("skipped samples on rank %d: %s", env.rank, skipped)
         self.metrics.close()
-        return {"step": self.step, "loss": last_loss, "run_dir": str(self.run_dir)}
+        self.status("preempted" if preempted else "finished", checkpoint=str(path),
+                    **({"signal": preempted} if preempted else {}))
+        return {"step": self.step, "loss": last_loss, "run_dir": str(self.run_dir), "preempted": bool(preempted),
+                "exit_code": EXIT_PREEMPTED if preempted else 0}
 
 
 def train(cfg: Config) -> dict:
     env = init_distributed(cfg.train.device, cfg.engine.dist_timeout_s)
     setup_logging(env)
+    trainer = None
     try:
-        return Trainer(cfg, env).fit()
+        trainer = Trainer(cfg, env)
+        return trainer.fit()
+    except BaseException as exn:
+        if trainer is not None:
+            trainer.status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
+        raise
     finally:
+        if trainer is not None:
+            trainer.preempt.restore()
         cleanup()
 
 

@@ -56,17 +56,27 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def step(self) -> dict:
-        """Clip, step the optimizer and the schedule, zero the gradients. Returns {'grad_norm': ...}."""
+        """Clip, step the optimizer and the schedule, zero the gradients.
+
+        Returns {'grad_norm': float, 'skipped': bool}; a non-finite gradient norm skips the update
+        (the same decision on every rank, since gradients are already reduced)."""
 
     @abc.abstractmethod
-    def zero_grad(self) -> None:
-        """Drop accumulated gradients without stepping (used to skip a non-finite step)."""
+    def skip_step(self) -> None:
+        """Drop this step's gradients and advance the schedule without updating the weights."""
 
     @abc.abstractmethod
     def lr(self) -> float:
         """Current learning rate."""
 
     # ------------------------------------------------------------------ state
+    checkpoint_suffix = ".pt"  # a file; DeepSpeed checkpoints are folders ("")
+    supports_async_save = False
+
+    def snapshot(self, extra: dict) -> Optional[dict]:
+        """A CPU copy of everything `save` writes, taken now (main rank; None elsewhere)."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def save(self, path: Path, extra: dict) -> None:
         """Collective: write a checkpoint (model, optimizer, schedule + `extra`) at `path`."""

@@ -7,14 +7,16 @@ gradients only, once per optimizer step (no_sync on the other micro-batches).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import load_checkpoint_file, torch_save_synced
-from ..config import Config
+from ..checkpoint import incompatibility, load_checkpoint_file, torch_save_synced
+from ..config import Config, to_dict
 from ..distributed import DistEnv
 from ..errors import CheckpointError
 from ..model import build_optimizer, clamp_logit_scale
@@ -22,22 +24,24 @@ from ..schedule import build_scheduler
 from .base import Engine
 
 
-def check_state_dict_compatible(model: nn.Module, state_dict: dict, source: str) -> None:
-    """One clear error listing missing/unexpected/mis-shaped weights (another model's checkpoint)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]} (checkpoint vs model)")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        raise CheckpointError(f"{source} does not fit this model: " + "; ".join(parts))
+def _to_cpu_copy(obj):
+    """Deep copy with every tensor cloned to CPU, so training can go on while it is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu_copy(v) for v in obj)
+    return obj
+
+
+def _no_buffer_sync() -> dict:
+    """Buffers (attention masks, position ids) are identical on every rank: skip per-forward syncs.
+
+    Newer torch renamed `broadcast_buffers` to `forward_sync_buffers` and warns on the old name.
+    """
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 class DDPEngine(Engine):
@@ -48,8 +52,8 @@ class DDPEngine(Engine):
             self.wrapped = DistributedDataParallel(
                 self.module,
                 device_ids=[env.local_rank] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
                 gradient_as_bucket_view=True,
+                **_no_buffer_sync(),
             )
         else:
             self.wrapped = self.module
@@ -79,38 +83,54 @@ class DDPEngine(Engine):
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
-        if self.scaler is not None:
+        if self.scaler is not None:  # the scaler skips inf/NaN steps itself and adapts its scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            skipped = False
+        elif not torch.isfinite(norm):
+            skipped = True
         else:
             self.optimizer.step()
+            skipped = False
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         clamp_logit_scale(self.module)
-        return {"grad_norm": norm}
+        return {"grad_norm": norm, "skipped": skipped}
 
-    def zero_grad(self):
+    def skip_step(self):
         self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ state
-    def save(self, path: Path, extra: dict) -> None:
-        if not self.env.is_main:
-            return
-        state = {
+    supports_async_save = True
+
+    def _state(self, extra: dict) -> dict:
+        return {
             "state_dict": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             **extra,
         }
-        torch_save_synced(state, path)
+
+    def snapshot(self, extra: dict) -> Optional[dict]:
+        if not self.env.is_main:
+            return None
+        return _to_cpu_copy(self._state(extra))
+
+    def save(self, path: Path, extra: dict) -> None:
+        if self.env.is_main:
+            torch_save_synced(self._state(extra), path)
 
     def load(self, path: Path) -> dict:
         state = load_checkpoint_file(path)
-        check_state_dict_compatible(self.module, state["state_dict"], str(path))
+        problem = incompatibility(str(path), state.get("config"), to_dict(self.cfg),
+                                  self.module.state_dict(), state["state_dict"])
+        if problem:
+            raise CheckpointError(problem)
         self.module.load_state_dict(state["state_dict"])
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])

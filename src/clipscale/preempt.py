@@ -1,0 +1,42 @@
+"""Preemption signals: the handler only raises a flag; the loop decides, between steps, together.
+
+Exiting inside a collective would leave the other ranks hanging, so a signal (SIGUSR1 and SIGTERM
+by default; SIGUSR2 is a common alternative where NCCL claims SIGUSR1) sets a flag. After every
+step the flag is OR-ed across ranks with the loss all-reduce; if any rank was signalled, every
+rank saves the same checkpoint and the process exits with EXIT_PREEMPTED.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- a preempted run resumes with resume=auto
+
+
+class PreemptionHandler:
+    def __init__(self, signal_names: list[str]):
+        self.received: Optional[str] = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for name in signal_names:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}

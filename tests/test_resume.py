@@ -1,0 +1,296 @@
+"""Exact resume and fault tolerance, with real processes (torchrun + gloo on CPU)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from clipscale.checkpoint import CheckpointManager, checksum_path
+from clipscale.errors import CheckpointError
+from clipscale.metrics import read_jsonl
+from clipscale.preempt import EXIT_PREEMPTED
+from helpers import tiny_config
+
+STEPS = 12
+COMMON = ["model.name=clip-tiny", "model.precision=fp32", "train.device=cpu", f"train.steps={STEPS}",
+          "logging.every_n_steps=1", "logging.progress=false", "logging.sample_keys=true", "data.batch_size=4",
+          "data.workers=2", "data.shuffle=true", "data.shuffle_buffer=16", "schedule.warmup_steps=2",
+          "optim.lr=1e-3", "checkpoint.every_n_steps=2", "checkpoint.keep_last=0"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def command(nproc, run_dir, shards, *overrides, torchrun_args=()):
+    args = ["-m", "clipscale.train", f"run.dir={run_dir}", f"data.train_shards={shards}", *COMMON, *overrides]
+    if nproc == 1 and not torchrun_args:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *torchrun_args, *args]
+
+
+def run(nproc, run_dir, shards, *overrides, expect=0, torchrun_args=()):
+    proc = subprocess.run(command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args),
+                          capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == expect, proc.stderr[-4000:]
+    return proc
+
+
+def start(nproc, run_dir, shards, *overrides, torchrun_args=()):
+    return subprocess.Popen(command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                            start_new_session=True)
+
+
+def wait_for(predicate, proc=None, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return max((r["step"] for r in read_jsonl(path)), default=0) if path.is_file() else 0
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
+
+
+def keys(run_dir):
+    return {(r["step"], r["rank"]): r["keys"] for r in read_jsonl(run_dir / "sample_keys.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from helpers import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("resume_shards"), n_shards=8, per_shard=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_and_auto_resume_is_bitwise_identical(tmp_path, shards, nproc):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(nproc, full, shards)
+    kill_at = random.Random(nproc).randrange(3, STEPS - 2)
+    proc = start(nproc, part, shards)
+    wait_for(lambda: logged_steps(part) >= kill_at, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = logged_steps(part)
+    assert killed_at < STEPS
+    run(nproc, part, shards, "checkpoint.resume=auto")
+    a, b = losses(full), losses(part)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    assert [a[s] for s in range(1, STEPS + 1)] == [b[s] for s in range(1, STEPS + 1)]  # bitwise
+    ka, kb = keys(full), keys(part)
+    assert ka == kb and len(ka) == STEPS * nproc
+    resumed_from = max(s for s in range(0, killed_at + 1, 2))
+    assert all(len(kb[(s, r)]) == 4 for s in range(resumed_from + 1, STEPS + 1) for r in range(nproc))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["one_worker", "torchrun"])
+def test_sigusr1_checkpoints_all_ranks_and_restart_continues(tmp_path, shards, target):
+    run_dir = tmp_path / "run"
+    forward = ("--signals-to-handle=SIGTERM,SIGINT,SIGUSR1",) if target == "torchrun" else ()
+    proc = start(2, run_dir, shards, "checkpoint.every_n_steps=1000", torchrun_args=forward)
+    wait_for(lambda: logged_steps(run_dir) >= 3, proc)
+    workers = [p for p in psutil.Process(proc.pid).children() if "clipscale.train" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    signalled_at = logged_steps(run_dir)
+    if target == "torchrun":
+        proc.send_signal(signal.SIGUSR1)  # torchrun forwards it to both workers
+    else:
+        workers[1].send_signal(signal.SIGUSR1)  # one rank only: the decision is shared
+    output = proc.communicate(timeout=300)[0]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted" and status["signal"] == "SIGUSR1"
+    if target == "one_worker":  # torchrun exits 1 and reports each worker's exit code
+        assert proc.returncode == 1 and f"exitcode  : {EXIT_PREEMPTED}" in output
+    else:  # torchrun was signalled itself: it waited for the workers' checkpoint, then re-raised
+        assert proc.returncode != 0 and "got signal: 10" in output
+    saved = CheckpointManager(run_dir, is_main=False).latest()
+    step = int(saved.name[5:13])
+    assert signalled_at <= step <= signalled_at + 1, (signalled_at, step)
+    assert status["step"] == step
+    run(2, run_dir, shards, "checkpoint.resume=auto", "checkpoint.every_n_steps=1000")
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert steps == list(range(1, STEPS + 1))
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+@pytest.mark.slow
+def test_single_process_sigterm_exits_with_the_preempted_code(tmp_path, shards):
+    run_dir = tmp_path / "run"
+    proc = start(1, run_dir, shards, "checkpoint.every_n_steps=1000")
+    wait_for(lambda: logged_steps(run_dir) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"
+
+
+SLOW_SAVE = """
+import sys, time
+import clipscale.engine.ddp as ddp
+real = ddp.torch_save_synced
+calls = []
+def slow(obj, path):
+    calls.append(path)
+    if len(calls) == 2:  # the second checkpoint: write half of it, then hang until killed
+        import io, torch
+        buf = io.BytesIO(); torch.save(obj, buf)
+        with open(path, "wb") as f:
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
+        print("WRITING", flush=True)
+        time.sleep(600)
+    real(obj, path)
+ddp.torch_save_synced = slow
+from clipscale.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_keeps_previous_and_corruption_falls_back(tmp_path, shards):
+    run_dir = tmp_path / "run"
+    args = [f"run.dir={run_dir}", f"data.train_shards={shards}", *COMMON, "data.workers=0"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
+    tmp = run_dir / "checkpoints" / ".step_00000004.pt.tmp"
+    wait_for(lambda: tmp.is_file() and tmp.stat().st_size > 0, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpts = CheckpointManager(run_dir, is_main=False)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002.pt"
+    assert ckpts.latest().name == "step_00000002.pt"
+    assert torch.load(ckpts.latest(), weights_only=True)["step"] == 2
+    # finish the run, then damage the newest checkpoint: auto-resume falls back to the one before
+    run(1, run_dir, shards, "checkpoint.resume=auto", "data.workers=0")
+    newest = run_dir / "checkpoints" / f"step_{STEPS:08d}.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    assert ckpts.latest().name == f"step_{STEPS - 2:08d}.pt"
+    with pytest.raises(CheckpointError, match="is damaged"):
+        ckpts.resolve(str(newest))
+    (run_dir / "checkpoints" / "latest").write_text("garbage\n")
+    assert ckpts.latest().name == f"step_{STEPS - 2:08d}.pt"
+    assert checksum_path(newest).is_file()
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_covers_the_epoch_without_repeats(tmp_path, shards):
+    # 8 shards x 16 = 128 samples = one epoch. 2 ranks x 2 workers for 5 steps (40 samples), then
+    # 1 rank x 2 workers: the other 88 samples of the epoch come next, none twice.
+    run_dir = tmp_path / "run"
+    run(2, run_dir, shards, "train.steps=5")
+    proc = run(1, run_dir, shards, "checkpoint.resume=auto", "train.steps=30")
+    assert "resuming on a different data layout (4 streams -> 2 streams" in proc.stderr
+    lines = read_jsonl(run_dir / "sample_keys.jsonl")
+    epoch0 = [k for r in sorted(lines, key=lambda r: (r["step"], r["rank"]))
+              for k, p in zip(r["keys"], r["passes"]) if p == 0]
+    assert len(epoch0) == len(set(epoch0)) == 128
+    first_new = [k for r in lines if r["step"] > 5 for k in r["keys"]][:88]
+    assert set(first_new).isdisjoint(k for r in lines if r["step"] <= 5 for k in r["keys"])
+
+
+class NaNOnCalls(torch.nn.Module):
+    def __init__(self, inner, bad_calls):
+        super().__init__()
+        self.inner, self.bad_calls, self.calls = inner, set(bad_calls), 0
+        self.uses_bias, self.gather = inner.uses_bias, inner.gather
+
+    def forward(self, *args):
+        self.calls += 1
+        loss = self.inner(*args)
+        return loss * float("nan") if self.calls in self.bad_calls else loss
+
+
+def test_nan_steps_are_skipped_counted_then_abort(tmp_path, toy_shards):
+    from clipscale.distributed import DistEnv
+    from clipscale.train import Trainer, TrainingDiverged
+
+    env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
+    trainer = Trainer(tiny_config(tmp_path / "a", toy_shards, train__steps=6, train__max_nonfinite_steps=3), env)
+    trainer.loss_fn = NaNOnCalls(trainer.loss_fn, {2, 3})
+    summary = trainer.fit()
+    assert summary["step"] == 6 and trainer.nonfinite_total == 2
+    records = {r["step"]: r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")}
+    assert records[6]["skipped_steps"] == 2 and records[3]["loss"] == "nan"
+    trainer2 = Trainer(tiny_config(tmp_path / "b", toy_shards, train__steps=8, train__max_nonfinite_steps=3), env)
+    trainer2.loss_fn = NaNOnCalls(trainer2.loss_fn, {2, 3, 4})
+    with pytest.raises(TrainingDiverged, match="not finite for 3 consecutive steps"):
+        trainer2.fit()
+    assert trainer2.step == 4
+
+
+def test_skipped_step_leaves_weights_untouched(tmp_path, toy_shards):
+    from clipscale.distributed import DistEnv
+    from clipscale.train import Trainer
+
+    env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
+    trainer = Trainer(tiny_config(tmp_path, toy_shards, train__steps=2), env)
+    trainer.loss_fn = NaNOnCalls(trainer.loss_fn, {2})
+    trainer.cfg.train.steps = 1
+    trainer.fit()
+    after_one = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
+    trainer.cfg.train.steps = 2
+    trainer.fit()
+    for k, v in trainer.engine.module.state_dict().items():
+        assert torch.equal(v, after_one[k]), k
+
+
+def test_incompatible_checkpoint_lists_the_differences(tmp_path, toy_shards):
+    from clipscale.train import train
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, toy_shards, train__steps=1))
+    with pytest.raises(CheckpointError) as err:
+        train(tiny_config(run_dir, toy_shards, train__steps=2, checkpoint__resume="auto", model__name="clip-small"))
+    text = str(err.value)
+    assert "model.name: 'clip-tiny' in the checkpoint, 'clip-small' now" in text
+    assert "embedding size: 64 in the checkpoint, 128 now" in text
+    assert "weight shape(s) differ" in text and "\n" not in text
+
+
+@pytest.mark.slow
+def test_async_checkpoints_resume_exactly(tmp_path, shards):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(1, full, shards, "checkpoint.async=true")
+    run(1, part, shards, "checkpoint.async=true", "train.steps=7")
+    assert (part / "checkpoints" / "latest").read_text().strip() == "step_00000007.pt"
+    # the 7-step run has another LR schedule; resume the full-length run from its async step-6 checkpoint
+    run(1, part / "again", shards, f"checkpoint.resume={full / 'checkpoints' / 'step_00000006.pt'}",
+        "checkpoint.async=true")
+    a, b = losses(full), losses(part / "again")
+    assert [a[s] for s in range(7, STEPS + 1)] == [b[s] for s in range(7, STEPS + 1)]
+    names = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert "step_00000006.pt" in names and "step_00000006.pt.sha256" in names
+
+
+@pytest.mark.slow
+def test_a_dead_rank_stops_the_job_and_torchrun_restarts_it(tmp_path, shards):
+    run_dir = tmp_path / "run"
+    proc = start(2, run_dir, shards, "checkpoint.resume=auto", torchrun_args=("--max-restarts=1",))
+    wait_for(lambda: logged_steps(run_dir) >= 5, proc)
+    workers = [p for p in psutil.Process(proc.pid).children() if "clipscale.train" in " ".join(p.cmdline())]
+    workers[1].kill()
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-4000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["restart_count"] == 1
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, STEPS + 1))
