@@ -73,10 +73,18 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_every_shipped_config_loads():
     from helpers import REPO
 
-    paths = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "deepspeed").glob("*.yaml"))
-    assert paths
-    for p in paths:
+    import torch
+
+    from clipscale.engine.ds_config import build_ds_config
+
+    runs = sorted((REPO / "configs").glob("*.yaml"))
+    deepspeed_files = sorted((REPO / "configs" / "deepspeed").glob("*.yaml"))
+    assert runs and [p.name for p in deepspeed_files] == ["zero1.yaml", "zero2.yaml", "zero3.yaml"]
+    for p in runs:
         load_config(str(p))
+    for stage, p in enumerate(deepspeed_files, start=1):  # DeepSpeed pass-through files, validated
+        cfg = load_config(None, ["engine.name=deepspeed", f"engine.deepspeed_config={p}"])
+        assert build_ds_config(cfg, 8, torch.device("cpu"))["zero_optimization"]["stage"] == stage
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):

@@ -2,12 +2,9 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -18,58 +15,7 @@ from clipscale.errors import CheckpointError
 from clipscale.metrics import read_jsonl
 from clipscale.preempt import EXIT_PREEMPTED
 from helpers import tiny_config
-
-STEPS = 12
-COMMON = ["model.name=clip-tiny", "model.precision=fp32", "train.device=cpu", f"train.steps={STEPS}",
-          "logging.every_n_steps=1", "logging.progress=false", "logging.sample_keys=true", "data.batch_size=4",
-          "data.workers=2", "data.shuffle=true", "data.shuffle_buffer=16", "schedule.warmup_steps=2",
-          "optim.lr=1e-3", "checkpoint.every_n_steps=2", "checkpoint.keep_last=0"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def command(nproc, run_dir, shards, *overrides, torchrun_args=()):
-    args = ["-m", "clipscale.train", f"run.dir={run_dir}", f"data.train_shards={shards}", *COMMON, *overrides]
-    if nproc == 1 and not torchrun_args:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            *torchrun_args, *args]
-
-
-def run(nproc, run_dir, shards, *overrides, expect=0, torchrun_args=()):
-    proc = subprocess.run(command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args),
-                          capture_output=True, text=True, timeout=600, env=ENV)
-    assert proc.returncode == expect, proc.stderr[-4000:]
-    return proc
-
-
-def start(nproc, run_dir, shards, *overrides, torchrun_args=()):
-    return subprocess.Popen(command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                            start_new_session=True)
-
-
-def wait_for(predicate, proc=None, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
-def logged_steps(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return max((r["step"] for r in read_jsonl(path)), default=0) if path.is_file() else 0
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
-
-
-def keys(run_dir):
-    return {(r["step"], r["rank"]): r["keys"] for r in read_jsonl(run_dir / "sample_keys.jsonl")}
+from process_helpers import COMMON, ENV, STEPS, kill_and_resume, logged_steps, losses, run, start, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -82,23 +28,7 @@ def shards(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigkill_and_auto_resume_is_bitwise_identical(tmp_path, shards, nproc):
-    full, part = tmp_path / "full", tmp_path / "part"
-    run(nproc, full, shards)
-    kill_at = random.Random(nproc).randrange(3, STEPS - 2)
-    proc = start(nproc, part, shards)
-    wait_for(lambda: logged_steps(part) >= kill_at, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = logged_steps(part)
-    assert killed_at < STEPS
-    run(nproc, part, shards, "checkpoint.resume=auto")
-    a, b = losses(full), losses(part)
-    assert sorted(b) == list(range(1, STEPS + 1))
-    assert [a[s] for s in range(1, STEPS + 1)] == [b[s] for s in range(1, STEPS + 1)]  # bitwise
-    ka, kb = keys(full), keys(part)
-    assert ka == kb and len(ka) == STEPS * nproc
-    resumed_from = max(s for s in range(0, killed_at + 1, 2))
-    assert all(len(kb[(s, r)]) == 4 for s in range(resumed_from + 1, STEPS + 1) for r in range(nproc))
+    kill_and_resume(nproc, tmp_path, shards, seed=nproc)
 
 
 @pytest.mark.slow

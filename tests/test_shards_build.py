@@ -1,6 +1,5 @@
 """The shard-building CLI: inputs, skips by reason, determinism, resume after kill -9, verify, index."""
 
-import csv
 import io
 import json
 import os

@@ -1,4 +1,4 @@
-"""`clipscale` command line: train, demo, shards, models, config.
+"""`clipscale` command line: train, demo, shards, export, models, config.
 
 User mistakes (bad config, missing shards, unusable checkpoint) print one line and exit 2.
 """
@@ -50,6 +50,16 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(run_dir=args.run_dir, steps=args.steps, nproc=args.nproc, overrides=args.overrides)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    info = export_checkpoint(args.checkpoint, args.output)
+    name = info["model_name"] or "<model name>"
+    print(f"wrote {args.output}: {info['tensors']} tensors from {info['source']} (step {info['step']})")
+    print(f"load it with: open_clip.create_model_and_transforms({name!r}, pretrained={str(args.output)!r})")
     return 0
 
 
@@ -178,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     _add_shards_parser(sub)
+
+    p = sub.add_parser("export", help="write a checkpoint's weights as one open_clip state_dict",
+                       description="Consolidate a DDP or DeepSpeed (ZeRO 0-3) checkpoint into a single fp32 "
+                                   "state_dict that open_clip loads with pretrained=PATH.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file or folder, a run's checkpoints/ folder, or a run directory (latest)")
+    p.add_argument("--output", required=True, help="output file, e.g. model.pt")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("config", help="print the resolved config (YAML + overrides + defaults)",
                        description="Load, validate and print a run config without training.")

@@ -99,7 +99,8 @@ class LossConfig:
 @dataclass
 class EngineConfig:
     name: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int = 2
+    zero_stage: Optional[int] = None
+    """ZeRO stage 0-3 (default: the deepspeed_config file's zero_optimization.stage, else 2)."""
     deepspeed_config: Any = None
     """Extra DeepSpeed settings: a JSON/YAML file path or an inline mapping."""
     dist_timeout_s: int = 600
@@ -373,7 +374,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.loss.impl == "auto" or cfg.loss.impl in impls,
              f"'loss.impl' must be one of auto, {', '.join(impls)} for loss.name={cfg.loss.name}; "
              f"got {cfg.loss.impl!r}")
-    _require(cfg.engine.zero_stage in (0, 1, 2, 3),
+    _require(cfg.engine.zero_stage in (None, 0, 1, 2, 3),
              f"'engine.zero_stage' must be one of 0, 1, 2, 3; got {cfg.engine.zero_stage}")
     _require(cfg.engine.dist_timeout_s >= 1, "'engine.dist_timeout_s' must be >= 1")
     _require(cfg.checkpoint.every_n_steps >= 1, "'checkpoint.every_n_steps' must be >= 1")

@@ -173,6 +173,17 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600,
     return DistEnv(info.rank, info.world_size, info.local_rank, device, backend, info.launcher, info.restart_count)
 
 
+def ensure_process_group(env: DistEnv) -> None:
+    """A private one-process group (and the LOCAL_RANK/RANK/WORLD_SIZE variables DeepSpeed insists
+    on) when a library needs torch.distributed but the job has a single process."""
+    if dist.is_initialized():
+        return
+    for key, value in (("LOCAL_RANK", env.local_rank), ("RANK", env.rank), ("WORLD_SIZE", env.world_size)):
+        os.environ.setdefault(key, str(value))
+    dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                            rank=0, world_size=1)
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

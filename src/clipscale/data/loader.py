@@ -6,7 +6,6 @@ import logging
 import time
 from typing import Callable, Optional
 
-import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config

@@ -1,0 +1,102 @@
+"""`clipscale export`: any clipscale checkpoint → one open_clip-loadable fp32 state_dict.
+
+DDP checkpoints hold the full state_dict already. ZeRO-1/2/3 checkpoints hold the fp32
+weights in per-rank optimizer shards; DeepSpeed's zero_to_fp32 consolidates them (on CPU, no
+process group). ZeRO-0 checkpoints (which zero_to_fp32 does not handle) keep the full module in
+the model-states file. The result loads with
+`open_clip.create_model_and_transforms(name, pretrained=path)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import CheckpointManager, checksum_problem, load_checkpoint_file
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "state"
+DS_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, 3
+OPEN_CLIP_SCALARS = ("logit_scale", "logit_bias")  # 0-d in open_clip; 1-d while DeepSpeed trains
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file/folder, a run's checkpoints/ folder, or a run directory → the checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if path.is_dir() and path.name == "checkpoints":
+        found = CheckpointManager(path.parent, is_main=False).latest()
+        if found is None:
+            raise CheckpointError(f"no intact checkpoint in {path}")
+        return found
+    problem = checksum_problem(path)
+    if problem:
+        raise CheckpointError(f"{path} is damaged ({problem})")
+    return path
+
+
+def deepspeed_model_states(folder: Path) -> dict:
+    """The rank-0 model-states file of a clipscale DeepSpeed checkpoint (holds clipscale's state)."""
+    for name in DS_MODEL_STATES:
+        states = Path(folder) / DS_TAG / name
+        if states.is_file():
+            try:
+                return torch.load(states, map_location="cpu", weights_only=False)
+            except Exception as exn:
+                raise CheckpointError(f"cannot read {states}: {type(exn).__name__}") from None
+    raise CheckpointError(f"{folder} is not a clipscale DeepSpeed checkpoint (no {DS_TAG}/{DS_MODEL_STATES[0]}); "
+                          f"was it written with engine.name=ddp?")
+
+
+def _deepspeed_state_dict(folder: Path) -> tuple[dict, dict]:
+    meta = deepspeed_model_states(folder)
+    extra = meta.get("clipscale") or {}
+    if any((folder / DS_TAG).glob("*optim_states.pt")) and meta.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
+    else:  # ZeRO-0: the model-states file has the whole module
+        state = meta["module"]
+    return dict(state), extra
+
+
+def to_open_clip(state: dict) -> dict:
+    """fp32 CPU tensors, no wrapper prefixes, open_clip's 0-d temperature/bias."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        value = value.detach().to("cpu")
+        if value.is_floating_point():
+            value = value.float()
+        if key in OPEN_CLIP_SCALARS and value.numel() == 1:
+            value = value.reshape(())
+        out[key] = value.contiguous()
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path) -> dict:
+    """Write the consolidated state_dict to `output`; returns {model_name, step, tensors, source}."""
+    source = find_checkpoint(checkpoint)
+    if source.is_file():
+        full = load_checkpoint_file(source)
+        state, extra = full["state_dict"], full
+    else:
+        state, extra = _deepspeed_state_dict(source)
+    state = to_open_clip(state)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(output)
+    model_name: Optional[str] = extra.get("model_name") or (extra.get("config") or {}).get("model", {}).get("name")
+    return {"model_name": model_name, "step": extra.get("step"), "tensors": len(state), "source": str(source)}
