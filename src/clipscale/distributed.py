@@ -135,8 +135,8 @@ def _store_for_elastic_restart(info: LaunchInfo, timeout: datetime.timedelta,
     `--max-restarts` the new workers read the dead workers' gloo/NCCL addresses and fail with
     "Connection refused" (pytorch/pytorch#135712). On one node every worker restarts together,
     so TORCHELASTIC_RESTART_COUNT is the same on all of them and makes a safe key prefix. Across
-    nodes the counts can disagree; there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (set by our sbatch
-    scripts) gives each round its own store, and we say so.
+    nodes the counts can disagree; there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, exported before
+    torchrun, gives each round its own store, and we say so.
     """
     if info.launcher != "torchrun" or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None

@@ -138,7 +138,7 @@ class Trainer:
                         self.env.world_size)
 
     def status(self, state: str, **fields) -> None:
-        """RUN_DIR/status.json: running | finished | preempted | failed (read by the sbatch scripts)."""
+        """RUN_DIR/status.json: running | finished | preempted | failed (read by job scripts to decide on requeue)."""
         if self.env.is_main:
             record = {"state": state, "step": self.step, "total_steps": self.cfg.train.steps,
                       "restart_count": self.env.restart_count, "time": time.time(), **fields}
