@@ -167,12 +167,16 @@ class CheckpointManager:
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
 
+    def path_for(self, step: int, suffix: str = ".pt") -> Path:
+        """Where the checkpoint of `step` lives (once published)."""
+        return self.dir / checkpoint_name(step, suffix)
+
     # ---------------------------------------------------------------- writing
     def save(self, step: int, write: Callable[[Path], None], suffix: str = ".pt") -> Path:
         """Collective: `write(tmp)` on every rank, then the main rank checksums the result,
         renames it into place and moves `latest`."""
         self.wait()
-        final = self.dir / checkpoint_name(step, suffix)
+        final = self.path_for(step, suffix)
         tmp = final.with_name(f".{final.name}.tmp")
         if self.is_main:
             remove_path(tmp)
@@ -188,7 +192,7 @@ class CheckpointManager:
         """Main rank only, no collectives: write + publish in a background thread (the caller
         hands over a snapshot that training will not modify). Waits for the previous one first."""
         self.wait()
-        final = self.dir / checkpoint_name(step, suffix)
+        final = self.path_for(step, suffix)
         tmp = final.with_name(f".{final.name}.tmp")
 
         def run():

@@ -214,24 +214,6 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (a copy; the input is left alone)."""
-    t = t.detach().clone()
-    if world_size() > 1:
-        dist.all_reduce(t)
-        t /= world_size()
-    return t
-
-
-def any_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any rank (one small all-reduce)."""
-    if world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -163,7 +163,7 @@ class Trainer:
         suffix = self.engine.checkpoint_suffix
         if self.cfg.checkpoint.async_save and self.engine.supports_async_save and not final:
             snap = self.engine.snapshot(extra)
-            path = self.ckpts.dir / f"step_{self.step:08d}{suffix}"
+            path = self.ckpts.path_for(self.step, suffix)
             if self.env.is_main:
                 path = self.ckpts.save_async(self.step, lambda tmp: torch_save_synced(snap, tmp), suffix)
             log.info("saving checkpoint %s in the background", path)
@@ -258,7 +258,7 @@ class Trainer:
         if preempted or (cfg.checkpoint.save_final and last_saved != self.step):
             path = self.save(final=True)
         else:
-            path = self.ckpts.dir / f"step_{last_saved:08d}{self.engine.checkpoint_suffix}"
+            path = self.ckpts.path_for(last_saved, self.engine.checkpoint_suffix)
         self.ckpts.wait()
         if self.progress is not None:
             self.progress.close()

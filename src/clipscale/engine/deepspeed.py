@@ -18,7 +18,6 @@ import datetime
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -38,7 +37,6 @@ from .ds_config import build_ds_config
 log = logging.getLogger(__name__)
 
 
-
 def _forget_stale_groups() -> None:
     """DeepSpeed caches its world group in a module global; a second engine in the same process
     (after the first run's process group was destroyed) must not reuse the dead one."""
@@ -53,20 +51,17 @@ def _forget_stale_groups() -> None:
         groups._WORLD_GROUP = None
 
 
-def scalars_as_vectors(model: nn.Module) -> list[str]:
+def scalars_as_vectors(model: nn.Module) -> None:
     """Make 0-d parameters (CLIP's logit_scale, SigLIP's logit_bias) 1-d, in place.
 
     DeepSpeed views parameters as bytes and clips gradients in place, both of which fail on 0-d
     tensors. A [1]-shaped temperature computes the same numbers; `clipscale export` turns it back
-    into open_clip's 0-d shape. Returns the names changed.
+    into open_clip's 0-d shape.
     """
-    changed = []
-    for prefix, module in model.named_modules():
+    for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if p.dim() == 0:
                 setattr(module, name, nn.Parameter(p.detach().reshape(1).clone(), requires_grad=p.requires_grad))
-                changed.append(f"{prefix}.{name}" if prefix else name)
-    return changed
 
 
 def _meta(shapes: dict) -> dict:
@@ -79,8 +74,7 @@ def _shape(p: torch.Tensor) -> tuple:
 
 
 class DeepSpeedEngine(Engine):
-    checkpoint_suffix = ""  # checkpoints are folders
-    supports_async_save = False
+    checkpoint_suffix = ""  # checkpoints are folders; saved synchronously (no snapshot())
 
     def __init__(self, model: nn.Module, cfg: Config, env: DistEnv):
         import deepspeed
@@ -93,7 +87,7 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo",
                                    timeout=datetime.timedelta(seconds=cfg.engine.dist_timeout_s))
         self.module = model.to(self.device)
-        self.vectorized = scalars_as_vectors(self.module)
+        scalars_as_vectors(self.module)
         self.ds, _, _, _ = deepspeed.initialize(model=self.module, config=self.ds_config,
                                                 model_parameters=param_groups(self.module, cfg.optim.weight_decay))
         self.base_optimizer = self.ds.basic_optimizer
@@ -173,7 +167,7 @@ class DeepSpeedEngine(Engine):
         if self.env.is_main:
             (Path(path) / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1) + "\n")
 
-    def _check_compatible(self, path: Path) -> dict:
+    def _check_compatible(self, path: Path) -> None:
         if path.is_file():
             raise CheckpointError(f"{path} is a DDP checkpoint; resume it with engine.name=ddp, or start from its "
                                   f"weights with model.pretrained={path}")
@@ -197,7 +191,6 @@ class DeepSpeedEngine(Engine):
             raise CheckpointError(f"{path} holds ZeRO-{stage} optimizer shards of {old_world} ranks, this run has "
                                   f"{self.env.world_size}; resume with {old_world} ranks, or start from its "
                                   f"weights: clipscale export, then model.pretrained=<file>")
-        return extra
 
     def load(self, path: Path) -> dict:
         path = Path(path)
@@ -209,6 +202,3 @@ class DeepSpeedEngine(Engine):
         self.scheduler.load_state_dict(client["scheduler"])
         self.ds.set_gradient_accumulation_boundary(True)
         return client["clipscale"]
-
-    def snapshot(self, extra: dict) -> Optional[dict]:
-        raise NotImplementedError("DeepSpeed checkpoints are written synchronously")
