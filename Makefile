@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install slurm demo test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Debian's slurmctld/slurmd/slurm-client/munge for the SLURM tests (tests/test_slurm.py); needs
+# root or passwordless sudo, otherwise those tests fail and say how to install them.
+slurm:
+	@bash tools/local_slurm.sh install || echo "warning: SLURM not installed; tests/test_slurm.py will fail"
+
 demo: install
 	$(BIN)/clipscale demo $(DEMO_ARGS)
 
-test: install
+test: install slurm
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install

@@ -49,3 +49,16 @@ def test_hostlist_expansion():
 def test_inconsistent_environments_fail_clearly(env, message):
     with pytest.raises(DistributedEnvError, match=message):
         detect_launch(env)
+
+
+def test_slurm_requeues_and_torchrun_restarts_are_counted_apart():
+    """Inside a requeued sbatch job torchrun sets TORCHELASTIC_RESTART_COUNT=0: the requeue count
+    must still come through (log prefixes, status.json)."""
+    info = detect_launch({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RESTART_COUNT": "0",
+                          "SLURM_RESTART_COUNT": "3", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert (info.restart_count, info.requeue_count) == (0, 3)
+    info = detect_launch({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1",
+                          "SLURM_RESTART_COUNT": "1"})
+    assert (info.launcher, info.restart_count, info.requeue_count) == ("slurm", 0, 1)
+    with pytest.raises(DistributedEnvError, match="SLURM_RESTART_COUNT"):
+        detect_launch({"SLURM_RESTART_COUNT": "x"})

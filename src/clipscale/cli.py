@@ -1,4 +1,4 @@
-"""`clipscale` command line: train, demo, shards, export, models, config.
+"""`clipscale` command line: train, demo, shards, export, supervise, status, models, config.
 
 User mistakes (bad config, missing shards, unusable checkpoint) print one line and exit 2.
 """
@@ -60,6 +60,41 @@ def cmd_export(args) -> int:
     name = info["model_name"] or "<model name>"
     print(f"wrote {args.output}: {info['tensors']} tensors from {info['source']} (step {info['step']})")
     print(f"load it with: open_clip.create_model_and_transforms({name!r}, pretrained={str(args.output)!r})")
+    return 0
+
+
+def cmd_supervise(args) -> int:
+    import os
+    import signal as signal_module
+
+    from .supervise import Supervisor, slurm_job_key
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UserError("supervise needs the training command after '--', e.g. "
+                        "clipscale supervise --run-dir runs/x -- srun python -m clipscale.train ...")
+    signals = [s.strip().upper() for s in args.requeue_on.split(",") if s.strip()]
+    signals = [s if s.startswith("SIG") else f"SIG{s}" for s in signals]
+    unknown = [s for s in signals if not isinstance(getattr(signal_module, s, None), signal_module.Signals)]
+    if unknown:
+        raise UserError(f"--requeue-on: unknown signal {unknown[0]!r} (e.g. SIGUSR1, SIGUSR2)")
+    return Supervisor(command, args.run_dir, job_key=slurm_job_key(os.environ),
+                      requeue_count=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+                      requeue=not args.no_requeue, requeue_signals=signals).run()
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from .run_status import read_status
+
+    status = read_status(args.run_dir)
+    if status is None:
+        raise UserError(f"{args.run_dir} has no readable status.json (has the run started?)")
+    if args.field:
+        print(status.get(args.field, ""))
+    else:
+        print(json.dumps(status, indent=1))
     return 0
 
 
@@ -196,6 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint file or folder, a run's checkpoints/ folder, or a run directory (latest)")
     p.add_argument("--output", required=True, help="output file, e.g. model.pt")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("supervise", help="run a training step inside a SLURM batch script; requeue on preemption",
+                       description="Run COMMAND (srun/torchrun ... clipscale.train), pass SIGUSR1/SIGUSR2/SIGTERM "
+                                   "on to it, and when the run was preempted by a requeue signal, requeue the "
+                                   "SLURM job with scontrol (see slurm/README.md).")
+    p.add_argument("--run-dir", required=True, help="the run directory (its status.json says how the run ended)")
+    p.add_argument("--requeue-on", default="SIGUSR1,SIGUSR2",
+                   help="signals that mean 'checkpoint and requeue' (default SIGUSR1,SIGUSR2; SIGTERM never "
+                        "requeues: it is scancel, or SLURM preemption that requeues by itself)")
+    p.add_argument("--no-requeue", action="store_true", help="checkpoint and stop, but do not requeue")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    p.set_defaults(func=cmd_supervise)
+
+    p = sub.add_parser("status", help="print a run's status.json (state, step, restarts)",
+                       description="Print RUN_DIR/status.json: running | finished | preempted | failed, the step, "
+                                   "the signal and the restart/requeue counts.")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--field", help="print only this field (e.g. state, step)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("config", help="print the resolved config (YAML + overrides + defaults)",
                        description="Load, validate and print a run config without training.")

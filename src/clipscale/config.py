@@ -136,7 +136,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_nonfinite_steps: int = 5
     """Abort after this many consecutive steps with a non-finite loss (each is skipped)."""
-    preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
     """Signals that make every rank checkpoint after the current step and exit."""
 
 

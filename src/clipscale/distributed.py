@@ -34,7 +34,8 @@ class LaunchInfo:
     local_rank: int
     master_addr: Optional[str] = None
     master_port: Optional[int] = None
-    restart_count: int = 0
+    restart_count: int = 0  # torchrun's elastic restarts (--max-restarts)
+    requeue_count: int = 0  # SLURM requeues of the job (SLURM_RESTART_COUNT)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class DistEnv:
     backend: Optional[str]
     launcher: str
     restart_count: int = 0
+    requeue_count: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -84,7 +86,8 @@ def _int(env: Mapping[str, str], key: str) -> int:
 
 def detect_launch(env: Mapping[str, str] = os.environ) -> LaunchInfo:
     """Read rank/world/local rank and the rendezvous address from the launcher's variables."""
-    restarts = int(env.get("TORCHELASTIC_RESTART_COUNT", env.get("SLURM_RESTART_COUNT", "0")) or 0)
+    restarts = _int(env, "TORCHELASTIC_RESTART_COUNT") if env.get("TORCHELASTIC_RESTART_COUNT") else 0
+    requeues = _int(env, "SLURM_RESTART_COUNT") if env.get("SLURM_RESTART_COUNT") else 0
     if "RANK" in env or "WORLD_SIZE" in env:
         missing = [k for k in ("RANK", "WORLD_SIZE") if k not in env]
         if missing:
@@ -92,7 +95,7 @@ def detect_launch(env: Mapping[str, str] = os.environ) -> LaunchInfo:
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
         info = LaunchInfo("torchrun", rank, world, local, env.get("MASTER_ADDR"),
-                          _int(env, "MASTER_PORT") if "MASTER_PORT" in env else None, restarts)
+                          _int(env, "MASTER_PORT") if "MASTER_PORT" in env else None, restarts, requeues)
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _int(env, "SLURM_NTASKS") > 1:
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
         local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
@@ -103,9 +106,9 @@ def detect_launch(env: Mapping[str, str] = os.environ) -> LaunchInfo:
             raise DistributedEnvError("SLURM job with several tasks but no SLURM_JOB_NODELIST or MASTER_ADDR")
         job = int(re.sub(r"\D", "", env.get("SLURM_JOB_ID", "0")) or 0)
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + job % 20000
-        info = LaunchInfo("slurm", rank, world, local, addr, port, restarts)
+        info = LaunchInfo("slurm", rank, world, local, addr, port, 0, requeues)
     else:
-        info = LaunchInfo("none", 0, 1, 0, restart_count=restarts)
+        info = LaunchInfo("none", 0, 1, 0, restart_count=restarts, requeue_count=requeues)
     if info.world_size < 1:
         raise DistributedEnvError(f"world size must be >= 1, got {info.world_size}")
     if not 0 <= info.rank < info.world_size:
@@ -115,15 +118,18 @@ def detect_launch(env: Mapping[str, str] = os.environ) -> LaunchInfo:
     return info
 
 
-def pick_device(preference: str, local_rank: int) -> torch.device:
+def pick_device(preference: str, local_rank: int, bound_per_task: bool = False) -> torch.device:
+    """cuda:LOCAL_RANK, or cuda:0 when `bound_per_task` (srun --gpus-per-task / --gpu-bind leave each
+    task exactly one visible GPU); otherwise the CPU."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise DistributedEnvError("train.device=cuda but no CUDA device is available")
         count = torch.cuda.device_count()
-        if local_rank >= count:
+        index = 0 if bound_per_task and count == 1 else local_rank
+        if index >= count:
             raise DistributedEnvError(f"local rank {local_rank} has no GPU: only {count} visible on this node")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -155,7 +161,7 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600,
                      env: Mapping[str, str] = os.environ) -> DistEnv:
     """Start the default process group when launched with several processes (NCCL on CUDA, gloo on CPU)."""
     info = detect_launch(env)
-    device = pick_device(device_preference, info.local_rank)
+    device = pick_device(device_preference, info.local_rank, bound_per_task=info.launcher == "slurm")
     backend = None
     if info.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -170,7 +176,8 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600,
         )
     elif dist.is_initialized():
         backend = dist.get_backend()
-    return DistEnv(info.rank, info.world_size, info.local_rank, device, backend, info.launcher, info.restart_count)
+    return DistEnv(info.rank, info.world_size, info.local_rank, device, backend, info.launcher,
+                   info.restart_count, info.requeue_count)
 
 
 def ensure_process_group(env: DistEnv) -> None:

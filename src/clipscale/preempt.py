@@ -18,6 +18,18 @@ log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- a preempted run resumes with resume=auto
 
 
+def ignore_signals(signal_names, worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: workers leave preemption to the main process.
+
+    SLURM signals every process of a job (scancel, preemption, time limit), DataLoader workers
+    included, and torch makes SIGTERM fatal in them: the dead worker would fail the main process
+    before it can checkpoint. Ignoring the signals is safe: workers still stop when the loader
+    shuts down (its done event) or when the main process dies (their parent watchdog).
+    """
+    for name in signal_names:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class PreemptionHandler:
     def __init__(self, signal_names: list[str]):
         self.received: Optional[str] = None

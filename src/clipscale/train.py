@@ -6,7 +6,6 @@ Run with `clipscale train --config X.yaml [key=value ...]` or
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -27,15 +26,14 @@ from .data import TrainData
 from .distributed import DistEnv, all_gather_object, broadcast_object, cleanup, init_distributed, world_size
 from .engine import build_engine
 from .errors import UserError
-from .fsutil import atomic_write_bytes
 from .loss import build_loss
 from .metrics import MetricsLogger
 from .model import count_parameters, create_model
 from .preempt import EXIT_PREEMPTED, PreemptionHandler
+from .run_status import write_status
 from .step import forward_backward
 
 log = logging.getLogger("clipscale")
-STATUS_FILE = "status.json"
 
 
 class TrainingDiverged(UserError):
@@ -44,7 +42,9 @@ class TrainingDiverged(UserError):
 
 def setup_logging(env: DistEnv) -> None:
     """clipscale's messages at INFO on rank 0 (WARNING elsewhere); other libraries at WARNING."""
-    prefix = f"[rank{env.rank}" + (f" restart{env.restart_count}" if env.restart_count else "") + "]"
+    counts = [f"requeue{env.requeue_count}" if env.requeue_count else "",
+              f"restart{env.restart_count}" if env.restart_count else ""]
+    prefix = "[" + " ".join([f"rank{env.rank}", *filter(None, counts)]) + "]"
     logging.basicConfig(
         level=logging.WARNING,
         format=f"%(asctime)s {prefix} %(levelname)s %(message)s",
@@ -140,9 +140,9 @@ class Trainer:
     def status(self, state: str, **fields) -> None:
         """RUN_DIR/status.json: running | finished | preempted | failed (read by job scripts to decide on requeue)."""
         if self.env.is_main:
-            record = {"state": state, "step": self.step, "total_steps": self.cfg.train.steps,
-                      "restart_count": self.env.restart_count, "time": time.time(), **fields}
-            atomic_write_bytes(self.run_dir / STATUS_FILE, (json.dumps(record, indent=1) + "\n").encode())
+            write_status(self.run_dir, state, step=self.step, total_steps=self.cfg.train.steps,
+                         world_size=self.env.world_size, restart_count=self.env.restart_count,
+                         requeue_count=self.env.requeue_count, **fields)
 
     def epoch(self) -> int:
         return (self.step * self.global_batch) // self.data.num_samples
@@ -285,6 +285,7 @@ def train(cfg: Config) -> dict:
         raise
     finally:
         if trainer is not None:
+            trainer.data.close()
             trainer.preempt.restore()
         cleanup()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable, Optional
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from ..config import Config
 from ..distributed import DistEnv, all_gather_object
+from ..preempt import ignore_signals
 from .plan import StreamPlan
 from .relayout import relayout, remaining_samples
 from .samples import SampleDecoder
@@ -75,6 +77,7 @@ class TrainData:
             num_workers=cfg.data.workers,
             prefetch_factor=cfg.data.prefetch_factor if cfg.data.workers > 0 else None,
             pin_memory=env.device.type == "cuda",
+            worker_init_fn=functools.partial(ignore_signals, tuple(cfg.train.preempt_signals)),
         )
         self._iter = None
 
@@ -107,6 +110,14 @@ class TrainData:
         self.positions[batch["stream"]] = batch.pop("position")
         self.batches += 1
         return batch, wait
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (they ignore SLURM's signals, so interpreter exit must
+        not be the first to ask them: it would wait on them forever)."""
+        it, self._iter = self._iter, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def skipped(self) -> dict[str, int]:
         """Skip counts by reason over this rank's streams (and, after a relayout, before it)."""
