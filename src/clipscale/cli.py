@@ -1,4 +1,4 @@
-"""`clipscale` command line: train, demo, shards, export, supervise, status, models, config.
+"""`clipscale` command line: train, demo, shards, export, eval, supervise, status, models, config.
 
 User mistakes (bad config, missing shards, unusable checkpoint) print one line and exit 2.
 """
@@ -60,6 +60,35 @@ def cmd_export(args) -> int:
     name = info["model_name"] or "<model name>"
     print(f"wrote {args.output}: {info['tensors']} tensors from {info['source']} (step {info['step']})")
     print(f"load it with: open_clip.create_model_and_transforms({name!r}, pretrained={str(args.output)!r})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    import torch
+
+    from .config import EvalConfig
+    from .evaluate import Evaluator, iter_eval_rows, model_from_checkpoint
+
+    if not args.zeroshot and not args.retrieval:
+        raise UserError("eval needs --zeroshot and/or --retrieval")
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    bundle, info = model_from_checkpoint(args.checkpoint, args.model, device)
+    spec = EvalConfig(zeroshot=args.zeroshot, zeroshot_classes=args.classes, zeroshot_templates=args.templates,
+                      retrieval=args.retrieval, batch_size=args.batch_size, workers=args.workers)
+    results = Evaluator(spec, bundle.val_transform, bundle.tokenizer, device).run(bundle.model)
+    record = {"checkpoint": info["source"], "model": info["model_name"], "step": info["step"], **results}
+    print(f"{info['model_name']} from {info['source']}" + (f" (step {info['step']})" if info["step"] else ""))
+    width = max(len(name) for name, _ in iter_eval_rows(results))
+    for name, value in iter_eval_rows(results):
+        print(f"  {name:<{width}}  {value:>8}")
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.output}")
     return 0
 
 
@@ -218,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "clip-tiny on them on the CPU; results go to the run directory.")
     p.add_argument("--run-dir", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from configs/demo-cpu.yaml)")
-    p.add_argument("--nproc", type=int, default=1, help="training processes (torchrun, gloo); default 1")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun, gloo); default 2")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_demo)
 
@@ -231,6 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint file or folder, a run's checkpoints/ folder, or a run directory (latest)")
     p.add_argument("--output", required=True, help="output file, e.g. model.pt")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="zero-shot classification and retrieval of a checkpoint",
+                       description="Evaluate a clipscale checkpoint (file, DeepSpeed folder or run directory) or an "
+                                   "open_clip-format state_dict (with --model): zero-shot top-1/top-5 and "
+                                   "image<->text Recall@1/5/10; prints a table and writes JSON.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file/folder, run directory, or open_clip .pt")
+    p.add_argument("--model", help="model name (needed for open_clip-format files; clipscale's know theirs)")
+    p.add_argument("--zeroshot", help="image-folder tree root/<class>/*.jpg or labelled shards (cls)")
+    p.add_argument("--classes", help="imagenet | digits | a .txt/.yaml/.json of class names (default: folder names)")
+    p.add_argument("--templates", help="openai | simple | digits | a file of templates with {} (default: openai)")
+    p.add_argument("--retrieval", help="shards of image-caption pairs")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="image-decoding DataLoader workers (default 2)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--output", help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("supervise", help="run a training step inside a SLURM batch script; requeue on preemption",
                        description="Run COMMAND (srun/torchrun ... clipscale.train), pass SIGUSR1/SIGUSR2/SIGTERM "

@@ -141,6 +141,25 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_n_steps: int = 0
+    """Evaluate every N optimizer steps (0: only at the end of the run, see at_end)."""
+    at_end: bool = True
+    """Evaluate after the last step (when a zero-shot or retrieval set is given)."""
+    zeroshot: Optional[str] = None
+    """Zero-shot set: an image-folder tree root/<class>/*.jpg (ImageNet-val layout) or labelled shards (cls)."""
+    zeroshot_classes: Optional[str] = None
+    """Class names: imagenet | digits | a .txt/.yaml/.json file (default: the folder names)."""
+    zeroshot_templates: Optional[str] = None
+    """Prompt templates: openai | simple | digits | a file (default: the classes file's, else openai)."""
+    retrieval: Optional[str] = None
+    """Retrieval set: shards of image-caption pairs (several captions per image count together)."""
+    batch_size: int = 64
+    workers: int = 0
+    """DataLoader workers that decode evaluation images (0: in the training process)."""
+
+
+@dataclass
 class Config:
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
@@ -153,6 +172,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- key plumbing
@@ -352,6 +372,9 @@ def validate(cfg: Config) -> None:
     """Reject impossible values with one line naming the key."""
     _require(cfg.data.batch_size >= 1, f"'data.batch_size' must be >= 1, got {cfg.data.batch_size}")
     _require(cfg.data.workers >= 0, f"'data.workers' must be >= 0, got {cfg.data.workers}")
+    _require(cfg.eval.every_n_steps >= 0, f"'eval.every_n_steps' must be >= 0, got {cfg.eval.every_n_steps}")
+    _require(cfg.eval.batch_size >= 1, f"'eval.batch_size' must be >= 1, got {cfg.eval.batch_size}")
+    _require(cfg.eval.workers >= 0, f"'eval.workers' must be >= 0, got {cfg.eval.workers}")
     _require(cfg.data.prefetch_factor >= 1, "'data.prefetch_factor' must be >= 1")
     _require(cfg.data.shuffle_block_shards >= 1, "'data.shuffle_block_shards' must be >= 1")
     _require(cfg.data.shuffle_buffer >= 1, "'data.shuffle_buffer' must be >= 1")

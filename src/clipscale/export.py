@@ -84,19 +84,39 @@ def to_open_clip(state: dict) -> dict:
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path) -> dict:
-    """Write the consolidated state_dict to `output`; returns {model_name, step, tensors, source}."""
+def consolidated_weights(checkpoint: str | Path) -> tuple[dict, dict]:
+    """(open_clip state_dict, info {model_name, step, source}) of a clipscale checkpoint (DDP file,
+    DeepSpeed folder, run directory) or of an open_clip-format file (a bare state_dict, or
+    open_clip_train's {"state_dict": ...}; these carry no model name)."""
     source = find_checkpoint(checkpoint)
     if source.is_file():
-        full = load_checkpoint_file(source)
+        try:
+            full = load_checkpoint_file(source)
+        except CheckpointError:
+            full = {"state_dict": _bare_state_dict(source)}
         state, extra = full["state_dict"], full
     else:
         state, extra = _deepspeed_state_dict(source)
-    state = to_open_clip(state)
+    model_name: Optional[str] = extra.get("model_name") or (extra.get("config") or {}).get("model", {}).get("name")
+    return to_open_clip(state), {"model_name": model_name, "step": extra.get("step"), "source": str(source)}
+
+
+def _bare_state_dict(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exn:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exn).__name__}") from None
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path} is neither a clipscale checkpoint nor an open_clip state_dict")
+    return state
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path) -> dict:
+    """Write the consolidated state_dict to `output`; returns {model_name, step, tensors, source}."""
+    state, info = consolidated_weights(checkpoint)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     torch.save(state, tmp)
     tmp.replace(output)
-    model_name: Optional[str] = extra.get("model_name") or (extra.get("config") or {}).get("model", {}).get("name")
-    return {"model_name": model_name, "step": extra.get("step"), "tensors": len(state), "source": str(source)}
+    return {**info, "tensors": len(state)}

@@ -118,6 +118,11 @@ class Trainer:
         self.nonfinite_run = 0  # consecutive skipped steps
         self.nonfinite_total = int(extra.get("nonfinite_total", 0))
         self.progress = None
+        self.evaluator = None
+        if cfg.eval.zeroshot or cfg.eval.retrieval:  # read the evaluation sets now: errors at start-up
+            from .evaluate import Evaluator
+
+            self.evaluator = Evaluator(cfg.eval, self.bundle.val_transform, self.bundle.tokenizer, env.device)
 
     # ------------------------------------------------------------------ helpers
     def _console(self, line: str) -> None:
@@ -143,6 +148,14 @@ class Trainer:
             write_status(self.run_dir, state, step=self.step, total_steps=self.cfg.train.steps,
                          world_size=self.env.world_size, restart_count=self.env.restart_count,
                          requeue_count=self.env.requeue_count, **fields)
+
+    def evaluate(self) -> dict:
+        """Collective: zero-shot / retrieval numbers into metrics.jsonl (the model is left as it was)."""
+        t0 = time.perf_counter()
+        results = self.evaluator.run(self.engine.module, self.engine.autocast)
+        results["eval/seconds"] = time.perf_counter() - t0
+        self.metrics.log(self.step, results)
+        return results
 
     def epoch(self) -> int:
         return (self.step * self.global_batch) // self.data.num_samples
@@ -203,6 +216,7 @@ class Trainer:
         last_loss = float("nan")
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
         last_saved = self.step if self.step > 0 else -1
+        last_eval = -1
         preempted = None
         while self.step < total:
             micro, wait = [], 0.0
@@ -254,12 +268,17 @@ class Trainer:
             if self.step % cfg.checkpoint.every_n_steps == 0 and self.step < total:
                 self.save()
                 last_saved = self.step
+            if self.evaluator and cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0:
+                window_start += self.evaluate()["eval/seconds"]  # not counted as training time
+                last_eval = self.step
 
         if preempted or (cfg.checkpoint.save_final and last_saved != self.step):
             path = self.save(final=True)
         else:
             path = self.ckpts.path_for(last_saved, self.engine.checkpoint_suffix)
         self.ckpts.wait()
+        if self.evaluator and cfg.eval.at_end and not preempted and last_eval != self.step:
+            self.evaluate()
         if self.progress is not None:
             self.progress.close()
         skipped = self.data.skipped()

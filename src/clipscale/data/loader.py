@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import signal
+import threading
 import time
 from typing import Callable, Optional
 
@@ -19,6 +22,30 @@ from .shardlist import resolve_shards
 from .stream import Position, StreamDataset, initial_position
 
 log = logging.getLogger(__name__)
+
+
+_WORKERS: list = []  # every DataLoader worker process our loaders started
+
+
+def _stop_workers(iterator=None) -> None:
+    """Shut a loader's workers down, then kill any worker still alive. Workers ignore SIGTERM (see
+    preempt.ignore_signals), so multiprocessing's own exit hook, which terminates and then joins
+    them, would wait forever on one that missed the loader's shutdown."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    elif threading.current_thread() is threading.main_thread():
+        # at exit, with a loader still open: torch's SIGCHLD handler would raise at the first kill
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in list(_WORKERS):
+        if worker.is_alive() and (iterator is None or worker in getattr(iterator, "_workers", ())):
+            worker.kill()
+            worker.join(timeout=5)
+        if not worker.is_alive():
+            _WORKERS.remove(worker)
+
+
+atexit.register(_stop_workers)  # runs before multiprocessing's hook (registered earlier, run later)
 
 
 def build_plan(cfg: Config, world_size: int) -> StreamPlan:
@@ -104,6 +131,7 @@ class TrainData:
         """The next micro-batch and the seconds spent waiting for it."""
         if self._iter is None:
             self._iter = iter(self.loader)
+            _WORKERS.extend(getattr(self._iter, "_workers", []))
         t0 = time.perf_counter()
         batch = next(self._iter)
         wait = time.perf_counter() - t0
@@ -115,9 +143,8 @@ class TrainData:
         """Stop the DataLoader workers now (they ignore SLURM's signals, so interpreter exit must
         not be the first to ask them: it would wait on them forever)."""
         it, self._iter = self._iter, None
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        if it is not None:
+            _stop_workers(it)
 
     def skipped(self) -> dict[str, int]:
         """Skip counts by reason over this rank's streams (and, after a relayout, before it)."""
@@ -136,6 +163,3 @@ class TrainData:
             streams.update(part["streams"])
         return {"layout": self.plan.layout(), "streams": streams, "batches": [p["batches"] for p in everyone],
                 "skipped_before": everyone[0]["skipped_before"]}
-
-    def close(self) -> None:
-        self._iter = None
