@@ -14,7 +14,6 @@ Per-worker efficiency = builder images/s / workers / bare images/s (target >= 0.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import shutil
 import subprocess
@@ -22,26 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-
-def make_images(folder: Path, n: int, size: tuple[int, int]) -> Path:
-    """Photo-like JPEGs (smooth colour fields + fine noise) and a captions CSV."""
-    table = folder / "pairs.csv"
-    if table.is_file() and len(list(folder.glob("*.jpg"))) >= n:
-        return table
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(0)
-    with open(table, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["filepath", "caption"])
-        for i in range(n):
-            low = Image.fromarray(rng.randint(0, 255, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
-            arr = np.asarray(low, dtype=np.int16) + rng.randint(-20, 20, (size[1], size[0], 3))
-            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
-            w.writerow([f"{i:06d}.jpg", f"a generated photo number {i} with soft colours"])
-    return table
+from bench_data import make_images
 
 
 def bare_loop(folder: Path, n: int, max_size: int, quality: int) -> float:

@@ -64,6 +64,9 @@ class DataConfig:
     """Sample field holding the caption; 'json' reads `caption_json_field` from the .json."""
     caption_json_field: str = "caption"
     max_decode_errors_logged: int = 5
+    jpeg_draft: bool = True
+    """Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) that is still at least the model's input
+    size (PIL's draft): much less decode and resize work when the shards are larger than the model."""
 
 
 @dataclass
@@ -76,8 +79,8 @@ class OptimConfig:
     accum_steps: int = 1
     """Micro-batches per optimizer step (feature-cached: the loss is over the whole batch)."""
     grad_clip_norm: Optional[float] = 1.0
-    fused: bool = False
-    """Use torch's fused AdamW kernel (CUDA only)."""
+    fused: bool = True
+    """torch's fused AdamW kernel on CUDA (one kernel for all parameters); ignored on CPU."""
 
 
 @dataclass

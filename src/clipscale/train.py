@@ -110,7 +110,8 @@ class Trainer:
         else:
             seed_everything(cfg.seed + 1000 * env.rank + self.step)
 
-        self.data = TrainData(cfg, self.bundle.train_transform, self.bundle.tokenizer, env, extra.get("data"))
+        draft = self.bundle.image_size if cfg.data.jpeg_draft else None
+        self.data = TrainData(cfg, self.bundle.train_transform, self.bundle.tokenizer, env, extra.get("data"), draft)
         self.metrics = MetricsLogger(self.run_dir, env.is_main, env.rank, cfg.logging.tensorboard,
                                      cfg.logging.sample_keys, console=self._console)
         self.metrics.resume_at(self.step)

@@ -12,6 +12,7 @@ import json
 import warnings
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -63,9 +64,29 @@ def caption_of(sample: dict, caption_key: str, json_field: str) -> str:
     return text
 
 
+def split_to_tensor_tail(transform: Callable) -> Optional[tuple[Callable, torch.Tensor, torch.Tensor]]:
+    """(PIL part, mean, std) of a Compose[..., ToTensor, Normalize] (open_clip's transforms all
+    end so), or None for any other transform."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(transform, Compose) or len(steps) < 2:
+        return None
+    if not isinstance(steps[-2], ToTensor) or not isinstance(steps[-1], Normalize):
+        return None
+    mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(steps[-1].std, dtype=torch.float32).view(1, -1, 1, 1)
+    return Compose(steps[:-2]), mean, std
+
+
 class SampleDecoder:
-    """raw sample → (image tensor, caption). Augmentation randomness is seeded per sample so a
-    sample looks the same however the stream was interrupted and resumed."""
+    """raw sample → (image, caption); `collate` makes the batch tensor. Augmentation randomness is
+    seeded per sample so a sample looks the same however the stream was interrupted and resumed.
+
+    For a transform ending in ToTensor + Normalize, samples stay uint8 RGB arrays and `collate`
+    converts and normalises the whole batch at once: the same float32 operations in the same
+    order (bitwise the same tensor), without ~0.1 ms of per-sample tensor overhead.
+    """
 
     def __init__(
         self,
@@ -80,6 +101,7 @@ class SampleDecoder:
         self.caption_key = caption_key
         self.caption_json_field = caption_json_field
         self.draft_size = draft_size
+        self._split = split_to_tensor_tail(transform)
 
     def __call__(self, sample: dict, aug_seed: int) -> tuple[torch.Tensor, str]:
         data = next((sample[k] for k in self.image_keys if k in sample), None)
@@ -90,5 +112,27 @@ class SampleDecoder:
             img = decode_image(data, self.draft_size)
         except Exception as exn:  # PIL raises many types for bad bytes
             raise Skip("corrupt_image", f"{type(exn).__name__}") from None
-        torch.manual_seed(aug_seed)
-        return self.transform(img), text
+        # the CPU generator only: torch.manual_seed also seeds every accelerator and costs ~0.2 ms
+        torch.random.default_generator.manual_seed(aug_seed)
+        if self._split is None:
+            return self.transform(img), text
+        out = self._split[0](img)
+        if isinstance(out, Image.Image) and out.mode == "RGB":
+            return np.asarray(out), text
+        return self.transform.transforms[-1](self.transform.transforms[-2](out)), text
+
+    def collate(self, images: list) -> torch.Tensor:
+        """The batch tensor [B, C, H, W] of what __call__ returned for each sample."""
+        if self._split is None or not any(isinstance(im, np.ndarray) for im in images):
+            return torch.stack(images)
+        _, mean, std = self._split
+        arrays = [im for im in images if isinstance(im, np.ndarray)]
+        if len(arrays) == len(images) and len({a.shape for a in arrays}) == 1:
+            batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+            return batch.to(torch.float32).div(255).sub_(mean).div_(std)
+        return torch.stack([self._tensorize(im) if isinstance(im, np.ndarray) else im for im in images])
+
+    def _tensorize(self, array: np.ndarray) -> torch.Tensor:
+        _, mean, std = self._split
+        x = torch.from_numpy(np.array(array)).permute(2, 0, 1).to(torch.float32).div(255)
+        return x.sub_(mean[0]).div_(std[0])

@@ -167,7 +167,7 @@ class StreamDataset(IterableDataset):
             passes.append(sample["__pass__"])
             if len(images) == self.batch_size:
                 yield {
-                    "images": torch.stack(images),
+                    "images": self.decoder.collate(images),
                     "texts": self.tokenizer(texts),
                     "keys": keys,
                     "passes": passes,

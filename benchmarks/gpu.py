@@ -1,0 +1,209 @@
+"""Single-GPU training throughput, MFU and peak memory of CLIP models, and GPU loss memory.
+
+For each model and variant: synthetic images and token ids already on the device (this
+measures the model step, not the data path), clipscale's model factory, its AdamW (fused on
+CUDA) and its CLIP loss, `--steps` timed steps after `--warmup`.
+  variants   base            bf16 autocast (or --precision), fused AdamW
+             channels_last   + channels_last images and weights
+             compile         + torch.compile of the model
+             ckpt            + gradient checkpointing (open_clip's set_grad_checkpointing)
+MFU = model FLOPs per step (forward + backward counted by torch's FlopCounterMode without
+recomputation) x steps / (seconds x peak dense TFLOPS of the device, --peak-tflops).
+`--loss-memory` adds the loss issue's figures on the device: peak memory of the CLIP loss for
+one rank of a simulated world (full / local / chunked).
+
+    python benchmarks/gpu.py [--models ViT-B-32,ViT-B-16] [--batch-size 256] [--variants base,compile,ckpt]
+    python benchmarks/gpu.py --device cpu --models clip-tiny --batch-size 8 --steps 2   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(model_name: str, device: torch.device, variant: str):
+    from clipscale.config import load_config
+    from clipscale.loss import ClipLoss
+    from clipscale.model import build_optimizer, create_model
+
+    cfg = load_config(None, [f"model.name={model_name}", f"model.grad_checkpointing={variant == 'ckpt'}",
+                             "optim.fused=true"])
+    bundle = create_model(cfg.model, device=device)
+    model = bundle.model
+    if variant == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg, device)
+    runner = torch.compile(model) if variant == "compile" else model
+    context = getattr(bundle.model, "context_length", None) or bundle.model.text.context_length
+    return model, runner, optimizer, ClipLoss("full"), bundle.image_size, context
+
+
+def inputs(batch: int, size: int, context: int, device: torch.device, channels_last: bool):
+    images = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    texts = torch.randint(1, 49000, (batch, context), device=device)
+    return images, texts
+
+
+def train_step(runner, optimizer, loss_fn, images, texts, autocast) -> torch.Tensor:
+    with autocast():
+        out = runner(image=images, text=texts)
+    loss = loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def model_flops(model_name: str, batch: int, device: torch.device, autocast) -> float:
+    """Forward + backward FLOPs of one step, without activation recomputation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, runner, _, loss_fn, size, context = build(model_name, device, "base")
+    images, texts = inputs(batch, size, context, device, False)
+    with FlopCounterMode(display=False) as counter:
+        with autocast():
+            out = runner(image=images, text=texts)
+        loss = loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
+        loss.backward()
+    del model, runner
+    return float(counter.get_total_flops())
+
+
+def measure(model_name: str, variant: str, args, device: torch.device, autocast) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model, runner, optimizer, loss_fn, size, context = build(model_name, device, variant)
+    model.train()
+    images, texts = inputs(args.batch_size, size, context, device, variant == "channels_last")
+    for _ in range(args.warmup):
+        train_step(runner, optimizer, loss_fn, images, texts, autocast)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = train_step(runner, optimizer, loss_fn, images, texts, autocast)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
+    if not torch.isfinite(loss):
+        raise SystemExit(f"{model_name}/{variant}: non-finite loss")
+    del model, runner, optimizer
+    return {"samples_per_s": args.batch_size * args.steps / seconds, "step_s": seconds / args.steps,
+            "peak_gib": peak / 2**30}
+
+
+def loss_memory(device: torch.device, world: int, dim: int, chunk: int) -> None:
+    """Peak device memory of the CLIP loss (forward + backward) on one rank of a simulated world."""
+    from clipscale.loss import ClipLoss, Gather
+
+    print(f"\nCLIP loss memory on {device} (rank 0 of a simulated world of {world}, d={dim}, chunk {chunk}):")
+    print(f"{'global B':>9} | {'impl':8} | {'peak GiB':>9} | {'ms':>8}")
+    for batch in (16_384, 65_536, 262_144):
+        b = batch // world
+        for impl in ("full", "local", "chunked"):
+            others = F.normalize(torch.randn(batch - b, dim, device=device), dim=-1)
+
+            class Simulated(Gather):
+                def rank_world(self):
+                    return 0, world
+
+                def __call__(self, x):
+                    return torch.cat([x, others])
+
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            img = F.normalize(torch.randn(b, dim, device=device), dim=-1).requires_grad_(True)
+            txt = F.normalize(torch.randn(b, dim, device=device), dim=-1).requires_grad_(True)
+            scale = torch.tensor(14.3, device=device, requires_grad=True)
+            try:
+                sync(device)
+                t0 = time.perf_counter()
+                ClipLoss(impl, chunk_size=chunk, gather=Simulated())(img, txt, scale).backward()
+                sync(device)
+                ms = (time.perf_counter() - t0) * 1000
+                peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+                print(f"{batch:9d} | {impl:8} | {peak:9.2f} | {ms:8.1f}")
+            except torch.OutOfMemoryError:
+                print(f"{batch:9d} | {impl:8} | {'OOM':>9} | {'-':>8}")
+            del img, txt, scale, others
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="ViT-B-32,ViT-B-16")
+    ap.add_argument("--variants", default="base,channels_last,compile,ckpt")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known bf16 dense peaks)")
+    ap.add_argument("--loss-memory", action="store_true")
+    ap.add_argument("--loss-world", type=int, default=8)
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device here; run this through a GPU machine (or --device cpu for a smoke test)")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    peak = peak_tflops(device, args.peak_tflops)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, {args.precision}, batch {args.batch_size}, "
+          f"{args.steps} steps after {args.warmup} warm-up; peak {peak or '?'} TFLOPS")
+    print(f"{'model':10} | {'variant':13} | {'samples/s':>9} | {'step ms':>8} | {'MFU':>6} | {'peak GiB':>8}")
+    for model_name in args.models.split(","):
+        flops = model_flops(model_name, args.batch_size, device, autocast)
+        for variant in args.variants.split(","):
+            try:
+                r = measure(model_name, variant, args, device, autocast)
+            except torch.OutOfMemoryError:
+                print(f"{model_name:10} | {variant:13} | out of memory")
+                continue
+            mfu = flops / r["step_s"] / (peak * 1e12) if peak else float("nan")
+            print(f"{model_name:10} | {variant:13} | {r['samples_per_s']:9.1f} | {r['step_s'] * 1000:8.1f} | "
+                  f"{mfu:6.1%} | {r['peak_gib']:8.2f}", flush=True)
+        print(f"{model_name}: {flops / 1e9:,.1f} GFLOP per step of {args.batch_size} (forward + backward)")
+    if args.loss_memory:
+        if device.type != "cuda":
+            raise SystemExit("--loss-memory measures device memory: it needs --device cuda")
+        loss_memory(device, args.loss_world, 512, 4096)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The benchmark scripts are run by hand (figures in BENCHMARKS.md); these tests keep the parts
+that could silently go wrong working: log parsing, shard patterns, and the GPU script on CPU."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+OPENCLIP_LOG = (
+    "2026-11-23,13:25:17 | INFO | Train Epoch: 0 [ 128/7680 (2%)] Data (t): 0.189 Batch (t): 0.498, 256.805/s, "
+    "128.403/s/gpu LR: 0.000100 Logit Scale: 14.286 Contrastive_loss: 5.2030 (5.2030) Loss: 5.2030 (5.2030)\n"
+    "2026-11-23,13:25:17 | INFO | Train Epoch: 0 [ 256/7680 (3%)] Data (t): 0.004 Batch (t): 0.218, 588.283/s, "
+    "294.142/s/gpu LR: 0.000200 Logit Scale: 14.284 Contrastive_loss: 5.0377 (5.1204) Loss: 5.0377 (5.1204)\n"
+)
+
+
+def test_openclip_log_lines_parse_into_step_rate_loss():
+    from vs_openclip import OPENCLIP_LINE, loss_at, measured
+
+    rows = [(int(m[1]) // 128, float(m[2]), float(m[3])) for m in OPENCLIP_LINE.finditer(OPENCLIP_LOG)]
+    assert rows == [(1, 256.805, 5.2030), (2, 588.283, 5.0377)]
+    assert measured(rows, warmup=1) == 588.283
+    assert abs(loss_at(rows, [2])[0] - (5.2030 + 5.0377) / 2) < 1e-9
+
+
+def test_shard_pattern_names_exactly_the_shards(tmp_path):
+    import braceexpand
+    from bench_data import shard_pattern
+
+    shards = [tmp_path / f"bench-{i:06d}.tar" for i in range(12)]
+    assert [Path(p) for p in braceexpand.braceexpand(shard_pattern(shards))] == shards
+
+
+def test_gpu_benchmark_runs_on_cpu_as_a_smoke_test():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--models", "clip-tiny",
+           "--batch-size", "4", "--steps", "1", "--warmup", "1", "--precision", "fp32", "--variants", "base,ckpt"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rates = re.findall(r"clip-tiny\s+\|\s+(base|ckpt)\s+\|\s+([\d.]+)", proc.stdout)
+    assert [r[0] for r in rates] == ["base", "ckpt"] and all(float(r[1]) > 0 for r in rates)
+    flops = re.search(r"clip-tiny: ([\d,.]+) GFLOP per step", proc.stdout)
+    assert flops and float(flops[1].replace(",", "")) > 0

@@ -1,0 +1,100 @@
+"""The data path's speed-ups (JPEG draft decode, batched ToTensor + Normalize, CPU-only seeding,
+one collective for both feature gathers) must not change what training sees."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from clipscale.data.samples import SampleDecoder, decode_image, split_to_tensor_tail
+from clipscale.distributed import DistEnv
+from clipscale.loss import Gather
+from clipscale.model import create_model
+from helpers import tiny_config
+
+
+def jpeg(width: int, height: int, seed: int = 0, fmt: str = "JPEG") -> bytes:
+    rng = np.random.RandomState(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.randint(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle():
+    return create_model(tiny_config("/tmp/unused", "x").model)
+
+
+def decode_batch(decoder: SampleDecoder, samples: list[dict]) -> torch.Tensor:
+    return decoder.collate([decoder(s, 1000 + i)[0] for i, s in enumerate(samples)])
+
+
+def test_batched_tensorize_is_bitwise_the_per_sample_transform(tiny_bundle):
+    samples = [{"jpg": jpeg(40 + 9 * i, 30 + 5 * i, seed=i), "txt": b"a cat"} for i in range(6)]
+    tf = tiny_bundle.train_transform
+    assert split_to_tensor_tail(tf) is not None  # open_clip's transform takes the batched path
+    fast = decode_batch(SampleDecoder(tf, ["jpg"]), samples)
+    # a plain function is not a Compose: the per-sample path, i.e. exactly open_clip's transform
+    reference = decode_batch(SampleDecoder(lambda img: tf(img), ["jpg"]), samples)
+    assert fast.shape == (6, 3, 32, 32) and fast.dtype == torch.float32
+    assert torch.equal(fast, reference)
+
+
+def test_transforms_without_the_usual_tail_or_rgb_output_are_applied_per_sample():
+    gray = T.Compose([T.Grayscale(), T.Resize((8, 8)), T.ToTensor(), T.Normalize([0.5], [0.25])])
+    samples = [{"png": jpeg(20, 16, seed=i, fmt="PNG"), "txt": b"x"} for i in range(3)]
+    out = decode_batch(SampleDecoder(gray, ["png"]), samples)  # head ends in mode "L": tail per sample
+    expected = torch.stack([gray(Image.open(io.BytesIO(s["png"])).convert("RGB")) for s in samples])
+    assert out.shape == (3, 1, 8, 8) and torch.equal(out, expected)
+    assert split_to_tensor_tail(T.Compose([T.Resize(8), T.ToTensor()])) is None
+
+
+def test_jpeg_draft_decodes_at_least_the_requested_size():
+    data = jpeg(320, 256)
+    assert decode_image(data).size == (320, 256)
+    small = decode_image(data, draft_size=32)
+    assert small.size == (40, 32) and small.mode == "RGB"  # 1/8 scale: both sides still >= 32
+    assert decode_image(data, draft_size=100).size == (160, 128)  # 1/2: 1/4 would be 64 px < 100
+    assert decode_image(jpeg(320, 256, fmt="PNG"), draft_size=32).size == (320, 256)  # PNG: no draft
+
+
+def test_augmentation_is_seeded_per_sample_regardless_of_the_global_rng(tiny_bundle):
+    decoder = SampleDecoder(tiny_bundle.train_transform, ["jpg"])
+    sample = {"jpg": jpeg(64, 48), "txt": b"x"}
+    torch.manual_seed(1)
+    a = decoder.collate([decoder(sample, 7)[0]])
+    torch.manual_seed(2)
+    b = decoder.collate([decoder(sample, 7)[0]])
+    c = decoder.collate([decoder(sample, 8)[0]])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_trainer_decodes_with_draft_at_the_model_input_size_unless_disabled(tmp_path, toy_shards):
+    from clipscale.train import Trainer
+
+    env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
+    on = Trainer(tiny_config(tmp_path / "on", toy_shards, train__steps=1), env)
+    off = Trainer(tiny_config(tmp_path / "off", toy_shards, train__steps=1, data__jpeg_draft="false"), env)
+    assert on.data.dataset.decoder.draft_size == on.bundle.image_size == 32
+    assert off.data.dataset.decoder.draft_size is None
+
+
+def test_pair_gather_falls_back_for_gathers_of_their_own():
+    calls = []
+
+    class Simulated(Gather):
+        def rank_world(self):
+            return 0, 2
+
+        def __call__(self, x):
+            calls.append(x.shape)
+            return torch.cat([x, x + 1])
+
+    a, b = torch.randn(3, 4), torch.randn(3, 5)
+    ga, gb = Simulated().pair(a, b)
+    assert calls == [(3, 4), (3, 5)] and torch.equal(ga, torch.cat([a, a + 1])) and torch.equal(gb[3:], b + 1)
+    single = Gather()  # world size 1 here: no collective, the tensors themselves
+    assert single.pair(a, b)[0] is a
