@@ -5,7 +5,8 @@
               open_clip_train's `wds.decode("pilrgb")` does) and with the JPEG draft decode
               (what clipscale does when the shards are larger than the model input).
   clipscale   `TrainData`, the loader training uses: read tars, deterministic shuffle, decode,
-              open_clip's train transform, tokenize, batch, stream positions; with 0 workers (in
+              open_clip's train transform, tokenize, batch, stream positions, and the uint8 ->
+              normalised float conversion of `to_device` (on the CPU here); with 0 workers (in
               the measuring process), 1 and 2 DataLoader workers. Per-worker rate = rate / workers.
   data wait   fraction of step time the training loop waits for data, from metrics.jsonl of a
               short `clipscale demo` run (the demo config: 2 processes, 1 worker each).
@@ -59,8 +60,11 @@ def bare_loop(jpegs: list[bytes], size: int, draft: bool) -> float:
     return len(jpegs) / (time.perf_counter() - t0)
 
 
-def pipeline(pattern: str, model: str, workers: int, batch: int, n: int, draft: bool) -> float:
-    """samples/s of TrainData after its first batch (workers started, buffers primed)."""
+def pipeline(pattern: str, model: str, workers: int, batch: int, n: int, draft: bool, convert: bool = True) -> float:
+    """samples/s of TrainData after its first batch (workers started, buffers primed), up to the
+    model's float input on the CPU."""
+    import torch
+
     from clipscale.config import load_config
     from clipscale.data import TrainData
     from clipscale.distributed import init_distributed
@@ -75,7 +79,9 @@ def pipeline(pattern: str, model: str, workers: int, batch: int, n: int, draft: 
         data.next()
         t0, seen = time.perf_counter(), 0
         while seen < n:
-            batch_, _ = data.next()
+            batch_ = data.next()[0]
+            if convert:
+                batch_ = data.to_device(batch_, torch.device("cpu"))  # as training does (CPU here)
             seen += batch_["images"].shape[0]
         return seen / (time.perf_counter() - t0)
     finally:
@@ -119,14 +125,17 @@ def main() -> None:
 
     bare_full = max(bare_loop(jpegs, size, draft=False) for _ in range(2))
     bare_draft = max(bare_loop(jpegs, size, draft=True) for _ in range(2))
-    print(f"bare PIL decode + resize, full decode   : {bare_full:8.1f} samples/s (1 process)")
-    print(f"bare PIL decode + resize, draft decode  : {bare_draft:8.1f} samples/s (1 process)  <- the limit")
+    print(f"bare PIL decode + resize, full decode   : {bare_full:8.1f} samples/s (1 process; OpenCLIP's decode)")
+    print(f"bare PIL decode + resize, draft decode  : {bare_draft:8.1f} samples/s (1 process; clipscale's decode)")
     for workers in (0, 1, 2):
         rate = pipeline(pattern, args.model, workers, args.batch_size, args.samples, draft=True)
         per = rate / max(1, workers)
         where = "in process" if workers == 0 else f"{workers} worker(s)"
         print(f"clipscale TrainData, {where:12s}   : {rate:8.1f} samples/s = {per:7.1f} per worker "
-              f"= {per / bare_draft:5.0%} of the draft limit, {per / bare_full:5.0%} of the full-decode loop")
+              f"= {per / bare_full:5.0%} of the full-decode loop, {per / bare_draft:5.0%} of the draft loop")
+    rate = pipeline(pattern, args.model, 1, args.batch_size, args.samples, draft=True, convert=False)
+    print(f"clipscale TrainData, 1 worker, uint8 batches as sent (float conversion on the GPU): {rate:8.1f} "
+          f"samples/s = {rate / bare_full:5.0%} of the full-decode loop, {rate / bare_draft:5.0%} of the draft loop")
     rate = pipeline(pattern, args.model, 1, args.batch_size, args.samples, draft=False)
     print(f"clipscale TrainData, 1 worker, data.jpeg_draft=false: {rate:8.1f} samples/s "
           f"= {rate / bare_full:5.0%} of the full-decode loop")

@@ -29,18 +29,34 @@ def tiny_bundle():
 
 
 def decode_batch(decoder: SampleDecoder, samples: list[dict]) -> torch.Tensor:
-    return decoder.collate([decoder(s, 1000 + i)[0] for i, s in enumerate(samples)])
+    """What the model gets: collated in the worker, finished on the training device."""
+    return decoder.to_model_input(decoder.collate([decoder(s, 1000 + i)[0] for i, s in enumerate(samples)]),
+                                  torch.device("cpu"))
 
 
 def test_batched_tensorize_is_bitwise_the_per_sample_transform(tiny_bundle):
     samples = [{"jpg": jpeg(40 + 9 * i, 30 + 5 * i, seed=i), "txt": b"a cat"} for i in range(6)]
     tf = tiny_bundle.train_transform
     assert split_to_tensor_tail(tf) is not None  # open_clip's transform takes the batched path
-    fast = decode_batch(SampleDecoder(tf, ["jpg"]), samples)
+    decoder = SampleDecoder(tf, ["jpg"])
+    sent = decoder.collate([decoder(s, 1000 + i)[0] for i, s in enumerate(samples)])
+    assert sent.dtype == torch.uint8 and sent.shape == (6, 32, 32, 3)  # pixels cross the process boundary
+    fast = decode_batch(decoder, samples)
     # a plain function is not a Compose: the per-sample path, i.e. exactly open_clip's transform
     reference = decode_batch(SampleDecoder(lambda img: tf(img), ["jpg"]), samples)
-    assert fast.shape == (6, 3, 32, 32) and fast.dtype == torch.float32
+    assert fast.shape == (6, 3, 32, 32) and fast.dtype == torch.float32 and fast.is_contiguous()
     assert torch.equal(fast, reference)
+
+
+def test_a_batch_mixing_fast_and_per_sample_images_is_still_exact(tiny_bundle):
+    tf = tiny_bundle.train_transform
+    decoder = SampleDecoder(tf, ["jpg"])
+    images = [decoder({"jpg": jpeg(50, 40, seed=i), "txt": b"x"}, i)[0] for i in range(3)]
+    torch.manual_seed(5)
+    images[1] = tf(Image.open(io.BytesIO(jpeg(50, 40, seed=9))))  # as a non-RGB sample would come back
+    mixed = decoder.to_model_input(decoder.collate(images), torch.device("cpu"))
+    alone = decoder.to_model_input(decoder.collate([images[0]]), torch.device("cpu"))
+    assert mixed.dtype == torch.float32 and torch.equal(mixed[0], alone[0]) and torch.equal(mixed[1], images[1])
 
 
 def test_transforms_without_the_usual_tail_or_rgb_output_are_applied_per_sample():
@@ -65,10 +81,11 @@ def test_augmentation_is_seeded_per_sample_regardless_of_the_global_rng(tiny_bun
     decoder = SampleDecoder(tiny_bundle.train_transform, ["jpg"])
     sample = {"jpg": jpeg(64, 48), "txt": b"x"}
     torch.manual_seed(1)
-    a = decoder.collate([decoder(sample, 7)[0]])
+    a = decode_batch(decoder, [sample])
     torch.manual_seed(2)
-    b = decoder.collate([decoder(sample, 7)[0]])
+    b = decode_batch(decoder, [sample])
     c = decoder.collate([decoder(sample, 8)[0]])
+    c = decoder.to_model_input(c, torch.device("cpu"))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 

@@ -223,7 +223,7 @@ class Trainer:
             micro, wait = [], 0.0
             for _ in range(cfg.optim.accum_steps):
                 batch, w = self.data.next()
-                micro.append(batch)
+                micro.append(self.data.to_device(batch, self.engine.device))
                 wait += w
             self.engine.module.train()
             out = forward_backward(self.engine, self.loss_fn, micro)

@@ -92,11 +92,11 @@ class TrainData:
         first = env.rank * self.workers
         self.positions = {s: saved_positions.get(s, initial_position()) for s in range(first, first + self.workers)}
         self.num_samples = cfg.data.train_num_samples or self.plan.total_samples
-        decoder = SampleDecoder(transform, cfg.data.image_keys, cfg.data.caption_key,
-                                cfg.data.caption_json_field, draft_size)
+        self.decoder = SampleDecoder(transform, cfg.data.image_keys, cfg.data.caption_key,
+                                     cfg.data.caption_json_field, draft_size)
         self.dataset = StreamDataset(
             self.plan, env.rank, self.workers, dict(self.positions), self.batches % self.workers,
-            decoder, tokenizer, cfg.data.batch_size, cfg.seed, cfg.data.max_decode_errors_logged,
+            self.decoder, tokenizer, cfg.data.batch_size, cfg.seed, cfg.data.max_decode_errors_logged,
         )
         self.loader = DataLoader(
             self.dataset,
@@ -138,6 +138,13 @@ class TrainData:
         self.positions[batch["stream"]] = batch.pop("position")
         self.batches += 1
         return batch, wait
+
+    def to_device(self, batch: dict, device) -> dict:
+        """The batch with its images on `device` as the model's float input (workers send uint8
+        pixels; the conversion and normalisation run here, on the GPU when there is one)."""
+        batch["images"] = self.decoder.to_model_input(batch["images"], device)
+        batch["texts"] = batch["texts"].to(device, non_blocking=True)
+        return batch
 
     def close(self) -> None:
         """Stop the DataLoader workers now (they ignore SLURM's signals, so interpreter exit must

@@ -122,17 +122,26 @@ class SampleDecoder:
         return self.transform.transforms[-1](self.transform.transforms[-2](out)), text
 
     def collate(self, images: list) -> torch.Tensor:
-        """The batch tensor [B, C, H, W] of what __call__ returned for each sample."""
-        if self._split is None or not any(isinstance(im, np.ndarray) for im in images):
-            return torch.stack(images)
-        _, mean, std = self._split
+        """The batch of what __call__ returned for each sample: uint8 [B, H, W, C] on the batched
+        path (4x less to pass between processes and to copy to the GPU; `to_model_input` finishes
+        it), else the transformed float tensors stacked [B, C, H, W]."""
         arrays = [im for im in images if isinstance(im, np.ndarray)]
+        if not arrays:
+            return torch.stack(images)
         if len(arrays) == len(images) and len({a.shape for a in arrays}) == 1:
-            batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-            return batch.to(torch.float32).div(255).sub_(mean).div_(std)
-        return torch.stack([self._tensorize(im) if isinstance(im, np.ndarray) else im for im in images])
+            return torch.from_numpy(np.stack(arrays))
+        return torch.stack([self._normalize(torch.from_numpy(np.array(im))[None])[0]
+                            if isinstance(im, np.ndarray) else im for im in images])
 
-    def _tensorize(self, array: np.ndarray) -> torch.Tensor:
+    def to_model_input(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Move a collated batch to `device`; a uint8 batch is converted and normalised there,
+        with ToTensor's and Normalize's float32 operations (bitwise their result)."""
+        images = images.to(device, non_blocking=True)
+        if self._split is None or images.dtype != torch.uint8:
+            return images
+        return self._normalize(images)
+
+    def _normalize(self, batch: torch.Tensor) -> torch.Tensor:
         _, mean, std = self._split
-        x = torch.from_numpy(np.array(array)).permute(2, 0, 1).to(torch.float32).div(255)
-        return x.sub_(mean[0]).div_(std[0])
+        x = batch.permute(0, 3, 1, 2).to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        return x.div_(255).sub_(mean.to(x.device)).div_(std.to(x.device))
