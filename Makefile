@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install slurm demo test test-fast clean
+.PHONY: install slurm demo test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,9 @@ test: install slurm
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# clipscale vs OpenCLIP's own trainer on the same job (creates .ref-venv with webdataset 0.2.86 on first use)
+bench: install
+	$(BIN)/python benchmarks/vs_openclip.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .ref-venv .bench runs .pytest_cache

@@ -11,7 +11,7 @@
   data wait   fraction of step time the training loop waits for data, from metrics.jsonl of a
               short `clipscale demo` run (the demo config: 2 processes, 1 worker each).
 
-    python benchmarks/dataloader.py [--samples 2048] [--model clip-tiny] [--demo-steps 100]
+    python benchmarks/dataloader.py [--samples 2048] [--model clip-tiny] [--demo-steps 100] [--stages]
 """
 
 from __future__ import annotations
@@ -88,6 +88,48 @@ def pipeline(pattern: str, model: str, workers: int, batch: int, n: int, draft: 
         data.close()
 
 
+def stages(shards: list[Path], model: str, n: int) -> None:
+    """Microseconds per sample of each step of the pipeline, one after the other, in this process."""
+    import torch
+
+    from clipscale.config import load_config
+    from clipscale.data.samples import decode_image
+    from clipscale.data.tar_reader import iter_raw_samples
+    from clipscale.model import create_model
+
+    bundle = create_model(load_config(None, [f"model.name={model}"]).model)
+    size = bundle.image_size
+
+    def timed(label: str, fn, items):
+        t0 = time.perf_counter()
+        for x in items:
+            fn(x)
+        print(f"  {label:44s} {(time.perf_counter() - t0) / len(items) * 1e6:8.1f} us")
+
+    print(f"per-sample cost of each step ({model}, input {size}px, 1 process):")
+    t0 = time.perf_counter()
+    samples = []
+    for shard in shards:
+        samples += list(iter_raw_samples(str(shard), lambda exn: None))
+        if len(samples) >= n:
+            break
+    samples = samples[:n]
+    print(f"  {'tar reading (3 members a sample)':44s} {(time.perf_counter() - t0) / len(samples) * 1e6:8.1f} us")
+    timed("JPEG decode, full", lambda s: decode_image(s["jpg"]), samples)
+    timed("JPEG decode, draft", lambda s: decode_image(s["jpg"], size), samples)
+    full = [decode_image(s["jpg"]) for s in samples[:256]]  # not all: holding them costs page faults
+    drafted = [decode_image(s["jpg"], size) for s in samples[:256]]
+    timed("train transform on the full image", bundle.train_transform, full)
+    timed("train transform on the drafted image", bundle.train_transform, drafted)
+    timed("torch.manual_seed", torch.manual_seed, range(len(samples)))
+    timed("CPU generator seed (what clipscale does)", torch.random.default_generator.manual_seed, range(len(samples)))
+    texts = [s["txt"].decode() for s in samples]
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), 64):
+        bundle.tokenizer(texts[i:i + 64])
+    print(f"  {'tokenize (batches of 64)':44s} {(time.perf_counter() - t0) / len(texts) * 1e6:8.1f} us")
+
+
 def demo_data_wait(steps: int, run_dir: Path) -> tuple[float, float]:
     """(median data-wait fraction over the logged windows after the first, samples/s) of a demo run."""
     cmd = [sys.executable, "-m", "clipscale", "demo", "--steps", str(steps), "--run-dir", str(run_dir)]
@@ -107,6 +149,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=320)
     ap.add_argument("--height", type=int, default=256)
     ap.add_argument("--demo-steps", type=int, default=100, help="0 = skip the data-wait run")
+    ap.add_argument("--stages", action="store_true", help="also time each step of the pipeline per sample")
     ap.add_argument("--workdir", default=str(ROOT / ".bench" / "dataloader"))
     args = ap.parse_args()
 
@@ -140,6 +183,8 @@ def main() -> None:
     print(f"clipscale TrainData, 1 worker, data.jpeg_draft=false: {rate:8.1f} samples/s "
           f"= {rate / bare_full:5.0%} of the full-decode loop")
 
+    if args.stages:
+        stages(shards, args.model, args.samples)
     if args.demo_steps:
         wait, sps = demo_data_wait(args.demo_steps, work / "demo")
         print(f"demo config ({args.demo_steps} steps, 2 processes x 1 worker): data wait {wait:.1%} of step time "

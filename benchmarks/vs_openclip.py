@@ -15,7 +15,8 @@ open_clip_torch wheels) seen through a .pth link to this interpreter's site-pack
 trainers run identical library code. It is launched through benchmarks/openclip_cpu.py, which
 only makes its DDP accept CPU modules and registers our model configs.
 
-    python benchmarks/vs_openclip.py [--steps 60 --warmup 15 --rounds 2 --batch-size 64 --workers 1]
+    make bench    # from a clean clone: installs .venv, then runs this script with it
+    .venv/bin/python benchmarks/vs_openclip.py [--steps 60 --warmup 15 --rounds 2 --batch-size 64 --workers 1]
 """
 
 from __future__ import annotations

@@ -102,6 +102,7 @@ class SampleDecoder:
         self.caption_json_field = caption_json_field
         self.draft_size = draft_size
         self._split = split_to_tensor_tail(transform)
+        self._stats_on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (mean, std) per device
 
     def __call__(self, sample: dict, aug_seed: int) -> tuple[torch.Tensor, str]:
         data = next((sample[k] for k in self.image_keys if k in sample), None)
@@ -142,6 +143,9 @@ class SampleDecoder:
         return self._normalize(images)
 
     def _normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        _, mean, std = self._split
+        key = str(batch.device)
+        if key not in self._stats_on:  # copied once: a pageable host-to-device copy would sync every step
+            self._stats_on[key] = (self._split[1].to(batch.device), self._split[2].to(batch.device))
+        mean, std = self._stats_on[key]
         x = batch.permute(0, 3, 1, 2).to(dtype=torch.float32, memory_format=torch.contiguous_format)
-        return x.div_(255).sub_(mean.to(x.device)).div_(std.to(x.device))
+        return x.div_(255).sub_(mean).div_(std)
