@@ -63,8 +63,12 @@ def ensure_ref_venv(venv: Path) -> None:
         return
     print(f"creating the reference venv {venv} (webdataset==0.2.86 for open_clip_train) ...", flush=True)
     shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(ref_python(venv)), "-m", "pip", "install", "-q", "--no-deps", *REF_PACKAGES], check=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(ref_python(venv)), "-m", "pip", "install", "-q", "--no-deps", *REF_PACKAGES], check=True)
+    except subprocess.CalledProcessError as exn:
+        raise SystemExit(f"could not create the reference venv {venv} ({' '.join(map(str, exn.cmd[:4]))} ... "
+                         f"exited {exn.returncode}); is PyPI reachable?") from None
     site = subprocess.run([str(ref_python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     # .pth lines are appended to sys.path after the venv's own site-packages: its webdataset wins
