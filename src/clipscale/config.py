@@ -80,7 +80,8 @@ class OptimConfig:
     """Micro-batches per optimizer step (feature-cached: the loss is over the whole batch)."""
     grad_clip_norm: Optional[float] = 1.0
     fused: bool = True
-    """torch's fused AdamW kernel on CUDA (one kernel for all parameters); ignored on CPU."""
+    """torch's fused AdamW kernel (CUDA and CPU): one pass over all parameters instead of a loop
+    of small operations per tensor."""
 
 
 @dataclass
