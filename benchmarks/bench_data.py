@@ -9,7 +9,6 @@ and both trainers' loss curves are comparable.
 from __future__ import annotations
 
 import csv
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +68,3 @@ def shard_pattern(shards: list[Path]) -> str:
     b = last.rsplit("-", 1)[1]
     return str(shards[0].parent / f"{prefix}-{{{a}..{b}}}.tar")
 
-
-def shard_samples(out: Path) -> int:
-    return int(json.loads((out / "stats.json").read_text())["written"])

@@ -10,7 +10,8 @@ CUDA) and its CLIP loss, `--steps` timed steps after `--warmup`.
 MFU = model FLOPs per step (forward + backward counted by torch's FlopCounterMode without
 recomputation) x steps / (seconds x peak dense TFLOPS of the device, --peak-tflops).
 `--loss-memory` adds the loss issue's figures on the device: peak memory of the CLIP loss for
-one rank of a simulated world (full / local / chunked).
+one rank of a simulated world (full / local / chunked); on CPU it gives the time only (peak memory
+from RSS: benchmarks/loss_memory.py).
 
     python benchmarks/gpu.py [--models ViT-B-32,ViT-B-16] [--batch-size 256] [--variants base,compile,ckpt]
     python benchmarks/gpu.py --device cpu --models clip-tiny --batch-size 8 --steps 2   # smoke test
@@ -25,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -120,41 +120,33 @@ def measure(model_name: str, variant: str, args, device: torch.device, autocast)
             "peak_gib": peak / 2**30}
 
 
-def loss_memory(device: torch.device, world: int, dim: int, chunk: int) -> None:
+def loss_memory(device: torch.device, world: int, dim: int, chunk: int, batches: list[int]) -> None:
     """Peak device memory of the CLIP loss (forward + backward) on one rank of a simulated world."""
-    from clipscale.loss import ClipLoss, Gather
+    from clipscale.loss import ClipLoss
+    from loss_memory import simulated_rank0
 
     print(f"\nCLIP loss memory on {device} (rank 0 of a simulated world of {world}, d={dim}, chunk {chunk}):")
     print(f"{'global B':>9} | {'impl':8} | {'peak GiB':>9} | {'ms':>8}")
-    for batch in (16_384, 65_536, 262_144):
-        b = batch // world
+    for batch in batches:
         for impl in ("full", "local", "chunked"):
-            others = F.normalize(torch.randn(batch - b, dim, device=device), dim=-1)
-
-            class Simulated(Gather):
-                def rank_world(self):
-                    return 0, world
-
-                def __call__(self, x):
-                    return torch.cat([x, others])
-
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            img = F.normalize(torch.randn(b, dim, device=device), dim=-1).requires_grad_(True)
-            txt = F.normalize(torch.randn(b, dim, device=device), dim=-1).requires_grad_(True)
-            scale = torch.tensor(14.3, device=device, requires_grad=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             try:
+                img, txt, scale, gather = simulated_rank0(batch, dim, world, device)
                 sync(device)
                 t0 = time.perf_counter()
-                ClipLoss(impl, chunk_size=chunk, gather=Simulated())(img, txt, scale).backward()
+                ClipLoss(impl, chunk_size=chunk, gather=gather)(img, txt, scale).backward()
                 sync(device)
                 ms = (time.perf_counter() - t0) * 1000
-                peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+                peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" \
+                    else float("nan")  # RSS-based CPU figures: benchmarks/loss_memory.py
                 print(f"{batch:9d} | {impl:8} | {peak:9.2f} | {ms:8.1f}")
             except torch.OutOfMemoryError:
                 print(f"{batch:9d} | {impl:8} | {'OOM':>9} | {'-':>8}")
-            del img, txt, scale, others
+            finally:
+                img = txt = scale = gather = None
 
 
 def main() -> None:
@@ -169,6 +161,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known bf16 dense peaks)")
     ap.add_argument("--loss-memory", action="store_true")
     ap.add_argument("--loss-world", type=int, default=8)
+    ap.add_argument("--loss-batches", default="16384,65536,262144", help="global batches for --loss-memory")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -200,9 +193,7 @@ def main() -> None:
                   f"{mfu:6.1%} | {r['peak_gib']:8.2f}", flush=True)
         print(f"{model_name}: {flops / 1e9:,.1f} GFLOP per step of {args.batch_size} (forward + backward)")
     if args.loss_memory:
-        if device.type != "cuda":
-            raise SystemExit("--loss-memory measures device memory: it needs --device cuda")
-        loss_memory(device, args.loss_world, 512, 4096)
+        loss_memory(device, args.loss_world, 512, 4096, [int(b) for b in args.loss_batches.split(",")])
 
 
 if __name__ == "__main__":

@@ -22,31 +22,39 @@ import time
 GIB = 1024**3
 
 
-def measure(impl: str, batch: int, dim: int, world: int, chunk: int) -> dict:
-    """Run inside the child process: one forward+backward of rank 0's loss."""
+def simulated_rank0(batch: int, dim: int, world: int, device="cpu"):
+    """(image features, text features, logit scale, gather) of rank 0 in a simulated world: the
+    gather appends fixed features standing for the other ranks' (no process group needed)."""
     import torch
     import torch.nn.functional as F
 
-    from clipscale.loss import ClipLoss, Gather
+    from clipscale.loss import Gather
 
-    torch.manual_seed(0)
     b = batch // world
+    img = F.normalize(torch.randn(b, dim, device=device), dim=-1).requires_grad_(True)
+    txt = F.normalize(torch.randn(b, dim, device=device), dim=-1).requires_grad_(True)
+    scale = torch.tensor(14.3, device=device, requires_grad=True)
+    others = F.normalize(torch.randn(batch - b, dim, device=device), dim=-1) if world > 1 else None
 
     class SimulatedGather(Gather):
-        def __init__(self):
-            super().__init__()
-            self.others = F.normalize(torch.randn(batch - b, dim), dim=-1) if world > 1 else None
-
         def rank_world(self):
             return 0, world
 
         def __call__(self, x):
-            return x if self.others is None else torch.cat([x, self.others])
+            return x if others is None else torch.cat([x, others])
 
-    img = F.normalize(torch.randn(b, dim), dim=-1).requires_grad_(True)
-    txt = F.normalize(torch.randn(b, dim), dim=-1).requires_grad_(True)
-    scale = torch.tensor(14.3, requires_grad=True)
-    loss_fn = ClipLoss(impl, chunk_size=chunk, gather=SimulatedGather())
+    return img, txt, scale, SimulatedGather()
+
+
+def measure(impl: str, batch: int, dim: int, world: int, chunk: int) -> dict:
+    """Run inside the child process: one forward+backward of rank 0's loss."""
+    import torch
+
+    from clipscale.loss import ClipLoss
+
+    torch.manual_seed(0)
+    img, txt, scale, gather = simulated_rank0(batch, dim, world)
+    loss_fn = ClipLoss(impl, chunk_size=chunk, gather=gather)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     loss = loss_fn(img, txt, scale)
