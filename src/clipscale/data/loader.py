@@ -141,9 +141,9 @@ class TrainData:
 
     def to_device(self, batch: dict, device) -> dict:
         """The batch with its images on `device` as the model's float input (workers send uint8
-        pixels; the conversion and normalisation run here, on the GPU when there is one)."""
+        pixels; the conversion and normalisation run here, on the GPU when there is one). The
+        token ids are moved with the rest of the model input in step.forward_backward."""
         batch["images"] = self.decoder.to_model_input(batch["images"], device)
-        batch["texts"] = batch["texts"].to(device, non_blocking=True)
         return batch
 
     def close(self) -> None:

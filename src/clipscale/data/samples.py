@@ -83,9 +83,10 @@ class SampleDecoder:
     """raw sample → (image, caption); `collate` makes the batch tensor. Augmentation randomness is
     seeded per sample so a sample looks the same however the stream was interrupted and resumed.
 
-    For a transform ending in ToTensor + Normalize, samples stay uint8 RGB arrays and `collate`
-    converts and normalises the whole batch at once: the same float32 operations in the same
-    order (bitwise the same tensor), without ~0.1 ms of per-sample tensor overhead.
+    For a transform ending in ToTensor + Normalize, samples stay uint8 RGB arrays, `collate`
+    stacks them, and `to_model_input` converts and normalises the whole batch on the training
+    device: the same float32 operations in the same order (bitwise the same tensor), without
+    ~0.1 ms of per-sample tensor overhead in the workers.
     """
 
     def __init__(
@@ -104,7 +105,7 @@ class SampleDecoder:
         self._split = split_to_tensor_tail(transform)
         self._stats_on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (mean, std) per device
 
-    def __call__(self, sample: dict, aug_seed: int) -> tuple[torch.Tensor, str]:
+    def __call__(self, sample: dict, aug_seed: int) -> tuple[torch.Tensor | np.ndarray, str]:
         data = next((sample[k] for k in self.image_keys if k in sample), None)
         if data is None:
             raise Skip("no_image")
