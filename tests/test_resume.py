@@ -54,8 +54,10 @@ def test_sigusr1_checkpoints_all_ranks_and_restart_continues(tmp_path, shards, t
         assert proc.returncode != 0 and "got signal: 10" in output
     saved = CheckpointManager(run_dir, is_main=False).latest()
     step = int(saved.name[5:13])
-    assert signalled_at <= step <= signalled_at + 1, (signalled_at, step)
-    assert status["step"] == step
+    # the run stops at the end of the step the signal arrived in (or the next one, if the flag was
+    # read just before it came); how many steps ran between sending and arrival is up to the OS
+    assert signalled_at <= status["signal_step"] <= step <= status["signal_step"] + 1, (signalled_at, status, step)
+    assert status["step"] == step < STEPS
     run(2, run_dir, shards, "checkpoint.resume=auto", "checkpoint.every_n_steps=1000")
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps == list(range(1, STEPS + 1))

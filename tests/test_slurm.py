@@ -120,7 +120,10 @@ def test_sbatch_preempted_by_usr1_requeues_itself_and_resumes(cluster, shards, t
     resumed = re.search(r"\[rank0 requeue1\] INFO resumed from \S+step_(\d+)\.pt at step (\d+)", text)
     assert resumed, text[-4000:]
     at = int(resumed.group(2))
-    assert int(resumed.group(1)) == at and signalled_at <= at <= signalled_at + 2, (signalled_at, at)
+    requested = re.search(r"preemption requested \(SIGUSR1 during step (\d+)\): saving at step (\d+)", text)
+    assert requested, text[-4000:]
+    during, saved = int(requested.group(1)), int(requested.group(2))
+    assert int(resumed.group(1)) == at == saved and signalled_at <= during <= at <= during + 1, (signalled_at, during, at)
     assert f"preempted at step {at}: requeueing job {job}" in text
     assert f"[job {job} requeue1] clipscale on 1 node(s)" in text  # the log was appended to, not truncated
     steps_logged = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]

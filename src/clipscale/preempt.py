@@ -3,7 +3,9 @@
 Exiting inside a collective would leave the other ranks hanging, so a signal (SIGUSR1 and SIGTERM
 by default; SIGUSR2 is a common alternative where NCCL claims SIGUSR1) sets a flag. After every
 step the flag is OR-ed across ranks with the loss all-reduce; if any rank was signalled, every
-rank saves the same checkpoint and the process exits with EXIT_PREEMPTED.
+rank saves the same checkpoint and the process exits with EXIT_PREEMPTED. The handler also notes
+which step was in progress when the signal came (`received_during`): the run stops at the end of
+that step, or of the next one when the flag was read just before the signal arrived.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def ignore_signals(signal_names, worker_id: int = 0) -> None:
 class PreemptionHandler:
     def __init__(self, signal_names: list[str]):
         self.received: Optional[str] = None
+        self.step_in_progress = 0  # kept up to date by the training loop
+        self.received_during: Optional[int] = None
         self._previous = {}
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
@@ -43,6 +47,7 @@ class PreemptionHandler:
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
+            self.received_during = self.step_in_progress
 
     @property
     def requested(self) -> bool:

@@ -102,6 +102,7 @@ class Trainer:
         resume = broadcast_object(str(resume) if resume else None)
         extra = self.engine.load(Path(resume)) if resume else {}
         self.step = int(extra.get("step", 0))
+        self.preempt.step_in_progress = self.step + 1  # a signal during set-up stops after the first step
         if resume:
             self._log_resume(resume, extra)
         rngs = extra.get("rng")
@@ -220,6 +221,7 @@ class Trainer:
         last_eval = -1
         preempted = None
         while self.step < total:
+            self.preempt.step_in_progress = self.step + 1
             micro, wait = [], 0.0
             for _ in range(cfg.optim.accum_steps):
                 batch, w = self.data.next()
@@ -262,9 +264,10 @@ class Trainer:
                 window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
 
             if stop:
-                preempted = next((r for r in all_gather_object(self.preempt.received) if r), "unknown signal")
-                log.warning("preemption requested (%s): saving at step %d and exiting with code %d",
-                            preempted, self.step, EXIT_PREEMPTED)
+                received = [r for r in all_gather_object((self.preempt.received, self.preempt.received_during)) if r[0]]
+                preempted, signal_step = min(received, key=lambda r: r[1]) if received else ("unknown signal", None)
+                log.warning("preemption requested (%s during step %s): saving at step %d and exiting with code %d",
+                            preempted, signal_step, self.step, EXIT_PREEMPTED)
                 break
             if self.step % cfg.checkpoint.every_n_steps == 0 and self.step < total:
                 self.save()
@@ -287,7 +290,7 @@ class Trainer:
             log.warning("skipped samples on rank %d: %s", env.rank, skipped)
         self.metrics.close()
         self.status("preempted" if preempted else "finished", checkpoint=str(path),
-                    **({"signal": preempted} if preempted else {}))
+                    **({"signal": preempted, "signal_step": signal_step} if preempted else {}))
         return {"step": self.step, "loss": last_loss, "run_dir": str(self.run_dir), "preempted": bool(preempted),
                 "exit_code": EXIT_PREEMPTED if preempted else 0}
 
