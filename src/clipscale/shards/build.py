@@ -214,8 +214,10 @@ def build_shards(src: str, out_dir: str, name: str = "shard", opts: BuildOptions
     rows = load_rows(src, image_col, caption_col, caption_field)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f".{name}-*.tar.tmp"):
-        stale.unlink()
+    # a killed build leaves its temporary files (shards, per-shard stats, manifest) behind
+    for pattern in (f".{name}-*.tmp*", ".manifest.json.tmp*", ".stats.json.tmp*"):
+        for stale in out.glob(pattern):
+            stale.unlink()
     n = opts.samples_per_shard
     n_shards = math.ceil(len(rows) / n)
     done = {i: s for i in range(n_shards) if (s := completed_shard(out, name, i, opts)) is not None}
