@@ -1,22 +1,161 @@
 """Raw samples out of one WebDataset tar, in tar order, without decoding anything.
 
-Opening (local path, file:, pipe:, http...) is webdataset's `gopen`; member iteration and
-grouping by key are webdataset's `tar_file_iterator` / `group_by_keys`. What we add: a
-sample index (the ordinal of the sample inside its shard, the unit of exact resume), and
-errors that end the shard quietly through a callback instead of killing a worker.
+Opening (local path, file:, pipe:, http...) is webdataset's `gopen`, grouping files into samples
+is webdataset's `group_by_keys`. Reading the members is ours (`tar_members`): Python's
+`tarfile` costs ~0.1 ms a sample in the data workers (as much as a drafted JPEG decode), a
+header parser for what shard writers produce (ustar, GNU long names, pax) ~0.015 ms. It
+yields exactly what webdataset's `tar_file_iterator` yields (tests/test_tar_reader.py checks
+both against the same archives); compressed tars go through `tarfile` as before. What we add
+on top: a sample index (the ordinal of the sample inside its shard, the unit of exact resume),
+and errors that end the shard quietly through a callback instead of killing a worker.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+import re
+import tarfile
+from typing import BinaryIO, Callable, Iterator, Optional
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+BLOCK = 512
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
+_REGULAR = (b"0", b"\0", b"7")
+_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos: their size is not data
+_ZERO_BLOCK = bytes(BLOCK)
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+
 
 def _reraise(exn: Exception) -> bool:
     raise exn
+
+
+def _read(stream: BinaryIO, n: int) -> bytes:
+    """n bytes, fewer only at the end of the stream (a pipe may return short reads)."""
+    data = stream.read(n)
+    while len(data) < n:
+        more = stream.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _number(field: bytes) -> int:
+    """A numeric header field: octal text, or GNU base-256 for big values (as tarfile.nti)."""
+    if field[:1] in (b"\x80", b"\xff"):
+        n = int.from_bytes(field[1:], "big")
+        return n - (256 ** (len(field) - 1)) if field[:1] == b"\xff" else n
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text or b"0", 8)
+
+
+def _pax_records(data: bytes) -> dict[str, bytes]:
+    """`"%d key=value\\n"` records of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] not in (b"\0", b""):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= 0:
+            raise ValueError("bad pax record length")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value
+        pos += length
+    return out
+
+
+class _Prepended:
+    """A stream with bytes already read put back in front (for tarfile on a pipe)."""
+
+    def __init__(self, head: bytes, stream: BinaryIO):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(n)
+        if n < 0:
+            out, self.head = self.head + self.stream.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out if len(out) == n else out + _read(self.stream, n - len(out))
+
+
+def tar_members(stream: BinaryIO) -> Iterator[dict]:
+    """`{"fname", "data"}` for every regular file of a tar stream, in order, skipping
+    webdataset's metadata files: what `webdataset.tariterators.tar_file_iterator` yields.
+
+    Raises tarfile.ReadError for a stream that is not a tar, is truncated inside a member, or
+    has a damaged header.
+    """
+    header = _read(stream, BLOCK)
+    if header.startswith(_COMPRESSED_MAGIC):
+        yield from tar_file_iterator(_Prepended(header, stream), handler=_reraise)
+        return
+    if not header:
+        raise tarfile.ReadError("empty file")
+    offset, global_pax, pax, long_name = 0, {}, {}, None
+    while True:
+        if len(header) < BLOCK:
+            raise tarfile.ReadError(f"truncated header at byte {offset}")
+        if header == _ZERO_BLOCK:
+            return  # end-of-archive blocks
+        try:
+            if not _checksum_ok(header, _number(header[148:156])):
+                raise ValueError("bad checksum")
+            kind = header[156:157]
+            size = _number(header[124:136])
+        except ValueError as exn:
+            raise tarfile.ReadError(f"{'not a tar file' if offset == 0 else 'damaged header'} "
+                                    f"at byte {offset}: {exn}") from None
+        effective = {**global_pax, **pax}
+        name = None
+        if kind not in (b"x", b"g", b"L", b"K"):
+            if any(k.startswith("GNU.sparse") for k in effective) or kind == b"S":
+                raise tarfile.ReadError(f"sparse member at byte {offset} is not supported")
+            size = int(effective["size"]) if "size" in effective else size
+            name = _member_name(header, effective, long_name)
+            pax, long_name = {}, None
+            if kind == b"\0" and name.endswith(b"/"):
+                kind = b"5"  # old-style directory entry
+        data_size = 0 if kind in _NO_DATA else size
+        data = _read(stream, data_size)
+        if len(data) < data_size:
+            raise tarfile.ReadError(f"unexpected end of data in the member at byte {offset}")
+        padding = -data_size % BLOCK
+        _read(stream, padding)  # short only at the end of the stream: the next header read says so
+        offset += BLOCK + data_size + padding
+        if kind == b"x":
+            pax = _pax_records(data)
+        elif kind == b"g":
+            global_pax.update(_pax_records(data))
+        elif kind == b"L":
+            long_name = data.split(b"\0", 1)[0]
+        elif kind in _REGULAR:
+            fname = name.decode("utf-8", "surrogateescape")
+            if not (("/" not in fname and fname.startswith("__") and fname.endswith("__")) or _META.match(fname)):
+                yield {"fname": fname, "data": data}
+        header = _read(stream, BLOCK)
+        if not header:
+            return  # no end-of-archive blocks: tarfile stops here quietly too
+
+
+def _checksum_ok(header: bytes, stored: int) -> bool:
+    """The header checksum, summed as unsigned bytes or (some old writers) as signed ones."""
+    unsigned = 256 + sum(header[:148]) + sum(header[156:])
+    return stored == unsigned or stored == unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127)
+
+
+def _member_name(header: bytes, pax: dict[str, bytes], long_name: Optional[bytes]) -> bytes:
+    """pax `path`, else a GNU long name, else the ustar prefix + name fields."""
+    if "path" in pax:
+        return pax["path"]
+    if long_name is not None:
+        return long_name
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
+    return prefix + b"/" + name if prefix else name
 
 
 def iter_raw_samples(url: str, on_error: Callable[[Exception], None]) -> Iterator[dict]:
@@ -24,12 +163,12 @@ def iter_raw_samples(url: str, on_error: Callable[[Exception], None]) -> Iterato
 
     A truncated or unreadable tar ends the iteration after calling `on_error(exception)`.
     """
-    stream = None
+    stream: Optional[BinaryIO] = None
     try:
         stream = gopen(url, "rb")
 
         def files():
-            for f in tar_file_iterator(stream, handler=_reraise):
+            for f in tar_members(stream):
                 f["__url__"] = url
                 yield f
 
