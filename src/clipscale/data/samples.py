@@ -7,14 +7,14 @@ a reason; the stream counts skips by reason and never stops for one.
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .jpeg import decode_image
 
 SKIP_REASONS = ("no_image", "corrupt_image", "no_caption", "empty_caption", "bad_caption", "unreadable_shard")
 
@@ -25,19 +25,6 @@ class Skip(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
-
-
-def decode_image(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
-    """Decode to RGB; with `draft_size`, let libjpeg downscale large JPEGs while decoding."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # EXIF/palette warnings are noise here
-        img = Image.open(io.BytesIO(data))
-        if draft_size and img.format == "JPEG":
-            img.draft("RGB", (draft_size, draft_size))
-        img.load()
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-    return img
 
 
 def caption_of(sample: dict, caption_key: str, json_field: str) -> str:
