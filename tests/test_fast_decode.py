@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from clipscale.data.samples import SampleDecoder, decode_image, split_to_tensor_tail
+from clipscale.data.jpeg import decode_image
+from clipscale.data.samples import SampleDecoder, split_to_tensor_tail
 from clipscale.distributed import DistEnv
 from clipscale.loss import Gather
 from clipscale.model import create_model

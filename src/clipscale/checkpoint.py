@@ -28,7 +28,7 @@ import torch
 
 from .distributed import barrier
 from .errors import CheckpointError
-from .fsutil import atomic_write_bytes, fsync_dir, remove_path, sha256_file
+from .fsutil import atomic_write_bytes, fsync_dir, remove_path, sha256_file, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class CheckpointManager:
         renames it into place and moves `latest`."""
         self.wait()
         final = self.path_for(step, suffix)
-        tmp = final.with_name(f".{final.name}.tmp")
+        tmp = temp_path(final)
         if self.is_main:
             remove_path(tmp)
         barrier()
@@ -193,7 +193,7 @@ class CheckpointManager:
         hands over a snapshot that training will not modify). Waits for the previous one first."""
         self.wait()
         final = self.path_for(step, suffix)
-        tmp = final.with_name(f".{final.name}.tmp")
+        tmp = temp_path(final)
 
         def run():
             try:

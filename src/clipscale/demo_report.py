@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .data.samples import decode_image  # noqa: E402
+from .data.jpeg import decode_image  # noqa: E402
 from .evaluate import Encoder, shard_set  # noqa: E402
 
 

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .data.samples import Skip, caption_of, decode_image
+from .data.jpeg import decode_image
+from .data.samples import Skip, caption_of
 from .data.shardlist import expand
 from .data.tar_reader import iter_raw_samples
 from .config import EvalConfig

@@ -22,10 +22,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_path(path: Path, tag: str = "") -> Path:
+    """Where `path` is written before its rename: hidden, `.tmp` + tag (`remove_temporaries` finds it)."""
+    return path.with_name(f".{path.name}.tmp{tag}")
+
+
+def remove_temporaries(directory: Path, *name_globs: str) -> None:
+    """Delete what a killed writer left of the files named by `name_globs` (their `temp_path`s)."""
+    for name_glob in name_globs:
+        for stale in Path(directory).glob(f".{name_glob}.tmp*"):
+            stale.unlink()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """`path` holds either its old content or all of `data`, never a torn write."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path, f"-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

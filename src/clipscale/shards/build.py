@@ -24,9 +24,9 @@ from typing import Optional
 
 from PIL import Image, ImageOps
 
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, remove_temporaries
 from ..errors import DataError
-from .manifest import ShardRecord, write_manifest
+from .manifest import MANIFEST_NAME, ShardRecord, write_manifest
 from .sources import Row, load_rows
 from .writer import shard_filename, write_shard
 
@@ -215,9 +215,7 @@ def build_shards(src: str, out_dir: str, name: str = "shard", opts: BuildOptions
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # a killed build leaves its temporary files (shards, per-shard stats, manifest) behind
-    for pattern in (f".{name}-*.tmp*", ".manifest.json.tmp*", ".stats.json.tmp*"):
-        for stale in out.glob(pattern):
-            stale.unlink()
+    remove_temporaries(out, f"{name}-*", MANIFEST_NAME, "stats.json")
     n = opts.samples_per_shard
     n_shards = math.ceil(len(rows) / n)
     done = {i: s for i in range(n_shards) if (s := completed_shard(out, name, i, opts)) is not None}

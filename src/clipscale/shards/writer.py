@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, temp_path
 from .manifest import ShardRecord, sha256_file, write_manifest
 
 MTIME = 0  # reproducible tars
@@ -45,7 +45,7 @@ def write_sample(tf: tarfile.TarFile, sample: dict) -> None:
 def write_shard(path: Path, samples: Iterable[dict]) -> ShardRecord:
     """Write `samples` to `path` atomically (temp name, fsync, rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     count = 0
     with open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
