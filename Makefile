@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install slurm demo test test-fast bench clean
+.PHONY: install slurm demo test test-fast lint format docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,19 @@ test: install slurm
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# ruff (settings in pyproject.toml): lint and format check; `make format` applies both fixes
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# the config reference (docs/config.md and the README's table) from the dataclasses' docstrings
+docs: install
+	$(BIN)/clipscale config --write-docs
 
 # clipscale vs OpenCLIP's own trainer on the same job (creates .ref-venv with webdataset 0.2.86 on first use)
 bench: install

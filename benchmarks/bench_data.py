@@ -17,9 +17,16 @@ import numpy as np
 from PIL import Image
 
 TINTS = {
-    "red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (220, 200, 40),
-    "purple": (130, 50, 170), "orange": (230, 120, 30), "pink": (230, 120, 170), "cyan": (40, 190, 200),
-    "brown": (120, 80, 40), "grey": (128, 128, 128),
+    "red": (200, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 200),
+    "yellow": (220, 200, 40),
+    "purple": (130, 50, 170),
+    "orange": (230, 120, 30),
+    "pink": (230, 120, 170),
+    "cyan": (40, 190, 200),
+    "brown": (120, 80, 40),
+    "grey": (128, 128, 128),
 }
 
 
@@ -53,8 +60,24 @@ def build_shards(table: Path, out: Path, per_shard: int, name: str = "bench") ->
     shards = sorted(out.glob(f"{name}-*.tar"))
     if shards and (out / "stats.json").is_file():
         return shards
-    cmd = [sys.executable, "-m", "clipscale", "shards", "build", "--input", str(table), "--output", str(out),
-           "--name", name, "--samples-per-shard", str(per_shard), "--workers", "2", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipscale",
+        "shards",
+        "build",
+        "--input",
+        str(table),
+        "--output",
+        str(out),
+        "--name",
+        name,
+        "--samples-per-shard",
+        str(per_shard),
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"shard build failed:\n{proc.stderr}")
@@ -67,4 +90,3 @@ def shard_pattern(shards: list[Path]) -> str:
     prefix, a = first.rsplit("-", 1)
     b = last.rsplit("-", 1)[1]
     return str(shards[0].parent / f"{prefix}-{{{a}..{b}}}.tar")
-

@@ -1,17 +1,17 @@
 """The clipscale data pipeline against its practical limit, and the data wait of a training run.
 
-  bare loop   one process: decode the shards' JPEG bytes (already in memory) with PIL and resize
-              to the model's input size, nothing else. Measured with a full decode (what
-              open_clip_train's `wds.decode("pilrgb")` does) and with the JPEG draft decode
-              (what clipscale does when the shards are larger than the model input).
-  clipscale   `TrainData`, the loader training uses: read tars, deterministic shuffle, decode,
-              open_clip's train transform, tokenize, batch, stream positions, and the uint8 ->
-              normalised float conversion of `to_device` (on the CPU here); with 0 workers (in
-              the measuring process), 1 and 2 DataLoader workers. Per-worker rate = rate / workers.
-  data wait   fraction of step time the training loop waits for data, from metrics.jsonl of a
-              short `clipscale demo` run (the demo config: 2 processes, 1 worker each).
+bare loop   one process: decode the shards' JPEG bytes (already in memory) with PIL and resize
+            to the model's input size, nothing else. Measured with a full decode (what
+            open_clip_train's `wds.decode("pilrgb")` does) and with the JPEG draft decode
+            (what clipscale does when the shards are larger than the model input).
+clipscale   `TrainData`, the loader training uses: read tars, deterministic shuffle, decode,
+            open_clip's train transform, tokenize, batch, stream positions, and the uint8 ->
+            normalised float conversion of `to_device` (on the CPU here); with 0 workers (in
+            the measuring process), 1 and 2 DataLoader workers. Per-worker rate = rate / workers.
+data wait   fraction of step time the training loop waits for data, from metrics.jsonl of a
+            short `clipscale demo` run (the demo config: 2 processes, 1 worker each).
 
-    python benchmarks/dataloader.py [--samples 2048] [--model clip-tiny] [--demo-steps 100] [--stages]
+  python benchmarks/dataloader.py [--samples 2048] [--model clip-tiny] [--demo-steps 100] [--stages]
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from PIL import Image
-
 from bench_data import build_shards, make_images, shard_pattern
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -66,15 +65,29 @@ def pipeline(pattern: str, model: str, workers: int, batch: int, n: int, draft: 
     import torch
 
     from clipscale.config import load_config
-    from clipscale.data import TrainData
+    from clipscale.data.loader import TrainData
     from clipscale.distributed import init_distributed
     from clipscale.model import create_model
 
-    cfg = load_config(None, [f"model.name={model}", f"data.train_shards={pattern}", f"data.workers={workers}",
-                             f"data.batch_size={batch}", "data.shuffle_buffer=1000"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={model}",
+            f"data.train_shards={pattern}",
+            f"data.workers={workers}",
+            f"data.batch_size={batch}",
+            "data.shuffle_buffer=1000",
+        ],
+    )
     bundle = create_model(cfg.model)
-    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"), None,
-                     bundle.image_size if draft else None)
+    data = TrainData(
+        cfg,
+        bundle.train_transform,
+        bundle.tokenizer,
+        init_distributed("cpu"),
+        None,
+        bundle.image_size if draft else None,
+    )
     try:
         data.next()
         t0, seen = time.perf_counter(), 0
@@ -91,13 +104,12 @@ def pipeline(pattern: str, model: str, workers: int, batch: int, n: int, draft: 
 def stages(shards: list[Path], model: str, n: int) -> None:
     """Microseconds per sample of each step of the pipeline, one after the other, in this process."""
     import torch
-
-    from clipscale.config import load_config
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+    from clipscale.config import load_config
     from clipscale.data.jpeg import decode_image, decode_image_pil
-    from clipscale.data.tar_reader import iter_raw_samples
     from clipscale.model import create_model
+    from clipscale.wds.tar import iter_raw_samples
 
     bundle = create_model(load_config(None, [f"model.name={model}"]).model)
     size = bundle.image_size
@@ -116,7 +128,8 @@ def stages(shards: list[Path], model: str, n: int) -> None:
         if len(samples) >= n:
             break
     samples = samples[:n]
-    print(f"  {'tar reading, clipscale (3 members a sample)':44s} {(time.perf_counter() - t0) / len(samples) * 1e6:8.1f} us")
+    per_sample_us = (time.perf_counter() - t0) / len(samples) * 1e6
+    print(f"  {'tar reading, clipscale (3 members a sample)':44s} {per_sample_us:8.1f} us")
     t0, count = time.perf_counter(), 0
     for shard in shards:
         with open(shard, "rb") as stream:
@@ -137,7 +150,7 @@ def stages(shards: list[Path], model: str, n: int) -> None:
     texts = [s["txt"].decode() for s in samples]
     t0 = time.perf_counter()
     for i in range(0, len(texts), 64):
-        bundle.tokenizer(texts[i:i + 64])
+        bundle.tokenizer(texts[i : i + 64])
     print(f"  {'tokenize (batches of 64)':44s} {(time.perf_counter() - t0) / len(texts) * 1e6:8.1f} us")
 
 
@@ -174,32 +187,45 @@ def main() -> None:
     pattern = shard_pattern(shards)
     size = create_model(load_config(None, [f"model.name={args.model}"]).model).image_size
     jpegs = read_jpegs(shards, args.samples)
-    print(f"{len(shards)} shards of {args.width}x{args.height} JPEGs; model {args.model} (input {size}px), "
-          f"batch {args.batch_size}, {args.samples} samples per figure")
+    print(
+        f"{len(shards)} shards of {args.width}x{args.height} JPEGs; model {args.model} (input {size}px), "
+        f"batch {args.batch_size}, {args.samples} samples per figure"
+    )
 
     bare_full = max(bare_loop(jpegs, size, draft=False) for _ in range(2))
     bare_draft = max(bare_loop(jpegs, size, draft=True) for _ in range(2))
     print(f"bare PIL decode + resize, full decode   : {bare_full:8.1f} samples/s (1 process; OpenCLIP's decode)")
-    print(f"bare PIL decode + resize, draft decode  : {bare_draft:8.1f} samples/s (1 process; the scale clipscale decodes at)")
+    print(
+        f"bare PIL decode + resize, draft decode  : {bare_draft:8.1f} samples/s "
+        "(1 process; the scale clipscale decodes at)"
+    )
     for workers in (0, 1, 2):
         rate = pipeline(pattern, args.model, workers, args.batch_size, args.samples, draft=True)
         per = rate / max(1, workers)
         where = "in process" if workers == 0 else f"{workers} worker(s)"
-        print(f"clipscale TrainData, {where:12s}   : {rate:8.1f} samples/s = {per:7.1f} per worker "
-              f"= {per / bare_full:5.0%} of the full-decode loop, {per / bare_draft:5.0%} of the draft loop")
+        print(
+            f"clipscale TrainData, {where:12s}   : {rate:8.1f} samples/s = {per:7.1f} per worker "
+            f"= {per / bare_full:5.0%} of the full-decode loop, {per / bare_draft:5.0%} of the draft loop"
+        )
     rate = pipeline(pattern, args.model, 1, args.batch_size, args.samples, draft=True, convert=False)
-    print(f"clipscale TrainData, 1 worker, uint8 batches as sent (float conversion on the GPU): {rate:8.1f} "
-          f"samples/s = {rate / bare_full:5.0%} of the full-decode loop, {rate / bare_draft:5.0%} of the draft loop")
+    print(
+        f"clipscale TrainData, 1 worker, uint8 batches as sent (float conversion on the GPU): {rate:8.1f} "
+        f"samples/s = {rate / bare_full:5.0%} of the full-decode loop, {rate / bare_draft:5.0%} of the draft loop"
+    )
     rate = pipeline(pattern, args.model, 1, args.batch_size, args.samples, draft=False)
-    print(f"clipscale TrainData, 1 worker, data.jpeg_draft=false: {rate:8.1f} samples/s "
-          f"= {rate / bare_full:5.0%} of the full-decode loop")
+    print(
+        f"clipscale TrainData, 1 worker, data.jpeg_draft=false: {rate:8.1f} samples/s "
+        f"= {rate / bare_full:5.0%} of the full-decode loop"
+    )
 
     if args.stages:
         stages(shards, args.model, args.samples)
     if args.demo_steps:
         wait, sps = demo_data_wait(args.demo_steps, work / "demo")
-        print(f"demo config ({args.demo_steps} steps, 2 processes x 1 worker): data wait {wait:.1%} of step time "
-              f"(median over logging windows), {sps:.0f} samples/s")
+        print(
+            f"demo config ({args.demo_steps} steps, 2 processes x 1 worker): data wait {wait:.1%} of step time "
+            f"(median over logging windows), {sps:.0f} samples/s"
+        )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ def build(model_name: str, device: torch.device, variant: str):
     from clipscale.loss import ClipLoss
     from clipscale.model import build_optimizer, create_model
 
-    cfg = load_config(None, [f"model.name={model_name}", f"model.grad_checkpointing={variant == 'ckpt'}",
-                             "optim.fused=true"])
+    cfg = load_config(
+        None, [f"model.name={model_name}", f"model.grad_checkpointing={variant == 'ckpt'}", "optim.fused=true"]
+    )
     bundle = create_model(cfg.model, device=device)
     model = bundle.model
     if variant == "channels_last":
@@ -116,14 +117,18 @@ def measure(model_name: str, variant: str, args, device: torch.device, autocast)
     if not torch.isfinite(loss):
         raise SystemExit(f"{model_name}/{variant}: non-finite loss")
     del model, runner, optimizer
-    return {"samples_per_s": args.batch_size * args.steps / seconds, "step_s": seconds / args.steps,
-            "peak_gib": peak / 2**30}
+    return {
+        "samples_per_s": args.batch_size * args.steps / seconds,
+        "step_s": seconds / args.steps,
+        "peak_gib": peak / 2**30,
+    }
 
 
 def loss_memory(device: torch.device, world: int, dim: int, chunk: int, batches: list[int]) -> None:
     """Peak device memory of the CLIP loss (forward + backward) on one rank of a simulated world."""
-    from clipscale.loss import ClipLoss
     from loss_memory import simulated_rank0
+
+    from clipscale.loss import ClipLoss
 
     print(f"\nCLIP loss memory on {device} (rank 0 of a simulated world of {world}, d={dim}, chunk {chunk}):")
     print(f"{'global B':>9} | {'impl':8} | {'peak GiB':>9} | {'ms':>8}")
@@ -140,8 +145,9 @@ def loss_memory(device: torch.device, world: int, dim: int, chunk: int, batches:
                 ClipLoss(impl, chunk_size=chunk, gather=gather)(img, txt, scale).backward()
                 sync(device)
                 ms = (time.perf_counter() - t0) * 1000
-                peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" \
-                    else float("nan")  # RSS-based CPU figures: benchmarks/loss_memory.py
+                peak = (
+                    (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
+                )  # RSS-based CPU figures: benchmarks/loss_memory.py
                 print(f"{batch:9d} | {impl:8} | {peak:9.2f} | {ms:8.1f}")
             except torch.OutOfMemoryError:
                 print(f"{batch:9d} | {impl:8} | {'OOM':>9} | {'-':>8}")
@@ -177,8 +183,10 @@ def main() -> None:
 
     peak = peak_tflops(device, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, {args.precision}, batch {args.batch_size}, "
-          f"{args.steps} steps after {args.warmup} warm-up; peak {peak or '?'} TFLOPS")
+    print(
+        f"device {name}, torch {torch.__version__}, {args.precision}, batch {args.batch_size}, "
+        f"{args.steps} steps after {args.warmup} warm-up; peak {peak or '?'} TFLOPS"
+    )
     print(f"{'model':10} | {'variant':13} | {'samples/s':>9} | {'step ms':>8} | {'MFU':>6} | {'peak GiB':>8}")
     for model_name in args.models.split(","):
         flops = model_flops(model_name, args.batch_size, device, autocast)
@@ -189,8 +197,11 @@ def main() -> None:
                 print(f"{model_name:10} | {variant:13} | out of memory")
                 continue
             mfu = flops / r["step_s"] / (peak * 1e12) if peak else float("nan")
-            print(f"{model_name:10} | {variant:13} | {r['samples_per_s']:9.1f} | {r['step_s'] * 1000:8.1f} | "
-                  f"{mfu:6.1%} | {r['peak_gib']:8.2f}", flush=True)
+            print(
+                f"{model_name:10} | {variant:13} | {r['samples_per_s']:9.1f} | {r['step_s'] * 1000:8.1f} | "
+                f"{mfu:6.1%} | {r['peak_gib']:8.2f}",
+                flush=True,
+            )
         print(f"{model_name}: {flops / 1e9:,.1f} GFLOP per step of {args.batch_size} (forward + backward)")
     if args.loss_memory:
         loss_memory(device, args.loss_world, 512, 4096, [int(b) for b in args.loss_batches.split(",")])

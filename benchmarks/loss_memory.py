@@ -43,6 +43,9 @@ def simulated_rank0(batch: int, dim: int, world: int, device="cpu"):
         def __call__(self, x):
             return x if others is None else torch.cat([x, others])
 
+        def pair(self, a, b):
+            return self(a), self(b)
+
     return img, txt, scale, SimulatedGather()
 
 
@@ -65,8 +68,7 @@ def measure(impl: str, batch: int, dim: int, world: int, chunk: int) -> dict:
 
 
 def run_child(impl, batch, dim, world, chunk, mem_cap_gib, timeout) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, str(batch), str(dim), str(world), str(chunk),
-           str(mem_cap_gib)]
+    cmd = [sys.executable, __file__, "--child", impl, str(batch), str(dim), str(world), str(chunk), str(mem_cap_gib)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -99,8 +101,11 @@ def main() -> None:
     ap.add_argument("--impls", default="full,local,chunked")
     ap.add_argument("--mem-cap-gib", type=float, default=20.0, help="address-space cap of each child")
     ap.add_argument("--timeout", type=int, default=1800)
-    ap.add_argument("--exact-131k", action="store_true",
-                    help="also run the exact B=131,072, d=128, single-process chunked (and full) loss")
+    ap.add_argument(
+        "--exact-131k",
+        action="store_true",
+        help="also run the exact B=131,072, d=128, single-process chunked (and full) loss",
+    )
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -112,19 +117,29 @@ def main() -> None:
         return
 
     impls = args.impls.split(",")
-    print(f"CLIP loss forward+backward on CPU, d={args.dim}, rank 0 of a simulated world of {args.world}, "
-          f"chunk {args.chunk}, memory cap {args.mem_cap_gib} GiB per run")
-    print(f"{'global B':>9} | " + " | ".join(f"{i + ' (peak, time)':>24}" for i in impls) + " | logits size full / local")
+    print(
+        f"CLIP loss forward+backward on CPU, d={args.dim}, rank 0 of a simulated world of {args.world}, "
+        f"chunk {args.chunk}, memory cap {args.mem_cap_gib} GiB per run"
+    )
+    print(
+        f"{'global B':>9} | " + " | ".join(f"{i + ' (peak, time)':>24}" for i in impls) + " | logits size full / local"
+    )
     for batch in [int(x) for x in args.batches.split(",")]:
-        cells = [fmt(run_child(i, batch, args.dim, args.world, args.chunk, args.mem_cap_gib, args.timeout))
-                 for i in impls]
-        print(f"{batch:>9} | " + " | ".join(f"{c:>24}" for c in cells)
-              + f" | {logits_gib('full', batch, args.world):.1f} / {logits_gib('local', batch, args.world):.1f} GiB",
-              flush=True)
+        cells = [
+            fmt(run_child(i, batch, args.dim, args.world, args.chunk, args.mem_cap_gib, args.timeout)) for i in impls
+        ]
+        print(
+            f"{batch:>9} | "
+            + " | ".join(f"{c:>24}" for c in cells)
+            + f" | {logits_gib('full', batch, args.world):.1f} / {logits_gib('local', batch, args.world):.1f} GiB",
+            flush=True,
+        )
     if args.exact_131k:
         batch, dim = 131072, 128
-        print(f"\nexact single-process batch B={batch}, d={dim} (world 1): full logits alone need "
-              f"{batch * batch * 4 / 1e9:.0f} GB")
+        print(
+            f"\nexact single-process batch B={batch}, d={dim} (world 1): full logits alone need "
+            f"{batch * batch * 4 / 1e9:.0f} GB"
+        )
         for impl in ("full", "chunked"):
             res = run_child(impl, batch, dim, 1, args.chunk, args.mem_cap_gib, args.timeout * 4)
             extra = f"  loss {res['loss']:.4f}" if "loss" in res else ""

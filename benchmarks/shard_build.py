@@ -21,9 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image
-
 from bench_data import make_images
+from PIL import Image
 
 
 def bare_loop(folder: Path, n: int, max_size: int, quality: int) -> float:
@@ -49,9 +48,28 @@ def bare_loop(folder: Path, n: int, max_size: int, quality: int) -> float:
 
 def builder(table: Path, out: Path, workers: int, max_size: int, quality: int, per_shard: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "clipscale", "shards", "build", "--input", str(table), "--output", str(out),
-           "--name", "bench", "--samples-per-shard", str(per_shard), "--max-size", str(max_size),
-           "--quality", str(quality), "--workers", str(workers), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipscale",
+        "shards",
+        "build",
+        "--input",
+        str(table),
+        "--output",
+        str(out),
+        "--name",
+        "bench",
+        "--samples-per-shard",
+        str(per_shard),
+        "--max-size",
+        str(max_size),
+        "--quality",
+        str(quality),
+        "--workers",
+        str(workers),
+        "--no-progress",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -75,15 +93,20 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir)
     table = make_images(work / "images", args.n, (args.width, args.height))
-    print(f"{args.n} JPEGs of {args.width}x{args.height}, --max-size {args.max_size} (shorter side), "
-          f"quality {args.quality}")
+    print(
+        f"{args.n} JPEGs of {args.width}x{args.height}, --max-size {args.max_size} (shorter side), "
+        f"quality {args.quality}"
+    )
     bare = max(bare_loop(work / "images", args.n, args.max_size, args.quality) for _ in range(2))
     print(f"bare PIL loop (1 process)        : {bare:8.1f} images/s  (the practical limit per worker)")
     for workers in (1, 2):
-        wall_rate, internal = builder(table, work / f"out{workers}", workers, args.max_size, args.quality,
-                                      args.samples_per_shard)
-        print(f"clipscale shards build, {workers} worker(s): {wall_rate:8.1f} images/s end to end "
-              f"({internal:.1f} inside the build) -> {wall_rate / workers / bare:.0%} of the limit per worker")
+        wall_rate, internal = builder(
+            table, work / f"out{workers}", workers, args.max_size, args.quality, args.samples_per_shard
+        )
+        print(
+            f"clipscale shards build, {workers} worker(s): {wall_rate:8.1f} images/s end to end "
+            f"({internal:.1f} inside the build) -> {wall_rate / workers / bare:.0%} of the limit per worker"
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import yaml
-
 from bench_data import build_shards, make_images, shard_pattern
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,10 +66,16 @@ def ensure_ref_venv(venv: Path) -> None:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(ref_python(venv)), "-m", "pip", "install", "-q", "--no-deps", *REF_PACKAGES], check=True)
     except subprocess.CalledProcessError as exn:
-        raise SystemExit(f"could not create the reference venv {venv} ({' '.join(map(str, exn.cmd[:4]))} ... "
-                         f"exited {exn.returncode}); is PyPI reachable?") from None
-    site = subprocess.run([str(ref_python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+        raise SystemExit(
+            f"could not create the reference venv {venv} ({' '.join(map(str, exn.cmd[:4]))} ... "
+            f"exited {exn.returncode}); is PyPI reachable?"
+        ) from None
+    site = subprocess.run(
+        [str(ref_python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # .pth lines are appended to sys.path after the venv's own site-packages: its webdataset wins
     Path(site, "zz_clipscale_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     if not ref_venv_ok(venv):
@@ -97,15 +102,56 @@ def run_openclip(args, pattern: str, out: Path, venv: Path) -> list[tuple[int, f
     global_batch = args.batch_size * args.nproc
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd = [*torchrun(ref_python(venv), args.nproc), str(ROOT / "benchmarks" / "openclip_cpu.py"),
-           "--train-data", pattern, "--dataset-type", "webdataset",
-           "--train-num-samples", str(args.steps * global_batch), "--epochs", "1",
-           "--model", args.model, "--precision", "fp32", "--batch-size", str(args.batch_size),
-           "--workers", str(args.workers), "--lr", str(args.lr), "--wd", "0.1", "--warmup", str(args.lr_warmup),
-           "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--grad-clip-norm", "1.0",
-           "--local-loss", "--gather-with-grad", "--seed", "0", "--log-every-n-steps", "1",
-           "--name", "run", "--save-frequency", "0", "--zeroshot-frequency", "0",
-           "--val-frequency", "0", "--report-to", ""]
+    cmd = [
+        *torchrun(ref_python(venv), args.nproc),
+        str(ROOT / "benchmarks" / "openclip_cpu.py"),
+        "--train-data",
+        pattern,
+        "--dataset-type",
+        "webdataset",
+        "--train-num-samples",
+        str(args.steps * global_batch),
+        "--epochs",
+        "1",
+        "--model",
+        args.model,
+        "--precision",
+        "fp32",
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--lr",
+        str(args.lr),
+        "--wd",
+        "0.1",
+        "--warmup",
+        str(args.lr_warmup),
+        "--beta1",
+        "0.9",
+        "--beta2",
+        "0.98",
+        "--eps",
+        "1e-6",
+        "--grad-clip-norm",
+        "1.0",
+        "--local-loss",
+        "--gather-with-grad",
+        "--seed",
+        "0",
+        "--log-every-n-steps",
+        "1",
+        "--name",
+        "run",
+        "--save-frequency",
+        "0",
+        "--zeroshot-frequency",
+        "0",
+        "--val-frequency",
+        "0",
+        "--report-to",
+        "",
+    ]
     log = out / "console.log"
     # its logs go to ./logs/ (torchrun's own parser takes `--logs` for an abbreviation of --logs-specs)
     run_logged(cmd, log, out)
@@ -120,11 +166,11 @@ def run_clipscale(args, pattern: str, out: Path) -> list[tuple[int, float, float
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     config = {
-        "seed": 0, "run": {"dir": str(out)},
+        "seed": 0,
+        "run": {"dir": str(out)},
         "model": {"name": args.model, "precision": "fp32"},
         "data": {"train_shards": pattern, "batch_size": args.batch_size, "workers": args.workers},
-        "optim": {"lr": args.lr, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.98, "eps": 1e-6,
-                  "grad_clip_norm": 1.0},
+        "optim": {"lr": args.lr, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.98, "eps": 1e-6, "grad_clip_norm": 1.0},
         "schedule": {"name": "cosine", "warmup_steps": args.lr_warmup},
         "loss": {"name": "clip", "impl": "local"},
         "train": {"steps": args.steps, "device": "cpu"},
@@ -176,8 +222,13 @@ def main() -> None:
     ap.add_argument("--per-shard", type=int, default=128)
     ap.add_argument("--workdir", default=str(ROOT / ".bench" / "vs_openclip"))
     ap.add_argument("--ref-venv", default=str(ROOT / ".ref-venv"))
-    ap.add_argument("--clipscale-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra clipscale override, e.g. data.jpeg_draft=false (ablations)")
+    ap.add_argument(
+        "--clipscale-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra clipscale override, e.g. data.jpeg_draft=false (ablations)",
+    )
     ap.add_argument("--only", choices=["clipscale", "openclip"], help="run one side (for profiling)")
     args = ap.parse_args()
 
@@ -195,10 +246,13 @@ def main() -> None:
     if args.only != "clipscale":
         ensure_ref_venv(venv)
 
-    print(f"job: {args.model}, {args.nproc} processes x batch {args.batch_size} = global batch {global_batch}, "
-          f"{args.workers} worker(s) per process, fp32, {args.steps} steps (median over steps > {args.warmup}); "
-          f"{len(shards)} shards of {args.per_shard} JPEGs {args.width}x{args.height}; "
-          f"{os.cpu_count()} CPUs", flush=True)
+    print(
+        f"job: {args.model}, {args.nproc} processes x batch {args.batch_size} = global batch {global_batch}, "
+        f"{args.workers} worker(s) per process, fp32, {args.steps} steps (median over steps > {args.warmup}); "
+        f"{len(shards)} shards of {args.per_shard} JPEGs {args.width}x{args.height}; "
+        f"{os.cpu_count()} CPUs",
+        flush=True,
+    )
     results: dict[str, list[float]] = {"clipscale": [], "openclip": []}
     last: dict[str, list] = {}
     for r in range(args.rounds):
@@ -213,8 +267,10 @@ def main() -> None:
             rate = measured(rows, args.warmup)
             results[name].append(rate)
             last[name] = rows
-            print(f"round {r + 1} {name:9s}: {rate:7.1f} samples/s  (run took {time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+            print(
+                f"round {r + 1} {name:9s}: {rate:7.1f} samples/s  (run took {time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
 
     marks = [s for s in (5, args.steps // 4, args.steps // 2, 3 * args.steps // 4, args.steps) if s >= 5]
     print("\nloss (mean of the 5 steps ending at step):  " + "  ".join(f"{s:>6d}" for s in marks))

@@ -70,14 +70,20 @@ def child(args) -> None:
     from clipscale.config import load_config
     from clipscale.distributed import init_distributed
     from clipscale.engine import build_engine
+    from clipscale.grad_cache import forward_backward
     from clipscale.loss import build_loss
     from clipscale.model import create_model
-    from clipscale.step import forward_backward
 
     engine_name = args.engine
-    overrides = [f"model.name={args.model}", f"data.batch_size={args.batch}", f"train.device={args.device}",
-                 "data.train_shards=unused.tar", f"train.steps={args.steps}", f"model.precision={args.precision}",
-                 f"model.grad_checkpointing={str(args.grad_checkpointing).lower()}"]
+    overrides = [
+        f"model.name={args.model}",
+        f"data.batch_size={args.batch}",
+        f"train.device={args.device}",
+        "data.train_shards=unused.tar",
+        f"train.steps={args.steps}",
+        f"model.precision={args.precision}",
+        f"model.grad_checkpointing={str(args.grad_checkpointing).lower()}",
+    ]
     if engine_name != "ddp":
         stage = engine_name[-1]
         overrides += ["engine.name=deepspeed", f"engine.zero_stage={stage}"]
@@ -102,7 +108,7 @@ def child(args) -> None:
         images = torch.rand(args.batch, 3, size, size)
         t0 = time.perf_counter()
         forward_backward(engine, loss_fn, [{"images": images, "texts": texts}])
-        engine.step()
+        engine.optimizer_step()
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -119,9 +125,29 @@ def child(args) -> None:
 
 def run_engine(engine: str, args, workdir: str) -> list[dict]:
     out = os.path.join(workdir, engine)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           __file__, "--child", "--engine", engine, "--out", out, "--model", args.model, "--batch", str(args.batch),
-           "--steps", str(args.steps), "--device", args.device, "--precision", args.precision]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        __file__,
+        "--child",
+        "--engine",
+        engine,
+        "--out",
+        out,
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+    ]
     if args.bundled_ds_configs:
         cmd.append("--bundled-ds-configs")
     if args.grad_checkpointing:
@@ -147,16 +173,21 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--bundled-ds-configs", action="store_true",
-                   help="ZeRO 1-3 with configs/deepspeed/zero{1,2,3}.yaml (bucket sizes etc.) instead of DeepSpeed's defaults")
+    p.add_argument(
+        "--bundled-ds-configs",
+        action="store_true",
+        help="ZeRO 1-3 with configs/deepspeed/zero{1,2,3}.yaml (bucket sizes etc.) instead of DeepSpeed's defaults",
+    )
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
     args = p.parse_args()
     if args.child:
         child(args)
         return
-    print(f"# {args.model}, {args.nproc} processes on {args.device}, micro-batch {args.batch}, {args.precision}, "
-          f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}; median step of {args.steps}; "
-          f"ZeRO settings: {'configs/deepspeed/' if args.bundled_ds_configs else 'DeepSpeed defaults'}")
+    print(
+        f"# {args.model}, {args.nproc} processes on {args.device}, micro-batch {args.batch}, {args.precision}, "
+        f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}; median step of {args.steps}; "
+        f"ZeRO settings: {'configs/deepspeed/' if args.bundled_ds_configs else 'DeepSpeed defaults'}"
+    )
     print(f"{'engine':8s} {'training peak GiB/rank':>23s} {'vs DDP':>8s} {'start-up peak GiB':>18s} {'step s':>8s}")
     baseline = None
     with tempfile.TemporaryDirectory() as workdir:

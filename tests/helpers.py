@@ -17,8 +17,14 @@ from clipscale.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 COLORS = {
-    "red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 220, 40),
-    "purple": (140, 40, 170), "orange": (245, 140, 20), "black": (15, 15, 15), "white": (245, 245, 245),
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 220, 40),
+    "purple": (140, 40, 170),
+    "orange": (245, 140, 20),
+    "black": (15, 15, 15),
+    "white": (245, 245, 245),
 }
 SHAPES = ("square", "circle", "stripe")
 
@@ -61,8 +67,9 @@ def color_samples(n: int, size: int = 32, seed: int = 0, prefix: str = "s"):
         }
 
 
-def make_shards(out_dir: Path, n_shards: int = 4, per_shard: int = 16, size: int = 32, seed: int = 0,
-                name: str = "toy") -> str:
+def make_shards(
+    out_dir: Path, n_shards: int = 4, per_shard: int = 16, size: int = 32, seed: int = 0, name: str = "toy"
+) -> str:
     """`n_shards` x `per_shard` colour/shape pairs under out_dir; returns the brace pattern."""
     write_shards(color_samples(n_shards * per_shard, size, seed), out_dir, name, per_shard)
     return str(Path(out_dir) / f"{name}-{{000000..{n_shards - 1:06d}}}.tar")
@@ -70,10 +77,20 @@ def make_shards(out_dir: Path, n_shards: int = 4, per_shard: int = 16, size: int
 
 def tiny_config(run_dir: Path, shards: str, **overrides):
     items = [
-        f"run.dir={run_dir}", f"data.train_shards={shards}", "model.name=clip-tiny", "model.precision=fp32",
-        "data.batch_size=16", "data.workers=0", "train.steps=10", "train.device=cpu",
-        "logging.every_n_steps=1", "logging.progress=false", "checkpoint.every_n_steps=1000",
-        "schedule.warmup_steps=2", "optim.lr=1e-3", "data.shuffle_buffer=64",
+        f"run.dir={run_dir}",
+        f"data.train_shards={shards}",
+        "model.name=clip-tiny",
+        "model.precision=fp32",
+        "data.batch_size=16",
+        "data.workers=0",
+        "train.steps=10",
+        "train.device=cpu",
+        "logging.every_n_steps=1",
+        "logging.progress=false",
+        "checkpoint.every_n_steps=1000",
+        "schedule.warmup_steps=2",
+        "optim.lr=1e-3",
+        "data.shuffle_buffer=64",
     ]
     items += [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
     return load_config(None, items)
@@ -81,8 +98,9 @@ def tiny_config(run_dir: Path, shards: str, **overrides):
 
 def run_cli(*args, env=None, timeout=600, check=True) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "clipscale", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipscale", *args], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"clipscale {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -11,10 +11,23 @@ from pathlib import Path
 from clipscale.metrics import read_jsonl
 
 STEPS = 12
-COMMON = ["model.name=clip-tiny", "model.precision=fp32", "train.device=cpu", f"train.steps={STEPS}",
-          "logging.every_n_steps=1", "logging.progress=false", "logging.sample_keys=true", "data.batch_size=4",
-          "data.workers=2", "data.shuffle=true", "data.shuffle_buffer=16", "schedule.warmup_steps=2",
-          "optim.lr=1e-3", "checkpoint.every_n_steps=2", "checkpoint.keep_last=0"]
+COMMON = [
+    "model.name=clip-tiny",
+    "model.precision=fp32",
+    "train.device=cpu",
+    f"train.steps={STEPS}",
+    "logging.every_n_steps=1",
+    "logging.progress=false",
+    "logging.sample_keys=true",
+    "data.batch_size=4",
+    "data.workers=2",
+    "data.shuffle=true",
+    "data.shuffle_buffer=16",
+    "schedule.warmup_steps=2",
+    "optim.lr=1e-3",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.keep_last=0",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -22,21 +35,38 @@ def command(nproc, run_dir, shards, *overrides, torchrun_args=()):
     args = ["-m", "clipscale.train", f"run.dir={run_dir}", f"data.train_shards={shards}", *COMMON, *overrides]
     if nproc == 1 and not torchrun_args:
         return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            *torchrun_args, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *torchrun_args,
+        *args,
+    ]
 
 
 def run(nproc, run_dir, shards, *overrides, expect=0, torchrun_args=()):
-    proc = subprocess.run(command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args),
-                          capture_output=True, text=True, timeout=600, env=ENV)
+    proc = subprocess.run(
+        command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert proc.returncode == expect, proc.stderr[-4000:]
     return proc
 
 
 def start(nproc, run_dir, shards, *overrides, torchrun_args=()):
-    return subprocess.Popen(command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
 
 
 def wait_for(predicate, proc=None, timeout=300):

@@ -35,9 +35,29 @@ def test_shard_pattern_names_exactly_the_shards(tmp_path):
 
 
 def test_gpu_benchmark_runs_on_cpu_as_a_smoke_test():
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--models", "clip-tiny",
-           "--batch-size", "4", "--steps", "1", "--warmup", "1", "--precision", "fp32", "--variants", "base,ckpt",
-           "--loss-memory", "--loss-world", "4", "--loss-batches", "256"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu.py"),
+        "--device",
+        "cpu",
+        "--models",
+        "clip-tiny",
+        "--batch-size",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--precision",
+        "fp32",
+        "--variants",
+        "base,ckpt",
+        "--loss-memory",
+        "--loss-world",
+        "4",
+        "--loss-batches",
+        "256",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rates = re.findall(r"clip-tiny\s+\|\s+(base|ckpt)\s+\|\s+([\d.]+)", proc.stdout)

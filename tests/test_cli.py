@@ -1,6 +1,7 @@
 import pytest
 
 from clipscale.cli import build_parser
+
 from helpers import run_cli
 
 
@@ -25,9 +26,11 @@ def test_subcommand_help(cmd):
 def test_user_error_is_one_line_without_traceback():
     proc = run_cli("train", "optim.lrr=3", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("clipscale: error: unknown key 'optim.lrr' (did you mean 'optim.lr'?); "
-                                   "valid keys: optim.lr, optim.weight_decay, optim.beta1, optim.beta2, "
-                                   "optim.eps, optim.accum_steps, optim.grad_clip_norm, optim.fused")
+    assert proc.stderr.strip() == (
+        "clipscale: error: unknown key 'optim.lrr' (did you mean 'optim.lr'?); "
+        "valid keys: optim.lr, optim.weight_decay, optim.beta1, optim.beta2, "
+        "optim.eps, optim.accum_steps, optim.grad_clip_norm, optim.fused"
+    )
     proc = run_cli("train", "data.train_shards=/nonexistent/x-{000..003}.tar", check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -13,8 +13,17 @@ def write(tmp_path, text):
 
 def test_yaml_and_overrides_are_typed(tmp_path):
     path = write(tmp_path, "optim:\n  lr: 1.0e-3\ndata:\n  batch_size: 8\n  train_shards: /x/a-{0..3}.tar\n")
-    cfg = load_config(path, ["optim.lr=3e-4", "data.batch_size=256", "model.grad_checkpointing=true",
-                             "checkpoint.resume=auto", "loss.name=siglip", "optim.grad_clip_norm=null"])
+    cfg = load_config(
+        path,
+        [
+            "optim.lr=3e-4",
+            "data.batch_size=256",
+            "model.grad_checkpointing=true",
+            "checkpoint.resume=auto",
+            "loss.name=siglip",
+            "optim.grad_clip_norm=null",
+        ],
+    )
     assert isinstance(cfg, Config)
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.data.batch_size == 256 and isinstance(cfg.data.batch_size, int)
@@ -37,19 +46,22 @@ def test_aliased_key_async(tmp_path):
     assert to_dict(cfg)["checkpoint"]["async"] is True
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
-    ("optimm.lr=1", "unknown key 'optimm' (did you mean 'optim'?)"),
-    ("data.batch_size=abc", "'data.batch_size' must be an integer, got 'abc'"),
-    ("data.batch_size=0", "'data.batch_size' must be >= 1"),
-    ("model.grad_checkpointing=maybe", "'model.grad_checkpointing' must be true or false"),
-    ("loss.name=infonce", "'loss.name' must be one of clip, siglip"),
-    ("loss.impl=ring", "'loss.impl' must be one of auto, full, local, chunked for loss.name=clip"),
-    ("engine.zero_stage=5", "'engine.zero_stage' must be one of 0, 1, 2, 3"),
-    ("optim.lr=-1", "'optim.lr' must be >= 0"),
-    ("train.preempt_signals=[SIGFOO]", "unknown signal 'SIGFOO'"),
-    ("nonsense", "must look like key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        ("optimm.lr=1", "unknown key 'optimm' (did you mean 'optim'?)"),
+        ("data.batch_size=abc", "'data.batch_size' must be an integer, got 'abc'"),
+        ("data.batch_size=0", "'data.batch_size' must be >= 1"),
+        ("model.grad_checkpointing=maybe", "'model.grad_checkpointing' must be true or false"),
+        ("loss.name=infonce", "'loss.name' must be one of clip, siglip"),
+        ("loss.impl=ring", "'loss.impl' must be one of auto, local, full, chunked for loss.name=clip"),
+        ("engine.zero_stage=5", "'engine.zero_stage' must be one of 0, 1, 2, 3"),
+        ("optim.lr=-1", "'optim.lr' must be >= 0"),
+        ("train.preempt_signals=[SIGFOO]", "unknown signal 'SIGFOO'"),
+        ("nonsense", "must look like key=value"),
+    ],
+)
 def test_bad_overrides_fail_with_one_clear_line(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -71,11 +83,11 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    from helpers import REPO
-
     import torch
 
     from clipscale.engine.ds_config import build_ds_config
+
+    from helpers import REPO
 
     runs = sorted((REPO / "configs").glob("*.yaml"))
     deepspeed_files = sorted((REPO / "configs" / "deepspeed").glob("*.yaml"))

@@ -6,14 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from clipscale.data import TrainData
+from clipscale.data.loader import TrainData
 from clipscale.data.plan import StreamPlan
-from clipscale.data.shardlist import resolve_shards
 from clipscale.data.stream import iter_stream
 from clipscale.distributed import DistEnv
 from clipscale.errors import DataError
 from clipscale.model import create_model
 from clipscale.shards import write_shards
+from clipscale.wds.shardlist import resolve_shards
+
 from helpers import color_samples, make_shards, tiny_config
 
 CPU = torch.device("cpu")
@@ -41,8 +42,9 @@ def collect(data: TrainData, n_batches: int):
 def test_round_trip_keys_images_captions(tmp_path, bundle):
     samples = list(color_samples(24, size=16))
     write_shards(samples, tmp_path, "rt", 8)
-    cfg = tiny_config(tmp_path / "run", str(tmp_path / "rt-{000000..000002}.tar"), data__batch_size=4,
-                      data__shuffle="false")
+    cfg = tiny_config(
+        tmp_path / "run", str(tmp_path / "rt-{000000..000002}.tar"), data__batch_size=4, data__shuffle="false"
+    )
     data = TrainData(cfg, identity_transform, bundle.tokenizer, env())
     got = {}
     for batch in collect(data, 6):
@@ -161,8 +163,9 @@ def test_truncated_tar_ends_its_shard_with_a_count(tmp_path, bundle):
     path = tmp_path / "toy-000001.tar"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    cfg = tiny_config(tmp_path / "run", str(tmp_path / "toy-{000000..000001}.tar"), data__batch_size=4,
-                      data__shuffle="false")
+    cfg = tiny_config(
+        tmp_path / "run", str(tmp_path / "toy-{000000..000001}.tar"), data__batch_size=4, data__shuffle="false"
+    )
     td = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env())
     keys = [k for b in collect(td, 4) for k in b["keys"]]
     assert len(keys) == 16  # the rest came from the next pass

@@ -10,12 +10,18 @@ from clipscale.config import load_config
 from clipscale.engine.ds_config import build_ds_config
 from clipscale.errors import ConfigError
 from clipscale.metrics import read_jsonl
+
 from helpers import make_shards, run_cli
 from process_helpers import COMMON, ENV, kill_and_resume, losses, run
 
 CURVE_STEPS = 20
-CURVE = [f"train.steps={CURVE_STEPS}", "checkpoint.every_n_steps=1000", "logging.sample_keys=false",
-         "data.batch_size=8", "data.workers=1"]
+CURVE = [
+    f"train.steps={CURVE_STEPS}",
+    "checkpoint.every_n_steps=1000",
+    "logging.sample_keys=false",
+    "data.batch_size=8",
+    "data.workers=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +55,16 @@ def test_zero_stage_tracks_ddp(tmp_path, shards, ddp_curves, stage):
 
 @pytest.mark.slow
 def test_zero3_feature_cache_accumulation_and_grad_checkpointing_track_ddp(tmp_path, shards, ddp_curves):
-    run(2, tmp_path, shards, *CURVE, "engine.name=deepspeed", "engine.zero_stage=3", "optim.accum_steps=2",
-        "model.grad_checkpointing=true")
+    run(
+        2,
+        tmp_path,
+        shards,
+        *CURVE,
+        "engine.name=deepspeed",
+        "engine.zero_stage=3",
+        "optim.accum_steps=2",
+        "model.grad_checkpointing=true",
+    )
     assert_tracks(ddp_curves["accum"], losses(tmp_path))
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["global_batch"] == 8 * 2 * 2
 
@@ -85,10 +99,28 @@ def test_export_of_a_zero3_checkpoint_loads_in_open_clip_with_the_same_embedding
     script = tmp_path / "live.py"
     script.write_text(LIVE_EMBEDDINGS)
     live = tmp_path / "live.pt"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(live), f"run.dir={run_dir}", f"data.train_shards={shards}", *COMMON,
-                           "train.steps=3", "engine.name=deepspeed", "engine.zero_stage=3",
-                           "checkpoint.resume=auto"], capture_output=True, text=True, timeout=600, env=ENV)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(live),
+            f"run.dir={run_dir}",
+            f"data.train_shards={shards}",
+            *COMMON,
+            "train.steps=3",
+            "engine.name=deepspeed",
+            "engine.zero_stage=3",
+            "checkpoint.resume=auto",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     out = run_cli("export", "--checkpoint", str(run_dir), "--output", str(tmp_path / "model.pt"))
@@ -108,6 +140,7 @@ def test_export_of_a_zero3_checkpoint_loads_in_open_clip_with_the_same_embedding
 
 # ---------------------------------------------------------------- settings (no processes)
 
+
 def ds_cfg(**overrides):
     items = ["engine.name=deepspeed", "data.batch_size=16", "optim.accum_steps=2", "data.train_shards=x.tar"]
     items += [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
@@ -115,24 +148,35 @@ def ds_cfg(**overrides):
 
 
 def test_generated_config_follows_clipscale():
-    ds = build_ds_config(ds_cfg(optim__lr=3e-4), world_size=4, device=torch.device("cpu"),
-                         user={"zero_optimization": {"stage": 3, "overlap_comm": True}})
+    ds = build_ds_config(
+        ds_cfg(optim__lr=3e-4),
+        world_size=4,
+        device=torch.device("cpu"),
+        user={"zero_optimization": {"stage": 3, "overlap_comm": True}},
+    )
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 16 * 2 * 4
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["gradient_clipping"] == 1.0
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
 
 
-@pytest.mark.parametrize("user, message", [
-    ({"zero_optimisation": {"stage": 2}}, "unknown DeepSpeed setting 'zero_optimisation' (did you mean "
-                                          "'zero_optimization'?)"),
-    ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu=8, which clipscale derives from "
-                                            "data.batch_size (= 16)"),
-    ({"optimizer": {"type": "Adam"}}, "derives from optim.*"),
-    ({"scheduler": {"type": "WarmupLR"}}, "derives from schedule.*"),
-    ({"bf16": {"enabled": True}}, "bf16.enabled=true, which contradicts model.precision=fp32"),
-    ({"zero_optimization": {"stage": 3, "overlap_comms": True}}, "zero_optimization.overlap_comms"),
-])
+@pytest.mark.parametrize(
+    "user, message",
+    [
+        (
+            {"zero_optimisation": {"stage": 2}},
+            "unknown DeepSpeed setting 'zero_optimisation' (did you mean 'zero_optimization'?)",
+        ),
+        (
+            {"train_micro_batch_size_per_gpu": 8},
+            "train_micro_batch_size_per_gpu=8, which clipscale derives from data.batch_size (= 16)",
+        ),
+        ({"optimizer": {"type": "Adam"}}, "derives from optim.*"),
+        ({"scheduler": {"type": "WarmupLR"}}, "derives from schedule.*"),
+        ({"bf16": {"enabled": True}}, "bf16.enabled=true, which contradicts model.precision=fp32"),
+        ({"zero_optimization": {"stage": 3, "overlap_comms": True}}, "zero_optimization.overlap_comms"),
+    ],
+)
 def test_bad_settings_fail_with_one_line(user, message):
     with pytest.raises(ConfigError) as err:
         build_ds_config(ds_cfg(model__precision="fp32"), 2, torch.device("cpu"), user=user)
@@ -140,17 +184,24 @@ def test_bad_settings_fail_with_one_line(user, message):
 
 
 def test_stage_conflict_between_key_and_file():
-    with pytest.raises(ConfigError, match="engine.zero_stage=2 but engine.deepspeed_config sets "
-                                          "zero_optimization.stage=3"):
+    with pytest.raises(
+        ConfigError, match="engine.zero_stage=2 but engine.deepspeed_config sets zero_optimization.stage=3"
+    ):
         build_ds_config(ds_cfg(engine__zero_stage=2), 2, torch.device("cpu"), user={"zero_optimization": {"stage": 3}})
     cfg = ds_cfg(engine__deepspeed_config="configs/deepspeed/zero3.yaml")
     assert build_ds_config(cfg, 2, torch.device("cpu"))["zero_optimization"]["stage"] == 3
 
 
 def test_bad_settings_stop_the_cli_at_start_up(tmp_path, toy_shards):
-    proc = run_cli("train", f"run.dir={tmp_path}", f"data.train_shards={toy_shards}", "train.device=cpu",
-                   "engine.name=deepspeed", "engine.deepspeed_config={train_micro_batch_size_per_gpu: 3}",
-                   check=False)
+    proc = run_cli(
+        "train",
+        f"run.dir={tmp_path}",
+        f"data.train_shards={toy_shards}",
+        "train.device=cpu",
+        "engine.name=deepspeed",
+        "engine.deepspeed_config={train_micro_batch_size_per_gpu: 3}",
+        check=False,
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("clipscale: error:")]
     assert len(errors) == 1 and "train_micro_batch_size_per_gpu=3" in errors[0], proc.stderr[-2000:]
@@ -159,15 +210,18 @@ def test_bad_settings_stop_the_cli_at_start_up(tmp_path, toy_shards):
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_non_finite_step_is_skipped_and_weights_untouched(tmp_path, toy_shards, stage):
+    from test_resume import NaNOnCalls
+
     from clipscale.distributed import DistEnv, cleanup
     from clipscale.train import Trainer
+
     from helpers import tiny_config
-    from test_resume import NaNOnCalls
 
     env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
     try:
-        trainer = Trainer(tiny_config(tmp_path, toy_shards, train__steps=1, engine__name="deepspeed",
-                                      engine__zero_stage=stage), env)
+        trainer = Trainer(
+            tiny_config(tmp_path, toy_shards, train__steps=1, engine__name="deepspeed", engine__zero_stage=stage), env
+        )
         trainer.fit()
         before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
         trainer.loss_fn = NaNOnCalls(trainer.loss_fn, {1})

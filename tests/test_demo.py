@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from clipscale.metrics import read_jsonl
+
 from helpers import run_cli
 
 pytestmark = pytest.mark.slow
@@ -15,8 +16,16 @@ pytestmark = pytest.mark.slow
 
 def test_short_demo_writes_metrics_report_and_pictures(tmp_path):
     run = tmp_path / "demo"
-    proc = run_cli("demo", "--run-dir", str(run), "--steps", "20", "eval.every_n_steps=10", "logging.progress=false",
-                   "data.batch_size=32")
+    proc = run_cli(
+        "demo",
+        "--run-dir",
+        str(run),
+        "--steps",
+        "20",
+        "eval.every_n_steps=10",
+        "logging.progress=false",
+        "data.batch_size=32",
+    )
     assert "held-out zero-shot top-1" in proc.stderr and "report.md" in proc.stderr
     evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/zeroshot_top1" in r]
     assert [r["step"] for r in evals] == [10, 20]

@@ -8,15 +8,36 @@ import pytest
 
 from clipscale.metrics import read_jsonl
 
-COMMON = ["model.name=clip-tiny", "model.precision=fp32", "train.device=cpu", "train.steps=6",
-          "logging.every_n_steps=1", "logging.progress=false", "data.batch_size=8",
-          "schedule.warmup_steps=2", "optim.lr=1e-3", "data.shuffle_buffer=32", "checkpoint.every_n_steps=1000"]
+COMMON = [
+    "model.name=clip-tiny",
+    "model.precision=fp32",
+    "train.device=cpu",
+    "train.steps=6",
+    "logging.every_n_steps=1",
+    "logging.progress=false",
+    "data.batch_size=8",
+    "schedule.warmup_steps=2",
+    "optim.lr=1e-3",
+    "data.shuffle_buffer=32",
+    "checkpoint.every_n_steps=1000",
+]
 
 
 def torchrun(nproc, run_dir, shards, *overrides, extra_args=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *extra_args, "-m", "clipscale.train", f"run.dir={run_dir}", f"data.train_shards={shards}",
-           *COMMON, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *extra_args,
+        "-m",
+        "clipscale.train",
+        f"run.dir={run_dir}",
+        f"data.train_shards={shards}",
+        *COMMON,
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -15,6 +15,7 @@ from clipscale.metrics import read_jsonl
 from clipscale.model import create_model
 from clipscale.shards.writer import write_shards
 from clipscale.train import train
+
 from helpers import COLORS, jpeg, run_cli, tiny_config
 
 NAMES = list(COLORS)
@@ -35,7 +36,9 @@ class OracleModel(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.protos = torch.nn.Parameter(F.normalize(torch.randn(len(NAMES), 16, generator=torch.Generator().manual_seed(0)), dim=-1))
+        self.protos = torch.nn.Parameter(
+            F.normalize(torch.randn(len(NAMES), 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+        )
 
     @staticmethod
     def transform(img):
@@ -56,8 +59,12 @@ class OracleModel(torch.nn.Module):
 
 def test_a_perfect_model_scores_100_percent_on_an_image_folder(tmp_path):
     model = OracleModel()
-    ev = Evaluator(EvalConfig(zeroshot=str(color_folder(tmp_path / "val")), batch_size=5), model.transform,
-                   model.tokenizer, torch.device("cpu"))
+    ev = Evaluator(
+        EvalConfig(zeroshot=str(color_folder(tmp_path / "val")), batch_size=5),
+        model.transform,
+        model.tokenizer,
+        torch.device("cpu"),
+    )
     assert ev.classnames == sorted(NAMES)  # folder names; sorted order = label order
     out = ev.run(model)
     assert out["eval/zeroshot_top1"] == 1.0 and out["eval/zeroshot_top5"] == 1.0
@@ -76,9 +83,14 @@ def test_a_random_model_is_near_chance_on_labelled_shards(tmp_path):
     shards = digit_test_shards(tmp_path)
     torch.manual_seed(0)
     bundle = create_model(ModelConfig(name="clip-tiny"))
-    ev = Evaluator(EvalConfig(zeroshot=shards, zeroshot_classes="digits", zeroshot_templates="digits",
-                              retrieval=shards, batch_size=128), bundle.val_transform, bundle.tokenizer,
-                   torch.device("cpu"))
+    ev = Evaluator(
+        EvalConfig(
+            zeroshot=shards, zeroshot_classes="digits", zeroshot_templates="digits", retrieval=shards, batch_size=128
+        ),
+        bundle.val_transform,
+        bundle.tokenizer,
+        torch.device("cpu"),
+    )
     out = ev.run(bundle.model)
     n = out["eval/zeroshot_images"]
     assert n == 359
@@ -90,10 +102,14 @@ def test_a_random_model_is_near_chance_on_labelled_shards(tmp_path):
 def test_retrieval_recall_on_a_hand_made_case():
     # 3 images, 4 captions: image 0 has captions 0 and 1, image 1 has caption 2, image 2 has caption 3
     images = torch.eye(3)
-    texts = torch.tensor([[0.0, 1.0, 0.0],  # caption of image 0, but closest to image 1
-                          [1.0, 0.0, 0.0],  # caption of image 0, closest to image 0
-                          [0.0, 0.6, 0.8],  # caption of image 1, closest to image 2
-                          [0.0, 0.0, 1.0]])  # caption of image 2
+    texts = torch.tensor(
+        [
+            [0.0, 1.0, 0.0],  # caption of image 0, but closest to image 1
+            [1.0, 0.0, 0.0],  # caption of image 0, closest to image 0
+            [0.0, 0.6, 0.8],  # caption of image 1, closest to image 2
+            [0.0, 0.0, 1.0],
+        ]
+    )  # caption of image 2
     owner = torch.tensor([0, 0, 1, 2])
     r = retrieval_recall(images, texts, owner, ks=(1, 2))
     # i2t: image 0 -> best text is 1 (its own): hit@1; image 1 -> texts 0 (1.0), 2 (0.6): own at rank 2;
@@ -113,11 +129,13 @@ def test_topk_accuracy():
 def test_identical_images_are_one_image_with_several_captions(tmp_path):
     img = jpeg(Image.new("RGB", (8, 8), (200, 10, 10)))
     other = jpeg(Image.new("RGB", (8, 8), (10, 10, 200)))
-    samples = [{"__key__": "a", "jpg": img, "txt": "a red square"},
-               {"__key__": "b", "jpg": other, "txt": "a blue square"},
-               {"__key__": "c", "jpg": img, "txt": "something red"},
-               {"__key__": "d", "jpg": other, "json": json.dumps({"captions": ["blue", "a blue thing"]})},
-               {"__key__": "e", "txt": "no image"}]
+    samples = [
+        {"__key__": "a", "jpg": img, "txt": "a red square"},
+        {"__key__": "b", "jpg": other, "txt": "a blue square"},
+        {"__key__": "c", "jpg": img, "txt": "something red"},
+        {"__key__": "d", "jpg": other, "json": json.dumps({"captions": ["blue", "a blue thing"]})},
+        {"__key__": "e", "txt": "no image"},
+    ]
     write_shards(samples, tmp_path, "ret", 10)
     ev = shard_set(str(tmp_path / "ret-000000.tar"), (0, 1), "captions")
     assert ev.size == 2 and ev.skipped == 1
@@ -129,18 +147,34 @@ def test_bad_class_files_and_sets_are_one_line_errors(tmp_path):
     (tmp_path / "classes.yaml").write_text("{classnames: 3}")
     folder = str(color_folder(tmp_path / "val", per_class=1))
     with pytest.raises(EvalDataError, match="must hold a list of class names"):
-        Evaluator(EvalConfig(zeroshot=folder, zeroshot_classes=str(tmp_path / "classes.yaml")), model.transform,
-                  model.tokenizer, torch.device("cpu"))
+        Evaluator(
+            EvalConfig(zeroshot=folder, zeroshot_classes=str(tmp_path / "classes.yaml")),
+            model.transform,
+            model.tokenizer,
+            torch.device("cpu"),
+        )
     with pytest.raises(EvalDataError, match="neither a built-in name nor a file"):
-        Evaluator(EvalConfig(zeroshot=folder, zeroshot_templates="opnai"), model.transform, model.tokenizer,
-                  torch.device("cpu"))
+        Evaluator(
+            EvalConfig(zeroshot=folder, zeroshot_templates="opnai"),
+            model.transform,
+            model.tokenizer,
+            torch.device("cpu"),
+        )
     (tmp_path / "two.txt").write_text("red\ngreen\n")
     with pytest.raises(EvalDataError, match="outside the 2 class names"):
-        Evaluator(EvalConfig(zeroshot=folder, zeroshot_classes=str(tmp_path / "two.txt")), model.transform,
-                  model.tokenizer, torch.device("cpu"))
+        Evaluator(
+            EvalConfig(zeroshot=folder, zeroshot_classes=str(tmp_path / "two.txt")),
+            model.transform,
+            model.tokenizer,
+            torch.device("cpu"),
+        )
     with pytest.raises(EvalDataError, match="evaluation shard not found"):
-        Evaluator(EvalConfig(retrieval=str(tmp_path / "nope-{000000..000001}.tar")), model.transform,
-                  model.tokenizer, torch.device("cpu"))
+        Evaluator(
+            EvalConfig(retrieval=str(tmp_path / "nope-{000000..000001}.tar")),
+            model.transform,
+            model.tokenizer,
+            torch.device("cpu"),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +185,18 @@ def labelled_shards(tmp_path_factory):
 def test_evaluation_during_training_leaves_training_untouched(tmp_path, toy_shards, labelled_shards):
     """The same run with and without evaluation every 3 steps: identical losses, bitwise."""
     plain = train(tiny_config(tmp_path / "plain", toy_shards, data__workers=1))
-    evald = train(tiny_config(tmp_path / "eval", toy_shards, data__workers=1, eval__every_n_steps=3,
-                              eval__zeroshot=labelled_shards, eval__zeroshot_classes="digits",
-                              eval__retrieval=labelled_shards, eval__batch_size=200))
+    evald = train(
+        tiny_config(
+            tmp_path / "eval",
+            toy_shards,
+            data__workers=1,
+            eval__every_n_steps=3,
+            eval__zeroshot=labelled_shards,
+            eval__zeroshot_classes="digits",
+            eval__retrieval=labelled_shards,
+            eval__batch_size=200,
+        )
+    )
     losses = lambda d: [r["loss"] for r in read_jsonl(d / "metrics.jsonl") if "loss" in r]  # noqa: E731
     assert losses(tmp_path / "plain") == losses(tmp_path / "eval") and plain["loss"] == evald["loss"]
     evals = [r for r in read_jsonl(tmp_path / "eval" / "metrics.jsonl") if "eval/zeroshot_top1" in r]
@@ -168,19 +211,43 @@ def test_clipscale_eval_on_an_open_clip_format_checkpoint(tmp_path):
     bundle = create_model(ModelConfig(name="clip-tiny"))
     torch.save(bundle.model.state_dict(), tmp_path / "open_clip.pt")  # a bare open_clip state_dict
     folder = color_folder(tmp_path / "val", per_class=2)
-    out = run_cli("eval", "--checkpoint", str(tmp_path / "open_clip.pt"), "--model", "clip-tiny",
-                  "--zeroshot", str(folder), "--templates", "simple", "--output", str(tmp_path / "r.json"),
-                  "--workers", "0")
+    out = run_cli(
+        "eval",
+        "--checkpoint",
+        str(tmp_path / "open_clip.pt"),
+        "--model",
+        "clip-tiny",
+        "--zeroshot",
+        str(folder),
+        "--templates",
+        "simple",
+        "--output",
+        str(tmp_path / "r.json"),
+        "--workers",
+        "0",
+    )
     assert "zeroshot_top1" in out.stdout and "%" in out.stdout
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["model"] == "clip-tiny" and 0.0 <= record["eval/zeroshot_top1"] <= 1.0
     assert record["eval/zeroshot_images"] == 2 * len(NAMES)
     # the same weights give the same numbers in-process
-    direct = Evaluator(EvalConfig(zeroshot=str(folder), zeroshot_templates="simple"), bundle.val_transform,
-                       bundle.tokenizer, torch.device("cpu")).run(bundle.model)
+    direct = Evaluator(
+        EvalConfig(zeroshot=str(folder), zeroshot_templates="simple"),
+        bundle.val_transform,
+        bundle.tokenizer,
+        torch.device("cpu"),
+    ).run(bundle.model)
     assert np.isclose(direct["eval/zeroshot_top1"], record["eval/zeroshot_top1"])
-    wrong = run_cli("eval", "--checkpoint", str(tmp_path / "open_clip.pt"), "--model", "clip-small",
-                    "--zeroshot", str(folder), check=False)
+    wrong = run_cli(
+        "eval",
+        "--checkpoint",
+        str(tmp_path / "open_clip.pt"),
+        "--model",
+        "clip-small",
+        "--zeroshot",
+        str(folder),
+        check=False,
+    )
     assert wrong.returncode == 2 and wrong.stderr.startswith("clipscale: error:") and "does not fit" in wrong.stderr
     assert "Traceback" not in wrong.stderr
     nameless = run_cli("eval", "--checkpoint", str(tmp_path / "open_clip.pt"), "--zeroshot", str(folder), check=False)

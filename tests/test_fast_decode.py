@@ -12,8 +12,8 @@ from torchvision import transforms as T
 from clipscale.data.jpeg import decode_image
 from clipscale.data.samples import SampleDecoder, split_to_tensor_tail
 from clipscale.distributed import DistEnv
-from clipscale.loss import Gather
 from clipscale.model import create_model
+
 from helpers import tiny_config
 
 
@@ -31,8 +31,9 @@ def tiny_bundle():
 
 def decode_batch(decoder: SampleDecoder, samples: list[dict]) -> torch.Tensor:
     """What the model gets: collated in the worker, finished on the training device."""
-    return decoder.to_model_input(decoder.collate([decoder(s, 1000 + i)[0] for i, s in enumerate(samples)]),
-                                  torch.device("cpu"))
+    return decoder.to_model_input(
+        decoder.collate([decoder(s, 1000 + i)[0] for i, s in enumerate(samples)]), torch.device("cpu")
+    )
 
 
 def test_batched_tensorize_is_bitwise_the_per_sample_transform(tiny_bundle):
@@ -98,21 +99,3 @@ def test_trainer_decodes_with_draft_at_the_model_input_size_unless_disabled(tmp_
     off = Trainer(tiny_config(tmp_path / "off", toy_shards, train__steps=1, data__jpeg_draft="false"), env)
     assert on.data.dataset.decoder.draft_size == on.bundle.image_size == 32
     assert off.data.dataset.decoder.draft_size is None
-
-
-def test_pair_gather_falls_back_for_gathers_of_their_own():
-    calls = []
-
-    class Simulated(Gather):
-        def rank_world(self):
-            return 0, 2
-
-        def __call__(self, x):
-            calls.append(x.shape)
-            return torch.cat([x, x + 1])
-
-    a, b = torch.randn(3, 4), torch.randn(3, 5)
-    ga, gb = Simulated().pair(a, b)
-    assert calls == [(3, 4), (3, 5)] and torch.equal(ga, torch.cat([a, a + 1])) and torch.equal(gb[3:], b + 1)
-    single = Gather()  # world size 1 here: no collective, the tensors themselves
-    assert single.pair(a, b)[0] is a

@@ -21,9 +21,13 @@ def jpeg(width, height, mode="RGB", **save):
 
 
 CASES = {
-    "420": jpeg(320, 256, quality=90), "444": jpeg(321, 257, quality=95, subsampling=0),
-    "422": jpeg(300, 199, quality=80, subsampling=1), "progressive": jpeg(256, 384, progressive=True),
-    "tiny": jpeg(17, 9), "gray": jpeg(200, 150, mode="L"), "cmyk": jpeg(120, 80, mode="CMYK"),
+    "420": jpeg(320, 256, quality=90),
+    "444": jpeg(321, 257, quality=95, subsampling=0),
+    "422": jpeg(300, 199, quality=80, subsampling=1),
+    "progressive": jpeg(256, 384, progressive=True),
+    "tiny": jpeg(17, 9),
+    "gray": jpeg(200, 150, mode="L"),
+    "cmyk": jpeg(120, 80, mode="CMYK"),
 }
 
 

@@ -12,6 +12,7 @@ import time
 from clipscale.data.loader import TrainData
 from clipscale.distributed import init_distributed
 from clipscale.model import create_model
+
 from helpers import REPO, tiny_config
 
 SCRIPT = textwrap.dedent("""

@@ -39,8 +39,13 @@ def rank_worker(rank, world):
         loss_fn = make_loss(name, impl)
         loss = loss_fn(i, t, s, b) if name == "siglip" else loss_fn(i, t, s)
         loss.backward()
-        out[(name, impl)] = {"loss": loss.item(), "img": i.grad, "txt": t.grad, "scale": s.grad.item(),
-                             "bias": b.grad.item() if name == "siglip" else None}
+        out[(name, impl)] = {
+            "loss": loss.item(),
+            "img": i.grad,
+            "txt": t.grad,
+            "scale": s.grad.item(),
+            "bias": b.grad.item() if name == "siglip" else None,
+        }
     return out
 
 
@@ -53,8 +58,13 @@ def reference(name, world):
     else:
         loss = ocl.SigLipLoss()(i, t, s, b)
     loss.backward()
-    return {"loss": loss.item(), "img": i.grad, "txt": t.grad, "scale": s.grad.item(),
-            "bias": b.grad.item() if name == "siglip" else None}
+    return {
+        "loss": loss.item(),
+        "img": i.grad,
+        "txt": t.grad,
+        "scale": s.grad.item(),
+        "bias": b.grad.item() if name == "siglip" else None,
+    }
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

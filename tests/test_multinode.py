@@ -12,6 +12,7 @@ import pytest
 
 from clipscale.checkpoint import CheckpointManager, load_checkpoint_file
 from clipscale.metrics import read_jsonl
+
 from process_helpers import COMMON, ENV, STEPS, keys, logged_steps, wait_for
 
 pytestmark = pytest.mark.slow
@@ -35,12 +36,30 @@ def start_nodes(run_dir, shards, *overrides, max_restarts=0):
     env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as slurm/train.sbatch exports it
     nodes = []
     for node_rank in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-               f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-               "--rdzv-id=clipscale-test", f"--max-restarts={max_restarts}", "--monitor-interval=0.5",
-               "-m", "clipscale.train", f"run.dir={run_dir}", f"data.train_shards={shards}", *COMMON, *overrides]
-        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                      start_new_session=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            f"--node-rank={node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=clipscale-test",
+            f"--max-restarts={max_restarts}",
+            "--monitor-interval=0.5",
+            "-m",
+            "clipscale.train",
+            f"run.dir={run_dir}",
+            f"data.train_shards={shards}",
+            *COMMON,
+            *overrides,
+        ]
+        nodes.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+            )
+        )
     return nodes
 
 

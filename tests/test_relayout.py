@@ -4,11 +4,12 @@ import random
 
 import pytest
 
-from clipscale.data.plan import StreamPlan
+from clipscale.data.plan import StreamPlan, StreamPosition
 from clipscale.data.relayout import relayout, remaining_samples
-from clipscale.data.shardlist import resolve_shards
 from clipscale.data.stream import iter_stream
 from clipscale.shards import write_shards
+from clipscale.wds.shardlist import resolve_shards
+
 from helpers import color_samples
 
 
@@ -19,7 +20,7 @@ def uneven_shards(tmp_path_factory):
     samples = list(color_samples(sum(sizes), size=8))
     start = 0
     for i, n in enumerate(sizes):
-        write_shards(samples[start:start + n], d / f"p{i}", f"u{i}", n)
+        write_shards(samples[start : start + n], d / f"p{i}", f"u{i}", n)
         start += n
     return resolve_shards("::".join(str(d / f"p{i}" / f"u{i}-000000.tar") for i in range(len(sizes))))
 
@@ -32,13 +33,13 @@ def consume(plan, stream, n, start=(0, 0)):
     """Read n samples of a stream: their (shard, index, pass) and the position after them."""
     got, pos = [], start
     if n == 0:
-        return got, {"cursor": start[0], "offset": start[1]}
+        return got, StreamPosition(start[0], start[1])
     for sample, cursor, offset in iter_stream(plan, stream, start[0], start[1], lambda u, e: None):
         got.append((*ident(sample), sample["__pass__"]))
         pos = (cursor, offset)
         if len(got) == n:
             break
-    return got, {"cursor": pos[0], "offset": pos[1]}
+    return got, StreamPosition(pos[0], pos[1])
 
 
 def epoch0(shards):
@@ -48,9 +49,16 @@ def epoch0(shards):
     return {(plan.shard(Item(g)).url, i) for g in range(len(shards)) for i in range(plan.shard(Item(g)).samples)}
 
 
-@pytest.mark.parametrize("old_streams, new_streams, block, shuffle, seed", [
-    (4, 2, 2, True, 0), (2, 3, 2, True, 1), (3, 1, 3, True, 2), (4, 4, 1, False, 3), (1, 5, 2, True, 4),
-])
+@pytest.mark.parametrize(
+    "old_streams, new_streams, block, shuffle, seed",
+    [
+        (4, 2, 2, True, 0),
+        (2, 3, 2, True, 1),
+        (3, 1, 3, True, 2),
+        (4, 4, 1, False, 3),
+        (1, 5, 2, True, 4),
+    ],
+)
 def test_relayout_covers_the_epoch_without_repeats(uneven_shards, old_streams, new_streams, block, shuffle, seed):
     rng = random.Random(seed)
     old = StreamPlan(uneven_shards, seed, old_streams, shuffle, block, shuffle_buffer=4)
@@ -73,7 +81,7 @@ def test_relayout_covers_the_epoch_without_repeats(uneven_shards, old_streams, n
     # leftovers are read before anything new: the next sample of every stream is past them
     for s in range(new_streams):
         nxt, _ = consume(new, s, sizes[s] + 1)
-        assert (nxt[-1][0], nxt[-1][1]) not in set((u, i) for u, i, _ in rest) or nxt[-1][2] > 0
+        assert (nxt[-1][0], nxt[-1][1]) not in {(u, i) for u, i, _ in rest} or nxt[-1][2] > 0
 
 
 def test_relayout_twice_still_covers_the_epoch(uneven_shards):
@@ -98,5 +106,5 @@ def test_relayout_twice_still_covers_the_epoch(uneven_shards):
 def test_blocks_do_not_straddle_data_passes(uneven_shards):
     plan = StreamPlan(uneven_shards, 0, 2, True, 3, 4)
     for s in range(2):
-        for _, (cursor, items) in zip(range(6), plan.blocks(s)):
+        for _, (_cursor, items) in zip(range(6), plan.blocks(s)):
             assert len({plan.data_pass(it) for it in items}) == 1

@@ -14,6 +14,7 @@ from clipscale.checkpoint import CheckpointManager, checksum_path
 from clipscale.errors import CheckpointError
 from clipscale.metrics import read_jsonl
 from clipscale.preempt import EXIT_PREEMPTED
+
 from helpers import tiny_config
 from process_helpers import COMMON, ENV, STEPS, kill_and_resume, logged_steps, losses, run, start, wait_for
 
@@ -100,8 +101,14 @@ sys.exit(main(["train", *sys.argv[1:]]))
 def test_kill_during_checkpoint_write_keeps_previous_and_corruption_falls_back(tmp_path, shards):
     run_dir = tmp_path / "run"
     args = [f"run.dir={run_dir}", f"data.train_shards={shards}", *COMMON, "data.workers=0"]
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
     tmp = run_dir / "checkpoints" / ".step_00000004.pt.tmp"
     wait_for(lambda: tmp.is_file() and tmp.stat().st_size > 0, proc)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -133,8 +140,9 @@ def test_resume_on_another_world_size_covers_the_epoch_without_repeats(tmp_path,
     proc = run(1, run_dir, shards, "checkpoint.resume=auto", "train.steps=30")
     assert "resuming on a different data layout (4 streams -> 2 streams" in proc.stderr
     lines = read_jsonl(run_dir / "sample_keys.jsonl")
-    epoch0 = [k for r in sorted(lines, key=lambda r: (r["step"], r["rank"]))
-              for k, p in zip(r["keys"], r["passes"]) if p == 0]
+    epoch0 = [
+        k for r in sorted(lines, key=lambda r: (r["step"], r["rank"])) for k, p in zip(r["keys"], r["passes"]) if p == 0
+    ]
     assert len(epoch0) == len(set(epoch0)) == 128
     first_new = [k for r in lines if r["step"] > 5 for k in r["keys"]][:88]
     assert set(first_new).isdisjoint(k for r in lines if r["step"] <= 5 for k in r["keys"])
@@ -206,8 +214,13 @@ def test_async_checkpoints_resume_exactly(tmp_path, shards):
     run(1, part, shards, "checkpoint.async=true", "train.steps=7")
     assert (part / "checkpoints" / "latest").read_text().strip() == "step_00000007.pt"
     # the 7-step run has another LR schedule; resume the full-length run from its async step-6 checkpoint
-    run(1, part / "again", shards, f"checkpoint.resume={full / 'checkpoints' / 'step_00000006.pt'}",
-        "checkpoint.async=true")
+    run(
+        1,
+        part / "again",
+        shards,
+        f"checkpoint.resume={full / 'checkpoints' / 'step_00000006.pt'}",
+        "checkpoint.async=true",
+    )
     a, b = losses(full), losses(part / "again")
     assert [a[s] for s in range(7, STEPS + 1)] == [b[s] for s in range(7, STEPS + 1)]
     names = sorted(p.name for p in (full / "checkpoints").iterdir())

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipscale.data.tar_reader import iter_raw_samples
 from clipscale.shards.build import BuildOptions, build_shards
 from clipscale.shards.scan import index_shards
 from clipscale.shards.verify import verify_shards
+from clipscale.wds.tar import iter_raw_samples
+
 from helpers import run_cli
 
 
@@ -68,9 +69,17 @@ def write_csv(path: Path, rows: list[tuple[str, bytes]]):
 
 def table_rows(good):
     rows = [(name, cap.encode()) for name, (_, cap) in good.items()]
-    rows += [("cmyk.jpg", b"a cmyk image"), ("alpha.png", b"an alpha image"), ("palette.png", b"a palette image"),
-             ("corrupt.jpg", b"corrupt"), ("truncated.png", b"truncated"), ("missing.jpg", b"missing"),
-             ("empty.jpg", b"zero bytes"), ("good0.png", b"   "), ("good1.png", b"caf\xe9 latin-1 bytes")]
+    rows += [
+        ("cmyk.jpg", b"a cmyk image"),
+        ("alpha.png", b"an alpha image"),
+        ("palette.png", b"a palette image"),
+        ("corrupt.jpg", b"corrupt"),
+        ("truncated.png", b"truncated"),
+        ("missing.jpg", b"missing"),
+        ("empty.jpg", b"zero bytes"),
+        ("good0.png", b"   "),
+        ("good1.png", b"caf\xe9 latin-1 bytes"),
+    ]
     return rows
 
 
@@ -108,14 +117,20 @@ def test_no_reencode_keeps_bytes_and_resize_keeps_aspect(image_dir, tmp_path):
     d, good = image_dir
     write_csv(d / "pairs.csv", [(n, c.encode()) for n, (_, c) in good.items()])
     out = tmp_path / "raw"
-    build_shards(str(d / "pairs.csv"), str(out), "raw", BuildOptions(samples_per_shard=10, reencode=False),
-                 progress=False)
+    build_shards(
+        str(d / "pairs.csv"), str(out), "raw", BuildOptions(samples_per_shard=10, reencode=False), progress=False
+    )
     for s in read_set(out).values():
         name = json.loads(s["json"])["source"]
         assert s["png"] == (d / name).read_bytes()
     out2 = tmp_path / "small"
-    build_shards(str(d / "pairs.csv"), str(out2), "s", BuildOptions(samples_per_shard=10, max_size=20,
-                 resize_side="shorter"), progress=False)
+    build_shards(
+        str(d / "pairs.csv"),
+        str(out2),
+        "s",
+        BuildOptions(samples_per_shard=10, max_size=20, resize_side="shorter"),
+        progress=False,
+    )
     for s in read_set(out2).values():
         meta = json.loads(s["json"])
         w, h = Image.open(io.BytesIO(s["jpg"])).size
@@ -152,7 +167,7 @@ def test_parquet_and_jsonl_round_trip(image_dir, tmp_path, kind):
         path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "out"
     stats = build_shards(str(path), str(out), "p", BuildOptions(samples_per_shard=3), progress=False)
-    assert stats["written"] == len(good) and stats["skipped"] == {"missing_caption": 1}
+    assert stats["written"] == len(good) and stats["skipped"] == {"no_caption": 1}
     got = {s["txt"].decode(): s for s in read_set(out).values()}
     assert set(got) == {c for _, c in good.values()}
     assert all("width_hint" in json.loads(s["json"]) for s in got.values())
@@ -171,7 +186,7 @@ def test_folder_tree_with_sidecars(tmp_path):
     out = tmp_path / "out"
     stats = build_shards(str(root), str(out), "f", BuildOptions(samples_per_shard=2), progress=False)
     assert stats["written"] == 2
-    assert stats["skipped"] == {"bad_caption": 1, "missing_caption": 1}
+    assert stats["skipped"] == {"bad_caption": 1, "no_caption": 1}
     got = {s["txt"].decode(): json.loads(s["json"]) for s in read_set(out).values()}
     assert got["second image"]["license"] == "cc-by"
     assert got["first image"]["source"] == "a/one.jpg"
@@ -182,11 +197,21 @@ def test_missing_table_or_column_is_one_fatal_line(image_dir, tmp_path):
     write_csv(d / "pairs.csv", table_rows(good))
     proc = run_cli("shards", "build", "--input", str(d / "nope.csv"), "--output", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and "input table not found" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("shards", "build", "--input", str(d / "pairs.csv"), "--output", str(tmp_path / "o"),
-                   "--caption-col", "captoin", check=False)
+    proc = run_cli(
+        "shards",
+        "build",
+        "--input",
+        str(d / "pairs.csv"),
+        "--output",
+        str(tmp_path / "o"),
+        "--caption-col",
+        "captoin",
+        check=False,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().endswith("column 'captoin' (--caption-col) not found; available columns: "
-                                        "filepath, caption, source_id")
+    assert proc.stderr.strip().endswith(
+        "column 'captoin' (--caption-col) not found; available columns: filepath, caption, source_id"
+    )
 
 
 def many_rows_csv(tmp_path, n=200):
@@ -202,8 +227,26 @@ def many_rows_csv(tmp_path, n=200):
 
 
 def build_cmd(table, out, workers=1):
-    return [sys.executable, "-m", "clipscale", "shards", "build", "--input", str(table), "--output", str(out),
-            "--name", "k", "--samples-per-shard", "4", "--max-size", "64", "--workers", str(workers), "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "clipscale",
+        "shards",
+        "build",
+        "--input",
+        str(table),
+        "--output",
+        str(out),
+        "--name",
+        "k",
+        "--samples-per-shard",
+        "4",
+        "--max-size",
+        "64",
+        "--workers",
+        str(workers),
+        "--no-progress",
+    ]
 
 
 def build_files(out: Path) -> dict:
@@ -263,9 +306,10 @@ def test_verify_catches_truncated_tar_and_manifest_mismatch(tmp_path):
 
 def make_img2dataset_layout(root: Path, shards=2, per_shard=5):
     """What img2dataset writes: 00000.tar (keys 000000000...), 00000.parquet, 00000_stats.json."""
+    import tarfile
+
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import tarfile
 
     root.mkdir()
     for s in range(shards):
@@ -275,33 +319,38 @@ def make_img2dataset_layout(root: Path, shards=2, per_shard=5):
                 key = f"{s:05d}{i:04d}"
                 buf = io.BytesIO()
                 pattern_image(24, 24, s * 10 + i).save(buf, format="JPEG")
-                members = {"jpg": buf.getvalue(), "txt": f"photo {key}".encode(),
-                           "json": json.dumps({"url": f"http://x/{key}.jpg", "key": key, "status": "success",
-                                               "caption": f"photo {key}"}).encode()}
+                members = {
+                    "jpg": buf.getvalue(),
+                    "txt": f"photo {key}".encode(),
+                    "json": json.dumps(
+                        {"url": f"http://x/{key}.jpg", "key": key, "status": "success", "caption": f"photo {key}"}
+                    ).encode(),
+                }
                 for ext, data in members.items():
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
                 rows.append({"key": key, "caption": f"photo {key}", "status": "success"})
         pq.write_table(pa.Table.from_pylist(rows), root / f"{s:05d}.parquet")
-        (root / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard + 1, "successes": per_shard,
-                                                               "failed_to_download": 1}))
+        (root / f"{s:05d}_stats.json").write_text(
+            json.dumps({"count": per_shard + 1, "successes": per_shard, "failed_to_download": 1})
+        )
 
 
 def test_img2dataset_layout_trains_and_indexes(tmp_path):
     import torch
 
-    from clipscale.data import TrainData
+    from clipscale.data.loader import TrainData
     from clipscale.distributed import DistEnv
     from clipscale.model import create_model
+
     from helpers import tiny_config
 
     root = tmp_path / "i2d"
     make_img2dataset_layout(root)
     cfg = tiny_config(tmp_path / "run", str(root / "{00000..00001}.tar"), data__batch_size=5, data__shuffle="false")
     bundle = create_model(cfg.model)
-    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer,
-                     DistEnv(0, 1, 0, torch.device("cpu"), None, "none"))
+    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, DistEnv(0, 1, 0, torch.device("cpu"), None, "none"))
     assert data.plan.total_samples == 10  # from _stats.json, no manifest needed
     keys = [k for _ in range(2) for k in data.next()[0]["keys"]]
     assert sorted(keys) == [f"0000{s}000{i}" for s in range(2) for i in range(5)]
@@ -328,6 +377,10 @@ def test_tools_wrapper_runs_the_cli(tmp_path):
     from helpers import REPO, make_shards
 
     make_shards(tmp_path, n_shards=1, per_shard=3)
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "verify_shards.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "verify_shards.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("OK: 1 shard(s), 3 samples")

@@ -13,6 +13,7 @@ import pytest
 
 from clipscale.checkpoint import CheckpointManager
 from clipscale.metrics import read_jsonl
+
 from helpers import REPO, make_shards
 from process_helpers import logged_steps
 
@@ -20,9 +21,18 @@ pytestmark = pytest.mark.slow
 LOCAL_SLURM = REPO / "tools" / "local_slurm.sh"
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 UNSCHEDULABLE = ("PartitionConfig", "ReqNodeNotAvail", "BadConstraints", "PartitionNodeLimit", "Resources_Unavailable")
-TRAIN = ["model.name=clip-tiny", "model.precision=fp32", "data.batch_size=4", "data.workers=2",
-         "data.shuffle_buffer=16", "logging.every_n_steps=1", "logging.progress=false", "logging.sample_keys=true",
-         "schedule.warmup_steps=2", "optim.lr=1e-3"]
+TRAIN = [
+    "model.name=clip-tiny",
+    "model.precision=fp32",
+    "data.batch_size=4",
+    "data.workers=2",
+    "data.shuffle_buffer=16",
+    "logging.every_n_steps=1",
+    "logging.progress=false",
+    "logging.sample_keys=true",
+    "schedule.warmup_steps=2",
+    "optim.lr=1e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +41,7 @@ def cluster(tmp_path_factory):
     if not shutil.which("sbatch") or not shutil.which("slurmctld"):
         pytest.fail("SLURM is not installed: run `sudo tools/local_slurm.sh install` (CI does it in .ci/run)")
     env = {**os.environ, "CLIPSCALE_SLURM_DIR": str(tmp_path_factory.mktemp("slurm"))}
-    started = subprocess.run(["bash", str(LOCAL_SLURM), "start"], env=env, capture_output=True, text=True,
-                             timeout=120)
+    started = subprocess.run(["bash", str(LOCAL_SLURM), "start"], env=env, capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, started.stdout + started.stderr
     conf = re.search(r"SLURM_CONF=(\S+)", started.stdout).group(1)
     # a clean launcher environment: in-process DeepSpeed tests may have set RANK/WORLD_SIZE here
@@ -47,25 +56,44 @@ def shards(tmp_path_factory):
 
 
 def submit(cluster, script, run_dir, log, *overrides, sbatch_args=(), **env):
-    proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", f"--output={log}", f"--chdir={REPO}",
-                           *sbatch_args, str(REPO / "slurm" / script), *TRAIN, *overrides],
-                          env={**cluster, "CONFIG": "configs/demo-cpu.yaml", "RUN_DIR": str(run_dir), **env},
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--gpus-per-node=0",
+            f"--output={log}",
+            f"--chdir={REPO}",
+            *sbatch_args,
+            str(REPO / "slurm" / script),
+            *TRAIN,
+            *overrides,
+        ],
+        env={**cluster, "CONFIG": "configs/demo-cpu.yaml", "RUN_DIR": str(run_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
 
 def job_info(cluster, job_id) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=cluster, capture_output=True, text=True,
-                         timeout=30).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], env=cluster, capture_output=True, text=True, timeout=30
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
 def diagnose(cluster, job_id, log) -> str:
     """What a failed wait shows: the job's record, the node's state and the job log's tail."""
     run = lambda *cmd: subprocess.run(cmd, env=cluster, capture_output=True, text=True, timeout=30).stdout
-    return "\n".join([run("scontrol", "show", "job", job_id), run("sinfo", "-N", "-l"),
-                      log.read_text()[-3000:] if log.exists() else "(no job log yet)"])
+    return "\n".join(
+        [
+            run("scontrol", "show", "job", job_id),
+            run("sinfo", "-N", "-l"),
+            log.read_text()[-3000:] if log.exists() else "(no job log yet)",
+        ]
+    )
 
 
 def wait_steps(cluster, job_id, log, run_dir, n, timeout=300) -> int:
@@ -92,8 +120,16 @@ def wait_done(cluster, job_id, log, timeout=400) -> dict:
 
 def test_sbatch_two_process_run_finishes_with_metrics_and_checkpoint(cluster, shards, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(cluster, "train.sbatch", run_dir, log, f"data.train_shards={shards}", "train.steps=6",
-                 "checkpoint.every_n_steps=2", NPROC_PER_NODE="2")
+    job = submit(
+        cluster,
+        "train.sbatch",
+        run_dir,
+        log,
+        f"data.train_shards={shards}",
+        "train.steps=6",
+        "checkpoint.every_n_steps=2",
+        NPROC_PER_NODE="2",
+    )
     info = wait_done(cluster, job, log)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", text[-3000:]
@@ -110,8 +146,16 @@ def test_sbatch_two_process_run_finishes_with_metrics_and_checkpoint(cluster, sh
 def test_sbatch_preempted_by_usr1_requeues_itself_and_resumes(cluster, shards, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     steps = 40
-    job = submit(cluster, "train.sbatch", run_dir, log, f"data.train_shards={shards}", f"train.steps={steps}",
-                 "checkpoint.every_n_steps=1000", NPROC_PER_NODE="2")
+    job = submit(
+        cluster,
+        "train.sbatch",
+        run_dir,
+        log,
+        f"data.train_shards={shards}",
+        f"train.steps={steps}",
+        "checkpoint.every_n_steps=1000",
+        NPROC_PER_NODE="2",
+    )
     signalled_at = wait_steps(cluster, job, log, run_dir, 3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True, timeout=30)
     info = wait_done(cluster, job, log)
@@ -123,7 +167,11 @@ def test_sbatch_preempted_by_usr1_requeues_itself_and_resumes(cluster, shards, t
     requested = re.search(r"preemption requested \(SIGUSR1 during step (\d+)\): saving at step (\d+)", text)
     assert requested, text[-4000:]
     during, saved = int(requested.group(1)), int(requested.group(2))
-    assert int(resumed.group(1)) == at == saved and signalled_at <= during <= at <= during + 1, (signalled_at, during, at)
+    assert int(resumed.group(1)) == at == saved and signalled_at <= during <= at <= during + 1, (
+        signalled_at,
+        during,
+        at,
+    )
     assert f"preempted at step {at}: requeueing job {job}" in text
     assert f"[job {job} requeue1] clipscale on 1 node(s)" in text  # the log was appended to, not truncated
     steps_logged = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
@@ -137,8 +185,16 @@ def test_scancel_checkpoints_and_does_not_requeue(cluster, shards, tmp_path):
     """Plain scancel signals every process of the job (DataLoader workers too) with SIGTERM: the run
     saves a checkpoint and stops; the user meant to cancel, so there is no requeue."""
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(cluster, "train.sbatch", run_dir, log, f"data.train_shards={shards}", "train.steps=200",
-                 "checkpoint.every_n_steps=1000", NPROC_PER_NODE="2")
+    job = submit(
+        cluster,
+        "train.sbatch",
+        run_dir,
+        log,
+        f"data.train_shards={shards}",
+        "train.steps=200",
+        "checkpoint.every_n_steps=1000",
+        NPROC_PER_NODE="2",
+    )
     wait_steps(cluster, job, log, run_dir, 2)
     started = time.time()
     subprocess.run(["scancel", job], env=cluster, check=True, timeout=30)
@@ -153,8 +209,16 @@ def test_scancel_checkpoints_and_does_not_requeue(cluster, shards, tmp_path):
 def test_srun_variant_two_tasks_preempted_and_resumed(cluster, shards, tmp_path):
     """slurm/train-srun.sbatch: no torchrun; clipscale reads SLURM_PROCID/NTASKS/LOCALID itself."""
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(cluster, "train-srun.sbatch", run_dir, log, f"data.train_shards={shards}", "train.steps=20",
-                 "checkpoint.every_n_steps=1000", sbatch_args=("--ntasks-per-node=2",))
+    job = submit(
+        cluster,
+        "train-srun.sbatch",
+        run_dir,
+        log,
+        f"data.train_shards={shards}",
+        "train.steps=20",
+        "checkpoint.every_n_steps=1000",
+        sbatch_args=("--ntasks-per-node=2",),
+    )
     wait_steps(cluster, job, log, run_dir, 3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True, timeout=30)
     info = wait_done(cluster, job, log)

@@ -45,7 +45,7 @@ def job(tmp_path):
     bin_dir.mkdir()
     requeued = tmp_path / "requeued.txt"
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {requeued}\nexit ${{FAKE_SCONTROL_RC:-0}}\n")
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {requeued}\nexit ${{FAKE_SCONTROL_RC:-0}}\n')
     scontrol.chmod(0o755)
     step = tmp_path / "step.py"
     step.write_text(STEP)
@@ -56,9 +56,25 @@ def job(tmp_path):
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         full_env.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", **env})
         full_env = {k: v for k, v in full_env.items() if v is not None}
-        proc = subprocess.Popen([sys.executable, "-m", "clipscale", "supervise", "--run-dir", str(run_dir), "--",
-                                 sys.executable, str(step), str(run_dir), mode],
-                                env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "clipscale",
+                "supervise",
+                "--run-dir",
+                str(run_dir),
+                "--",
+                sys.executable,
+                str(step),
+                str(run_dir),
+                mode,
+            ],
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         if send is not None:
             deadline = time.time() + 60
             while not (run_dir / "ready").exists():
@@ -128,8 +144,9 @@ def test_failed_requeue_and_non_slurm_runs_say_so(job):
 
 
 def test_supervise_without_a_command_is_a_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "clipscale", "supervise", "--run-dir", str(tmp_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipscale", "supervise", "--run-dir", str(tmp_path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("clipscale: error: supervise needs")
     assert "Traceback" not in proc.stderr
 
@@ -154,4 +171,6 @@ def test_status_command_prints_the_record_or_one_field(tmp_path):
     assert subprocess.run([*cmd, "--field", "state"], capture_output=True, text=True).stdout == "preempted\n"
     assert '"step": 7' in subprocess.run(cmd, capture_output=True, text=True).stdout
     missing = subprocess.run([*cmd[:-1], str(tmp_path / "nope")], capture_output=True, text=True)
-    assert missing.returncode == 2 and missing.stderr.startswith("clipscale: error:") and "status.json" in missing.stderr
+    assert (
+        missing.returncode == 2 and missing.stderr.startswith("clipscale: error:") and "status.json" in missing.stderr
+    )

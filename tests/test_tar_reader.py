@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 from webdataset.tariterators import tar_file_iterator
 
-from clipscale.data.tar_reader import iter_raw_samples, tar_members
+from clipscale.wds.tar import iter_raw_samples, tar_members
 
 rng = random.Random(0)
 
@@ -22,10 +22,18 @@ def payload(n):
 
 
 FILES = [
-    ("s0001.jpg", payload(0)), ("s0001.txt", b"a caption"), ("s0002.jpg", payload(511)),
-    ("s0002.TXT", b"upper-case extension"), ("s0003.jpg", payload(512)), ("s0003.json", b'{"caption": "x"}'),
-    ("s0004.seg.png", payload(513)), ("dir/sub/s0005.jpg", payload(5000)), ("noext", b"no extension"),
-    ("__meta__", b"webdataset metadata"), ("__info__/x.txt", b"meta dir"), (".hidden", b"x"),
+    ("s0001.jpg", payload(0)),
+    ("s0001.txt", b"a caption"),
+    ("s0002.jpg", payload(511)),
+    ("s0002.TXT", b"upper-case extension"),
+    ("s0003.jpg", payload(512)),
+    ("s0003.json", b'{"caption": "x"}'),
+    ("s0004.seg.png", payload(513)),
+    ("dir/sub/s0005.jpg", payload(5000)),
+    ("noext", b"no extension"),
+    ("__meta__", b"webdataset metadata"),
+    ("__info__/x.txt", b"meta dir"),
+    (".hidden", b"x"),
     ("p" * 60 + "/" + "q" * 80 + "/s0006.jpg", payload(700)),  # > 100 bytes: ustar prefix field
     ("café/s0007.txt", "é ü".encode()),  # non-ASCII name
 ]
@@ -84,8 +92,11 @@ def test_pax_headers_override_name_and_size_and_global_headers_apply(tmp_path):
         info = tarfile.TarInfo("k2.txt")
         info.size = 2
         tf.addfile(info, io.BytesIO(b"de"))
-    assert ours(path) == reference(path) == [{"fname": "renamed/k1.txt", "data": b"abc"},
-                                             {"fname": "k2.txt", "data": b"de"}]
+    assert (
+        ours(path)
+        == reference(path)
+        == [{"fname": "renamed/k1.txt", "data": b"abc"}, {"fname": "k2.txt", "data": b"de"}]
+    )
 
 
 @pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
@@ -164,3 +175,29 @@ def test_iter_raw_samples_reports_a_truncated_shard_through_on_error(tmp_path):
     # s0003 is complete but unconfirmed (its key might continue in the cut member): lost, as with tarfile
     assert [s["__key__"] for s in samples] == ["s0001", "s0002"]
     assert len(errors) == 1 and isinstance(errors[0], tarfile.ReadError)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT])
+def test_samples_are_grouped_as_webdataset_groups_them(tmp_path, fmt):
+    from webdataset.tariterators import group_by_keys
+
+    from clipscale.wds.tar import group_samples
+
+    path = write_tar(tmp_path / "a.tar", fmt, FILES + [("s0010.jpg", b"x"), ("s0010.json", b"{}")])
+    members = ours(path)
+    expected = list(group_by_keys([{**m, "__url__": "u"} for m in members]))
+    got = list(group_samples(members, "u"))
+    assert got == expected and len(got) >= 8
+    assert any("txt" in s for s in got if s["__key__"] == "s0002")  # extensions are lower-cased
+    with pytest.raises(ValueError, match="duplicate"):
+        list(group_samples([{"fname": "a.txt", "data": b"1"}, {"fname": "a.txt", "data": b"2"}], "u"))
+
+
+def test_a_failing_pipe_ends_the_shard_through_on_error(tmp_path):
+    errors = []
+    assert list(iter_raw_samples("pipe:exit 3", errors.append)) == []
+    assert len(errors) == 1 and "status 3" in str(errors[0])
+    errors.clear()
+    path = write_tar(tmp_path / "a.tar", tarfile.USTAR_FORMAT, FILES)
+    first = next(iter_raw_samples(f"pipe:cat {path}; exit 0", errors.append))  # closed early: no error
+    assert first["__key__"] == "s0001" and errors == []

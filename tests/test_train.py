@@ -11,6 +11,7 @@ from clipscale.distributed import DistEnv
 from clipscale.metrics import read_jsonl
 from clipscale.model import BUNDLED_CONFIGS
 from clipscale.train import Trainer, train
+
 from helpers import tiny_config
 
 
@@ -35,8 +36,13 @@ def test_short_run_loss_falls_and_writes_run_files(tmp_path, toy_shards):
 
 
 def test_resume_continues_at_the_right_step_with_identical_state(tmp_path, toy_shards):
-    common = dict(train__steps=6, checkpoint__every_n_steps=3, checkpoint__keep_last=0, data__workers=2,
-                  data__batch_size=8)
+    common = {
+        "train__steps": 6,
+        "checkpoint__every_n_steps": 3,
+        "checkpoint__keep_last": 0,
+        "data__workers": 2,
+        "data__batch_size": 8,
+    }
     full, part = tmp_path / "full", tmp_path / "part"
     train(tiny_config(full, toy_shards, **common))
     step3 = full / "checkpoints" / "step_00000003.pt"
@@ -94,9 +100,20 @@ def test_module_entry_point_and_tensorboard(tmp_path, toy_shards):
     import sys
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "clipscale.train", f"run.dir={run}", f"data.train_shards={toy_shards}",
-           "train.steps=2", "data.batch_size=8", "data.workers=0", "logging.tensorboard=true", "logging.every_n_steps=1",
-           "logging.progress=false", "train.device=cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipscale.train",
+        f"run.dir={run}",
+        f"data.train_shards={toy_shards}",
+        "train.steps=2",
+        "data.batch_size=8",
+        "data.workers=0",
+        "logging.tensorboard=true",
+        "logging.every_n_steps=1",
+        "logging.progress=false",
+        "train.device=cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))

@@ -21,7 +21,7 @@ import random
 import re
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ def checksum_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name + CHECKSUM_SUFFIX)
 
 
-def checksum_problem(checkpoint: Path) -> Optional[str]:
+def checksum_problem(checkpoint: Path) -> str | None:
     """Why `checkpoint` is damaged, or None if it matches its recorded checksums (or has none)."""
     sums = checksum_path(checkpoint)
     if not sums.is_file():
@@ -89,8 +89,13 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -110,6 +115,7 @@ def set_rng_state(state: dict) -> None:
 
 # --------------------------------------------------------------------------- compatibility
 
+
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -126,12 +132,16 @@ def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def incompatibility(source: str, saved_config: Optional[dict], current_config: dict,
-                    model_state: dict, saved_state: dict) -> Optional[str]:
+def incompatibility(
+    source: str, saved_config: dict | None, current_config: dict, model_state: dict, saved_state: dict
+) -> str | None:
     """One line listing why a checkpoint cannot be loaded into this run, or None if it can."""
     weights = []
-    shapes = [f"{k} {tuple(saved_state[k].shape)} vs {tuple(v.shape)}" for k, v in model_state.items()
-              if k in saved_state and tuple(saved_state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k} {tuple(saved_state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in model_state.items()
+        if k in saved_state and tuple(saved_state[k].shape) != tuple(v.shape)
+    ]
     missing = [k for k in model_state if k not in saved_state]
     unexpected = [k for k in saved_state if k not in model_state]
     if shapes:
@@ -140,9 +150,11 @@ def incompatibility(source: str, saved_config: Optional[dict], current_config: d
         weights.append(f"{len(missing)} weight(s) missing from the checkpoint, e.g. {missing[0]}")
     if unexpected:
         weights.append(f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[0]}")
-    settings = [f"{k}: {old!r} in the checkpoint, {new!r} now"
-                for k, old, new in config_changes(saved_config or {}, current_config)
-                if saved_config and k in ("model.name", "loss.name")]
+    settings = [
+        f"{k}: {old!r} in the checkpoint, {new!r} now"
+        for k, old, new in config_changes(saved_config or {}, current_config)
+        if saved_config and k in ("model.name", "loss.name")
+    ]
     if "text_projection" in saved_state and "text_projection" in model_state:
         a, b = saved_state["text_projection"].shape[-1], model_state["text_projection"].shape[-1]
         if a != b:
@@ -162,8 +174,8 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.is_main = is_main
-        self._pending: Optional[threading.Thread] = None
-        self._pending_error: Optional[BaseException] = None
+        self._pending: threading.Thread | None = None
+        self._pending_error: BaseException | None = None
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -252,11 +264,14 @@ class CheckpointManager:
                 found.remove(target)
                 found.insert(0, target)
             else:
-                log.warning("checkpoints/latest names %r, which is not a checkpoint here; "
-                            "trying the newest checkpoints instead", name[:80])
+                log.warning(
+                    "checkpoints/latest names %r, which is not a checkpoint here; "
+                    "trying the newest checkpoints instead",
+                    name[:80],
+                )
         return found
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Path | None:
         """The newest intact checkpoint (damaged ones are skipped with a warning)."""
         for path in self.candidates():
             problem = checksum_problem(path)
@@ -265,7 +280,7 @@ class CheckpointManager:
             log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path.name, problem)
         return None
 
-    def resolve(self, resume: str) -> Optional[Path]:
+    def resolve(self, resume: str) -> Path | None:
         """`checkpoint.resume` → a path to load, or None to start fresh."""
         if resume in ("", "none", None):
             return None
@@ -287,8 +302,9 @@ def load_checkpoint_file(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exn:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exn).__name__}: "
-                              f"{str(exn).splitlines()[0] if str(exn) else ''}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}"
+        ) from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise CheckpointError(f"{path} is not a clipscale checkpoint (no 'state_dict')")
     return state

@@ -6,18 +6,10 @@ User mistakes (bad config, missing shards, unusable checkpoint) print one line a
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from typing import Optional
 
-from .errors import UserError
-
-OVERRIDES_HELP = "dotted config overrides, e.g. optim.lr=3e-4 data.batch_size=256 checkpoint.resume=auto"
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML run config (see configs/); defaults apply to missing keys")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+from .config import OVERRIDES_HELP, add_config_arguments
+from .errors import UserError, run_command
 
 
 def cmd_train(args) -> int:
@@ -33,6 +25,19 @@ def cmd_config(args) -> int:
 
     from .config import load_config, to_dict
 
+    if args.reference or args.write_docs:
+        from pathlib import Path
+
+        from .config_reference import page, update_files
+
+        if args.write_docs:
+            changed = update_files(Path.cwd())
+            print(
+                "updated " + ", ".join(map(str, changed)) if changed else "docs/config.md and README.md are up to date"
+            )
+        else:
+            sys.stdout.write(page())
+        return 0
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return 0
@@ -75,8 +80,14 @@ def cmd_eval(args) -> int:
         raise UserError("eval needs --zeroshot and/or --retrieval")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     bundle, info = model_from_checkpoint(args.checkpoint, args.model, device)
-    spec = EvalConfig(zeroshot=args.zeroshot, zeroshot_classes=args.classes, zeroshot_templates=args.templates,
-                      retrieval=args.retrieval, batch_size=args.batch_size, workers=args.workers)
+    spec = EvalConfig(
+        zeroshot=args.zeroshot,
+        zeroshot_classes=args.classes,
+        zeroshot_templates=args.templates,
+        retrieval=args.retrieval,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
     results = Evaluator(spec, bundle.val_transform, bundle.tokenizer, device).run(bundle.model)
     record = {"checkpoint": info["source"], "model": info["model_name"], "step": info["step"], **results}
     print(f"{info['model_name']} from {info['source']}" + (f" (step {info['step']})" if info["step"] else ""))
@@ -94,22 +105,25 @@ def cmd_eval(args) -> int:
 
 def cmd_supervise(args) -> int:
     import os
-    import signal as signal_module
 
+    from .config import signal_name
     from .supervise import Supervisor, slurm_job_key
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        raise UserError("supervise needs the training command after '--', e.g. "
-                        "clipscale supervise --run-dir runs/x -- srun python -m clipscale.train ...")
-    signals = [s.strip().upper() for s in args.requeue_on.split(",") if s.strip()]
-    signals = [s if s.startswith("SIG") else f"SIG{s}" for s in signals]
-    unknown = [s for s in signals if not isinstance(getattr(signal_module, s, None), signal_module.Signals)]
-    if unknown:
-        raise UserError(f"--requeue-on: unknown signal {unknown[0]!r} (e.g. SIGUSR1, SIGUSR2)")
-    return Supervisor(command, args.run_dir, job_key=slurm_job_key(os.environ),
-                      requeue_count=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
-                      requeue=not args.no_requeue, requeue_signals=signals).run()
+        raise UserError(
+            "supervise needs the training command after '--', e.g. "
+            "clipscale supervise --run-dir runs/x -- srun python -m clipscale.train ..."
+        )
+    signals = [signal_name(s, "--requeue-on") for s in args.requeue_on.split(",") if s.strip()]
+    return Supervisor(
+        command,
+        args.run_dir,
+        job_key=slurm_job_key(os.environ),
+        requeue_count=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+        requeue=not args.no_requeue,
+        requeue_signals=signals,
+    ).run()
 
 
 def cmd_status(args) -> int:
@@ -130,14 +144,30 @@ def cmd_status(args) -> int:
 def cmd_shards_build(args) -> int:
     from .shards.build import BuildOptions, build_shards
 
-    opts = BuildOptions(samples_per_shard=args.samples_per_shard, quality=args.quality, max_size=args.max_size,
-                        resize_side=args.resize_side, reencode=not args.no_reencode)
-    s = build_shards(args.input, args.output, args.name, opts, workers=args.workers, image_col=args.image_col,
-                     caption_col=args.caption_col, caption_field=args.caption_field, progress=not args.no_progress)
+    opts = BuildOptions(
+        samples_per_shard=args.samples_per_shard,
+        quality=args.quality,
+        max_size=args.max_size,
+        resize_side=args.resize_side,
+        reencode=not args.no_reencode,
+    )
+    s = build_shards(
+        args.input,
+        args.output,
+        args.name,
+        opts,
+        workers=args.workers,
+        image_col=args.image_col,
+        caption_col=args.caption_col,
+        caption_field=args.caption_field,
+        progress=not args.no_progress,
+    )
     skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
-    print(f"wrote {s['written']} of {s['read']} samples into {s['shards']} shard(s) in {args.output} "
-          f"({s['shards_reused']} reused); skipped: {skipped}; {s['images_per_s']:.0f} images/s; "
-          f"details in {args.output}/stats.json")
+    print(
+        f"wrote {s['written']} of {s['read']} samples into {s['shards']} shard(s) in {args.output} "
+        f"({s['shards_reused']} reused); skipped: {skipped}; {s['images_per_s']:.0f} images/s; "
+        f"details in {args.output}/stats.json"
+    )
     return 0
 
 
@@ -175,17 +205,23 @@ def cmd_shards_index(args) -> int:
 
 
 def _add_shards_parser(sub) -> None:
-    shards = sub.add_parser("shards", help="build, verify, inspect and index WebDataset shards",
-                            description="Shard tooling: pack image-text collections into WebDataset shards "
-                                        "and check shard sets made by any tool.")
+    shards = sub.add_parser(
+        "shards",
+        help="build, verify, inspect and index WebDataset shards",
+        description="Shard tooling: pack image-text collections into WebDataset shards "
+        "and check shard sets made by any tool.",
+    )
     ssub = shards.add_subparsers(dest="shards_command", metavar="SUBCOMMAND", required=True)
 
-    p = ssub.add_parser("build", help="pack a table or an image folder into shards",
-                        description="Pack a table (.csv/.tsv/.parquet/.jsonl with image paths and captions) or a "
-                                    "folder of images with sidecar .txt/.json captions into WebDataset shards "
-                                    "(+ manifest.json, stats.json). Re-running the same command resumes an "
-                                    "interrupted build; the output is byte-identical for the same input and "
-                                    "options. Bad rows are skipped and counted by reason.")
+    p = ssub.add_parser(
+        "build",
+        help="pack a table or an image folder into shards",
+        description="Pack a table (.csv/.tsv/.parquet/.jsonl with image paths and captions) or a "
+        "folder of images with sidecar .txt/.json captions into WebDataset shards "
+        "(+ manifest.json, stats.json). Re-running the same command resumes an "
+        "interrupted build; the output is byte-identical for the same input and "
+        "options. Bad rows are skipped and counted by reason.",
+    )
     p.add_argument("--input", "-i", required=True, help="table file or folder of images")
     p.add_argument("--output", "-o", required=True, help="output folder")
     p.add_argument("--name", default="shard", help="shard file prefix: NAME-000000.tar (default: shard)")
@@ -195,34 +231,47 @@ def _add_shards_parser(sub) -> None:
     p.add_argument("--caption-field", help="field of sidecar .json files holding the caption (default caption/text)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
     p.add_argument("--max-size", type=int, help="resize so that one side is at most this many px (keeps aspect)")
-    p.add_argument("--resize-side", choices=["shorter", "longer"], default="shorter",
-                   help="which side --max-size bounds (default shorter)")
+    p.add_argument(
+        "--resize-side",
+        choices=["shorter", "longer"],
+        default="shorter",
+        help="which side --max-size bounds (default shorter)",
+    )
     p.add_argument("--no-reencode", action="store_true", help="keep JPEG/PNG/WebP bytes as they are")
     p.add_argument("--workers", type=int, default=1, help="parallel processes, each writing whole shards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_shards_build)
 
-    p = ssub.add_parser("verify", help="check every shard, sample and the manifest",
-                        description="Read every shard: tar structure, every sample's image decodes and has a "
-                                    "caption, counts/sizes/hashes match manifest.json. Exits 1 on any problem.")
+    p = ssub.add_parser(
+        "verify",
+        help="check every shard, sample and the manifest",
+        description="Read every shard: tar structure, every sample's image decodes and has a "
+        "caption, counts/sizes/hashes match manifest.json. Exits 1 on any problem.",
+    )
     p.add_argument("target", help="shard folder or brace pattern")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     p.add_argument("--max-listed", type=int, default=50, help="problems listed at most (default 50)")
     p.set_defaults(func=cmd_shards_verify)
 
-    p = ssub.add_parser("inspect", help="counts, caption and image-size statistics, a contact sheet",
-                        description="Summarise a shard set for a person: counts, caption lengths, image sizes, "
-                                    "the first samples, and optionally a contact-sheet PNG.")
+    p = ssub.add_parser(
+        "inspect",
+        help="counts, caption and image-size statistics, a contact sheet",
+        description="Summarise a shard set for a person: counts, caption lengths, image sizes, "
+        "the first samples, and optionally a contact-sheet PNG.",
+    )
     p.add_argument("target", help="shard folder or brace pattern")
     p.add_argument("--n", type=int, default=5, help="samples listed / drawn (default 5)")
     p.add_argument("--grid", help="write a contact sheet of the first --n samples to this PNG")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     p.set_defaults(func=cmd_shards_inspect)
 
-    p = ssub.add_parser("index", help="write manifest.json for an existing shard set",
-                        description="Count the samples of every shard (any writer: img2dataset, webdataset, ...) "
-                                    "and write manifest.json next to them, so training starts instantly and "
-                                    "resumes exactly.")
+    p = ssub.add_parser(
+        "index",
+        help="write manifest.json for an existing shard set",
+        description="Count the samples of every shard (any writer: img2dataset, webdataset, ...) "
+        "and write manifest.json next to them, so training starts instantly and "
+        "resumes exactly.",
+    )
     p.add_argument("target", help="shard folder or brace pattern")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     p.set_defaults(func=cmd_shards_index)
@@ -236,15 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a CLIP model from a YAML config",
-                       description="Train (or resume, with checkpoint.resume=auto) a CLIP model. Also runs "
-                                   "under torchrun / srun: every process runs this same command.")
-    _add_config_args(p)
+    p = sub.add_parser(
+        "train",
+        help="train a CLIP model from a YAML config",
+        description="Train (or resume, with checkpoint.resume=auto) a CLIP model. Also runs "
+        "under torchrun / srun: every process runs this same command.",
+    )
+    add_config_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="build digit shards and train a small CLIP on CPU",
-                       description="Build shards of scikit-learn's handwritten digits (no download) and train "
-                                   "clip-tiny on them on the CPU; results go to the run directory.")
+    p = sub.add_parser(
+        "demo",
+        help="build digit shards and train a small CLIP on CPU",
+        description="Build shards of scikit-learn's handwritten digits (no download) and train "
+        "clip-tiny on them on the CPU; results go to the run directory.",
+    )
     p.add_argument("--run-dir", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from configs/demo-cpu.yaml)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun, gloo); default 2")
@@ -253,18 +308,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_shards_parser(sub)
 
-    p = sub.add_parser("export", help="write a checkpoint's weights as one open_clip state_dict",
-                       description="Consolidate a DDP or DeepSpeed (ZeRO 0-3) checkpoint into a single fp32 "
-                                   "state_dict that open_clip loads with pretrained=PATH.")
-    p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint file or folder, a run's checkpoints/ folder, or a run directory (latest)")
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint's weights as one open_clip state_dict",
+        description="Consolidate a DDP or DeepSpeed (ZeRO 0-3) checkpoint into a single fp32 "
+        "state_dict that open_clip loads with pretrained=PATH.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint file or folder, a run's checkpoints/ folder, or a run directory (latest)",
+    )
     p.add_argument("--output", required=True, help="output file, e.g. model.pt")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("eval", help="zero-shot classification and retrieval of a checkpoint",
-                       description="Evaluate a clipscale checkpoint (file, DeepSpeed folder or run directory) or an "
-                                   "open_clip-format state_dict (with --model): zero-shot top-1/top-5 and "
-                                   "image<->text Recall@1/5/10; prints a table and writes JSON.")
+    p = sub.add_parser(
+        "eval",
+        help="zero-shot classification and retrieval of a checkpoint",
+        description="Evaluate a clipscale checkpoint (file, DeepSpeed folder or run directory) or an "
+        "open_clip-format state_dict (with --model): zero-shot top-1/top-5 and "
+        "image<->text Recall@1/5/10; prints a table and writes JSON.",
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint file/folder, run directory, or open_clip .pt")
     p.add_argument("--model", help="model name (needed for open_clip-format files; clipscale's know theirs)")
     p.add_argument("--zeroshot", help="image-folder tree root/<class>/*.jpg or labelled shards (cls)")
@@ -277,51 +341,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("supervise", help="run a training step inside a SLURM batch script; requeue on preemption",
-                       description="Run COMMAND (srun/torchrun ... clipscale.train), pass SIGUSR1/SIGUSR2/SIGTERM "
-                                   "on to it, and when the run was preempted by a requeue signal, requeue the "
-                                   "SLURM job with scontrol (see slurm/README.md).")
+    p = sub.add_parser(
+        "supervise",
+        help="run a training step inside a SLURM batch script; requeue on preemption",
+        description="Run COMMAND (srun/torchrun ... clipscale.train), pass SIGUSR1/SIGUSR2/SIGTERM "
+        "on to it, and when the run was preempted by a requeue signal, requeue the "
+        "SLURM job with scontrol (see slurm/README.md).",
+    )
     p.add_argument("--run-dir", required=True, help="the run directory (its status.json says how the run ended)")
-    p.add_argument("--requeue-on", default="SIGUSR1,SIGUSR2",
-                   help="signals that mean 'checkpoint and requeue' (default SIGUSR1,SIGUSR2; SIGTERM never "
-                        "requeues: it is scancel, or SLURM preemption that requeues by itself)")
+    p.add_argument(
+        "--requeue-on",
+        default="SIGUSR1,SIGUSR2",
+        help="signals that mean 'checkpoint and requeue' (default SIGUSR1,SIGUSR2; SIGTERM never "
+        "requeues: it is scancel, or SLURM preemption that requeues by itself)",
+    )
     p.add_argument("--no-requeue", action="store_true", help="checkpoint and stop, but do not requeue")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     p.set_defaults(func=cmd_supervise)
 
-    p = sub.add_parser("status", help="print a run's status.json (state, step, restarts)",
-                       description="Print RUN_DIR/status.json: running | finished | preempted | failed, the step, "
-                                   "the signal and the restart/requeue counts.")
+    p = sub.add_parser(
+        "status",
+        help="print a run's status.json (state, step, restarts)",
+        description="Print RUN_DIR/status.json: running | finished | preempted | failed, the step, "
+        "the signal and the restart/requeue counts.",
+    )
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--field", help="print only this field (e.g. state, step)")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("config", help="print the resolved config (YAML + overrides + defaults)",
-                       description="Load, validate and print a run config without training.")
-    _add_config_args(p)
+    p = sub.add_parser(
+        "config",
+        help="print the resolved config (YAML + overrides + defaults), or the reference",
+        description="Load, validate and print a run config without training; with --reference, "
+        "print every config key with its type, default and meaning.",
+    )
+    add_config_arguments(p)
+    p.add_argument("--reference", action="store_true", help="print the config reference (markdown) and exit")
+    p.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="rewrite docs/config.md and the README's config table in the current directory",
+    )
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("models", help="list model names (open_clip's and configs/models/)",
-                       description="List every model name accepted by model.name.")
+    p = sub.add_parser(
+        "models",
+        help="list model names (open_clip's and configs/models/)",
+        description="List every model name accepted by model.name.",
+    )
     p.set_defaults(func=cmd_models)
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return args.func(args)
-    except UserError as e:
-        logging.shutdown()
-        print(f"clipscale: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("clipscale: interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from .errors import ConfigError
+from .wds.schema import IMAGE_KEYS
+
+LOSS_IMPLS = {"clip": ("local", "full", "chunked"), "siglip": ("gather", "ring")}
+"""Every loss implementation by loss name; the first is what `loss.impl: auto` picks."""
+LossImpl = Literal[("auto", *(i for impls in LOSS_IMPLS.values() for i in impls))]
 
 
 @dataclass
@@ -30,40 +35,46 @@ class RunConfig:
 class ModelConfig:
     name: str = "clip-tiny"
     """Any open_clip model name (ViT-B-32, RN50, ...) or one of configs/models/*.json."""
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     """A local checkpoint path or an open_clip pretrained tag (downloads are unavailable offline)."""
     config_dirs: list[str] = field(default_factory=list)
     """Extra folders of open_clip model JSON configs to register."""
     grad_checkpointing: bool = False
+    """open_clip's activation checkpointing: recompute each block in the backward (less memory, ~30% more compute)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast precision; auto = bf16 on GPUs that support it, fp32 elsewhere."""
     compile: bool = False
-    """Wrap the model in torch.compile."""
+    """Wrap the model in torch.compile (DDP engine; compilation takes minutes and needs a C++ compiler on CPU)."""
 
 
 @dataclass
 class DataConfig:
     train_shards: str = ""
     """WebDataset shard URLs: brace patterns, several joined with '::', local paths or pipe: URLs."""
-    train_num_samples: Optional[int] = None
+    train_num_samples: int | None = None
     """Samples per epoch; defaults to the total from the manifest(s)."""
-    manifest: Optional[str] = None
+    manifest: str | None = None
     """Explicit manifest.json path (default: manifest.json / *_stats.json next to the shards)."""
     batch_size: int = 32
     """Per-process micro-batch size."""
     workers: int = 2
     """DataLoader worker processes per rank (0 = read in the training process)."""
     prefetch_factor: int = 2
+    """Batches each DataLoader worker prepares ahead."""
     shuffle: bool = True
+    """Permute the shards every data epoch and shuffle samples inside each block (false: read in order)."""
     shuffle_block_shards: int = 2
     """Shards interleaved together into one shuffle block (per worker stream)."""
     shuffle_buffer: int = 1000
     """Samples held in the deterministic shuffle buffer inside a block."""
-    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
+    """Image extensions of a sample, in the order they are looked for (the first found wins)."""
     caption_key: str = "txt"
-    """Sample field holding the caption; 'json' reads `caption_json_field` from the .json."""
+    """Sample member holding the caption; 'json' reads `caption_json_field` from the .json."""
     caption_json_field: str = "caption"
+    """Field of the sample's .json holding the caption (used when `caption_key` is missing or 'json')."""
     max_decode_errors_logged: int = 5
+    """Skipped samples logged per stream with their reason (all are counted in skipped_samples)."""
     jpeg_draft: bool = True
     """Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) that is still at least the model's input
     size (PIL's draft): much less decode and resize work when the shards are larger than the model."""
@@ -72,13 +83,19 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 5e-4
+    """Peak learning rate of AdamW (after warm-up)."""
     weight_decay: float = 0.2
+    """AdamW weight decay; gains, biases, embeddings and the temperature are never decayed."""
     beta1: float = 0.9
+    """AdamW beta1."""
     beta2: float = 0.98
+    """AdamW beta2."""
     eps: float = 1e-6
+    """AdamW epsilon."""
     accum_steps: int = 1
     """Micro-batches per optimizer step (feature-cached: the loss is over the whole batch)."""
-    grad_clip_norm: Optional[float] = 1.0
+    grad_clip_norm: float | None = 1.0
+    """Clip the global gradient norm to this value (null: no clipping)."""
     fused: bool = True
     """torch's fused AdamW kernel (CUDA and CPU): one pass over all parameters instead of a loop
     of small operations per tensor."""
@@ -87,15 +104,19 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after the warm-up: cosine, linear (both to min_lr at train.steps) or constant."""
     warmup_steps: int = 0
+    """Linear warm-up from 0 to optim.lr over this many optimizer steps."""
     min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
 
 
 @dataclass
 class LossConfig:
     name: Literal["clip", "siglip"] = "clip"
-    impl: Literal["auto", "full", "local", "chunked", "gather", "ring"] = "auto"
-    """clip: full | local | chunked (auto = local); siglip: gather | ring (auto = gather)."""
+    """clip: symmetric InfoNCE (softmax); siglip: the sigmoid loss with a learnable bias."""
+    impl: LossImpl = "auto"
+    """clip: local | full | chunked (auto = local); siglip: gather | ring (auto = gather). See Losses."""
     chunk_size: int = 4096
     """Tile size of the chunked loss."""
 
@@ -103,7 +124,8 @@ class LossConfig:
 @dataclass
 class EngineConfig:
     name: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: Optional[int] = None
+    """ddp (DistributedDataParallel; plain model on one process) or deepspeed (ZeRO 0-3)."""
+    zero_stage: int | None = None
     """ZeRO stage 0-3 (default: the deepspeed_config file's zero_optimization.stage, else 2)."""
     deepspeed_config: Any = None
     """Extra DeepSpeed settings: a JSON/YAML file path or an inline mapping."""
@@ -114,19 +136,23 @@ class EngineConfig:
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 1000
+    """Save a checkpoint every N optimizer steps."""
     resume: str = "none"
     """none | auto (latest checkpoint of the run directory, if any) | a checkpoint path."""
     keep_last: int = 3
     """Checkpoints kept on disk (0 = keep all)."""
     async_save: bool = field(default=False, metadata={"key": "async"})
-    """Write checkpoints in a background thread."""
+    """Write checkpoints in a background thread while training goes on (ddp engine)."""
     save_final: bool = True
+    """Save a checkpoint after the last step (a preempted run always saves)."""
 
 
 @dataclass
 class LoggingConfig:
     every_n_steps: int = 10
+    """Write a metrics.jsonl record (and the console line) every N optimizer steps."""
     tensorboard: bool = False
+    """Also write TensorBoard event files to RUN_DIR/tensorboard."""
     sample_keys: bool = False
     """Every rank appends {step, rank, keys} lines to sample_keys.jsonl."""
     progress: bool = True
@@ -138,6 +164,7 @@ class TrainConfig:
     steps: int = 1000
     """Total optimizer steps."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: the process's GPU when there is one (LOCAL_RANK), else the CPU."""
     max_nonfinite_steps: int = 5
     """Abort after this many consecutive steps with a non-finite loss (each is skipped)."""
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
@@ -150,15 +177,16 @@ class EvalConfig:
     """Evaluate every N optimizer steps (0: only at the end of the run, see at_end)."""
     at_end: bool = True
     """Evaluate after the last step (when a zero-shot or retrieval set is given)."""
-    zeroshot: Optional[str] = None
+    zeroshot: str | None = None
     """Zero-shot set: an image-folder tree root/<class>/*.jpg (ImageNet-val layout) or labelled shards (cls)."""
-    zeroshot_classes: Optional[str] = None
+    zeroshot_classes: str | None = None
     """Class names: imagenet | digits | a .txt/.yaml/.json file (default: the folder names)."""
-    zeroshot_templates: Optional[str] = None
+    zeroshot_templates: str | None = None
     """Prompt templates: openai | simple | digits | a file (default: the classes file's, else openai)."""
-    retrieval: Optional[str] = None
+    retrieval: str | None = None
     """Retrieval set: shards of image-caption pairs (several captions per image count together)."""
     batch_size: int = 64
+    """Images (or captions) per forward when evaluating."""
     workers: int = 0
     """DataLoader workers that decode evaluation images (0: in the training process)."""
 
@@ -166,6 +194,7 @@ class EvalConfig:
 @dataclass
 class Config:
     seed: int = 0
+    """Seeds model initialisation, the data order (with the data epoch) and augmentation."""
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -182,16 +211,16 @@ class Config:
 # --------------------------------------------------------------------------- key plumbing
 
 
-def _key(f: dataclasses.Field) -> str:
+def yaml_key(f: dataclasses.Field) -> str:
     """The YAML key of a dataclass field (a field may alias a Python keyword, e.g. `async`)."""
     return f.metadata.get("key", f.name)
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
-    return {_key(f): f for f in dataclasses.fields(cls)}
+    return {yaml_key(f): f for f in dataclasses.fields(cls)}
 
 
-def _hints(cls) -> dict[str, Any]:
+def field_type_hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
@@ -200,15 +229,15 @@ def _suggest(name: str, choices, prefix: str = "") -> str:
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        return " or ".join(type_name(a) for a in args) + " or null"
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
@@ -230,7 +259,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError:
                 pass
-        raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"'{key}' must be {type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices:
@@ -246,7 +275,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if not isinstance(value, list):
             value = [value] if value is not None and not isinstance(value, dict) else value
         if not isinstance(value, list):
-            raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"'{key}' must be {type_name(tp)}, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -283,12 +312,14 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
     fields = _fields(type(obj))
-    hints = _hints(type(obj))
+    hints = field_type_hints(type(obj))
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"unknown key '{full}'{_suggest(str(key), fields, prefix)}; valid keys: "
-                              + ", ".join(prefix + k for k in fields))
+            raise ConfigError(
+                f"unknown key '{full}'{_suggest(str(key), fields, prefix)}; valid keys: "
+                + ", ".join(prefix + k for k in fields)
+            )
         f = fields[key]
         current = getattr(obj, f.name)
         if dataclasses.is_dataclass(current):
@@ -326,18 +357,11 @@ def to_dict(cfg) -> dict:
     out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        out[_key(f)] = to_dict(v) if dataclasses.is_dataclass(v) else v
+        out[yaml_key(f)] = to_dict(v) if dataclasses.is_dataclass(v) else v
     return out
 
 
-def from_dict(data: dict) -> Config:
-    cfg = Config()
-    _apply(cfg, data or {})
-    validate(cfg)
-    return cfg
-
-
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Load YAML `path` (optional), apply dotted overrides, validate; ConfigError on any problem."""
     cfg = Config()
     if path:
@@ -363,8 +387,22 @@ def save_config(cfg: Config, path: Path) -> None:
 
 # --------------------------------------------------------------------------- validation
 
-CLIP_IMPLS = ("full", "local", "chunked")
-SIGLIP_IMPLS = ("gather", "ring")
+UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
+
+
+def signal_name(name: str, where: str) -> str:
+    """A signal as 'SIGUSR1' from 'SIGUSR1', 'sigusr1' or 'USR1'; ConfigError for anything that
+    is not a signal a process can catch."""
+    import signal
+
+    upper = str(name).strip().upper()
+    full = upper if upper.startswith("SIG") else f"SIG{upper}"
+    if not isinstance(getattr(signal, full, None), signal.Signals) or full in UNCATCHABLE_SIGNALS:
+        raise ConfigError(
+            f"'{where}' has unknown signal {name!r} (e.g. SIGUSR1, SIGUSR2, SIGTERM; "
+            f"SIGKILL and SIGSTOP cannot be caught)"
+        )
+    return full
 
 
 def _require(cond: bool, message: str) -> None:
@@ -373,7 +411,7 @@ def _require(cond: bool, message: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Reject impossible values with one line naming the key."""
+    """Every impossible value or unsupported combination, with one line naming the keys."""
     _require(cfg.data.batch_size >= 1, f"'data.batch_size' must be >= 1, got {cfg.data.batch_size}")
     _require(cfg.data.workers >= 0, f"'data.workers' must be >= 0, got {cfg.data.workers}")
     _require(cfg.eval.every_n_steps >= 0, f"'eval.every_n_steps' must be >= 0, got {cfg.eval.every_n_steps}")
@@ -382,40 +420,71 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.prefetch_factor >= 1, "'data.prefetch_factor' must be >= 1")
     _require(cfg.data.shuffle_block_shards >= 1, "'data.shuffle_block_shards' must be >= 1")
     _require(cfg.data.shuffle_buffer >= 1, "'data.shuffle_buffer' must be >= 1")
-    _require(cfg.data.train_num_samples is None or cfg.data.train_num_samples >= 1,
-             "'data.train_num_samples' must be >= 1")
+    _require(
+        cfg.data.train_num_samples is None or cfg.data.train_num_samples >= 1, "'data.train_num_samples' must be >= 1"
+    )
     _require(len(cfg.data.image_keys) >= 1, "'data.image_keys' must list at least one extension")
+    _require(cfg.data.max_decode_errors_logged >= 0, "'data.max_decode_errors_logged' must be >= 0")
     _require(cfg.optim.lr >= 0, f"'optim.lr' must be >= 0, got {cfg.optim.lr}")
     _require(cfg.optim.weight_decay >= 0, "'optim.weight_decay' must be >= 0")
     _require(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "'optim.beta1/beta2' must be in [0, 1)")
     _require(cfg.optim.eps > 0, "'optim.eps' must be > 0")
     _require(cfg.optim.accum_steps >= 1, f"'optim.accum_steps' must be >= 1, got {cfg.optim.accum_steps}")
-    _require(cfg.optim.grad_clip_norm is None or cfg.optim.grad_clip_norm > 0,
-             "'optim.grad_clip_norm' must be > 0 or null")
+    _require(
+        cfg.optim.grad_clip_norm is None or cfg.optim.grad_clip_norm > 0, "'optim.grad_clip_norm' must be > 0 or null"
+    )
     _require(cfg.schedule.warmup_steps >= 0, "'schedule.warmup_steps' must be >= 0")
     _require(cfg.schedule.min_lr >= 0, "'schedule.min_lr' must be >= 0")
     _require(cfg.train.steps >= 1, f"'train.steps' must be >= 1, got {cfg.train.steps}")
     _require(cfg.train.max_nonfinite_steps >= 1, "'train.max_nonfinite_steps' must be >= 1")
     _require(cfg.loss.chunk_size >= 1, "'loss.chunk_size' must be >= 1")
-    impls = CLIP_IMPLS if cfg.loss.name == "clip" else SIGLIP_IMPLS
-    _require(cfg.loss.impl == "auto" or cfg.loss.impl in impls,
-             f"'loss.impl' must be one of auto, {', '.join(impls)} for loss.name={cfg.loss.name}; "
-             f"got {cfg.loss.impl!r}")
-    _require(cfg.engine.zero_stage in (None, 0, 1, 2, 3),
-             f"'engine.zero_stage' must be one of 0, 1, 2, 3; got {cfg.engine.zero_stage}")
+    impls = LOSS_IMPLS[cfg.loss.name]
+    _require(
+        cfg.loss.impl == "auto" or cfg.loss.impl in impls,
+        f"'loss.impl' must be one of auto, {', '.join(impls)} for loss.name={cfg.loss.name}; got {cfg.loss.impl!r}",
+    )
+    _require(
+        cfg.engine.zero_stage in (None, 0, 1, 2, 3),
+        f"'engine.zero_stage' must be one of 0, 1, 2, 3; got {cfg.engine.zero_stage}",
+    )
+    _require(
+        cfg.engine.zero_stage is None or cfg.engine.name == "deepspeed",
+        f"'engine.zero_stage' is a DeepSpeed setting; set engine.name=deepspeed (now {cfg.engine.name})",
+    )
+    _require(
+        cfg.engine.deepspeed_config is None or cfg.engine.name == "deepspeed",
+        f"'engine.deepspeed_config' is a DeepSpeed setting; set engine.name=deepspeed (now {cfg.engine.name})",
+    )
     _require(cfg.engine.dist_timeout_s >= 1, "'engine.dist_timeout_s' must be >= 1")
+    _require(
+        not (cfg.model.compile and cfg.engine.name == "deepspeed"),
+        "'model.compile' is not supported with engine.name=deepspeed yet; use engine.name=ddp or model.compile=false",
+    )
+    _require(
+        not (cfg.checkpoint.async_save and cfg.engine.name == "deepspeed"),
+        "'checkpoint.async' is not supported with engine.name=deepspeed (its checkpoints are written by "
+        "every rank together); set checkpoint.async=false",
+    )
     _require(cfg.checkpoint.every_n_steps >= 1, "'checkpoint.every_n_steps' must be >= 1")
     _require(cfg.checkpoint.keep_last >= 0, "'checkpoint.keep_last' must be >= 0")
     _require(cfg.logging.every_n_steps >= 1, "'logging.every_n_steps' must be >= 1")
     _require(bool(cfg.run.dir), "'run.dir' must not be empty")
-    import signal
-
-    for name in cfg.train.preempt_signals:
-        _require(hasattr(signal, name) and name.startswith("SIG"),
-                 f"'train.preempt_signals' has unknown signal {name!r} (e.g. SIGUSR1, SIGUSR2, SIGTERM)")
+    cfg.train.preempt_signals = [signal_name(n, "train.preempt_signals") for n in cfg.train.preempt_signals]
 
 
 def resolved_loss_impl(cfg: Config) -> str:
-    if cfg.loss.impl != "auto":
-        return cfg.loss.impl
-    return "local" if cfg.loss.name == "clip" else "gather"
+    """`loss.impl`, with auto replaced by the loss's default implementation."""
+    return cfg.loss.impl if cfg.loss.impl != "auto" else LOSS_IMPLS[cfg.loss.name][0]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_config_arguments(parser) -> None:
+    """`--config FILE` and `key=value` overrides on an argparse parser (clipscale train/config, and
+    `python -m clipscale.train` under torchrun)."""
+    parser.add_argument("--config", "-c", help="YAML run config (see configs/); defaults apply to missing keys")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+
+
+OVERRIDES_HELP = "dotted config overrides, e.g. optim.lr=3e-4 data.batch_size=256 checkpoint.resume=auto"

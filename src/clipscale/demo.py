@@ -3,22 +3,18 @@ processes, evaluate it on held-out digits, and leave a report with pictures."""
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from .config import load_config, save_config
-from .data.shardlist import resolve_shards
 from .demo_data import build_demo_shards
 from .errors import UserError
 from .metrics import METRICS_FILE, read_jsonl
-from .shards.manifest import MANIFEST_NAME
-
-log = logging.getLogger("clipscale")
+from .wds.manifest import MANIFEST_NAME
+from .wds.shardlist import resolve_shards
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo-cpu.yaml"
 
@@ -46,8 +42,17 @@ def launch(config_path: Path, nproc: int) -> None:
 
         train(load_config(str(config_path)))
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "clipscale.train", "--config", str(config_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "clipscale.train",
+        "--config",
+        str(config_path),
+    ]
     print("running:", " ".join(cmd), file=sys.stderr)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     code = subprocess.run(cmd, env=env).returncode
@@ -55,15 +60,20 @@ def launch(config_path: Path, nproc: int) -> None:
         raise DemoError(f"training exited with code {code} (its log is above)")
 
 
-def run_demo(run_dir: str = "runs/demo", steps: Optional[int] = None, nproc: int = 2,
-             overrides: Optional[list[str]] = None) -> dict:
+def run_demo(
+    run_dir: str = "runs/demo", steps: int | None = None, nproc: int = 2, overrides: list[str] | None = None
+) -> dict:
     """Build the digit shards (once), train with evaluation on the held-out digits, then write
     report.md, loss.png and samples.png into the run directory."""
     started = time.time()
     run = Path(run_dir)
     data = prepare_data(run / "data")
-    items = [f"run.dir={run}", f"data.train_shards={data['train']}",
-             f"eval.zeroshot={data['test']}", f"eval.retrieval={data['test']}"]
+    items = [
+        f"run.dir={run}",
+        f"data.train_shards={data['train']}",
+        f"eval.zeroshot={data['test']}",
+        f"eval.retrieval={data['test']}",
+    ]
     if steps is not None:
         items.append(f"train.steps={steps}")
     cfg = load_config(str(DEMO_CONFIG), items + list(overrides or []))
@@ -81,17 +91,32 @@ def run_demo(run_dir: str = "runs/demo", steps: Optional[int] = None, nproc: int
         raise DemoError(f"no training or evaluation records in {run / METRICS_FILE}")
     final = evals[-1]
     report = make_report(run, cfg, data, records, final, nproc, losses, started, train_seconds)
-    print(f"demo finished in {report['seconds'] / 60:.1f} min: loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}; "
-          f"held-out zero-shot top-1 {100 * final['eval/zeroshot_top1']:.1f}% (chance 10%), "
-          f"image->text R@1 {100 * final['eval/i2t_r1']:.1f}% (chance {100 / final['eval/retrieval_images']:.2f}%)",
-          file=sys.stderr)
+    print(
+        f"demo finished in {report['seconds'] / 60:.1f} min: loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}; "
+        f"held-out zero-shot top-1 {100 * final['eval/zeroshot_top1']:.1f}% (chance 10%), "
+        f"image->text R@1 {100 * final['eval/i2t_r1']:.1f}% (chance {100 / final['eval/retrieval_images']:.2f}%)",
+        file=sys.stderr,
+    )
     print(f"look at {run / 'report.md'}, {run / 'loss.png'}, {run / 'samples.png'}", file=sys.stderr)
-    return {"first_loss": losses[0]["loss"], "last_loss": losses[-1]["loss"], "steps": losses[-1]["step"],
-            **{k: v for k, v in final.items() if k.startswith("eval/")}}
+    return {
+        "first_loss": losses[0]["loss"],
+        "last_loss": losses[-1]["loss"],
+        "steps": losses[-1]["step"],
+        **{k: v for k, v in final.items() if k.startswith("eval/")},
+    }
 
 
-def make_report(run: Path, cfg, data: dict, records: list[dict], final: dict, nproc: int, losses: list[dict],
-                started: float, train_seconds: float) -> dict:
+def make_report(
+    run: Path,
+    cfg,
+    data: dict,
+    records: list[dict],
+    final: dict,
+    nproc: int,
+    losses: list[dict],
+    started: float,
+    train_seconds: float,
+) -> dict:
     import torch
 
     from .demo_report import plot_curves, plot_predictions, write_report
@@ -103,11 +128,22 @@ def make_report(run: Path, cfg, data: dict, records: list[dict], final: dict, np
     grid = 24
     grid_accuracy = plot_predictions(bundle, data["test"], classnames, templates, run / "samples.png", n=grid)
     count = lambda pattern: sum(s.samples for s in resolve_shards(pattern))  # noqa: E731
-    info = {"model": cfg.model.name, "nproc": nproc, "steps": losses[-1]["step"],
-            "global_batch": cfg.data.batch_size * nproc * cfg.optim.accum_steps,
-            "train_samples": count(data["train"]), "test_samples": count(data["test"]),
-            "seconds": time.time() - started, "train_seconds": train_seconds,
-            "first_loss": losses[0]["loss"], "first_step": losses[0]["step"], "last_loss": losses[-1]["loss"],
-            "grid": grid, "grid_accuracy": grid_accuracy, "templates": templates, "run_dir": str(run)}
+    info = {
+        "model": cfg.model.name,
+        "nproc": nproc,
+        "steps": losses[-1]["step"],
+        "global_batch": cfg.data.batch_size * nproc * cfg.optim.accum_steps,
+        "train_samples": count(data["train"]),
+        "test_samples": count(data["test"]),
+        "seconds": time.time() - started,
+        "train_seconds": train_seconds,
+        "first_loss": losses[0]["loss"],
+        "first_step": losses[0]["step"],
+        "last_loss": losses[-1]["loss"],
+        "grid": grid,
+        "grid_accuracy": grid_accuracy,
+        "templates": templates,
+        "run_dir": str(run),
+    }
     write_report(run / "report.md", info, final, records)
     return info

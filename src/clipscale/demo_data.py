@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from .prompts import DIGIT_WORDS as WORDS
 from .shards.writer import write_shards
 
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-# Captions used for training. Zero-shot evaluation uses other templates (EVAL_TEMPLATES).
+# Captions used for training. Zero-shot evaluation uses other templates (prompts.DIGIT_TEMPLATES).
 TRAIN_TEMPLATES = [
     "a handwritten {w}",
     "the digit {d} written in ink",
@@ -38,12 +37,6 @@ TRAIN_TEMPLATES = [
     "{w}",
     "a messy {w}",
     "a neat {w} written on paper",
-]
-EVAL_TEMPLATES = [
-    "a photo of the number {}.",
-    "a picture of a {}.",
-    "this is the digit {}.",
-    "an image showing {}.",
 ]
 
 INKS = [(20, 20, 20), (20, 30, 120), (90, 20, 20), (30, 80, 30)]
@@ -132,13 +125,15 @@ def test_samples(split: DemoSplit, size: int, seed: int):
         }
 
 
-def build_demo_shards(out_dir: str | Path, copies: int = 4, size: int = 32, samples_per_shard: int = 512,
-                      seed: int = 0) -> dict:
+def build_demo_shards(
+    out_dir: str | Path, copies: int = 4, size: int = 32, samples_per_shard: int = 512, seed: int = 0
+) -> dict:
     """Write train/ and test/ shard sets (with manifests) of the digits; returns their patterns."""
     out = Path(out_dir)
     train, test = load_digits_split(seed=seed)
-    train_records = write_shards(train_samples(train, copies, size, seed), out / "train", "digits-train",
-                                 samples_per_shard)
+    train_records = write_shards(
+        train_samples(train, copies, size, seed), out / "train", "digits-train", samples_per_shard
+    )
     test_records = write_shards(test_samples(test, size, seed), out / "test", "digits-test", samples_per_shard)
     pattern = lambda d, recs: str(out / d / f"{recs[0].file.rsplit('-', 1)[0]}-{{000000..{len(recs) - 1:06d}}}.tar")  # noqa: E731
     return {

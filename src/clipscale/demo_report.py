@@ -25,11 +25,22 @@ def plot_curves(records: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     acc = ax.twinx()
     steps = [r["step"] for r in evals]
-    acc.plot(steps, [100 * r["eval/zeroshot_top1"] for r in evals], "o-", color="tab:red",
-             label="zero-shot top-1 (held-out digits)")
+    acc.plot(
+        steps,
+        [100 * r["eval/zeroshot_top1"] for r in evals],
+        "o-",
+        color="tab:red",
+        label="zero-shot top-1 (held-out digits)",
+    )
     if evals and "eval/i2t_r1" in evals[0]:
-        acc.plot(steps, [100 * r["eval/i2t_r1"] for r in evals], "s--", color="tab:green", ms=4,
-                 label="image→text R@1 (held-out)")
+        acc.plot(
+            steps,
+            [100 * r["eval/i2t_r1"] for r in evals],
+            "s--",
+            color="tab:green",
+            ms=4,
+            label="image→text R@1 (held-out)",
+        )
     acc.axhline(10, color="gray", ls=":", lw=1)
     acc.set_ylim(0, 100)
     acc.set_ylabel("accuracy / recall (%)", color="tab:red")
@@ -41,8 +52,9 @@ def plot_curves(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_predictions(bundle, test_pattern: str, classnames: list[str], templates: list, path: Path,
-                     n: int = 24) -> float:
+def plot_predictions(
+    bundle, test_pattern: str, classnames: list[str], templates: list, path: Path, n: int = 24
+) -> float:
     """A grid of held-out test images with the caption the model picks for each; the accuracy of
     the grid (green: right, red: wrong)."""
     ev = shard_set(test_pattern, (0, 1), "label")
@@ -54,15 +66,17 @@ def plot_predictions(bundle, test_pattern: str, classnames: list[str], templates
         preds = (enc._encode_images(images) @ classifier).argmax(dim=1).tolist()
     labels = ev.labels[:n]
     cols = 6
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(cols * 1.9, ((n + cols - 1) // cols) * 2.1),
-                             dpi=110)
+    fig, axes = plt.subplots(
+        (n + cols - 1) // cols, cols, figsize=(cols * 1.9, ((n + cols - 1) // cols) * 2.1), dpi=110
+    )
     for ax, src, pred, label in zip(axes.flat, ev.sources[:n], preds, labels):
         ax.imshow(decode_image(src))
-        caption = templates[0].format(classnames[pred]) if isinstance(templates[0], str) else templates[0](
-            classnames[pred])
+        caption = (
+            templates[0].format(classnames[pred]) if isinstance(templates[0], str) else templates[0](classnames[pred])
+        )
         ax.set_title(caption, fontsize=7, color="green" if pred == label else "red")
         ax.axis("off")
-    for ax in list(axes.flat)[len(preds):]:
+    for ax in list(axes.flat)[len(preds) :]:
         ax.axis("off")
     fig.suptitle("held-out digits and the caption the model chose (green: right, red: wrong)", fontsize=9)
     fig.tight_layout()
@@ -102,8 +116,11 @@ def write_report(path: Path, info: dict, final: dict, records: list[dict]) -> No
         "",
         "| step | zero-shot top-1 | top-5 | i2t R@1 | t2i R@1 |",
         "| --- | --- | --- | --- | --- |",
-        *[f"| {r['step']} | {100 * r['eval/zeroshot_top1']:.1f}% | {100 * r['eval/zeroshot_top5']:.1f}% | "
-          f"{100 * r.get('eval/i2t_r1', 0):.1f}% | {100 * r.get('eval/t2i_r1', 0):.1f}% |" for r in evals],
+        *[
+            f"| {r['step']} | {100 * r['eval/zeroshot_top1']:.1f}% | {100 * r['eval/zeroshot_top5']:.1f}% | "
+            f"{100 * r.get('eval/i2t_r1', 0):.1f}% | {100 * r.get('eval/t2i_r1', 0):.1f}% |"
+            for r in evals
+        ],
         "",
         "![loss and accuracy](loss.png)",
         "",

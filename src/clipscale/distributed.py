@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -32,8 +32,8 @@ class LaunchInfo:
     rank: int
     world_size: int
     local_rank: int
-    master_addr: Optional[str] = None
-    master_port: Optional[int] = None
+    master_addr: str | None = None
+    master_port: int | None = None
     restart_count: int = 0  # torchrun's elastic restarts (--max-restarts)
     requeue_count: int = 0  # SLURM requeues of the job (SLURM_RESTART_COUNT)
 
@@ -44,7 +44,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    backend: Optional[str]
+    backend: str | None
     launcher: str
     restart_count: int = 0
     requeue_count: int = 0
@@ -52,10 +52,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
@@ -94,8 +90,16 @@ def detect_launch(env: Mapping[str, str] = os.environ) -> LaunchInfo:
             raise DistributedEnvError(f"RANK and WORLD_SIZE must be set together; missing {', '.join(missing)}")
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
-        info = LaunchInfo("torchrun", rank, world, local, env.get("MASTER_ADDR"),
-                          _int(env, "MASTER_PORT") if "MASTER_PORT" in env else None, restarts, requeues)
+        info = LaunchInfo(
+            "torchrun",
+            rank,
+            world,
+            local,
+            env.get("MASTER_ADDR"),
+            _int(env, "MASTER_PORT") if "MASTER_PORT" in env else None,
+            restarts,
+            requeues,
+        )
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _int(env, "SLURM_NTASKS") > 1:
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
         local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
@@ -133,8 +137,9 @@ def pick_device(preference: str, local_rank: int, bound_per_task: bool = False) 
     return torch.device("cpu")
 
 
-def _store_for_elastic_restart(info: LaunchInfo, timeout: datetime.timedelta,
-                               env: Mapping[str, str]) -> Optional[dist.Store]:
+def _store_for_elastic_restart(
+    info: LaunchInfo, timeout: datetime.timedelta, env: Mapping[str, str]
+) -> dist.Store | None:
     """A fresh key space in torchrun's shared store after an elastic restart (None: the default).
 
     torchrun keeps one TCPStore for all restart rounds and never clears it, so after
@@ -148,8 +153,10 @@ def _store_for_elastic_restart(info: LaunchInfo, timeout: datetime.timedelta,
         return None
     if env.get("GROUP_WORLD_SIZE", "1") != "1":
         if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and info.rank == 0:
-            log.warning("torchrun --max-restarts across nodes: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-                        "before torchrun, or restarted workers may connect to stale addresses")
+            log.warning(
+                "torchrun --max-restarts across nodes: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                "before torchrun, or restarted workers may connect to stale addresses"
+            )
         return None
     if info.restart_count == 0:
         return None
@@ -157,8 +164,9 @@ def _store_for_elastic_restart(info: LaunchInfo, timeout: datetime.timedelta,
     return dist.PrefixStore(f"clipscale/restart{info.restart_count}", store)
 
 
-def init_distributed(device_preference: str = "auto", timeout_s: int = 600,
-                     env: Mapping[str, str] = os.environ) -> DistEnv:
+def init_distributed(
+    device_preference: str = "auto", timeout_s: int = 600, env: Mapping[str, str] = os.environ
+) -> DistEnv:
     """Start the default process group when launched with several processes (NCCL on CUDA, gloo on CPU)."""
     info = detect_launch(env)
     device = pick_device(device_preference, info.local_rank, bound_per_task=info.launcher == "slurm")
@@ -170,14 +178,25 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600,
             os.environ.setdefault("MASTER_PORT", str(info.master_port))
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
-            backend=backend, rank=info.rank, world_size=info.world_size, timeout=timeout,
+            backend=backend,
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
             store=_store_for_elastic_restart(info, timeout, env),
         )
     elif dist.is_initialized():
         backend = dist.get_backend()
-    return DistEnv(info.rank, info.world_size, info.local_rank, device, backend, info.launcher,
-                   info.restart_count, info.requeue_count)
+    return DistEnv(
+        info.rank,
+        info.world_size,
+        info.local_rank,
+        device,
+        backend,
+        info.launcher,
+        info.restart_count,
+        info.requeue_count,
+    )
 
 
 def ensure_process_group(env: DistEnv) -> None:
@@ -187,8 +206,9 @@ def ensure_process_group(env: DistEnv) -> None:
         return
     for key, value in (("LOCAL_RANK", env.local_rank), ("RANK", env.rank), ("WORLD_SIZE", env.world_size)):
         os.environ.setdefault(key, str(value))
-    dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", store=dist.HashStore(),
-                            rank=0, world_size=1)
+    dist.init_process_group(
+        "nccl" if env.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+    )
 
 
 def world_size() -> int:

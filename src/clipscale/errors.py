@@ -1,8 +1,12 @@
-"""User-facing error types.
+"""User-facing error types, and how a command reports them.
 
-A `UserError` is a mistake in the user's input (config, data, checkpoint). The CLI prints its
-message as one line and exits with status 2 instead of showing a traceback.
+A `UserError` is a mistake in the user's input (config, data, checkpoint). `run_command` prints
+its message as one line and exits with status 2 instead of showing a traceback.
 """
+
+import logging
+import sys
+from typing import Callable
 
 
 class UserError(Exception):
@@ -19,3 +23,16 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used (missing, corrupt, or from another model)."""
+
+
+def run_command(command: Callable[[], int]) -> int:
+    """The exit code of `command()`; a UserError is one line on stderr and code 2, Ctrl-C code 130."""
+    try:
+        return command()
+    except UserError as exn:
+        logging.shutdown()
+        print(f"clipscale: error: {exn}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipscale: interrupted", file=sys.stderr)
+        return 130

@@ -17,28 +17,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .data.jpeg import decode_image
-from .data.samples import Skip, caption_of
-from .data.shardlist import expand
-from .data.tar_reader import iter_raw_samples
 from .config import EvalConfig
+from .data.jpeg import decode_image
 from .distributed import all_gather_object, rank, world_size
-from .errors import UserError
+from .errors import DataError, UserError
+from .prompts import builtin_classes, builtin_templates
+from .wds.schema import IMAGE_FILE_SUFFIXES, captions_of, image_bytes, label_of
+from .wds.shardlist import expand, require_shards_exist
+from .wds.tar import iter_raw_samples
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 RECALL_AT = (1, 5, 10)
 
 
@@ -47,34 +45,6 @@ class EvalDataError(UserError):
 
 
 # --------------------------------------------------------------------------- class names, templates
-
-
-def builtin_classes(name: str) -> Optional[list[str]]:
-    if name == "imagenet":
-        from open_clip import IMAGENET_CLASSNAMES
-
-        return list(IMAGENET_CLASSNAMES)
-    if name == "digits":
-        from .demo_data import WORDS
-
-        return list(WORDS)
-    return None
-
-
-def builtin_templates(name: str) -> Optional[list]:
-    if name == "openai":
-        from open_clip import OPENAI_IMAGENET_TEMPLATES
-
-        return list(OPENAI_IMAGENET_TEMPLATES)
-    if name == "simple":
-        from open_clip import SIMPLE_IMAGENET_TEMPLATES
-
-        return list(SIMPLE_IMAGENET_TEMPLATES)
-    if name == "digits":
-        from .demo_data import EVAL_TEMPLATES
-
-        return list(EVAL_TEMPLATES)
-    return None
 
 
 def _read_list_file(path: str, what: str) -> object:
@@ -92,8 +62,9 @@ def _read_list_file(path: str, what: str) -> object:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def load_classes_and_templates(classes: Optional[str], templates: Optional[str],
-                               folder_names: Optional[list[str]] = None) -> tuple[list[str], list]:
+def load_classes_and_templates(
+    classes: str | None, templates: str | None, folder_names: list[str] | None = None
+) -> tuple[list[str], list]:
     """Class names and templates from built-in names (imagenet, digits | openai, simple, digits)
     or files (.txt: one per line; .yaml/.json: a list, or {classnames: [...], templates: [...]}).
     Without `classes`, an image-folder tree's folder names are the class names."""
@@ -139,7 +110,7 @@ class EvalSet:
     sources: list = field(default_factory=list)  # bytes | Path, one per local index
     labels: list[int] = field(default_factory=list)
     captions: list[list[str]] = field(default_factory=list)
-    folder_names: Optional[list[str]] = None
+    folder_names: list[str] | None = None
     skipped: int = 0
 
 
@@ -148,8 +119,12 @@ def folder_set(root: Path, share: tuple[int, int]) -> EvalSet:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise EvalDataError(f"eval.zeroshot: {root} has no class folders (expected root/<class>/*.jpg)")
-    files = [(p, i) for i, c in enumerate(classes) for p in sorted((root / c).rglob("*"))
-             if p.suffix.lower() in IMAGE_EXTS]
+    files = [
+        (p, i)
+        for i, c in enumerate(classes)
+        for p in sorted((root / c).rglob("*"))
+        if p.suffix.lower() in IMAGE_FILE_SUFFIXES
+    ]
     if not files:
         raise EvalDataError(f"eval.zeroshot: no images under {root}/<class>/")
     out = EvalSet(size=len(files), labels=[label for _, label in files], folder_names=classes)
@@ -159,67 +134,33 @@ def folder_set(root: Path, share: tuple[int, int]) -> EvalSet:
     return out
 
 
-def _label_of(sample: dict) -> Optional[int]:
-    raw = sample.get("cls")
-    if raw is None and "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError):
-            return None
-        raw = meta.get("label") if isinstance(meta, dict) else None
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", "replace")
-    try:
-        return int(str(raw).strip())
-    except (TypeError, ValueError):
-        return None
-
-
-def _captions_of(sample: dict) -> list[str]:
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError):
-            meta = None
-        if isinstance(meta, dict) and isinstance(meta.get("captions"), list):
-            found = [c.strip() for c in meta["captions"] if isinstance(c, str) and c.strip()]
-            if found:
-                return found
-    try:
-        return [caption_of(sample, "txt", "caption")]
-    except Skip:
-        return []
-
-
 def shard_set(pattern: str, share: tuple[int, int], need: str) -> EvalSet:
     """Samples of the shards in `pattern`; `need` = "label" (zero-shot) or "captions" (retrieval).
     Samples without an image or without what is needed are counted in `skipped`."""
-    urls = expand(pattern)
-    if not urls:
-        raise EvalDataError(f"no shards match {pattern!r}")
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
-    if missing:
-        raise EvalDataError(f"evaluation shard not found: {missing[0]}" +
-                            (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    try:
+        urls = expand(pattern, "the evaluation set")
+        require_shards_exist(urls, "evaluation shard")
+    except DataError as exn:
+        raise EvalDataError(str(exn)) from None
     errors: list[str] = []
     out = EvalSet(size=0)
     groups: dict[str, int] = {}
     r, w = share
     for url in urls:
         for sample in iter_raw_samples(url, on_error=lambda e, u=url: errors.append(f"{u}: {e}")):
-            image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+            image = image_bytes(sample)
             if image is None:
                 out.skipped += 1
                 continue
             if need == "label":
-                label = _label_of(sample)
+                label = label_of(sample)
                 if label is None:
                     out.skipped += 1
                     continue
                 index, out.size = out.size, out.size + 1
                 out.labels.append(label)
             else:
-                captions = _captions_of(sample)
+                captions = captions_of(sample)
                 if not captions:
                     out.skipped += 1
                     continue
@@ -261,8 +202,9 @@ class _Images(Dataset):
         try:
             img = decode_image(src if isinstance(src, bytes) else Path(src).read_bytes())
         except Exception as exn:
-            raise EvalDataError(f"cannot decode evaluation image {src if not isinstance(src, bytes) else i}: "
-                                f"{type(exn).__name__}") from None
+            raise EvalDataError(
+                f"cannot decode evaluation image {src if not isinstance(src, bytes) else i}: {type(exn).__name__}"
+            ) from None
         return self.transform(img)
 
 
@@ -301,15 +243,26 @@ def _batches_needed(total: int, world: int, batch_size: int) -> int:
 class Encoder:
     """Image and text features of one model, computed in equal numbers of batches on every rank."""
 
-    def __init__(self, model: torch.nn.Module, transform: Callable, tokenizer: Callable, device: torch.device,
-                 batch_size: int = 64, workers: int = 0, autocast: Callable = contextlib.nullcontext):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        transform: Callable,
+        tokenizer: Callable,
+        device: torch.device,
+        batch_size: int = 64,
+        workers: int = 0,
+        autocast: Callable = contextlib.nullcontext,
+    ):
         self.model, self.transform, self.tokenizer = model, transform, tokenizer
         self.device, self.batch_size, self.workers, self.autocast = device, batch_size, workers, autocast
 
     def images(self, ev: EvalSet) -> torch.Tensor:
         """Normalised features of the whole set [size, d], gathered from every rank."""
-        loader = DataLoader(_Images(ev.sources, self.transform), batch_size=self.batch_size,
-                            num_workers=self.workers if ev.sources else 0)
+        loader = DataLoader(
+            _Images(ev.sources, self.transform),
+            batch_size=self.batch_size,
+            num_workers=self.workers if ev.sources else 0,
+        )
         feats = []
         for batch in loader:
             feats.append(self._encode_images(batch))
@@ -321,8 +274,10 @@ class Encoder:
         """Normalised features of `texts` [n, d]; every rank encodes a strided share."""
         r, w = rank(), world_size()
         mine = list(range(r, len(texts), w))
-        feats = [self._encode_texts([texts[i] for i in mine[s:s + self.batch_size]])
-                 for s in range(0, len(mine), self.batch_size)]
+        feats = [
+            self._encode_texts([texts[i] for i in mine[s : s + self.batch_size]])
+            for s in range(0, len(mine), self.batch_size)
+        ]
         self._pad(len(feats), _batches_needed(len(texts), w, self.batch_size), "text")
         local = torch.cat(feats) if feats else torch.empty(0)
         return _assemble(local, mine, len(texts))
@@ -376,8 +331,9 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
-def retrieval_recall(image_feats: torch.Tensor, text_feats: torch.Tensor, text_to_image: torch.Tensor,
-                     ks: Sequence[int] = RECALL_AT) -> dict[str, float]:
+def retrieval_recall(
+    image_feats: torch.Tensor, text_feats: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = RECALL_AT
+) -> dict[str, float]:
     """i2t: an image is a hit at k when any of its captions is among its k best texts;
     t2i: a caption is a hit at k when its image is among its k best images."""
     sims = image_feats @ text_feats.T  # [images, texts]
@@ -408,29 +364,30 @@ class Evaluator:
         if spec.zeroshot:
             self.zeroshot_set = load_eval_set(spec.zeroshot, "label", share)
             self.classnames, self.templates = load_classes_and_templates(
-                spec.zeroshot_classes, spec.zeroshot_templates, self.zeroshot_set.folder_names)
+                spec.zeroshot_classes, spec.zeroshot_templates, self.zeroshot_set.folder_names
+            )
             bad = [label for label in self.zeroshot_set.labels if not 0 <= label < len(self.classnames)]
             if bad:
-                raise EvalDataError(f"eval.zeroshot: label {bad[0]} is outside the {len(self.classnames)} "
-                                    f"class names of {spec.zeroshot_classes or 'the class folders'}")
+                raise EvalDataError(
+                    f"eval.zeroshot: label {bad[0]} is outside the {len(self.classnames)} "
+                    f"class names of {spec.zeroshot_classes or 'the class folders'}"
+                )
         if spec.retrieval:
             self.retrieval_set = load_eval_set(spec.retrieval, "captions", share)
 
-    @property
-    def enabled(self) -> bool:
-        return self.zeroshot_set is not None or self.retrieval_set is not None
-
     def run(self, model: torch.nn.Module, autocast: Callable = contextlib.nullcontext) -> dict[str, float]:
-        enc = Encoder(model, self.transform, self.tokenizer, self.device, self.spec.batch_size,
-                      self.spec.workers, autocast)
+        enc = Encoder(
+            model, self.transform, self.tokenizer, self.device, self.spec.batch_size, self.spec.workers, autocast
+        )
         out: dict[str, float] = {}
         with preserved_rng(), eval_mode(model):
             if self.zeroshot_set is not None:
                 ev = self.zeroshot_set
                 classifier = enc.classifier(self.classnames, self.templates)
                 acc = topk_accuracy(enc.images(ev) @ classifier, torch.tensor(ev.labels), (1, 5))
-                out.update({"eval/zeroshot_top1": acc[1], "eval/zeroshot_top5": acc[5],
-                            "eval/zeroshot_images": ev.size})
+                out.update(
+                    {"eval/zeroshot_top1": acc[1], "eval/zeroshot_top5": acc[5], "eval/zeroshot_images": ev.size}
+                )
             if self.retrieval_set is not None:
                 ev = self.retrieval_set
                 texts = [c for caps in ev.captions for c in caps]
@@ -451,7 +408,7 @@ def iter_eval_rows(results: dict) -> Iterator[tuple[str, str]]:
 # --------------------------------------------------------------------------- any checkpoint
 
 
-def model_from_checkpoint(checkpoint: str, model_name: Optional[str], device: torch.device):
+def model_from_checkpoint(checkpoint: str, model_name: str | None, device: torch.device):
     """(ModelBundle with the checkpoint's weights, info) for a clipscale or open_clip-format checkpoint."""
     from .config import ModelConfig
     from .export import consolidated_weights
@@ -466,6 +423,7 @@ def model_from_checkpoint(checkpoint: str, model_name: Optional[str], device: to
         bundle.model.load_state_dict(state)
     except RuntimeError as exn:
         lines = [line.strip() for line in str(exn).splitlines() if line.strip()]
-        raise EvalDataError(f"{checkpoint} does not fit model {name!r}: {lines[1] if len(lines) > 1 else lines[0]}"
-                            [:400]) from None
+        raise EvalDataError(
+            f"{checkpoint} does not fit model {name!r}: {lines[1] if len(lines) > 1 else lines[0]}"[:400]
+        ) from None
     return bundle, {**info, "model_name": name}

@@ -9,19 +9,15 @@ the model-states file. The result loads with
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from .checkpoint import CheckpointManager, checksum_problem, load_checkpoint_file
+from .engine.ds_checkpoint import DS_TAG, deepspeed_model_states
 from .errors import CheckpointError
+from .fsutil import atomic_write
 
-log = logging.getLogger(__name__)
-
-DS_TAG = "state"
-DS_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, 3
 OPEN_CLIP_SCALARS = ("logit_scale", "logit_bias")  # 0-d in open_clip; 1-d while DeepSpeed trains
 
 
@@ -43,19 +39,6 @@ def find_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def deepspeed_model_states(folder: Path) -> dict:
-    """The rank-0 model-states file of a clipscale DeepSpeed checkpoint (holds clipscale's state)."""
-    for name in DS_MODEL_STATES:
-        states = Path(folder) / DS_TAG / name
-        if states.is_file():
-            try:
-                return torch.load(states, map_location="cpu", weights_only=False)
-            except Exception as exn:
-                raise CheckpointError(f"cannot read {states}: {type(exn).__name__}") from None
-    raise CheckpointError(f"{folder} is not a clipscale DeepSpeed checkpoint (no {DS_TAG}/{DS_MODEL_STATES[0]}); "
-                          f"was it written with engine.name=ddp?")
-
-
 def _deepspeed_state_dict(folder: Path) -> tuple[dict, dict]:
     meta = deepspeed_model_states(folder)
     extra = meta.get("clipscale") or {}
@@ -74,7 +57,7 @@ def to_open_clip(state: dict) -> dict:
     for key, value in state.items():
         for prefix in ("module.", "_orig_mod."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         value = value.detach().to("cpu")
         if value.is_floating_point():
             value = value.float()
@@ -97,7 +80,7 @@ def consolidated_weights(checkpoint: str | Path) -> tuple[dict, dict]:
         state, extra = full["state_dict"], full
     else:
         state, extra = _deepspeed_state_dict(source)
-    model_name: Optional[str] = extra.get("model_name") or (extra.get("config") or {}).get("model", {}).get("name")
+    model_name: str | None = extra.get("model_name") or (extra.get("config") or {}).get("model", {}).get("name")
     return to_open_clip(state), {"model_name": model_name, "step": extra.get("step"), "source": str(source)}
 
 
@@ -116,7 +99,5 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> dict:
     state, info = consolidated_weights(checkpoint)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(output)
+    atomic_write(output, lambda f: torch.save(state, f))
     return {**info, "tensors": len(state)}

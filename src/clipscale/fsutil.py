@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 
 def fsync_dir(path: Path) -> None:
@@ -34,16 +35,26 @@ def remove_temporaries(directory: Path, *name_globs: str) -> None:
             stale.unlink()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """`path` holds either its old content or all of `data`, never a torn write."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(f)` into a temporary file, fsync, rename to `path`: `path` holds either its old
+    content or all of the new one, never a torn write."""
     path = Path(path)
     tmp = temp_path(path, f"-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`path` holds either its old content or all of `data`, never a torn write."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def remove_path(path: Path) -> None:

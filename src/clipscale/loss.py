@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .config import LOSS_IMPLS, resolved_loss_impl
 
 # --------------------------------------------------------------------------- communication
 
@@ -91,7 +92,7 @@ class _AllGatherGrad(torch.autograd.Function):
                 dist.reduce_scatter_tensor(out, grad)
             else:
                 dist.all_reduce(grad)
-                out = grad[ctx.rank * ctx.b:(ctx.rank + 1) * ctx.b]
+                out = grad[ctx.rank * ctx.b : (ctx.rank + 1) * ctx.b]
         return out, None
 
 
@@ -115,10 +116,10 @@ class Gather:
         if self.rank_world()[1] == 1:
             return a, b
         fusable = a.ndim == b.ndim == 2 and a.shape[0] == b.shape[0] and a.dtype == b.dtype
-        if not fusable or type(self).__call__ is not Gather.__call__:  # a subclass gathers its own way
+        if not fusable:
             return self(a), self(b)
         both = self(torch.cat([a, b], dim=1))
-        return both[:, :a.shape[1]], both[:, a.shape[1]:]
+        return both[:, : a.shape[1]], both[:, a.shape[1] :]
 
 
 # --------------------------------------------------------------------------- chunked CLIP
@@ -141,7 +142,7 @@ class _ChunkedRowCE(torch.autograd.Function):
             for c0, c1 in _tiles(N, chunk):
                 acc = torch.logaddexp(acc, torch.logsumexp((q[r0:r1] @ k[c0:c1].T) * scale, dim=1))
             lse[r0:r1] = acc
-        pos = (q * k[offset:offset + n]).sum(1) * scale
+        pos = (q * k[offset : offset + n]).sum(1) * scale
         ctx.save_for_backward(q, k, scale, lse)
         ctx.offset, ctx.chunk = offset, chunk
         return (lse - pos).mean()
@@ -162,9 +163,9 @@ class _ChunkedRowCE(torch.autograd.Function):
                 dq[r0:r1] += (p @ kc) * scale
                 dk[c0:c1] += (p.T @ qr) * scale
                 dscale += (p * raw).sum()
-        kpos = k[offset:offset + n]
+        kpos = k[offset : offset + n]
         dq -= kpos * (coef * scale)
-        dk[offset:offset + n] -= q * (coef * scale)
+        dk[offset : offset + n] -= q * (coef * scale)
         dscale -= (q * kpos).sum() * coef
         return dq, dk, dscale.reshape(scale.shape), None, None
 
@@ -219,10 +220,10 @@ class ClipLoss(nn.Module):
 
     uses_bias = False
 
-    def __init__(self, impl: str = "local", chunk_size: int = 4096, gather: Optional[Gather] = None):
+    def __init__(self, impl: str = "local", chunk_size: int = 4096, gather: Gather | None = None):
         super().__init__()
-        if impl not in ("full", "local", "chunked"):
-            raise ValueError(f"ClipLoss impl must be full, local or chunked; got {impl!r}")
+        if impl not in LOSS_IMPLS["clip"]:
+            raise ValueError(f"ClipLoss impl must be one of {', '.join(LOSS_IMPLS['clip'])}; got {impl!r}")
         self.impl = impl
         self.chunk_size = chunk_size
         self.gather = gather or Gather()
@@ -234,8 +235,10 @@ class ClipLoss(nn.Module):
             if world == 1:
                 return _ChunkedSymmetricCE.apply(image_features, text_features, logit_scale, self.chunk_size)
             all_img, all_txt = self.gather.pair(image_features, text_features)
-            return (_ChunkedRowCE.apply(image_features, all_txt, logit_scale, rank * b, self.chunk_size)
-                    + _ChunkedRowCE.apply(text_features, all_img, logit_scale, rank * b, self.chunk_size)) / 2
+            return (
+                _ChunkedRowCE.apply(image_features, all_txt, logit_scale, rank * b, self.chunk_size)
+                + _ChunkedRowCE.apply(text_features, all_img, logit_scale, rank * b, self.chunk_size)
+            ) / 2
         if world == 1 or self.impl == "full":
             all_img, all_txt = self.gather.pair(image_features, text_features)
             logits = logit_scale * all_img @ all_txt.T
@@ -274,8 +277,10 @@ def _ring_shift(x: torch.Tensor, timer: CommTimer) -> torch.Tensor:
     rank, world = _world()
     out = torch.empty_like(x)
     with timer.time(x.device):
-        ops = [dist.P2POp(dist.isend, x.contiguous(), (rank + 1) % world),
-               dist.P2POp(dist.irecv, out, (rank - 1) % world)]
+        ops = [
+            dist.P2POp(dist.isend, x.contiguous(), (rank + 1) % world),
+            dist.P2POp(dist.irecv, out, (rank - 1) % world),
+        ]
         for req in dist.batch_isend_irecv(ops):
             req.wait()
     return out
@@ -326,10 +331,10 @@ class SigLipLoss(nn.Module):
 
     uses_bias = True
 
-    def __init__(self, impl: str = "gather", gather: Optional[Gather] = None):
+    def __init__(self, impl: str = "gather", gather: Gather | None = None):
         super().__init__()
-        if impl not in ("gather", "ring"):
-            raise ValueError(f"SigLipLoss impl must be gather or ring; got {impl!r}")
+        if impl not in LOSS_IMPLS["siglip"]:
+            raise ValueError(f"SigLipLoss impl must be one of {', '.join(LOSS_IMPLS['siglip'])}; got {impl!r}")
         self.impl = impl
         self.gather = gather or Gather()
 
@@ -343,13 +348,11 @@ class SigLipLoss(nn.Module):
         all_txt = self.gather(text_features)
         logits = (image_features @ all_txt.T) * logit_scale + logit_bias
         loss = F.softplus(logits).sum()
-        own = logits[:, rank * b:(rank + 1) * b]
+        own = logits[:, rank * b : (rank + 1) * b]
         return (loss - torch.diagonal(own).sum()) / b
 
 
 def build_loss(cfg) -> nn.Module:
-    from .config import resolved_loss_impl
-
     impl = resolved_loss_impl(cfg)
     if cfg.loss.name == "siglip":
         return SigLipLoss(impl=impl)

@@ -7,7 +7,8 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional
+
+from .fsutil import atomic_write_bytes
 
 log = logging.getLogger("clipscale")
 
@@ -42,9 +43,7 @@ def truncate_after(path: Path, step: int) -> None:
                 kept.append(line)
         except ValueError:
             continue  # a line torn by a kill
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(k + "\n" for k in kept).encode())
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -58,8 +57,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, is_main: bool, rank: int, tensorboard: bool = False,
-                 sample_keys: bool = False, console=None):
+    def __init__(
+        self,
+        run_dir: Path,
+        is_main: bool,
+        rank: int,
+        tensorboard: bool = False,
+        sample_keys: bool = False,
+        console=None,
+    ):
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self.rank = rank
@@ -92,7 +98,7 @@ class MetricsLogger:
         if console:
             self.console(format_metrics(record))
 
-    def sample_keys(self, step: int, keys: list[str], passes: Optional[list[int]] = None) -> None:
+    def sample_keys(self, step: int, keys: list[str], passes: list[int] | None = None) -> None:
         if self.sample_keys_enabled:
             record = {"step": step, "rank": self.rank, "keys": keys}
             if passes is not None:

@@ -10,7 +10,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import open_clip
 import torch
@@ -19,15 +19,13 @@ from torch import nn
 from .config import Config, ModelConfig
 from .errors import ConfigError
 
-log = logging.getLogger(__name__)
-
 BUNDLED_CONFIGS = Path(__file__).parent / "configs" / "models"
 MAX_LOGIT_SCALE = math.log(100.0)
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 _registered: set[str] = set()
 
 
-def register_model_configs(extra_dirs: Optional[list[str]] = None) -> None:
+def register_model_configs(extra_dirs: list[str] | None = None) -> None:
     """Make configs/models/*.json (and any user folders) known to open_clip by name."""
     for d in [str(BUNDLED_CONFIGS), *(extra_dirs or [])]:
         if d in _registered:
@@ -73,8 +71,11 @@ def create_model(mcfg: ModelConfig, loss_name: str = "clip", device: str | torch
         # SigLIP needs a learnable bias; the paper's initialisation (t' = log 10, b = -10).
         kwargs.update(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
     pretrained = mcfg.pretrained
-    if pretrained and (Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors")) \
-            and not Path(pretrained).is_file():
+    if (
+        pretrained
+        and (Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"))
+        and not Path(pretrained).is_file()
+    ):
         raise ConfigError(f"'model.pretrained': file not found: {pretrained}")
     with _quiet_open_clip():
         model, train_tf, val_tf = open_clip.create_model_and_transforms(

@@ -10,12 +10,8 @@ that step, or of the next one when the flag was read just before the signal arri
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
-from typing import Optional
-
-log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- a preempted run resumes with resume=auto
 
@@ -34,9 +30,9 @@ def ignore_signals(signal_names, worker_id: int = 0) -> None:
 
 class PreemptionHandler:
     def __init__(self, signal_names: list[str]):
-        self.received: Optional[str] = None
+        self.received: str | None = None
         self.step_in_progress = 0  # kept up to date by the training loop
-        self.received_during: Optional[int] = None
+        self.received_during: int | None = None
         self._previous = {}
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread

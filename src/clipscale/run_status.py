@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 from .fsutil import atomic_write_bytes
 
@@ -22,7 +21,7 @@ def write_status(run_dir: Path, state: str, **fields) -> None:
     atomic_write_bytes(Path(run_dir) / STATUS_FILE, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def read_status(run_dir: Path, since: Optional[float] = None) -> Optional[dict]:
+def read_status(run_dir: Path, since: float | None = None) -> dict | None:
     """The status record, or None when there is none (or it is unreadable, or older than `since`:
     a record left by an earlier attempt says nothing about the one that just ended)."""
     try:

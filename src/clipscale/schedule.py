@@ -29,6 +29,4 @@ def lr_factor(step: int, total_steps: int, scfg: ScheduleConfig, base_lr: float)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, scfg: ScheduleConfig, total_steps: int, base_lr: float):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, scfg, base_lr)
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, scfg, base_lr))

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Sequence
 
 from .preempt import EXIT_PREEMPTED
 from .run_status import read_status
@@ -34,14 +34,14 @@ FORWARDED_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
 
 
-def slurm_job_key(env: Mapping[str, str]) -> Optional[str]:
+def slurm_job_key(env: Mapping[str, str]) -> str | None:
     """The id `scontrol requeue` takes: ARRAYID_TASKID for an array task, else the job id."""
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     return env.get("SLURM_JOB_ID") or None
 
 
-def should_requeue(status: Optional[dict], caught: Optional[str], requeue_signals: Sequence[str]) -> bool:
+def should_requeue(status: dict | None, caught: str | None, requeue_signals: Sequence[str]) -> bool:
     """The decision table of the module docstring."""
     state = status["state"] if status else None
     if state in ("finished", "failed"):
@@ -52,17 +52,23 @@ def should_requeue(status: Optional[dict], caught: Optional[str], requeue_signal
 
 
 class Supervisor:
-    def __init__(self, command: Sequence[str], run_dir: Path, job_key: Optional[str] = None,
-                 requeue_count: int = 0, requeue: bool = True,
-                 requeue_signals: Sequence[str] = REQUEUE_SIGNALS,
-                 requeue_command: Sequence[str] = ("scontrol", "requeue"),
-                 say: Callable[[str], None] = None):
+    def __init__(
+        self,
+        command: Sequence[str],
+        run_dir: Path,
+        job_key: str | None = None,
+        requeue_count: int = 0,
+        requeue: bool = True,
+        requeue_signals: Sequence[str] = REQUEUE_SIGNALS,
+        requeue_command: Sequence[str] = ("scontrol", "requeue"),
+        say: Callable[[str], None] = None,
+    ):
         self.command, self.run_dir = list(command), Path(run_dir)
         self.job_key, self.requeue_count, self.requeue = job_key, requeue_count, requeue
         self.requeue_signals, self.requeue_command = tuple(requeue_signals), list(requeue_command)
         self._say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.caught: Optional[str] = None
-        self.proc: Optional[subprocess.Popen] = None
+        self.caught: str | None = None
+        self.proc: subprocess.Popen | None = None
         self._pending: list[int] = []
 
     def say(self, message: str) -> None:
@@ -81,8 +87,7 @@ class Supervisor:
             self.proc.send_signal(signum)
 
     def run(self) -> int:
-        previous = {sig: signal.signal(sig, self._on_signal)
-                    for sig in (getattr(signal, n) for n in FORWARDED_SIGNALS)}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (getattr(signal, n) for n in FORWARDED_SIGNALS)}
         started = time.time()
         try:
             self.say(f"starting (run dir {self.run_dir}): {' '.join(self.command)}")
@@ -100,7 +105,7 @@ class Supervisor:
         code = 128 - code if code < 0 else code  # killed by a signal: shell convention
         return self._after(code, read_status(self.run_dir, since=started))
 
-    def _after(self, code: int, status: Optional[dict]) -> int:
+    def _after(self, code: int, status: dict | None) -> int:
         where = f" at step {status.get('step')}" if status and "step" in status else ""
         state = status["state"] if status else "unknown (no fresh status.json)"
         self.say(f"training step exited with code {code}; run state: {state}{where}")
@@ -109,8 +114,10 @@ class Supervisor:
         if not should_requeue(status, self.caught, self.requeue_signals):
             return code or 1
         if not self.requeue or not self.job_key:
-            self.say("preempted; not requeued (not a SLURM job or --no-requeue): run the same command "
-                     "again to resume from the latest checkpoint")
+            self.say(
+                "preempted; not requeued (not a SLURM job or --no-requeue): run the same command "
+                "again to resume from the latest checkpoint"
+            )
             return EXIT_PREEMPTED
         self.say(f"preempted{where}: requeueing job {self.job_key}")
         try:
@@ -119,7 +126,9 @@ class Supervisor:
             self.say(f"cannot requeue: {e} (is scontrol on PATH?); resubmit to resume")
             return EXIT_PREEMPTED
         if done.returncode != 0:
-            self.say(f"'{' '.join(self.requeue_command)} {self.job_key}' failed: "
-                     f"{(done.stderr or done.stdout).strip()}; resubmit to resume")
+            self.say(
+                f"'{' '.join(self.requeue_command)} {self.job_key}' failed: "
+                f"{(done.stderr or done.stdout).strip()}; resubmit to resume"
+            )
             return EXIT_PREEMPTED
         return 0

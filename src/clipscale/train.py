@@ -13,7 +13,6 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -21,17 +20,17 @@ import torch.distributed as dist
 
 from . import __version__
 from .checkpoint import CheckpointManager, config_changes, rng_state, set_rng_state, torch_save_synced
-from .config import Config, save_config, to_dict
-from .data import TrainData
+from .config import Config, add_config_arguments, load_config, save_config, to_dict
+from .data.loader import TrainData
 from .distributed import DistEnv, all_gather_object, broadcast_object, cleanup, init_distributed, world_size
 from .engine import build_engine
-from .errors import UserError
+from .errors import UserError, run_command
+from .grad_cache import forward_backward
 from .loss import build_loss
 from .metrics import MetricsLogger
 from .model import count_parameters, create_model
 from .preempt import EXIT_PREEMPTED, PreemptionHandler
 from .run_status import write_status
-from .step import forward_backward
 
 log = logging.getLogger("clipscale")
 
@@ -42,8 +41,10 @@ class TrainingDiverged(UserError):
 
 def setup_logging(env: DistEnv) -> None:
     """clipscale's messages at INFO on rank 0 (WARNING elsewhere); other libraries at WARNING."""
-    counts = [f"requeue{env.requeue_count}" if env.requeue_count else "",
-              f"restart{env.restart_count}" if env.restart_count else ""]
+    counts = [
+        f"requeue{env.requeue_count}" if env.requeue_count else "",
+        f"restart{env.restart_count}" if env.restart_count else "",
+    ]
     prefix = "[" + " ".join([f"rank{env.rank}", *filter(None, counts)]) + "]"
     logging.basicConfig(
         level=logging.WARNING,
@@ -74,7 +75,7 @@ def software_versions() -> dict:
     }
 
 
-def reduce_step(loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
+def global_loss_and_stop(loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
     """One all-reduce per step: the global loss (mean over ranks) and whether any rank was signalled."""
     t = torch.stack([loss.detach().float().reshape(()), loss.new_tensor(1.0 if stop_requested else 0.0).float()])
     if world_size() > 1:
@@ -113,8 +114,9 @@ class Trainer:
 
         draft = self.bundle.image_size if cfg.data.jpeg_draft else None
         self.data = TrainData(cfg, self.bundle.train_transform, self.bundle.tokenizer, env, extra.get("data"), draft)
-        self.metrics = MetricsLogger(self.run_dir, env.is_main, env.rank, cfg.logging.tensorboard,
-                                     cfg.logging.sample_keys, console=self._console)
+        self.metrics = MetricsLogger(
+            self.run_dir, env.is_main, env.rank, cfg.logging.tensorboard, cfg.logging.sample_keys, console=self._console
+        )
         self.metrics.resume_at(self.step)
         self.global_batch = cfg.data.batch_size * env.world_size * cfg.optim.accum_steps
         self.nonfinite_run = 0  # consecutive skipped steps
@@ -125,6 +127,9 @@ class Trainer:
             from .evaluate import Evaluator
 
             self.evaluator = Evaluator(cfg.eval, self.bundle.val_transform, self.bundle.tokenizer, env.device)
+        elif cfg.eval.every_n_steps:
+            log.warning("eval.every_n_steps=%d, but no evaluation set is given (eval.zeroshot, eval.retrieval): "
+                        "nothing will be evaluated", cfg.eval.every_n_steps)
 
     # ------------------------------------------------------------------ helpers
     def _console(self, line: str) -> None:
@@ -135,21 +140,34 @@ class Trainer:
 
     def _log_resume(self, path: str, extra: dict) -> None:
         log.info("resumed from %s at step %d", path, self.step)
-        changes = [f"{k}: {a!r} -> {b!r}" for k, a, b in config_changes(extra.get("config", {}), to_dict(self.cfg))
-                   if k != "checkpoint.resume"]
+        changes = [
+            f"{k}: {a!r} -> {b!r}"
+            for k, a, b in config_changes(extra.get("config", {}), to_dict(self.cfg))
+            if k != "checkpoint.resume"
+        ]
         if changes:
             log.info("settings changed since that checkpoint: %s", "; ".join(changes))
         if extra.get("world_size", self.env.world_size) != self.env.world_size:
-            log.warning("world size changed %s -> %d: RNG states are re-seeded and the data stream is "
-                        "re-dealt (see README, 'Resuming and preemption')", extra.get("world_size"),
-                        self.env.world_size)
+            log.warning(
+                "world size changed %s -> %d: RNG states are re-seeded and the data stream is "
+                "re-dealt (see README, 'Resuming and preemption')",
+                extra.get("world_size"),
+                self.env.world_size,
+            )
 
-    def status(self, state: str, **fields) -> None:
+    def write_status(self, state: str, **fields) -> None:
         """RUN_DIR/status.json: running | finished | preempted | failed (read by job scripts to decide on requeue)."""
         if self.env.is_main:
-            write_status(self.run_dir, state, step=self.step, total_steps=self.cfg.train.steps,
-                         world_size=self.env.world_size, restart_count=self.env.restart_count,
-                         requeue_count=self.env.requeue_count, **fields)
+            write_status(
+                self.run_dir,
+                state,
+                step=self.step,
+                total_steps=self.cfg.train.steps,
+                world_size=self.env.world_size,
+                restart_count=self.env.restart_count,
+                requeue_count=self.env.requeue_count,
+                **fields,
+            )
 
     def evaluate(self) -> dict:
         """Collective: zero-shot / retrieval numbers into metrics.jsonl (the model is left as it was)."""
@@ -193,28 +211,45 @@ class Trainer:
             return
         self.nonfinite_run += 1
         self.nonfinite_total += 1
-        log.warning("step %d skipped: non-finite loss or gradients (%d in a row, %d in total)",
-                    self.step, self.nonfinite_run, self.nonfinite_total)
+        log.warning(
+            "step %d skipped: non-finite loss or gradients (%d in a row, %d in total)",
+            self.step,
+            self.nonfinite_run,
+            self.nonfinite_total,
+        )
         if self.nonfinite_run >= self.cfg.train.max_nonfinite_steps:
-            raise TrainingDiverged(f"the loss or gradients were not finite for {self.nonfinite_run} consecutive "
-                                   f"steps (up to step {self.step}); training stopped. Lower optim.lr, "
-                                   f"check the data, or resume from an earlier checkpoint")
+            raise TrainingDiverged(
+                f"the loss or gradients were not finite for {self.nonfinite_run} consecutive "
+                f"steps (up to step {self.step}); training stopped. Lower optim.lr, "
+                f"check the data, or resume from an earlier checkpoint"
+            )
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         cfg, env = self.cfg, self.env
         total = cfg.train.steps
-        log.info("model %s (%.2fM params) | %d process(es) on %s | global batch %d (%d x %d ranks x %d accum) "
-                 "| %d samples per epoch | steps %d -> %d",
-                 cfg.model.name, count_parameters(self.engine.module) / 1e6, env.world_size, env.device,
-                 self.global_batch, cfg.data.batch_size, env.world_size, cfg.optim.accum_steps,
-                 self.data.num_samples, self.step, total)
-        self.status("running")
+        log.info(
+            "model %s (%.2fM params) | %d process(es) on %s | global batch %d (%d x %d ranks x %d accum) "
+            "| %d samples per epoch | steps %d -> %d",
+            cfg.model.name,
+            count_parameters(self.engine.module) / 1e6,
+            env.world_size,
+            env.device,
+            self.global_batch,
+            cfg.data.batch_size,
+            env.world_size,
+            cfg.optim.accum_steps,
+            self.data.num_samples,
+            self.step,
+            total,
+        )
+        self.write_status("running")
         if env.is_main and cfg.logging.progress:
             from tqdm import tqdm
 
-            self.progress = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True,
-                                 mininterval=1.0, file=sys.stderr)
+            self.progress = tqdm(
+                total=total, initial=self.step, desc="train", dynamic_ncols=True, mininterval=1.0, file=sys.stderr
+            )
         last_loss = float("nan")
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
         last_saved = self.step if self.step > 0 else -1
@@ -228,46 +263,55 @@ class Trainer:
                 micro.append(self.data.to_device(batch, self.engine.device))
                 wait += w
             self.engine.module.train()
-            out = forward_backward(self.engine, self.loss_fn, micro)
-            global_loss, stop = reduce_step(out.loss, self.preempt.requested)
+            loss = forward_backward(self.engine, self.loss_fn, micro)
+            global_loss, stop = global_loss_and_stop(loss, self.preempt.requested)
             if math.isfinite(global_loss):
-                stats = self.engine.step()
+                stats = self.engine.optimizer_step()
             else:
-                self.engine.skip_step()
+                self.engine.skip_optimizer_step()
                 stats = {"grad_norm": float("nan"), "skipped": True}
             self.step += 1
             self._after_update(stats)
             window_steps += 1
             window_wait += wait
             last_loss = global_loss
-            self.metrics.sample_keys(self.step, [k for mb in micro for k in mb["keys"]],
-                                     [p for mb in micro for p in mb["passes"]])
+            self.metrics.sample_keys(
+                self.step, [k for mb in micro for k in mb["keys"]], [p for mb in micro for p in mb["passes"]]
+            )
             if self.progress is not None:
                 self.progress.update(1)
                 self.progress.set_postfix(loss=f"{global_loss:.4f}", refresh=False)
 
             if self.step % cfg.logging.every_n_steps == 0 or self.step == total or stop:
                 elapsed = time.perf_counter() - window_start
-                self.metrics.log(self.step, {
-                    "epoch": self.epoch(),
-                    "loss": global_loss,
-                    "lr": self.engine.lr(),
-                    "logit_scale": self.engine.module.logit_scale.detach().exp().item(),
-                    "grad_norm": float(stats["grad_norm"]),
-                    "global_batch": self.global_batch,
-                    "samples_per_s": self.global_batch * window_steps / max(elapsed, 1e-9),
-                    "data_wait": window_wait / max(elapsed, 1e-9),
-                    "gather_frac": self.loss_fn.gather.timer.pop() / max(elapsed, 1e-9),
-                    "skipped_samples": sum(self.data.skipped().values()),
-                    "skipped_steps": self.nonfinite_total,
-                })
+                self.metrics.log(
+                    self.step,
+                    {
+                        "epoch": self.epoch(),
+                        "loss": global_loss,
+                        "lr": self.engine.lr(),
+                        "logit_scale": self.engine.module.logit_scale.detach().exp().item(),
+                        "grad_norm": float(stats["grad_norm"]),
+                        "global_batch": self.global_batch,
+                        "samples_per_s": self.global_batch * window_steps / max(elapsed, 1e-9),
+                        "data_wait": window_wait / max(elapsed, 1e-9),
+                        "gather_frac": self.loss_fn.gather.timer.pop() / max(elapsed, 1e-9),
+                        "skipped_samples": sum(self.data.skipped().values()),
+                        "skipped_steps": self.nonfinite_total,
+                    },
+                )
                 window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
 
             if stop:
                 received = [r for r in all_gather_object((self.preempt.received, self.preempt.received_during)) if r[0]]
                 preempted, signal_step = min(received, key=lambda r: r[1]) if received else ("unknown signal", None)
-                log.warning("preemption requested (%s during step %s): saving at step %d and exiting with code %d",
-                            preempted, signal_step, self.step, EXIT_PREEMPTED)
+                log.warning(
+                    "preemption requested (%s during step %s): saving at step %d and exiting with code %d",
+                    preempted,
+                    signal_step,
+                    self.step,
+                    EXIT_PREEMPTED,
+                )
                 break
             if self.step % cfg.checkpoint.every_n_steps == 0 and self.step < total:
                 self.save()
@@ -289,10 +333,18 @@ class Trainer:
         if skipped:
             log.warning("skipped samples on rank %d: %s", env.rank, skipped)
         self.metrics.close()
-        self.status("preempted" if preempted else "finished", checkpoint=str(path),
-                    **({"signal": preempted, "signal_step": signal_step} if preempted else {}))
-        return {"step": self.step, "loss": last_loss, "run_dir": str(self.run_dir), "preempted": bool(preempted),
-                "exit_code": EXIT_PREEMPTED if preempted else 0}
+        self.write_status(
+            "preempted" if preempted else "finished",
+            checkpoint=str(path),
+            **({"signal": preempted, "signal_step": signal_step} if preempted else {}),
+        )
+        return {
+            "step": self.step,
+            "loss": last_loss,
+            "run_dir": str(self.run_dir),
+            "preempted": bool(preempted),
+            "exit_code": EXIT_PREEMPTED if preempted else 0,
+        }
 
 
 def train(cfg: Config) -> dict:
@@ -304,7 +356,7 @@ def train(cfg: Config) -> dict:
         return trainer.fit()
     except BaseException as exn:
         if trainer is not None:
-            trainer.status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
+            trainer.write_status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
         raise
     finally:
         if trainer is not None:
@@ -313,11 +365,14 @@ def train(cfg: Config) -> dict:
         cleanup()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point for `python -m clipscale.train` / torchrun."""
-    from .cli import main as cli_main
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `python -m clipscale.train` / torchrun: the same as `clipscale train`."""
+    import argparse
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="python -m clipscale.train", description="Train a CLIP model.")
+    add_config_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return run_command(lambda: train(load_config(args.config, args.overrides))["exit_code"])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
-"""Streaming WebDataset shards with a deterministic, exactly resumable order."""
+"""The training stream: which stream reads what (plan), re-layout on another world size, the
+deterministic in-block shuffle, decoding and transforms, and the DataLoader (loader.TrainData).
 
-from .loader import TrainData, build_plan
-from .plan import Item, StreamPlan
-from .shardlist import Shard, resolve_shards
-
-__all__ = ["TrainData", "build_plan", "Item", "StreamPlan", "Shard", "resolve_shards"]
+Import the submodules you need; this package imports nothing eagerly, so tools that only read
+shards never load torch.
+"""

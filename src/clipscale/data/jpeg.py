@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -34,7 +33,7 @@ def pil_draft_scale(width: int, height: int, size: int) -> int:
     return next((s for s in (8, 4, 2) if scale >= s), 1)
 
 
-def decode_image_pil(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
+def decode_image_pil(data: bytes, draft_size: int | None = None) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # EXIF/palette warnings are noise here
         img = Image.open(io.BytesIO(data))
@@ -46,7 +45,7 @@ def decode_image_pil(data: bytes, draft_size: Optional[int] = None) -> Image.Ima
     return img
 
 
-def decode_jpeg_fast(data: bytes, draft_size: Optional[int] = None) -> Optional[np.ndarray]:
+def decode_jpeg_fast(data: bytes, draft_size: int | None = None) -> np.ndarray | None:
     """HxWx3 uint8 as PIL would decode it, or None where only PIL should decide."""
     if simplejpeg is None or not data.startswith(_JPEG_SOI):
         return None
@@ -55,13 +54,19 @@ def decode_jpeg_fast(data: bytes, draft_size: Optional[int] = None) -> Optional[
         if colorspace not in _FAST_COLORSPACES:
             return None
         scale = pil_draft_scale(width, height, draft_size) if draft_size else 1
-        return simplejpeg.decode_jpeg(data, "RGB", min_height=math.ceil(height / scale),
-                                      min_width=math.ceil(width / scale), min_factor=scale, strict=True)
+        return simplejpeg.decode_jpeg(
+            data,
+            "RGB",
+            min_height=math.ceil(height / scale),
+            min_width=math.ceil(width / scale),
+            min_factor=scale,
+            strict=True,
+        )
     except ValueError:  # damaged, or only a libjpeg warning: PIL's verdict counts
         return None
 
 
-def decode_image(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
+def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
     """Decode to RGB; with `draft_size`, let libjpeg downscale large JPEGs while decoding."""
     array = decode_jpeg_fast(data, draft_size)
     if array is not None:

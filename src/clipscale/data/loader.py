@@ -8,18 +8,18 @@ import logging
 import signal
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 from torch.utils.data import DataLoader
 
 from ..config import Config
 from ..distributed import DistEnv, all_gather_object
 from ..preempt import ignore_signals
-from .plan import StreamPlan
+from ..wds.shardlist import resolve_shards
+from .plan import StreamPlan, StreamPosition
 from .relayout import relayout, remaining_samples
 from .samples import SampleDecoder
-from .shardlist import resolve_shards
-from .stream import Position, StreamDataset, initial_position
+from .stream import StreamDataset
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def build_plan(cfg: Config, world_size: int) -> StreamPlan:
 def _sum_skipped(positions) -> dict[str, int]:
     total: dict[str, int] = {}
     for pos in positions:
-        for reason, n in pos.get("skipped", {}).items():
+        for reason, n in pos.skipped.items():
             total[reason] = total.get(reason, 0) + n
     return total
 
@@ -77,8 +77,8 @@ class TrainData:
         transform: Callable,
         tokenizer: Callable,
         env: DistEnv,
-        resume_state: Optional[dict] = None,
-        draft_size: Optional[int] = None,
+        resume_state: dict | None = None,
+        draft_size: int | None = None,
     ):
         self.cfg = cfg
         self.env = env
@@ -86,17 +86,26 @@ class TrainData:
         self.plan = build_plan(cfg, env.world_size)
         self.batches = 0  # micro-batches this rank has consumed
         self.skipped_before: dict[str, int] = {}  # skip counts of streams that a relayout retired
-        saved_positions: dict[int, Position] = {}
+        saved_positions: dict[int, StreamPosition] = {}
         if resume_state:
             self.plan, saved_positions, self.batches = self._restore(resume_state)
         first = env.rank * self.workers
-        self.positions = {s: saved_positions.get(s, initial_position()) for s in range(first, first + self.workers)}
+        self.positions = {s: saved_positions.get(s, StreamPosition()) for s in range(first, first + self.workers)}
         self.num_samples = cfg.data.train_num_samples or self.plan.total_samples
-        self.decoder = SampleDecoder(transform, cfg.data.image_keys, cfg.data.caption_key,
-                                     cfg.data.caption_json_field, draft_size)
+        self.decoder = SampleDecoder(
+            transform, cfg.data.image_keys, cfg.data.caption_key, cfg.data.caption_json_field, draft_size
+        )
         self.dataset = StreamDataset(
-            self.plan, env.rank, self.workers, dict(self.positions), self.batches % self.workers,
-            self.decoder, tokenizer, cfg.data.batch_size, cfg.seed, cfg.data.max_decode_errors_logged,
+            self.plan,
+            env.rank,
+            self.workers,
+            dict(self.positions),
+            self.batches % self.workers,
+            self.decoder,
+            tokenizer,
+            cfg.data.batch_size,
+            cfg.seed,
+            cfg.data.max_decode_errors_logged,
         )
         self.loader = DataLoader(
             self.dataset,
@@ -111,20 +120,28 @@ class TrainData:
     def _restore(self, state: dict):
         """(plan, stream positions, batches taken) to continue from a checkpoint's data state."""
         saved = StreamPlan.from_layout(state["layout"])
-        positions = {int(k): v for k, v in state["streams"].items()}
+        positions = {int(k): StreamPosition.from_state(v) for k, v in state["streams"].items()}
         if saved.same_streams_as(self.plan):
             self.skipped_before = dict(state.get("skipped_before", {}))
             return saved.with_shards(self.plan.shards), positions, int(state["batches"][self.env.rank])
         if saved.same_shards_as(self.plan):
             plan = relayout(saved, positions, self.plan)
-            log.warning("resuming on a different data layout (%d streams -> %d streams = world size x workers, "
-                        "or other seed/shuffle settings): batch order is not reproduced, but the %d samples not "
-                        "yet consumed in the current data epoch are read first and none twice",
-                        saved.num_streams, plan.num_streams, remaining_samples(plan))
-            self.skipped_before = _sum_skipped([*positions.values(), {"skipped": state.get("skipped_before", {})}])
+            log.warning(
+                "resuming on a different data layout (%d streams -> %d streams = world size x workers, "
+                "or other seed/shuffle settings): batch order is not reproduced, but the %d samples not "
+                "yet consumed in the current data epoch are read first and none twice",
+                saved.num_streams,
+                plan.num_streams,
+                remaining_samples(plan),
+            )
+            self.skipped_before = _sum_skipped(
+                [*positions.values(), StreamPosition(skipped=state.get("skipped_before", {}))]
+            )
             return plan, {}, 0
-        log.warning("the shard list differs from the checkpoint's (other files or sample counts); "
-                    "the data stream restarts from the beginning")
+        log.warning(
+            "the shard list differs from the checkpoint's (other files or sample counts); "
+            "the data stream restarts from the beginning"
+        )
         return self.plan, {}, 0
 
     def next(self) -> tuple[dict, float]:
@@ -163,10 +180,18 @@ class TrainData:
 
     def state(self) -> dict:
         """Collective: the global data state (every rank's stream positions) for a checkpoint."""
-        local = {"streams": self.positions, "batches": self.batches, "skipped_before": self.skipped_before}
+        local = {
+            "streams": {s: p.to_state() for s, p in self.positions.items()},
+            "batches": self.batches,
+            "skipped_before": self.skipped_before,
+        }
         everyone = all_gather_object(local)
-        streams: dict[int, Position] = {}
+        streams: dict[int, dict] = {}
         for part in everyone:
             streams.update(part["streams"])
-        return {"layout": self.plan.layout(), "streams": streams, "batches": [p["batches"] for p in everyone],
-                "skipped_before": everyone[0]["skipped_before"]}
+        return {
+            "layout": self.plan.layout(),
+            "streams": streams,
+            "batches": [p["batches"] for p in everyone],
+            "skipped_before": everyone[0]["skipped_before"],
+        }

@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator, Optional
+from typing import Iterator
 
-from .shardlist import Shard, shard_name
+from ..wds.shardlist import Shard
+from ..wds.urls import shard_name
 
 Ranges = tuple[tuple[int, int], ...]
 
@@ -34,23 +35,44 @@ def stable_hash(*parts) -> int:
 
 @dataclass(frozen=True)
 class Item:
-    """One shard read by one stream: position `g` in the global sequence (which fixes its data
+    """One shard read by one stream: position `seq` in the global shard sequence (which fixes its data
     pass and augmentation seeds), the shard itself (explicit for leftovers of a relayout, else
     the permutation's choice), and optionally only the sample indices in `include` (half-open
     ranges); None means the whole shard."""
 
-    g: int
-    include: Optional[Ranges] = None
-    shard: Optional[int] = None
+    seq: int
+    include: Ranges | None = None
+    shard: int | None = None
 
     def to_state(self) -> list:
-        return [self.g, None if self.include is None else [list(r) for r in self.include], self.shard]
+        return [self.seq, None if self.include is None else [list(r) for r in self.include], self.shard]
 
     @staticmethod
-    def from_state(state) -> "Item":
-        g, include, shard = state
-        return Item(int(g), None if include is None else tuple((int(a), int(b)) for a, b in include),
-                    None if shard is None else int(shard))
+    def from_state(state) -> Item:
+        seq, include, shard = state
+        return Item(
+            int(seq),
+            None if include is None else tuple((int(a), int(b)) for a, b in include),
+            None if shard is None else int(shard),
+        )
+
+
+@dataclass
+class StreamPosition:
+    """How far one stream has been consumed: the index of the first item of its current block
+    (`cursor`), the samples of that block consumed (`offset`), and the samples skipped so far
+    as unusable, by reason."""
+
+    cursor: int = 0
+    offset: int = 0
+    skipped: dict = field(default_factory=dict)
+
+    def to_state(self) -> dict:
+        return {"cursor": self.cursor, "offset": self.offset, "skipped": dict(self.skipped)}
+
+    @staticmethod
+    def from_state(state: dict) -> StreamPosition:
+        return StreamPosition(int(state["cursor"]), int(state["offset"]), dict(state.get("skipped", {})))
 
 
 def ranges_len(ranges: Ranges) -> int:
@@ -85,7 +107,7 @@ class StreamPlan:
         block_shards: int = 2,
         shuffle_buffer: int = 1000,
         frontier: int = 0,
-        leftovers: Optional[list[list[Item]]] = None,
+        leftovers: list[list[Item]] | None = None,
     ):
         if num_streams < 1:
             raise ValueError("num_streams must be >= 1")
@@ -116,19 +138,19 @@ class StreamPlan:
             random.Random(stable_hash("shards", self.seed, data_pass)).shuffle(order)
         return tuple(order)
 
-    def shard_index(self, g: int) -> int:
-        return self._perm(g // self.num_shards)[g % self.num_shards]
+    def shard_index(self, seq: int) -> int:
+        return self._perm(seq // self.num_shards)[seq % self.num_shards]
 
     def shard(self, item: Item) -> Shard:
-        return self.shards[item.shard if item.shard is not None else self.shard_index(item.g)]
+        return self.shards[item.shard if item.shard is not None else self.shard_index(item.seq)]
 
-    def pinned(self, item: Item, include: Optional[Ranges] = None) -> Item:
+    def pinned(self, item: Item, include: Ranges | None = None) -> Item:
         """`item` with its shard named explicitly (valid in any plan over the same shard list)."""
-        shard = item.shard if item.shard is not None else self.shard_index(item.g)
-        return Item(item.g, item.include if include is None else include, shard)
+        shard = item.shard if item.shard is not None else self.shard_index(item.seq)
+        return Item(item.seq, item.include if include is None else include, shard)
 
     def data_pass(self, item: Item) -> int:
-        return item.g // self.num_shards
+        return item.seq // self.num_shards
 
     def indices(self, item: Item) -> Ranges:
         """The sample indices an item reads, clipped to the shard's count."""
@@ -144,14 +166,10 @@ class StreamPlan:
     def items(self, stream: int, start: int = 0) -> Iterator[Item]:
         """Stream `stream`'s infinite item list, from item index `start`."""
         left = self.leftovers[stream]
-        for item in left[start:]:
-            yield item
+        yield from left[start:]
         first_regular = max(0, start - len(left))
         for j in itertools.count(first_regular):
             yield Item(self.frontier + stream + j * self.num_streams)
-
-    def item_at(self, stream: int, index: int) -> Item:
-        return next(self.items(stream, index))
 
     def _group(self, stream: int, index: int, item: Item) -> tuple:
         """Items of one block share a group: leftover-or-regular, and the data pass."""
@@ -195,7 +213,7 @@ class StreamPlan:
         }
 
     @staticmethod
-    def from_layout(layout: dict) -> "StreamPlan":
+    def from_layout(layout: dict) -> StreamPlan:
         return StreamPlan(
             shards=[Shard(url, int(n)) for url, n in layout["shards"]],
             seed=int(layout["seed"]),
@@ -210,15 +228,23 @@ class StreamPlan:
     def _shard_key(self) -> list:
         return [[shard_name(s.url), s.samples] for s in self.shards]  # shards may have moved
 
-    def same_shards_as(self, other: "StreamPlan") -> bool:
+    def same_shards_as(self, other: StreamPlan) -> bool:
         return self._shard_key() == other._shard_key()
 
-    def same_streams_as(self, other: "StreamPlan") -> bool:
+    def same_streams_as(self, other: StreamPlan) -> bool:
         """Same shards and stream parameters: positions of one are positions of the other."""
         keys = ("num_streams", "seed", "shuffle", "block_shards", "shuffle_buffer")
         return self.same_shards_as(other) and all(self.layout()[k] == other.layout()[k] for k in keys)
 
-    def with_shards(self, shards: list[Shard]) -> "StreamPlan":
+    def with_shards(self, shards: list[Shard]) -> StreamPlan:
         """This plan reading `shards` (same names and counts, possibly other URLs)."""
-        return StreamPlan(shards, self.seed, self.num_streams, self.shuffle, self.block_shards,
-                          self.shuffle_buffer, self.frontier, self.leftovers)
+        return StreamPlan(
+            shards,
+            self.seed,
+            self.num_streams,
+            self.shuffle,
+            self.block_shards,
+            self.shuffle_buffer,
+            self.frontier,
+            self.leftovers,
+        )

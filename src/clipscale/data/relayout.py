@@ -16,7 +16,7 @@ in size by at most one sample).
 from __future__ import annotations
 
 from .blocks import index_order
-from .plan import Item, StreamPlan, ranges_indices, ranges_len, to_ranges
+from .plan import Item, StreamPlan, StreamPosition, ranges_indices, ranges_len, to_ranges
 
 
 def consumed_in_block(plan: StreamPlan, items: list[Item], offset: int) -> list[set[int]]:
@@ -31,15 +31,15 @@ def consumed_in_block(plan: StreamPlan, items: list[Item], offset: int) -> list[
     return consumed
 
 
-def unconsumed(plan: StreamPlan, positions: dict[int, dict]) -> tuple[list[Item], int]:
+def unconsumed(plan: StreamPlan, positions: dict[int, StreamPosition]) -> tuple[list[Item], int]:
     """Every item (or rest of an item) not yet consumed below the new frontier, and that frontier."""
     S = plan.num_streams
     leftovers: list[Item] = []
     touched_until: dict[int, int] = {}
     frontier = plan.frontier
     for s in range(S):
-        pos = positions.get(s) or {"cursor": 0, "offset": 0}
-        cursor, offset = int(pos["cursor"]), int(pos["offset"])
+        pos = positions.get(s) or StreamPosition()
+        cursor, offset = pos.cursor, pos.offset
         end = cursor
         if offset > 0:
             _, block = next(plan.blocks(s, cursor))
@@ -60,15 +60,15 @@ def unconsumed(plan: StreamPlan, positions: dict[int, dict]) -> tuple[list[Item]
     frontier = -(-frontier // N) * N
     for s in range(S):
         j = max(0, touched_until[s] - len(plan.leftovers[s]))
-        while (g := plan.frontier + s + j * S) < frontier:
-            leftovers.append(plan.pinned(Item(g)))
+        while (seq := plan.frontier + s + j * S) < frontier:
+            leftovers.append(plan.pinned(Item(seq)))
             j += 1
     return [it for it in leftovers if plan.item_len(it) > 0], frontier
 
 
 def deal_balanced(plan: StreamPlan, items: list[Item], num_streams: int) -> list[list[Item]]:
     """Split `items` over `num_streams` lists whose sample counts differ by at most one."""
-    items = sorted(items, key=lambda it: (it.g, it.include or (), it.shard))
+    items = sorted(items, key=lambda it: (it.seq, it.include or (), it.shard))
     total = sum(plan.item_len(it) for it in items)
     quotas = [total // num_streams + (1 if s < total % num_streams else 0) for s in range(num_streams)]
     out: list[list[Item]] = [[] for _ in range(num_streams)]
@@ -78,18 +78,26 @@ def deal_balanced(plan: StreamPlan, items: list[Item], num_streams: int) -> list
         while indices:
             while quotas[s] == 0:
                 s += 1
-            take, indices = indices[: quotas[s]], indices[quotas[s]:]
+            take, indices = indices[: quotas[s]], indices[quotas[s] :]
             quotas[s] -= len(take)
-            out[s].append(Item(item.g, to_ranges(take), item.shard))
+            out[s].append(Item(item.seq, to_ranges(take), item.shard))
     return out
 
 
-def relayout(old: StreamPlan, positions: dict[int, dict], new: StreamPlan) -> StreamPlan:
+def relayout(old: StreamPlan, positions: dict[int, StreamPosition], new: StreamPlan) -> StreamPlan:
     """`new` (fresh plan for the new layout) continuing where `old` stopped; same shard list."""
     leftovers, frontier = unconsumed(old, positions)
     dealt = deal_balanced(old, leftovers, new.num_streams)
-    return StreamPlan(new.shards, new.seed, new.num_streams, new.shuffle, new.block_shards, new.shuffle_buffer,
-                      frontier=frontier, leftovers=dealt)
+    return StreamPlan(
+        new.shards,
+        new.seed,
+        new.num_streams,
+        new.shuffle,
+        new.block_shards,
+        new.shuffle_buffer,
+        frontier=frontier,
+        leftovers=dealt,
+    )
 
 
 def remaining_samples(plan: StreamPlan) -> int:

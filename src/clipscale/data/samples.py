@@ -1,57 +1,23 @@
 """Turning one raw WebDataset sample into (image tensor, caption), or a counted skip.
 
-Image keys (jpg/jpeg/png/webp) and the caption field are configurable; captions come from
-`.txt` or a field of `.json`. Everything that can be wrong with one sample is a `Skip` with
-a reason; the stream counts skips by reason and never stops for one.
+What a sample holds (image keys, caption rules) is `wds.schema`'s; this module decodes and
+transforms. Everything that can be wrong with one sample is a `Skip` with a reason; the stream
+counts skips by reason and never stops for one.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..wds.schema import Skip, caption_of, image_bytes
 from .jpeg import decode_image
 
-SKIP_REASONS = ("no_image", "corrupt_image", "no_caption", "empty_caption", "bad_caption", "unreadable_shard")
 
-
-class Skip(Exception):
-    """This sample cannot be used; `reason` is one of SKIP_REASONS."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def caption_of(sample: dict, caption_key: str, json_field: str) -> str:
-    """The caption text; raises Skip for a missing, empty or non-UTF-8 caption."""
-    raw = sample.get(caption_key) if caption_key != "json" else None
-    if raw is None and "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError):
-            raise Skip("bad_caption", "unreadable .json") from None
-        raw = meta.get(json_field) if isinstance(meta, dict) else None
-        if raw is not None and not isinstance(raw, str):
-            raise Skip("bad_caption", f"json field {json_field!r} is not text")
-    if raw is None:
-        raise Skip("no_caption")
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise Skip("bad_caption", "caption is not UTF-8") from None
-    text = raw.strip()
-    if not text:
-        raise Skip("empty_caption")
-    return text
-
-
-def split_to_tensor_tail(transform: Callable) -> Optional[tuple[Callable, torch.Tensor, torch.Tensor]]:
+def split_to_tensor_tail(transform: Callable) -> tuple[Callable, torch.Tensor, torch.Tensor] | None:
     """(PIL part, mean, std) of a Compose[..., ToTensor, Normalize] (open_clip's transforms all
     end so), or None for any other transform."""
     from torchvision.transforms import Compose, Normalize, ToTensor
@@ -82,7 +48,7 @@ class SampleDecoder:
         image_keys: list[str],
         caption_key: str = "txt",
         caption_json_field: str = "caption",
-        draft_size: Optional[int] = None,
+        draft_size: int | None = None,
     ):
         self.transform = transform
         self.image_keys = [k.lower() for k in image_keys]
@@ -93,7 +59,7 @@ class SampleDecoder:
         self._stats_on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (mean, std) per device
 
     def __call__(self, sample: dict, aug_seed: int) -> tuple[torch.Tensor | np.ndarray, str]:
-        data = next((sample[k] for k in self.image_keys if k in sample), None)
+        data = image_bytes(sample, self.image_keys)
         if data is None:
             raise Skip("no_image")
         text = caption_of(sample, self.caption_key, self.caption_json_field)
@@ -119,8 +85,12 @@ class SampleDecoder:
             return torch.stack(images)
         if len(arrays) == len(images) and len({a.shape for a in arrays}) == 1:
             return torch.from_numpy(np.stack(arrays))
-        return torch.stack([self._normalize(torch.from_numpy(np.array(im))[None])[0]
-                            if isinstance(im, np.ndarray) else im for im in images])
+        return torch.stack(
+            [
+                self._normalize(torch.from_numpy(np.array(im))[None])[0] if isinstance(im, np.ndarray) else im
+                for im in images
+            ]
+        )
 
     def to_model_input(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Move a collated batch to `device`; a uint8 batch is converted and normalised there,

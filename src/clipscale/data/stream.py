@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError
+from ..wds.schema import Skip
+from ..wds.tar import iter_raw_samples
 from .blocks import block_order
-from .plan import Item, StreamPlan, ranges_indices, stable_hash
-from .samples import SampleDecoder, Skip
-from .tar_reader import iter_raw_samples
+from .plan import Item, StreamPlan, StreamPosition, ranges_indices, stable_hash
+from .samples import SampleDecoder
 
 log = logging.getLogger(__name__)
-
-Position = dict  # {"cursor": int, "offset": int, "skipped": {reason: count}}
-
-
-def initial_position() -> Position:
-    return {"cursor": 0, "offset": 0, "skipped": {}}
 
 
 class ItemReader:
@@ -34,10 +29,10 @@ class ItemReader:
 
     def __init__(self, plan: StreamPlan, item: Item, on_error: Callable[[str, Exception], None]):
         self.url = plan.shard(item).url
-        self.g = item.g
+        self.seq = item.seq
         self.data_pass = plan.data_pass(item)
         self._wanted = ranges_indices(plan.indices(item))
-        self._samples: Optional[Iterator] = None
+        self._samples: Iterator | None = None
         self._index = -1
         self._on_error = on_error
         self._failed = False
@@ -46,7 +41,7 @@ class ItemReader:
         self._failed = True
         self._on_error(self.url, exn)
 
-    def fetch(self) -> Optional[dict]:
+    def fetch(self) -> dict | None:
         """The next wanted sample, or None when the shard ended early (truncated/unreadable)."""
         want = next(self._wanted)
         if self._samples is None:
@@ -59,7 +54,7 @@ class ItemReader:
             self._index += 1
             if self._index == want:
                 sample["__index__"] = want
-                sample["__g__"] = self.g
+                sample["__seq__"] = self.seq
                 sample["__pass__"] = self.data_pass
                 return sample
         return None
@@ -69,25 +64,31 @@ class ItemReader:
             self._samples.close()
 
 
-def iter_stream(plan: StreamPlan, stream: int, cursor: int, offset: int,
-                on_error: Callable[[str, Exception], None]) -> Iterator[tuple[Optional[dict], int, int]]:
+def iter_stream(
+    plan: StreamPlan, stream: int, cursor: int, offset: int, on_error: Callable[[str, Exception], None]
+) -> Iterator[tuple[dict | None, int, int]]:
     """(raw sample or None, cursor after, offset after) for every sample of the stream from the
     position (cursor, offset). Blocks before `cursor` are not read at all; the first `offset`
     samples of the current block are read but not yielded (they were consumed before)."""
-    for cursor, items in plan.blocks(stream, cursor):
+    for block_start, items in plan.blocks(stream, cursor):
         counts = [plan.item_len(it) for it in items]
         total = sum(counts)
         readers = [ItemReader(plan, it, on_error) for it in items]
         try:
-            order = block_order(counts, plan.block_seed(items), plan.shuffle_buffer, plan.shuffle,
-                                lambda i: readers[i].fetch())
+            order = block_order(
+                counts,
+                plan.block_seed(items),
+                plan.shuffle_buffer,
+                plan.shuffle,
+                lambda i, readers=readers: readers[i].fetch(),
+            )
             for consumed, sample in enumerate(order, start=1):
                 if consumed <= offset:
                     continue
                 if consumed == total:
-                    yield sample, cursor + len(items), 0
+                    yield sample, block_start + len(items), 0
                 else:
-                    yield sample, cursor, consumed
+                    yield sample, block_start, consumed
         finally:
             for r in readers:
                 r.close()
@@ -106,7 +107,7 @@ class StreamDataset(IterableDataset):
         plan: StreamPlan,
         rank: int,
         workers_per_rank: int,
-        positions: dict[int, Position],
+        positions: dict[int, StreamPosition],
         rotation: int,
         decoder: SampleDecoder,
         tokenizer: Callable,
@@ -134,8 +135,8 @@ class StreamDataset(IterableDataset):
         stream = self.stream_id()
         if get_worker_info() is not None:
             torch.set_num_threads(1)  # workers decode; the training process owns the cores
-        pos = self.positions.get(stream) or initial_position()
-        skipped = Counter(pos.get("skipped", {}))
+        pos = self.positions.get(stream) or StreamPosition()
+        skipped = Counter(pos.skipped)
         logged = 0
         # A stream that reads this many samples in a row without a usable one is broken data.
         give_up = max(10_000, 2 * self.plan.total_samples)
@@ -145,11 +146,13 @@ class StreamDataset(IterableDataset):
             log.warning("shard %s ended early: %s: %s", url, type(exn).__name__, exn)
 
         images, texts, keys, passes = [], [], [], []
-        for sample, cursor, offset in iter_stream(self.plan, stream, pos["cursor"], pos["offset"], on_error):
+        for sample, cursor, offset in iter_stream(self.plan, stream, pos.cursor, pos.offset, on_error):
             try:
                 if sample is None:
                     raise Skip("unreadable_shard")
-                image, text = self.decoder(sample, stable_hash("aug", self.seed, sample["__g__"], sample["__index__"]))
+                image, text = self.decoder(
+                    sample, stable_hash("aug", self.seed, sample["__seq__"], sample["__index__"])
+                )
             except Skip as skip:
                 skipped[skip.reason] += 1
                 bad_run += 1
@@ -157,8 +160,10 @@ class StreamDataset(IterableDataset):
                     logged += 1
                     log.warning("skipped sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), skip)
                 if bad_run >= give_up:
-                    raise DataError(f"stream {stream}: {bad_run} samples in a row were unusable "
-                                    f"({dict(skipped)}); check data.image_keys / data.caption_key")
+                    raise DataError(
+                        f"stream {stream}: {bad_run} samples in a row were unusable "
+                        f"({dict(skipped)}); check data.image_keys / data.caption_key"
+                    ) from None
                 continue
             bad_run = 0
             images.append(image)
@@ -172,6 +177,6 @@ class StreamDataset(IterableDataset):
                     "keys": keys,
                     "passes": passes,
                     "stream": stream,
-                    "position": {"cursor": cursor, "offset": offset, "skipped": dict(skipped)},
+                    "position": StreamPosition(cursor, offset, dict(skipped)),
                 }
                 images, texts, keys, passes = [], [], [], []

@@ -16,8 +16,9 @@ def build_engine(cfg: Config, model, env: DistEnv) -> Engine:
     try:
         from .deepspeed import DeepSpeedEngine
     except ImportError as exn:
-        raise ConfigError(f"engine.name=deepspeed is unavailable ({exn}); "
-                          "install it with: pip install 'clipscale[deepspeed]'") from None
+        raise ConfigError(
+            f"engine.name=deepspeed is unavailable ({exn}); install it with: pip install 'clipscale[deepspeed]'"
+        ) from None
     return DeepSpeedEngine(model, cfg, env)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from pathlib import Path
-from typing import ContextManager, Optional
+from typing import ContextManager
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from ..config import Config
 from ..distributed import DistEnv
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `model.precision` on `device` (None = plain fp32)."""
     if precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -42,9 +42,12 @@ class Engine(abc.ABC):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    @abc.abstractmethod
+    runner: nn.Module  # what forward() calls: the wrapped (and maybe compiled) model
+
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
         """Model forward through the wrapper (dict with image_features, text_features, logit_scale)."""
+        with self.autocast():
+            return self.runner(image=images, text=texts)
 
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
@@ -55,14 +58,14 @@ class Engine(abc.ABC):
         """Context for micro-batches that are not the last of an optimizer step."""
 
     @abc.abstractmethod
-    def step(self) -> dict:
+    def optimizer_step(self) -> dict:
         """Clip, step the optimizer and the schedule, zero the gradients.
 
         Returns {'grad_norm': float, 'skipped': bool}; a non-finite gradient norm skips the update
         (the same decision on every rank, since gradients are already reduced)."""
 
     @abc.abstractmethod
-    def skip_step(self) -> None:
+    def skip_optimizer_step(self) -> None:
         """Drop this step's gradients and advance the schedule without updating the weights."""
 
     @abc.abstractmethod
@@ -73,7 +76,7 @@ class Engine(abc.ABC):
     checkpoint_suffix = ".pt"  # a file; DeepSpeed checkpoints are folders ("")
     supports_async_save = False
 
-    def snapshot(self, extra: dict) -> Optional[dict]:
+    def snapshot(self, extra: dict) -> dict | None:
         """A CPU copy of everything `save` writes, taken now (main rank; None elsewhere)."""
         raise NotImplementedError
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -64,20 +63,15 @@ class DDPEngine(Engine):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16) if fp16 else None
 
     # ------------------------------------------------------------------ compute
-    def forward(self, images, texts) -> dict:
-        with self.autocast():
-            return self.runner(image=images, text=texts)
-
     def backward(self, loss):
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
         loss.backward()
 
     def no_sync(self):
-        return self.wrapped.no_sync() if isinstance(self.wrapped, DistributedDataParallel) \
-            else contextlib.nullcontext()
+        return self.wrapped.no_sync() if isinstance(self.wrapped, DistributedDataParallel) else contextlib.nullcontext()
 
-    def step(self) -> dict:
+    def optimizer_step(self) -> dict:
         clip = self.cfg.optim.grad_clip_norm
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -97,7 +91,7 @@ class DDPEngine(Engine):
         clamp_logit_scale(self.module)
         return {"grad_norm": norm, "skipped": skipped}
 
-    def skip_step(self):
+    def skip_optimizer_step(self):
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
@@ -116,7 +110,7 @@ class DDPEngine(Engine):
             **extra,
         }
 
-    def snapshot(self, extra: dict) -> Optional[dict]:
+    def snapshot(self, extra: dict) -> dict | None:
         if not self.env.is_main:
             return None
         return _to_cpu_copy(self._state(extra))
@@ -127,8 +121,9 @@ class DDPEngine(Engine):
 
     def load(self, path: Path) -> dict:
         state = load_checkpoint_file(path)
-        problem = incompatibility(str(path), state.get("config"), to_dict(self.cfg),
-                                  self.module.state_dict(), state["state_dict"])
+        problem = incompatibility(
+            str(path), state.get("config"), to_dict(self.cfg), self.module.state_dict(), state["state_dict"]
+        )
         if problem:
             raise CheckpointError(problem)
         self.module.load_state_dict(state["state_dict"])

@@ -27,11 +27,11 @@ from ..checkpoint import incompatibility
 from ..config import Config, to_dict
 from ..distributed import DistEnv, ensure_process_group
 from ..errors import CheckpointError
-from ..export import DS_TAG as TAG
-from ..export import deepspeed_model_states
 from ..model import MAX_LOGIT_SCALE, param_groups
 from ..schedule import build_scheduler
 from .base import Engine
+from .ds_checkpoint import DS_TAG as TAG
+from .ds_checkpoint import deepspeed_model_states
 from .ds_config import build_ds_config
 
 log = logging.getLogger(__name__)
@@ -84,22 +84,21 @@ class DeepSpeedEngine(Engine):
         self.stage = self.ds_config["zero_optimization"]["stage"]
         ensure_process_group(env)
         _forget_stale_groups()
-        deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo",
-                                   timeout=datetime.timedelta(seconds=cfg.engine.dist_timeout_s))
+        deepspeed.init_distributed(
+            dist_backend="nccl" if env.device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=cfg.engine.dist_timeout_s),
+        )
         self.module = model.to(self.device)
         scalars_as_vectors(self.module)
-        self.ds, _, _, _ = deepspeed.initialize(model=self.module, config=self.ds_config,
-                                                model_parameters=param_groups(self.module, cfg.optim.weight_decay))
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=self.module, config=self.ds_config, model_parameters=param_groups(self.module, cfg.optim.weight_decay)
+        )
         self.base_optimizer = self.ds.basic_optimizer
         self.scheduler = build_scheduler(self.base_optimizer, cfg.schedule, cfg.train.steps, cfg.optim.lr)
         self.ds.set_gradient_accumulation_boundary(True)
         self.runner = self.ds
 
     # ------------------------------------------------------------------ compute
-    def forward(self, images, texts) -> dict:
-        with self.autocast():
-            return self.runner(image=images, text=texts)
-
     def backward(self, loss):
         # the feature-cache surrogate already carries the whole batch's gradient: no 1/K scaling
         self.ds.backward(loss, scale_wrt_gas=False)
@@ -127,14 +126,14 @@ class DeepSpeedEngine(Engine):
         self.ds.step()  # ZeRO 1-3 skip non-finite gradients themselves (and count it)
         return self.ds.skipped_steps > before
 
-    def step(self) -> dict:
+    def optimizer_step(self) -> dict:
         skipped = self._ds_step()
         self.scheduler.step()
         self._clamp_logit_scale()
         norm = self.ds.get_global_grad_norm()
         return {"grad_norm": float("nan") if norm is None or skipped else float(norm), "skipped": skipped}
 
-    def skip_step(self):
+    def skip_optimizer_step(self):
         skipped = self._ds_step(force_skip=True)
         if not skipped:
             log.warning("non-finite loss but finite gradients: DeepSpeed applied this step")
@@ -169,8 +168,10 @@ class DeepSpeedEngine(Engine):
 
     def _check_compatible(self, path: Path) -> None:
         if path.is_file():
-            raise CheckpointError(f"{path} is a DDP checkpoint; resume it with engine.name=ddp, or start from its "
-                                  f"weights with model.pretrained={path}")
+            raise CheckpointError(
+                f"{path} is a DDP checkpoint; resume it with engine.name=ddp, or start from its "
+                f"weights with model.pretrained={path}"
+            )
         meta = deepspeed_model_states(path)
         extra = meta.get("clipscale") or {}
         saved = {}
@@ -184,19 +185,24 @@ class DeepSpeedEngine(Engine):
             raise CheckpointError(problem)
         stage = meta.get("zero_stage", 0)
         if stage != self.stage:
-            raise CheckpointError(f"{path} was written with ZeRO stage {stage}, this run uses {self.stage}; "
-                                  f"set engine.zero_stage={stage} (or convert it: clipscale export)")
+            raise CheckpointError(
+                f"{path} was written with ZeRO stage {stage}, this run uses {self.stage}; "
+                f"set engine.zero_stage={stage} (or convert it: clipscale export)"
+            )
         old_world = extra.get("world_size", self.env.world_size)
         if stage >= 1 and old_world != self.env.world_size:
-            raise CheckpointError(f"{path} holds ZeRO-{stage} optimizer shards of {old_world} ranks, this run has "
-                                  f"{self.env.world_size}; resume with {old_world} ranks, or start from its "
-                                  f"weights: clipscale export, then model.pretrained=<file>")
+            raise CheckpointError(
+                f"{path} holds ZeRO-{stage} optimizer shards of {old_world} ranks, this run has "
+                f"{self.env.world_size}; resume with {old_world} ranks, or start from its "
+                f"weights: clipscale export, then model.pretrained=<file>"
+            )
 
     def load(self, path: Path) -> dict:
         path = Path(path)
         self._check_compatible(path)
-        loaded, client = self.ds.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False, load_module_strict=True)
+        loaded, client = self.ds.load_checkpoint(
+            str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+        )
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {path}")
         self.scheduler.load_state_dict(client["scheduler"])

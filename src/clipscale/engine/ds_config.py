@@ -16,7 +16,7 @@ import json
 import pkgutil
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import yaml
@@ -29,10 +29,27 @@ BUNDLED = Path(__file__).resolve().parent.parent / "configs"
 
 # Sections the DeepSpeed runtime reads by literal name (not through a constants module).
 _LITERAL_SECTIONS = {
-    "tensorboard", "wandb", "csv_monitor", "comet", "compile", "elasticity", "pipeline", "amp",
-    "sparse_attention", "nebula", "compression_training", "hybrid_engine", "load_universal_checkpoint",
-    "eigenvalue", "graph_harvesting", "sparse_gradients", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer", "weight_quantization", "mics_shard_size", "mics_hierarchical_params_gather",
+    "tensorboard",
+    "wandb",
+    "csv_monitor",
+    "comet",
+    "compile",
+    "elasticity",
+    "pipeline",
+    "amp",
+    "sparse_attention",
+    "nebula",
+    "compression_training",
+    "hybrid_engine",
+    "load_universal_checkpoint",
+    "eigenvalue",
+    "graph_harvesting",
+    "sparse_gradients",
+    "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer",
+    "weight_quantization",
+    "mics_shard_size",
+    "mics_hierarchical_params_gather",
 }
 
 
@@ -86,8 +103,10 @@ def zero_stage(cfg: Config, user: dict) -> int:
     from_file = (user.get("zero_optimization") or {}).get("stage")
     if cfg.engine.zero_stage is not None:
         if from_file is not None and from_file != cfg.engine.zero_stage:
-            raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage} but engine.deepspeed_config sets "
-                              f"zero_optimization.stage={from_file}; keep one of them")
+            raise ConfigError(
+                f"engine.zero_stage={cfg.engine.zero_stage} but engine.deepspeed_config sets "
+                f"zero_optimization.stage={from_file}; keep one of them"
+            )
         return cfg.engine.zero_stage
     if from_file is None:
         return 2
@@ -113,9 +132,16 @@ def generated(cfg: Config, world_size: int, device: torch.device, stage: int) ->
         "gradient_accumulation_steps": o.accum_steps,
         "train_batch_size": cfg.data.batch_size * o.accum_steps * world_size,
         "gradient_clipping": float(o.grad_clip_norm or 0.0),
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
-            "torch_adam": True}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": [o.beta1, o.beta2],
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": True,
+            },
+        },
         "zero_optimization": {"stage": stage},
         **precision_section(cfg, device),
     }
@@ -149,12 +175,16 @@ def _check_conflicts(user: dict, ours: dict, precision: str) -> None:
         if key in ("bf16", "fp16"):
             theirs_on = bool(isinstance(theirs, dict) and theirs.get("enabled"))
             if theirs_on != bool(mine and mine.get("enabled")):
-                raise ConfigError(f"engine.deepspeed_config sets {key}.enabled={str(theirs_on).lower()}, which "
-                                  f"contradicts model.precision={precision}; set model.precision instead")
+                raise ConfigError(
+                    f"engine.deepspeed_config sets {key}.enabled={str(theirs_on).lower()}, which "
+                    f"contradicts model.precision={precision}; set model.precision instead"
+                )
             continue
         if key in ("optimizer", "scheduler") or theirs != mine:
-            raise ConfigError(f"engine.deepspeed_config sets {key}={json.dumps(theirs)[:80]}, which clipscale "
-                              f"derives from {setting} (= {json.dumps(mine)[:80]}); change {setting} instead")
+            raise ConfigError(
+                f"engine.deepspeed_config sets {key}={json.dumps(theirs)[:80]}, which clipscale "
+                f"derives from {setting} (= {json.dumps(mine)[:80]}); change {setting} instead"
+            )
 
 
 def _check_known(user: dict) -> None:
@@ -181,8 +211,7 @@ def _check_known(user: dict) -> None:
             raise ConfigError(f"engine.deepspeed_config: zero_optimization: {exn}") from None
 
 
-def build_ds_config(cfg: Config, world_size: int, device: torch.device,
-                    user: Optional[dict] = None) -> dict:
+def build_ds_config(cfg: Config, world_size: int, device: torch.device, user: dict | None = None) -> dict:
     """The complete DeepSpeed config for this run (validated; raises ConfigError on one line)."""
     user = load_user_settings(cfg.engine.deepspeed_config) if user is None else user
     _check_known(user)

@@ -20,13 +20,13 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 from PIL import Image, ImageOps
 
-from ..fsutil import atomic_write_bytes, remove_temporaries
 from ..errors import DataError
-from .manifest import MANIFEST_NAME, ShardRecord, write_manifest
+from ..fsutil import atomic_write_bytes, remove_temporaries
+from ..wds.manifest import MANIFEST_NAME, ShardRecord, write_manifest
+from ..wds.schema import Skip, clean_caption
 from .sources import Row, load_rows
 from .writer import shard_filename, write_shard
 
@@ -38,7 +38,7 @@ FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 class BuildOptions:
     samples_per_shard: int = 1000
     quality: int = 95
-    max_size: Optional[int] = None
+    max_size: int | None = None
     resize_side: str = "shorter"  # the side that --max-size bounds: shorter | longer
     reencode: bool = True
 
@@ -46,33 +46,7 @@ class BuildOptions:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-class Skip(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(detail or reason)
-        self.reason = reason
-
-
 # --------------------------------------------------------------------------- one sample
-
-
-def clean_caption(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        raise Skip("missing_caption")
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise Skip("bad_caption", "caption is not valid UTF-8") from None
-    if not isinstance(value, str):
-        raise Skip("bad_caption", f"caption is a {type(value).__name__}, not text")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes kept by surrogateescape
-        raise Skip("bad_caption", "caption is not valid UTF-8") from None
-    text = value.strip()
-    if not text:
-        raise Skip("empty_caption")
-    return text
 
 
 def read_image_bytes(path: str) -> bytes:
@@ -138,8 +112,11 @@ def encode_image(data: bytes, opts: BuildOptions) -> tuple[str, bytes, dict]:
         raise
     except Exception as exn:
         raise Skip("corrupt_image", f"{type(exn).__name__}: {exn}") from None
-    return "jpg", buf.getvalue(), {"width": img.size[0], "height": img.size[1],
-                                   "original_width": orig_w, "original_height": orig_h}
+    return (
+        "jpg",
+        buf.getvalue(),
+        {"width": img.size[0], "height": img.size[1], "original_width": orig_w, "original_height": orig_h},
+    )
 
 
 def make_sample(row: Row, key: str, opts: BuildOptions) -> dict:
@@ -172,7 +149,7 @@ def build_one_shard(task) -> dict:
             except Skip as skip:
                 skipped[skip.reason] += 1
                 if len(examples.setdefault(skip.reason, [])) < EXAMPLES_KEPT:
-                    examples[skip.reason].append({"source": row.source, "detail": str(skip)})
+                    examples[skip.reason].append({"source": row.source, "detail": skip.detail or skip.reason})
 
     record = write_shard(Path(out) / shard_filename(name, index), samples())
     stats = {
@@ -188,7 +165,7 @@ def build_one_shard(task) -> dict:
     return stats
 
 
-def completed_shard(out: Path, name: str, index: int, opts: BuildOptions) -> Optional[dict]:
+def completed_shard(out: Path, name: str, index: int, opts: BuildOptions) -> dict | None:
     """The stats of shard `index` if it was fully written with these options, else None."""
     tar, sp = out / shard_filename(name, index), stats_path(out, name, index)
     if not (tar.is_file() and sp.is_file()):
@@ -207,9 +184,17 @@ def completed_shard(out: Path, name: str, index: int, opts: BuildOptions) -> Opt
 # --------------------------------------------------------------------------- the whole set
 
 
-def build_shards(src: str, out_dir: str, name: str = "shard", opts: BuildOptions = BuildOptions(),
-                 workers: int = 1, image_col: Optional[str] = None, caption_col: Optional[str] = None,
-                 caption_field: Optional[str] = None, progress: bool = True) -> dict:
+def build_shards(
+    src: str,
+    out_dir: str,
+    name: str = "shard",
+    opts: BuildOptions = BuildOptions(),
+    workers: int = 1,
+    image_col: str | None = None,
+    caption_col: str | None = None,
+    caption_field: str | None = None,
+    progress: bool = True,
+) -> dict:
     t0 = time.perf_counter()
     rows = load_rows(src, image_col, caption_col, caption_field)
     out = Path(out_dir)
@@ -219,7 +204,7 @@ def build_shards(src: str, out_dir: str, name: str = "shard", opts: BuildOptions
     n = opts.samples_per_shard
     n_shards = math.ceil(len(rows) / n)
     done = {i: s for i in range(n_shards) if (s := completed_shard(out, name, i, opts)) is not None}
-    todo = [(str(out), name, i, rows[i * n:(i + 1) * n], opts) for i in range(n_shards) if i not in done]
+    todo = [(str(out), name, i, rows[i * n : (i + 1) * n], opts) for i in range(n_shards) if i not in done]
     rows_todo = sum(len(t[3]) for t in todo)
 
     from tqdm import tqdm

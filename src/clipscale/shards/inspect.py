@@ -10,10 +10,10 @@ import io
 import statistics
 import textwrap
 from pathlib import Path
-from typing import Optional
 
-from ..data.tar_reader import iter_raw_samples
-from .scan import IMAGE_KEYS, caption_text, scan_all, shard_urls
+from ..wds.schema import image_bytes
+from ..wds.tar import iter_raw_samples
+from .scan import caption_text, scan_all, shard_urls
 
 SIZE_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
@@ -49,7 +49,7 @@ def contact_sheet(samples: list[dict], path: Path, columns: int = 5) -> Path:
     for ax in axes.flat:
         ax.axis("off")
     for ax, sample in zip(axes.flat, samples):
-        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        data = image_bytes(sample)
         if data is not None:
             try:
                 ax.imshow(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -63,21 +63,25 @@ def contact_sheet(samples: list[dict], path: Path, columns: int = 5) -> Path:
     return path
 
 
-def inspect_shards(target: str, n: int = 5, grid: Optional[str] = None, workers: int = 1) -> str:
+def inspect_shards(target: str, n: int = 5, grid: str | None = None, workers: int = 1) -> str:
     """A human-readable report (and the contact sheet at `grid`)."""
     urls, _ = shard_urls(target)
     scans = scan_all(urls, _captions_and_sizes, workers)
     total = sum(s["samples"] for s in scans)
     captions = [c for s in scans for c in s["captions"]]
     sizes = [z for s in scans for z in s["sizes"]]
-    lines = [f"{len(urls)} shard(s), {total} samples "
-             f"(per shard: min {min(s['samples'] for s in scans)}, max {max(s['samples'] for s in scans)})"]
+    lines = [
+        f"{len(urls)} shard(s), {total} samples "
+        f"(per shard: min {min(s['samples'] for s in scans)}, max {max(s['samples'] for s in scans)})"
+    ]
     if captions:
         chars = [len(c) for c in captions]
         words = [len(c.split()) for c in captions]
-        lines.append(f"captions: {len(captions)} | chars min {min(chars)} median {statistics.median(chars):.0f} "
-                     f"mean {statistics.mean(chars):.1f} max {max(chars)} | words median "
-                     f"{statistics.median(words):.0f} max {max(words)}")
+        lines.append(
+            f"captions: {len(captions)} | chars min {min(chars)} median {statistics.median(chars):.0f} "
+            f"mean {statistics.mean(chars):.1f} max {max(chars)} | words median "
+            f"{statistics.median(words):.0f} max {max(words)}"
+        )
     lines.append(f"missing/undecodable captions: {total - len(captions)}")
     if sizes:
         hist: dict[str, int] = {}
@@ -112,7 +116,7 @@ def _captions_and_sizes(url: str) -> dict:
         caption = caption_text(sample)
         if caption is not None:
             out["captions"].append(caption)
-        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        data = image_bytes(sample)
         if data is not None:
             try:
                 with warnings.catch_warnings():

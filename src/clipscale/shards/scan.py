@@ -7,22 +7,23 @@
 from __future__ import annotations
 
 import io
-import json
 import multiprocessing as mp
 import tarfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, TypeVar
 
 from PIL import Image
 
-from ..data.shardlist import expand, local_path, shard_name
-from ..data.tar_reader import iter_raw_samples
 from ..errors import DataError
-from .manifest import MANIFEST_NAME, ShardRecord, sha256_file, write_manifest
+from ..fsutil import sha256_file
+from ..wds.manifest import ShardRecord, write_manifest
+from ..wds.schema import Skip, caption_of, image_bytes
+from ..wds.shardlist import expand, require_shards_exist
+from ..wds.tar import iter_raw_samples
+from ..wds.urls import local_path, shard_name
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 T = TypeVar("T")
 
 
@@ -35,7 +36,7 @@ class ShardScan:
     problems: list[str] = field(default_factory=list)
 
 
-def shard_urls(target: str) -> tuple[list[str], Optional[Path]]:
+def shard_urls(target: str) -> tuple[list[str], Path | None]:
     """The shard URLs of a directory (every *.tar in it) or a pattern, and the folder holding them."""
     path = Path(target)
     if path.is_dir():
@@ -43,32 +44,22 @@ def shard_urls(target: str) -> tuple[list[str], Optional[Path]]:
         if not urls:
             raise DataError(f"{target}: no .tar shards in this folder")
         return urls, path
-    urls = expand(target)
-    missing = [u for u in urls if (p := local_path(u)) is not None and not Path(p).is_file()]
-    if missing:
-        raise DataError(f"shard not found: {missing[0]}")
+    urls = expand(target, "the shard pattern")
+    require_shards_exist(urls)
     first = local_path(urls[0])
     return urls, Path(first).parent if first else None
 
 
-def caption_text(sample: dict) -> Optional[str]:
-    raw = sample.get("txt")
-    if raw is None and "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-            raw = meta.get("caption") if isinstance(meta, dict) else None
-        except ValueError:
-            return None
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return raw.strip() if isinstance(raw, str) and raw.strip() else None
+def caption_text(sample: dict) -> str | None:
+    """The caption training would read (default keys), or None where training would skip it."""
+    try:
+        return caption_of(sample)
+    except Skip:
+        return None
 
 
-def _image_problem(sample: dict) -> Optional[str]:
-    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+def _image_problem(sample: dict) -> str | None:
+    data = image_bytes(sample)
     if data is None:
         return "no image"
     try:
@@ -80,7 +71,7 @@ def _image_problem(sample: dict) -> Optional[str]:
         return f"image does not decode ({type(exn).__name__})"
 
 
-def tar_structure_problem(path: Path) -> Optional[str]:
+def tar_structure_problem(path: Path) -> str | None:
     """Truncation that tar streaming does not notice: member data past the end of the file, or a
     missing end-of-archive marker (two zero blocks after the last member)."""
     size = path.stat().st_size
@@ -112,8 +103,9 @@ def scan_shard(url: str, decode: bool = True) -> ShardScan:
             scan.problems.append(f"{shard_name(url)}: {problem}")
 
     def on_error(exn: Exception) -> None:
-        scan.problems.append(f"{shard_name(url)}: unreadable tar after {scan.samples} samples "
-                             f"({type(exn).__name__}: {exn})")
+        scan.problems.append(
+            f"{shard_name(url)}: unreadable tar after {scan.samples} samples ({type(exn).__name__}: {exn})"
+        )
 
     for sample in iter_raw_samples(url, on_error):
         scan.samples += 1
@@ -147,15 +139,3 @@ def index_shards(target: str, workers: int = 1) -> tuple[Path, list[ShardScan]]:
     scans = scan_all(urls, _count_only, workers)
     records = [ShardRecord(Path(s.url).name, s.samples, s.bytes, s.sha256) for s in scans]
     return write_manifest(folder, records), scans
-
-
-def read_manifest_at(folder: Optional[Path]) -> Optional[dict]:
-    if folder is None or not (folder / MANIFEST_NAME).is_file():
-        return None
-    try:
-        data = json.loads((folder / MANIFEST_NAME).read_text())
-    except ValueError:
-        raise DataError(f"{folder / MANIFEST_NAME} is not valid JSON") from None
-    if not isinstance(data, dict) or not isinstance(data.get("shards"), list):
-        raise DataError(f"{folder / MANIFEST_NAME} is not a clipscale manifest")
-    return data

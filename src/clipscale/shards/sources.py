@@ -13,12 +13,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import DataError
+from ..wds.schema import IMAGE_FILE_SUFFIXES
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_COLUMNS = (("filepath", "caption"), ("image", "text"))
 
 
@@ -86,14 +86,16 @@ def _columns(records: list[dict]) -> list[str]:
     return list(seen)
 
 
-def _pick_columns(columns: list[str], image_col: Optional[str], caption_col: Optional[str], where: Path):
+def _pick_columns(columns: list[str], image_col: str | None, caption_col: str | None, where: Path):
     available = ", ".join(columns) or "(none)"
     if image_col is None and caption_col is None:
         for img, cap in DEFAULT_COLUMNS:
             if img in columns and cap in columns:
                 return img, cap
-        raise DataError(f"{where}: no default image/caption columns (filepath/caption or image/text); "
-                        f"available columns: {available}; set --image-col and --caption-col")
+        raise DataError(
+            f"{where}: no default image/caption columns (filepath/caption or image/text); "
+            f"available columns: {available}; set --image-col and --caption-col"
+        )
     image_col = image_col or next((c for c, _ in DEFAULT_COLUMNS if c in columns), "filepath")
     caption_col = caption_col or next((c for _, c in DEFAULT_COLUMNS if c in columns), "caption")
     for flag, col in (("--image-col", image_col), ("--caption-col", caption_col)):
@@ -113,7 +115,7 @@ def _clean(value):
     return str(value)
 
 
-def table_rows(path: Path, image_col: Optional[str] = None, caption_col: Optional[str] = None) -> list[Row]:
+def table_rows(path: Path, image_col: str | None = None, caption_col: str | None = None) -> list[Row]:
     if not path.is_file():
         raise DataError(f"input table not found: {path}")
     records = read_table(path)
@@ -131,7 +133,7 @@ def table_rows(path: Path, image_col: Optional[str] = None, caption_col: Optiona
     return rows
 
 
-def _sidecar_caption(image: Path, caption_field: Optional[str]):
+def _sidecar_caption(image: Path, caption_field: str | None):
     txt = image.with_suffix(".txt")
     if txt.is_file():
         return txt.read_bytes(), {}
@@ -149,11 +151,11 @@ def _sidecar_caption(image: Path, caption_field: Optional[str]):
     return None, {}
 
 
-def folder_rows(root: Path, caption_field: Optional[str] = None) -> list[Row]:
+def folder_rows(root: Path, caption_field: str | None = None) -> list[Row]:
     """Every image under `root` (sorted by relative path) with its sidecar .txt or .json caption."""
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_FILE_SUFFIXES and p.is_file())
     if not images:
-        raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_FILE_SUFFIXES)})")
     rows = []
     for img in images:
         caption, extra = _sidecar_caption(img, caption_field)
@@ -161,8 +163,9 @@ def folder_rows(root: Path, caption_field: Optional[str] = None) -> list[Row]:
     return rows
 
 
-def load_rows(src: str, image_col: Optional[str] = None, caption_col: Optional[str] = None,
-              caption_field: Optional[str] = None) -> list[Row]:
+def load_rows(
+    src: str, image_col: str | None = None, caption_col: str | None = None, caption_field: str | None = None
+) -> list[Row]:
     path = Path(src)
     if path.is_dir():
         return folder_rows(path, caption_field)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from .scan import read_manifest_at, scan_all, scan_shard, shard_urls
+from ..wds.manifest import MANIFEST_NAME, read_index
+from .scan import scan_all, scan_shard, shard_urls
 
 
 @dataclass
@@ -27,11 +28,10 @@ def verify_shards(target: str, workers: int = 1) -> VerifyReport:
     report = VerifyReport(shards=len(scans), samples=sum(s.samples for s in scans))
     for s in scans:
         report.problems.extend(s.problems)
-    manifest = read_manifest_at(folder)
-    if manifest is None:
+    if folder is None or not (folder / MANIFEST_NAME).is_file():
         report.problems.append("no manifest.json next to the shards (write one with `clipscale shards index`)")
         return report
-    listed = {entry["file"]: entry for entry in manifest["shards"]}
+    listed = read_index(folder / MANIFEST_NAME)
     found = {Path(s.url).name: s for s in scans}
     for name, s in found.items():
         entry = listed.get(name)
@@ -39,11 +39,11 @@ def verify_shards(target: str, workers: int = 1) -> VerifyReport:
             if Path(target).is_dir():
                 report.problems.append(f"{name}: not listed in manifest.json")
             continue
-        if entry.get("samples") != s.samples:
-            report.problems.append(f"{name}: manifest says {entry.get('samples')} samples, the tar holds {s.samples}")
-        if "bytes" in entry and entry["bytes"] != s.bytes:
-            report.problems.append(f"{name}: manifest says {entry['bytes']} bytes, the file has {s.bytes}")
-        if entry.get("sha256") and entry["sha256"] != s.sha256:
+        if entry.samples != s.samples:
+            report.problems.append(f"{name}: manifest says {entry.samples} samples, the tar holds {s.samples}")
+        if entry.bytes is not None and entry.bytes != s.bytes:
+            report.problems.append(f"{name}: manifest says {entry.bytes} bytes, the file has {s.bytes}")
+        if entry.sha256 and entry.sha256 != s.sha256:
             report.problems.append(f"{name}: sha256 differs from manifest.json")
     if Path(target).is_dir():
         for name in sorted(set(listed) - set(found)):

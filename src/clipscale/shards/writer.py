@@ -14,8 +14,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..fsutil import fsync_dir, temp_path
-from .manifest import ShardRecord, sha256_file, write_manifest
+from ..fsutil import fsync_dir, sha256_file, temp_path
+from ..wds.manifest import ShardRecord, write_manifest
 
 MTIME = 0  # reproducible tars
 OWNER = "clipscale"
@@ -70,12 +70,14 @@ def _chunks(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
         yield chunk
 
 
-def write_shards(samples: Iterable[dict], out_dir: str | Path, name: str = "shard",
-                 samples_per_shard: int = 1000) -> list[ShardRecord]:
+def write_shards(
+    samples: Iterable[dict], out_dir: str | Path, name: str = "shard", samples_per_shard: int = 1000
+) -> list[ShardRecord]:
     """Pack samples into `name-000000.tar ...` under `out_dir` plus a manifest.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = [write_shard(out / shard_filename(name, i), chunk)
-               for i, chunk in enumerate(_chunks(samples, samples_per_shard))]
+    records = [
+        write_shard(out / shard_filename(name, i), chunk) for i, chunk in enumerate(_chunks(samples, samples_per_shard))
+    ]
     write_manifest(out, records)
     return records

@@ -1,24 +1,24 @@
-"""Raw samples out of one WebDataset tar, in tar order, without decoding anything.
+"""Raw samples out of one WebDataset tar, in tar order, without decoding anything (no torch).
 
-Opening (local path, file:, pipe:, http...) is webdataset's `gopen`, grouping files into samples
-is webdataset's `group_by_keys`. Reading the members is ours (`tar_members`): Python's
-`tarfile` costs ~0.1 ms a sample in the data workers (as much as a drafted JPEG decode), a
-header parser for what shard writers produce (ustar, GNU long names, pax) ~0.015 ms. It
-yields exactly what webdataset's `tar_file_iterator` yields (tests/test_tar_reader.py checks
-both against the same archives); compressed tars go through `tarfile` as before. What we add
-on top: a sample index (the ordinal of the sample inside its shard, the unit of exact resume),
-and errors that end the shard quietly through a callback instead of killing a worker.
+Opening: local paths, `file:` and `pipe:` URLs here; other schemes (http, gs, ...) through
+webdataset's `gopen` (imported only then: importing webdataset imports torch). Reading the
+members (`tar_members`): Python's `tarfile` costs ~0.1 ms a sample in the data workers (as much
+as a drafted JPEG decode), a header parser for what shard writers produce (ustar, GNU long
+names, pax) ~0.015 ms; compressed tars go through `tarfile`. Grouping members into samples
+(`group_samples`) follows webdataset's `group_by_keys`. tests/test_tar_reader.py checks both
+against webdataset's own functions on the same archives. What we add on top: errors that end
+the shard quietly through a callback instead of killing a worker.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import subprocess
 import tarfile
-from typing import BinaryIO, Callable, Iterator, Optional
+from typing import BinaryIO, Callable, Iterable, Iterator
 
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from .urls import local_path
 
 BLOCK = 512
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
@@ -26,10 +26,6 @@ _REGULAR = (b"0", b"\0", b"7")
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos: their size is not data
 _ZERO_BLOCK = bytes(BLOCK)
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
-
-
-def _reraise(exn: Exception) -> bool:
-    raise exn
 
 
 def _read(stream: BinaryIO, n: int) -> bytes:
@@ -55,12 +51,12 @@ def _number(field: bytes) -> int:
 def _pax_records(data: bytes) -> dict[str, bytes]:
     """`"%d key=value\\n"` records of a pax extended header."""
     out, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] not in (b"\0", b""):
+    while pos < len(data) and data[pos : pos + 1] not in (b"\0", b""):
         space = data.index(b" ", pos)
         length = int(data[pos:space])
         if length <= 0:
             raise ValueError("bad pax record length")
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         out[key.decode("utf-8", "surrogateescape")] = value
         pos += length
     return out
@@ -91,7 +87,7 @@ def tar_members(stream: BinaryIO) -> Iterator[dict]:
     """
     header = _read(stream, BLOCK)
     if header.startswith(_COMPRESSED_MAGIC):
-        yield from tar_file_iterator(_Prepended(header, stream), handler=_reraise)
+        yield from _compressed_members(_Prepended(header, stream))
         return
     if not header:
         raise tarfile.ReadError("empty file")
@@ -107,8 +103,9 @@ def tar_members(stream: BinaryIO) -> Iterator[dict]:
             kind = header[156:157]
             size = _number(header[124:136])
         except ValueError as exn:
-            raise tarfile.ReadError(f"{'not a tar file' if offset == 0 else 'damaged header'} "
-                                    f"at byte {offset}: {exn}") from None
+            raise tarfile.ReadError(
+                f"{'not a tar file' if offset == 0 else 'damaged header'} at byte {offset}: {exn}"
+            ) from None
         effective = {**global_pax, **pax}
         name = None
         if kind not in (b"x", b"g", b"L", b"K"):
@@ -134,7 +131,7 @@ def tar_members(stream: BinaryIO) -> Iterator[dict]:
             long_name = data.split(b"\0", 1)[0]
         elif kind in _REGULAR:
             fname = name.decode("utf-8", "surrogateescape")
-            if not (("/" not in fname and fname.startswith("__") and fname.endswith("__")) or _META.match(fname)):
+            if not _is_meta(fname):
                 yield {"fname": fname, "data": data}
         header = _read(stream, BLOCK)
         if not header:
@@ -147,7 +144,7 @@ def _checksum_ok(header: bytes, stored: int) -> bool:
     return stored == unsigned or stored == unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127)
 
 
-def _member_name(header: bytes, pax: dict[str, bytes], long_name: Optional[bytes]) -> bytes:
+def _member_name(header: bytes, pax: dict[str, bytes], long_name: bytes | None) -> bytes:
     """pax `path`, else a GNU long name, else the ustar prefix + name fields."""
     if "path" in pax:
         return pax["path"]
@@ -158,21 +155,94 @@ def _member_name(header: bytes, pax: dict[str, bytes], long_name: Optional[bytes
     return prefix + b"/" + name if prefix else name
 
 
+def _is_meta(fname: str) -> bool:
+    """webdataset's metadata members (`__key__`-like names), which are not sample files."""
+    return ("/" not in fname and fname.startswith("__") and fname.endswith("__")) or bool(_META.match(fname))
+
+
+def _compressed_members(stream) -> Iterator[dict]:
+    with tarfile.open(fileobj=stream, mode="r|*") as archive:
+        for info in archive:
+            if not info.isreg() or _is_meta(info.name):
+                continue
+            data = archive.extractfile(info).read()
+            if len(data) < info.size:
+                raise tarfile.ReadError(f"unexpected end of data in {info.name}")
+            yield {"fname": info.name, "data": data}
+
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+
+
+def group_samples(members: Iterable[dict], url: str) -> Iterator[dict]:
+    """Consecutive members with the same key (the path up to the first dot of the file name) make
+    one sample `{"__key__", "__url__", ext: bytes}`; extensions are lower-cased. A name without
+    an extension is ignored; the same extension twice in one sample raises ValueError."""
+    current: dict | None = None
+    for member in members:
+        match = _KEY_EXT.match(member["fname"])
+        if not match:
+            continue
+        key, ext = match.group(1), match.group(2).lower()
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url}
+        if ext in current:
+            raise ValueError(f"{member['fname']}: duplicate file name in tar file {url}")
+        current[ext] = member["data"]
+    if current is not None:
+        yield current
+
+
+class _PipeReader:
+    """stdout of a `pipe:` command; a failing command is an OSError at the end of its output."""
+
+    OK_STATUS = (0, 141, -13)  # 141 / -SIGPIPE: we closed the pipe before its end on purpose
+
+    def __init__(self, command: str):
+        self.command = command
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)  # noqa: S602 (pipe: URLs are commands)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.proc.stdout.read(n)
+        if not data and n != 0:
+            status = self.proc.wait()
+            if status not in self.OK_STATUS:
+                raise OSError(f"pipe command exited with status {status}: {self.command}")
+        return data
+
+    def close(self) -> None:
+        self.proc.stdout.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def open_url(url: str) -> BinaryIO:
+    """A readable binary stream for a shard URL: a local path, `file:`, `pipe:CMD`, or any scheme
+    webdataset's gopen knows (http via curl, gs via gsutil, ...)."""
+    if url.startswith("pipe:"):
+        return _PipeReader(url[len("pipe:") :])
+    path = local_path(url)
+    if path is not None:
+        return open(path, "rb")
+    from webdataset.gopen import gopen  # imports torch: only for remote schemes
+
+    return gopen(url, "rb")
+
+
 def iter_raw_samples(url: str, on_error: Callable[[Exception], None]) -> Iterator[dict]:
     """Yield `{"__key__", "__url__", ext: bytes, ...}` for each sample of the shard at `url`.
 
     A truncated or unreadable tar ends the iteration after calling `on_error(exception)`.
     """
-    stream: Optional[BinaryIO] = None
+    stream: BinaryIO | None = None
     try:
-        stream = gopen(url, "rb")
-
-        def files():
-            for f in tar_members(stream):
-                f["__url__"] = url
-                yield f
-
-        yield from group_by_keys(files(), handler=_reraise)
+        stream = open_url(url)
+        yield from group_samples(tar_members(stream), url)
     except GeneratorExit:
         raise
     except Exception as exn:  # corrupt tar, missing file, failing pipe: end this shard

@@ -1,4 +1,4 @@
-"""One optimizer step's forward/backward, with or without the feature cache.
+"""The feature cache: one optimizer step's forward/backward over the WHOLE global batch.
 
 With `accum_steps` K > 1 the loss must be the loss of the WHOLE K x world x micro-batch
 batch, not an average of micro-batch losses (contrastive losses do not decompose). We use the
@@ -15,7 +15,6 @@ Gradients equal those of one process computing the whole batch at once.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 
@@ -23,11 +22,6 @@ from .engine.base import Engine
 
 FEATURES = ("image_features", "text_features")
 SCALARS = ("logit_scale", "logit_bias")
-
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor  # this rank's loss (mean over ranks = loss of the global batch), detached
 
 
 def loss_inputs(loss_fn, out: dict) -> list[torch.Tensor]:
@@ -40,22 +34,25 @@ def loss_inputs(loss_fn, out: dict) -> list[torch.Tensor]:
     return args
 
 
-def forward_backward(engine: Engine, loss_fn, micro_batches: list[dict]) -> StepOutput:
-    """Accumulate the gradients of one optimizer step (the caller then calls engine.step())."""
+def forward_backward(engine: Engine, loss_fn, micro_batches: list[dict]) -> torch.Tensor:
+    """Accumulate the gradients of one optimizer step (the caller then calls
+    engine.optimizer_step()); returns this rank's loss, detached (the mean over ranks is the
+    loss of the global batch)."""
     device = engine.device
     if len(micro_batches) == 1:
         mb = micro_batches[0]
         out = engine.forward(mb["images"].to(device, non_blocking=True), mb["texts"].to(device, non_blocking=True))
         loss = loss_fn(*loss_inputs(loss_fn, out))
         engine.backward(loss)
-        return StepOutput(loss.detach())
+        return loss.detach()
     return _cached_forward_backward(engine, loss_fn, micro_batches)
 
 
-def _cached_forward_backward(engine: Engine, loss_fn, micro_batches: list[dict]) -> StepOutput:
+def _cached_forward_backward(engine: Engine, loss_fn, micro_batches: list[dict]) -> torch.Tensor:
     device = engine.device
-    inputs = [(mb["images"].to(device, non_blocking=True), mb["texts"].to(device, non_blocking=True))
-              for mb in micro_batches]
+    inputs = [
+        (mb["images"].to(device, non_blocking=True), mb["texts"].to(device, non_blocking=True)) for mb in micro_batches
+    ]
     # 1. cache features without building graphs
     cached: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURES}
     scalars: dict[str, torch.Tensor] = {}
@@ -85,5 +82,4 @@ def _cached_forward_backward(engine: Engine, loss_fn, micro_batches: list[dict])
                 weight = grads[k] if sync else torch.zeros_like(grads[k])
                 surrogate = surrogate + (out[k].float() * weight).sum()
             engine.backward(surrogate)
-    return StepOutput(loss.detach())
-
+    return loss.detach()
