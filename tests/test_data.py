@@ -170,3 +170,37 @@ def test_truncated_tar_ends_its_shard_with_a_count(tmp_path, bundle):
     keys = [k for b in collect(td, 4) for k in b["keys"]]
     assert len(keys) == 16  # the rest came from the next pass
     assert td.skipped().get("unreadable_shard", 0) >= 1
+
+
+def test_shard_urls_of_other_forms(tmp_path, monkeypatch):
+    from clipscale.wds.shardlist import missing_local_shards
+    from clipscale.wds.urls import local_path, shard_name
+
+    folder = tmp_path / "my set"
+    make_shards(folder, n_shards=1, per_shard=3)
+    path = folder / "toy-000000.tar"
+    assert local_path(f"file://{path}".replace(" ", "%20")) == str(path)
+    assert local_path(f"file:{path}") == str(path) and local_path("-") is None and local_path("pipe:cat x") is None
+    assert shard_name("pipe:aws s3 cp s3://b/cc12m/00012.tar -") == "00012.tar"
+    assert [s.samples for s in resolve_shards(f"file://{path}".replace(" ", "%20"))] == [3]
+    monkeypatch.chdir(folder)
+    assert missing_local_shards(["toy-000000.tar", "toy-000001.tar"]) == ["toy-000001.tar"]
+
+
+def test_a_shard_that_cannot_be_counted_is_an_error_not_a_silent_drop(tmp_path):
+    make_shards(tmp_path, n_shards=1, per_shard=3)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(DataError, match="cannot count the samples of shard pipe:exit 7"):
+        resolve_shards(f"{tmp_path}/toy-000000.tar::pipe:exit 7")
+
+
+def test_shards_with_no_samples_are_left_out_with_a_warning(tmp_path, caplog):
+    make_shards(tmp_path, n_shards=2, per_shard=3)
+    import json as _json
+
+    manifest = _json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"][1]["samples"] = 0
+    (tmp_path / "manifest.json").write_text(_json.dumps(manifest))
+    shards = resolve_shards(str(tmp_path / "toy-{000000..000001}.tar"))
+    assert [s.url.endswith("toy-000000.tar") for s in shards] == [True]
+    assert "hold no samples and are left out" in caplog.text

@@ -35,7 +35,14 @@ LAYERS = [
     ("format/config", {"wds", "config", "config_reference", "prompts"}),
     ("utilities", {"__init__", "errors", "fsutil", "distributed", "run_status"}),
 ]
-NEVER = [("data", "shards"), ("shards", "data"), ("wds", "data"), ("wds", "shards")]
+NEVER = [
+    ("data", "shards"),
+    ("shards", "data"),
+    ("wds", "config"),
+    ("wds", "config_reference"),
+    ("wds", "prompts"),
+    ("wds", "distributed"),
+]  # the format knows nothing of the run
 
 
 def module_name(path: Path) -> str:

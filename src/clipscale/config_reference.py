@@ -84,11 +84,17 @@ def rows(cls=Config, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
     for f in dataclasses.fields(cls):
         default = _default(f)
         if dataclasses.is_dataclass(default):
-            nested.append((f, default))
+            nested.append((type(default), prefix + yaml_key(f) + "."))
             continue
-        yield prefix + yaml_key(f), type_label(hints[f.name]), _show(default), docs.get(f.name, "")
-    for f, default in nested:
-        yield from rows(type(default), prefix + yaml_key(f) + ".")
+        tp = hints[f.name]
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(item):  # a list of settings groups, e.g. data.sources
+            yield prefix + yaml_key(f), "list", _show(default), docs.get(f.name, "")
+            nested.append((item, f"{prefix}{yaml_key(f)}[]."))
+            continue
+        yield prefix + yaml_key(f), type_label(tp), _show(default), docs.get(f.name, "")
+    for sub, sub_prefix in nested:
+        yield from rows(sub, sub_prefix)
 
 
 def undocumented(cls=Config) -> list[str]:

@@ -87,7 +87,8 @@ class Supervisor:
             self.proc.send_signal(signum)
 
     def run(self) -> int:
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (getattr(signal, n) for n in FORWARDED_SIGNALS)}
+        names = dict.fromkeys([*FORWARDED_SIGNALS, *self.requeue_signals])  # a requeue signal is forwarded too
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (getattr(signal, n) for n in names)}
         started = time.time()
         try:
             self.say(f"starting (run dir {self.run_dir}): {' '.join(self.command)}")

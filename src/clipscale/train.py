@@ -128,8 +128,11 @@ class Trainer:
 
             self.evaluator = Evaluator(cfg.eval, self.bundle.val_transform, self.bundle.tokenizer, env.device)
         elif cfg.eval.every_n_steps:
-            log.warning("eval.every_n_steps=%d, but no evaluation set is given (eval.zeroshot, eval.retrieval): "
-                        "nothing will be evaluated", cfg.eval.every_n_steps)
+            log.warning(
+                "eval.every_n_steps=%d, but no evaluation set is given (eval.zeroshot, eval.retrieval): "
+                "nothing will be evaluated",
+                cfg.eval.every_n_steps,
+            )
 
     # ------------------------------------------------------------------ helpers
     def _console(self, line: str) -> None:

@@ -33,7 +33,8 @@ class Shard:
 
 
 def expand(pattern: str, what: str = "data.train_shards") -> list[str]:
-    """Brace-expand `pattern`; several patterns may be joined with '::'."""
+    """Brace-expand `pattern`; several patterns may be joined with '::'. (Unlike webdataset's
+    expand_urls, `${VAR}` is not replaced from the environment: the shell does that already.)"""
     if not pattern or not pattern.strip():
         raise DataError(f"no shards given: set {what} (e.g. /data/cc3m-{{000000..000331}}.tar)")
     urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part.strip()) if u.strip()]
@@ -43,21 +44,22 @@ def expand(pattern: str, what: str = "data.train_shards") -> list[str]:
 
 
 def missing_local_shards(urls: list[str]) -> list[str]:
-    """The local URLs whose file does not exist, listing each folder once."""
-    by_folder: dict[str, list[tuple[str, str]]] = {}
+    """The local URLs whose file does not exist. Each folder is listed once (one stat per file
+    would take minutes for a LAION-sized set on a network file system); a name the listing does
+    not show (an unlistable folder, a case-folding file system) is checked on its own."""
+    by_folder: dict[str, list[tuple[str, str, str]]] = {}
     for url in urls:
         path = local_path(url)
         if path is not None:
             folder, name = os.path.split(path)
-            by_folder.setdefault(folder or ".", []).append((url, name))
+            by_folder.setdefault(folder or ".", []).append((url, name, path))
     missing = []
     for folder, entries in by_folder.items():
         try:
-            with os.scandir(folder) as it:
-                present = {e.name for e in it if e.is_file()}
+            listed = set(os.listdir(folder))
         except OSError:
-            present = set()
-        missing.extend(url for url, name in entries if name not in present)
+            listed = set()
+        missing.extend(url for url, name, path in entries if name not in listed and not os.path.isfile(path))
     return missing
 
 
@@ -82,10 +84,14 @@ def _img2dataset_count(path: str) -> int | None:
 
 
 def count_tar_samples(url: str) -> int:
-    """Count samples (files grouped by key) in one tar by reading it; no decoding."""
+    """Count samples (files grouped by key) in one tar by reading it; no decoding. DataError when
+    it cannot be read: a shard that cannot be counted must not silently drop out of training."""
     from .tar import iter_raw_samples
 
-    return sum(1 for _ in iter_raw_samples(url, on_error=lambda e: None))
+    def fail(exn: Exception):
+        raise DataError(f"cannot count the samples of shard {url} (no index lists it): {type(exn).__name__}: {exn}")
+
+    return sum(1 for _ in iter_raw_samples(url, on_error=fail))
 
 
 class _Counts:

@@ -13,8 +13,11 @@ the shard quietly through a callback instead of killing a worker.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import signal
 import subprocess
+import sys
 import tarfile
 from typing import BinaryIO, Callable, Iterable, Iterator
 
@@ -163,6 +166,7 @@ def _is_meta(fname: str) -> bool:
 def _compressed_members(stream) -> Iterator[dict]:
     with tarfile.open(fileobj=stream, mode="r|*") as archive:
         for info in archive:
+            archive.members = []  # streaming: keep no member headers (as webdataset does)
             if not info.isreg() or _is_meta(info.name):
                 continue
             data = archive.extractfile(info).read()
@@ -202,23 +206,27 @@ class _PipeReader:
 
     def __init__(self, command: str):
         self.command = command
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)  # noqa: S602 (pipe: URLs are commands)
+        # its own process group, so that closing early stops the whole pipeline (curl | zcat ...)
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, start_new_session=True)
 
     def read(self, n: int = -1) -> bytes:
         data = self.proc.stdout.read(n)
         if not data and n != 0:
-            status = self.proc.wait()
-            if status not in self.OK_STATUS:
-                raise OSError(f"pipe command exited with status {status}: {self.command}")
+            self.check(wait=True)
         return data
+
+    def check(self, wait: bool = False) -> None:
+        """OSError when the command has ended with a failing status."""
+        status = self.proc.wait() if wait else self.proc.poll()
+        if status is not None and status not in self.OK_STATUS:
+            raise OSError(f"pipe command exited with status {status}: {self.command}")
 
     def close(self) -> None:
         self.proc.stdout.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc.poll() is None:  # closed before its end: stop the pipeline, not only the shell
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait()
 
 
 def open_url(url: str) -> BinaryIO:
@@ -226,6 +234,8 @@ def open_url(url: str) -> BinaryIO:
     webdataset's gopen knows (http via curl, gs via gsutil, ...)."""
     if url.startswith("pipe:"):
         return _PipeReader(url[len("pipe:") :])
+    if url == "-":
+        return sys.stdin.buffer
     path = local_path(url)
     if path is not None:
         return open(path, "rb")
@@ -246,7 +256,13 @@ def iter_raw_samples(url: str, on_error: Callable[[Exception], None]) -> Iterato
     except GeneratorExit:
         raise
     except Exception as exn:  # corrupt tar, missing file, failing pipe: end this shard
-        on_error(exn)
+        error = exn
+        if isinstance(stream, _PipeReader):
+            try:
+                stream.check(wait=True)  # a pipe cut off mid-member: the command's failure is the news
+            except OSError as failed:
+                error = failed
+        on_error(error)
     finally:
         if stream is not None:
             # A pipe closed before its end (we needed a prefix) reports SIGPIPE; that is not an error.

@@ -6,17 +6,18 @@ from __future__ import annotations
 import os
 import re
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 
 def local_path(url: str) -> str | None:
-    """The filesystem path of a local shard URL, or None for pipe:/remote URLs."""
-    if url.startswith("pipe:"):
+    """The filesystem path of a local shard URL (a path, or a `file:` URL percent-decoded as
+    webdataset's gopen does), or None for `pipe:`, `-` (stdin) and remote URLs."""
+    if url.startswith("pipe:") or url == "-":
         return None
-    parsed = urlparse(url)
-    if parsed.scheme == "":
+    if url.startswith("file:"):
+        return url2pathname(re.sub(r"^file:(//)?", "", url))
+    if urlparse(url).scheme == "":
         return url
-    if parsed.scheme == "file":
-        return parsed.path
     return None
 
 
