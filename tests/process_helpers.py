@@ -2,7 +2,6 @@
 
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +31,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def command(nproc, run_dir, shards, *overrides, torchrun_args=()):
-    args = ["-m", "clipscale.train", f"run.dir={run_dir}", f"data.train_shards={shards}", *COMMON, *overrides]
+    shard_args = [f"data.train_shards={shards}"] if shards else []  # None: the overrides name data.sources
+    args = ["-m", "clipscale.train", f"run.dir={run_dir}", *shard_args, *COMMON, *overrides]
     if nproc == 1 and not torchrun_args:
         return [sys.executable, *args]
     return [
@@ -80,6 +80,24 @@ def wait_for(predicate, proc=None, timeout=300):
     raise AssertionError("timed out")
 
 
+def kill_tree(proc) -> None:
+    """SIGKILL a launcher and every process under it, as a node failure would. (torchrun starts each
+    worker in a session of its own: killing torchrun's process group leaves the workers training.)"""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(procs, timeout=30)
+
+
 def logged_steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     return max((r["step"] for r in read_jsonl(path)), default=0) if path.is_file() else 0
@@ -101,8 +119,7 @@ def kill_and_resume(nproc, tmp_path, shards, *overrides, seed=0):
     kill_at = random.Random(seed).randrange(3, STEPS - 2)
     proc = start(nproc, part, shards, *overrides)
     wait_for(lambda: logged_steps(part) >= kill_at, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc)
     killed_at = logged_steps(part)
     assert killed_at < STEPS
     run(nproc, part, shards, "checkpoint.resume=auto", *overrides)

@@ -103,3 +103,52 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = load_config(None, ["optim.lr=2e-4", "checkpoint.async=true"])
     again = load_config(write(tmp_path, yaml.safe_dump(to_dict(cfg))))
     assert to_dict(again) == to_dict(cfg)
+
+
+SOURCES = (
+    "data.sources=[{name: laion, shards: '/d/l-{0..9}.tar', weight: 0.7}, "
+    "{name: cc12m, shards: '/d/c-{0..3}.tar', weight: 0.3}]"
+)
+
+
+def test_sources_and_overrides_of_list_items():
+    cfg = load_config(
+        None,
+        [
+            SOURCES,
+            "data.sources.1.weight=0.2",
+            "data.sources.2.name=coyo",
+            "data.sources.2.shards=/d/y-{0..1}.tar",
+            "data.sources.2.weight=0.1",
+        ],
+    )
+    assert [(s.name, s.weight) for s in cfg.data.sources] == [("laion", 0.7), ("cc12m", 0.2), ("coyo", 0.1)]
+    again = load_config(
+        None, ["data.sources=" + yaml.safe_dump(to_dict(cfg)["data"]["sources"], default_flow_style=True)]
+    )
+    assert to_dict(again)["data"]["sources"] == to_dict(cfg)["data"]["sources"]
+    with pytest.raises(ConfigError, match="quote brace patterns"):
+        load_config(None, ["data.sources=[{name: a, shards: /d/l-{0..9}.tar}]"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.sources.0.weight=0"], "'data.sources.0.weight' must be > 0, got 0.0"),
+        (["data.sources.1.weight=-1"], "'data.sources.1.weight' must be > 0"),
+        (["data.sources.1.name=laion"], "the name 'laion' is used twice in data.sources"),
+        (["data.sources.1.weight=null", "data.sources.1.repeat=2"], "mixes weights (laion) and repeats (cc12m)"),
+        (["data.sources.1.weight=null"], "cc12m has no weight while others have one"),
+        (["data.sources.0.repeat=2"], "'data.sources.0' sets both weight and repeat"),
+        (["data.sources.0.wieght=1"], "unknown key 'data.sources.0.wieght' (did you mean 'data.sources.0.weight'?)"),
+        (["data.sources.5.weight=1"], "'data.sources' has 2 item(s); the next one is data.sources.2"),
+        (["data.sources.x.weight=1"], "expected an item number"),
+        (["data.train_shards=/d/x.tar"], "set either 'data.train_shards' (one source) or 'data.sources', not both"),
+        (["data.sources.1.shards="], "'data.sources.1.shards' is empty"),
+        (["data.sources.1.name=a b"], "'data.sources.1.name' must be a name"),
+    ],
+)
+def test_bad_sources_fail_with_one_clear_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [SOURCES, *overrides])
+    assert message in str(err.value) and "\n" not in str(err.value)

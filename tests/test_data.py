@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from clipscale.data.loader import TrainData
-from clipscale.data.plan import StreamPlan
-from clipscale.data.stream import iter_stream
+from clipscale.data.plan import StreamPlan, StreamPosition
+from clipscale.data.stream import iter_source
 from clipscale.distributed import DistEnv
 from clipscale.errors import DataError
 from clipscale.model import create_model
@@ -88,7 +88,7 @@ def test_order_depends_on_seed_and_epoch(toy_shards):
     def keys(seed, data_pass_start):
         plan = StreamPlan(shards, seed=seed, num_streams=1, block_shards=2, shuffle_buffer=8)
         out = []
-        for sample, _, _ in iter_stream(plan, 0, 0, 0, lambda u, e: None):
+        for sample, _ in iter_source(plan, 0, StreamPosition(), lambda u, e: None):
             out.append((sample["__pass__"], sample["__key__"]))
             if len(out) == 128:
                 break
@@ -204,3 +204,22 @@ def test_shards_with_no_samples_are_left_out_with_a_warning(tmp_path, caplog):
     shards = resolve_shards(str(tmp_path / "toy-{000000..000001}.tar"))
     assert [s.url.endswith("toy-000000.tar") for s in shards] == [True]
     assert "hold no samples and are left out" in caplog.text
+
+
+def test_a_stream_whose_shards_yield_nothing_gives_up_instead_of_spinning(tmp_path, bundle):
+    """The manifest promises samples the tars do not hold (every read comes back empty): the stream
+    stops with a clear error after a bounded number of blocks, not at 100% CPU forever."""
+    import tarfile
+    import time
+
+    for i in range(3):
+        with tarfile.open(tmp_path / f"hollow-{i:06d}.tar", "w"):
+            pass
+    manifest = {"shards": [{"file": f"hollow-{i:06d}.tar", "samples": 50} for i in range(3)]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tiny_config(tmp_path / "run", str(tmp_path / "hollow-{000000..000002}.tar"), data__batch_size=4)
+    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env())
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match=r"unusable \(\{'unreadable_shard'"):
+        data.next()
+    assert time.perf_counter() - t0 < 60

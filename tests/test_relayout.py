@@ -1,110 +1,175 @@
-"""Resume on another stream layout: what was consumed is never re-read in its epoch, the rest is."""
+"""Stream plans and resume on another stream layout: what was consumed is never re-read in its data
+pass, the rest is, and every stream reads an equal share of every pass."""
 
 import random
+from collections import Counter
 
+import numpy as np
 import pytest
 
 from clipscale.data.plan import StreamPlan, StreamPosition
-from clipscale.data.relayout import relayout, remaining_samples
-from clipscale.data.stream import iter_stream
+from clipscale.data.relayout import deal_balanced, relayout, remaining_samples
+from clipscale.data.stream import iter_source
 from clipscale.shards import write_shards
-from clipscale.wds.shardlist import resolve_shards
+from clipscale.wds.shardlist import Shard, resolve_shards
 
 from helpers import color_samples
+
+SIZES = [10, 7, 12, 9, 10, 5, 11]
 
 
 @pytest.fixture(scope="module")
 def uneven_shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("uneven")
-    sizes = [10, 7, 12, 9, 10, 5, 11]
-    samples = list(color_samples(sum(sizes), size=8))
+    samples = list(color_samples(sum(SIZES), size=8))
     start = 0
-    for i, n in enumerate(sizes):
+    for i, n in enumerate(SIZES):
         write_shards(samples[start : start + n], d / f"p{i}", f"u{i}", n)
         start += n
-    return resolve_shards("::".join(str(d / f"p{i}" / f"u{i}-000000.tar") for i in range(len(sizes))))
+    return resolve_shards("::".join(str(d / f"p{i}" / f"u{i}-000000.tar") for i in range(len(SIZES))))
 
 
-def ident(sample):
-    return sample["__url__"], sample["__index__"]
-
-
-def consume(plan, stream, n, start=(0, 0)):
-    """Read n samples of a stream: their (shard, index, pass) and the position after them."""
-    got, pos = [], start
+def consume(plan, stream, n, start=None):
+    """Read n samples of a stream: their (shard url, index, pass) and the position after them."""
+    got, pos = [], start or StreamPosition()
     if n == 0:
-        return got, StreamPosition(start[0], start[1])
-    for sample, cursor, offset in iter_stream(plan, stream, start[0], start[1], lambda u, e: None):
-        got.append((*ident(sample), sample["__pass__"]))
-        pos = (cursor, offset)
+        return got, pos
+    for sample, after in iter_source(plan, stream, pos, lambda u, e: pytest.fail(f"{u}: {e}")):
+        got.append((sample["__url__"], sample["__index__"], sample["__pass__"]))
+        pos = after
         if len(got) == n:
             break
-    return got, StreamPosition(pos[0], pos[1])
+    return got, pos
 
 
-def epoch0(shards):
-    from clipscale.data.plan import Item
+def every_sample(shards):
+    return {(s.url, i) for s in shards for i in range(s.samples)}
 
-    plan = StreamPlan(shards, 0, 1)
-    return {(plan.shard(Item(g)).url, i) for g in range(len(shards)) for i in range(plan.shard(Item(g)).samples)}
+
+def test_every_stream_reads_an_equal_share_of_every_pass(uneven_shards):
+    total = sum(SIZES)
+    for streams in (1, 3, 5, 8, total):
+        plan = StreamPlan(uneven_shards, 0, streams, True, 2, 4)
+        per_pass = Counter()
+        seen = []
+        for s in range(streams):
+            got, _ = consume(plan, s, 3 * (-(-total // streams)))
+            per_pass.update((s, p) for _, _, p in got)
+            seen += [(u, i, p) for u, i, p in got]
+        for p in (0, 1):
+            shares = [per_pass[(s, p)] for s in range(streams)]
+            assert max(shares) - min(shares) <= 1 and sum(shares) == total, (streams, p, shares)
+            assert {(u, i) for u, i, q in seen if q == p} == every_sample(uneven_shards)
+        # passes never interleave inside a stream
+        for s in range(streams):
+            got, _ = consume(plan, s, 2 * (-(-total // streams)))
+            assert [p for *_, p in got] == sorted(p for *_, p in got)
+
+
+def test_more_streams_than_samples_is_a_clear_error(uneven_shards):
+    with pytest.raises(ValueError, match="fewer than its 100 streams"):
+        StreamPlan(uneven_shards, 0, 100)
+
+
+def test_order_is_a_pure_function_of_the_plan(uneven_shards):
+    a = consume(StreamPlan(uneven_shards, 3, 2, True, 2, 4), 1, 40)[0]
+    b = consume(StreamPlan(uneven_shards, 3, 2, True, 2, 4), 1, 40)[0]
+    c = consume(StreamPlan(uneven_shards, 4, 2, True, 2, 4), 1, 40)[0]
+    assert a == b and a != c
+
+
+def test_positions_resume_exactly_and_position_after_agrees(uneven_shards):
+    plan = StreamPlan(uneven_shards, 1, 3, True, 2, 4)
+    whole, _ = consume(plan, 2, 60)
+    for cut in (0, 1, 5, 17, 22, 41):
+        first, pos = consume(plan, 2, cut)
+        rest, _ = consume(plan, 2, 60 - cut, pos)
+        assert first + rest == whole
+        assert plan.position_after(2, cut) == StreamPosition(pos.segment, pos.block, pos.offset)
 
 
 @pytest.mark.parametrize(
-    "old_streams, new_streams, block, shuffle, seed",
+    "old_streams, new_streams, block, shuffle, seed, most",
     [
-        (4, 2, 2, True, 0),
-        (2, 3, 2, True, 1),
-        (3, 1, 3, True, 2),
-        (4, 4, 1, False, 3),
-        (1, 5, 2, True, 4),
+        (4, 2, 2, True, 0, 20),
+        (2, 3, 2, True, 1, 50),
+        (3, 1, 3, True, 2, 20),
+        (4, 4, 1, False, 3, 30),
+        (1, 5, 2, True, 4, 150),
+        (5, 2, 1, True, 5, 70),
+        (3, 7, 2, False, 6, 40),
     ],
 )
-def test_relayout_covers_the_epoch_without_repeats(uneven_shards, old_streams, new_streams, block, shuffle, seed):
+def test_relayout_covers_every_started_pass_without_repeats(
+    uneven_shards, old_streams, new_streams, block, shuffle, seed, most
+):
+    """Streams stopped anywhere, some of them passes ahead of others: after the re-layout every
+    sample of every pass any stream had started is read exactly once in that pass."""
     rng = random.Random(seed)
     old = StreamPlan(uneven_shards, seed, old_streams, shuffle, block, shuffle_buffer=4)
     consumed, positions = [], {}
     for s in range(old_streams):
-        got, positions[s] = consume(old, s, rng.randrange(0, 20))
+        got, positions[s] = consume(old, s, rng.randrange(0, most))
         consumed += got
     new = relayout(old, positions, StreamPlan(uneven_shards, seed + 7, new_streams, shuffle, block, 4))
-    sizes = [sum(new.item_len(it) for it in left) for left in new.leftovers]
-    assert max(sizes) - min(sizes) <= 1
+    touched = {p for *_, p in consumed}
+    assert new.frontier == max(touched, default=-1) + 1
+    for p in range(new.frontier):
+        sizes = [sum(seg.size for seg in left if seg.data_pass == p) for left in new.leftovers]
+        assert max(sizes) - min(sizes) <= 1
+    owed = [sum(seg.size for seg in left) for left in new.leftovers]
+    assert remaining_samples(new) == sum(owed) == new.frontier * sum(SIZES) - len(consumed)
     rest = []
     for s in range(new_streams):
-        got, _ = consume(new, s, sizes[s])
+        got, pos = consume(new, s, owed[s])
         rest += got
-    every = epoch0(uneven_shards)
-    seen0 = [(u, i) for u, i, p in consumed + rest if p == 0]
-    assert len(seen0) == len(set(seen0)), "a sample of epoch 0 was read twice"
-    assert set(seen0) == every, "a sample of epoch 0 was never read"
-    assert remaining_samples(new) == len(rest)
-    # leftovers are read before anything new: the next sample of every stream is past them
-    for s in range(new_streams):
-        nxt, _ = consume(new, s, sizes[s] + 1)
-        assert (nxt[-1][0], nxt[-1][1]) not in {(u, i) for u, i, _ in rest} or nxt[-1][2] > 0
+        nxt, _ = consume(new, s, 1, pos)  # after its leftovers a stream reads the first untouched pass
+        assert nxt[0][2] == new.frontier
+    for p in range(new.frontier):
+        seen = [(u, i) for u, i, q in consumed + rest if q == p]
+        assert len(seen) == len(set(seen)), f"a sample of pass {p} was read twice"
+        assert set(seen) == every_sample(uneven_shards), f"a sample of pass {p} was never read"
 
 
-def test_relayout_twice_still_covers_the_epoch(uneven_shards):
+def test_relayout_twice_and_back_still_covers_the_passes(uneven_shards):
     plan = StreamPlan(uneven_shards, 0, 3, True, 2, 4)
-    consumed, positions = [], {}
-    for s in range(3):
-        got, positions[s] = consume(plan, s, 6 + s)
+    consumed = []
+    for new_streams, n in ((2, [6, 7, 30]), (5, [9, 40]), (3, [3, 8, 1, 0, 12]), (3, [50, 2, 9])):
+        positions = {}
+        for s, k in enumerate(n):
+            got, positions[s] = consume(plan, s, k)
+            consumed += got
+        plan = relayout(plan, positions, StreamPlan(uneven_shards, 0, new_streams, True, 2, 4))
+    for s in range(plan.num_streams):
+        got, _ = consume(plan, s, sum(seg.size for seg in plan.leftovers[s]))
         consumed += got
-    plan = relayout(plan, positions, StreamPlan(uneven_shards, 0, 2, True, 2, 4))
-    positions = {}
-    for s in range(2):
-        got, positions[s] = consume(plan, s, 9)
-        consumed += got
-    plan = relayout(plan, positions, StreamPlan(uneven_shards, 0, 5, True, 2, 4))
-    for s in range(5):
-        got, _ = consume(plan, s, sum(plan.item_len(it) for it in plan.leftovers[s]))
-        consumed += got
-    seen0 = [(u, i) for u, i, p in consumed if p == 0]
-    assert len(seen0) == len(set(seen0)) and set(seen0) == epoch0(uneven_shards)
+    for p in range(plan.frontier):
+        seen = [(u, i) for u, i, q in consumed if q == p]
+        assert len(seen) == len(set(seen)) and set(seen) == every_sample(uneven_shards)
 
 
-def test_blocks_do_not_straddle_data_passes(uneven_shards):
-    plan = StreamPlan(uneven_shards, 0, 2, True, 3, 4)
+def test_layout_round_trips_through_a_checkpoint(uneven_shards):
+    plan = StreamPlan(uneven_shards, 0, 3, True, 2, 4)
+    positions = {s: consume(plan, s, 5 * s + 3)[1] for s in range(3)}
+    moved = relayout(plan, positions, StreamPlan(uneven_shards, 0, 2, True, 2, 4))
+    again = StreamPlan.from_layout(moved.layout(), uneven_shards)
+    assert again.settings() == moved.settings() and again.frontier == moved.frontier
     for s in range(2):
-        for _, (_cursor, items) in zip(range(6), plan.blocks(s)):
-            assert len({plan.data_pass(it) for it in items}) == 1
+        assert consume(again, s, 30)[0] == consume(moved, s, 30)[0]
+
+
+def test_deal_balanced_splits_rows_where_quotas_fall():
+    rows = np.array([[0, 0, 5], [3, 2, 4], [1, 0, 9]])
+    parts = deal_balanced(rows, 4)
+    assert [int((p[:, 2] - p[:, 1]).sum()) for p in parts] == [4, 4, 4, 4]
+    flat = [(int(r), i) for p in parts for r, a, b in p for i in range(a, b)]
+    assert flat == [(int(r), i) for r, a, b in rows for i in range(a, b)]
+
+
+def test_a_laion_sized_plan_is_planned_without_per_sample_work():
+    shards = [Shard(f"/data/laion/{i:06d}.tar", 10_000) for i in range(20_000)]
+    plan = StreamPlan(shards, 0, 1024, True, 2, 1000)
+    positions = {s: plan.position_after(s, 20 * s % 3000) for s in range(1024)}
+    new = relayout(plan, positions, StreamPlan(shards, 0, 768, True, 2, 1000))
+    consumed = sum(20 * s % 3000 for s in range(1024))
+    assert remaining_samples(new) == plan.total_samples - consumed

@@ -138,7 +138,7 @@ def test_resume_on_another_world_size_covers_the_epoch_without_repeats(tmp_path,
     run_dir = tmp_path / "run"
     run(2, run_dir, shards, "train.steps=5")
     proc = run(1, run_dir, shards, "checkpoint.resume=auto", "train.steps=30")
-    assert "resuming on a different data layout (4 streams -> 2 streams" in proc.stderr
+    assert "resuming on another data layout (4 streams -> 2 = world size x workers" in proc.stderr
     lines = read_jsonl(run_dir / "sample_keys.jsonl")
     epoch0 = [
         k for r in sorted(lines, key=lambda r: (r["step"], r["rank"])) for k, p in zip(r["keys"], r["passes"]) if p == 0

@@ -351,7 +351,7 @@ def test_img2dataset_layout_trains_and_indexes(tmp_path):
     cfg = tiny_config(tmp_path / "run", str(root / "{00000..00001}.tar"), data__batch_size=5, data__shuffle="false")
     bundle = create_model(cfg.model)
     data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, DistEnv(0, 1, 0, torch.device("cpu"), None, "none"))
-    assert data.plan.total_samples == 10  # from _stats.json, no manifest needed
+    assert data.sources[0].samples == 10  # from _stats.json, no manifest needed
     keys = [k for _ in range(2) for k in data.next()[0]["keys"]]
     assert sorted(keys) == [f"0000{s}000{i}" for s in range(2) for i in range(5)]
     path, scans = index_shards(str(root))

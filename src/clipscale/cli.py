@@ -1,4 +1,4 @@
-"""`clipscale` command line: train, demo, shards, export, eval, supervise, status, models, config.
+"""`clipscale` command line: train, demo, shards, data, export, eval, supervise, status, models, config.
 
 User mistakes (bad config, missing shards, unusable checkpoint) print one line and exit 2.
 """
@@ -100,6 +100,22 @@ def cmd_eval(args) -> int:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_data_plan(args) -> int:
+    import json
+
+    from .config import load_config
+    from .data.report import format_report, plan_report
+
+    if args.world_size < 1:
+        raise UserError(f"--world-size must be >= 1, got {args.world_size}")
+    report = plan_report(load_config(args.config, args.overrides), args.world_size)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        sys.stdout.write(format_report(report, args.max_repeats))
     return 0
 
 
@@ -307,6 +323,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     _add_shards_parser(sub)
+
+    data = sub.add_parser(
+        "data",
+        help="inspect a run's data mixture without training",
+        description="Data tools for a run config (no training).",
+    )
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    p = dsub.add_parser(
+        "plan",
+        help="per source: shards, samples, share, samples per step, epochs covered",
+        description="Resolve every data source of a run config and print, for each: shards, "
+        "samples, its share of every batch, samples per optimizer step and how many of "
+        "its epochs train.steps covers; warn about sources that would repeat too often "
+        "or never finish an epoch.",
+    )
+    add_config_arguments(p)
+    p.add_argument("--world-size", type=int, default=1, help="ranks the run will have (default 1)")
+    p.add_argument(
+        "--max-repeats",
+        type=float,
+        default=10.0,
+        help="warn when a source would repeat more than this many times (default 10)",
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_data_plan)
 
     p = sub.add_parser(
         "export",

@@ -48,13 +48,32 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    name: str = ""
+    """Name of the source: metrics (data/<name>/epoch, data/<name>/samples), logs and sample_keys.jsonl use it."""
+    shards: str = ""
+    """The source's WebDataset shard URLs: brace patterns, several joined with '::', local paths or pipe: URLs."""
+    weight: float | None = None
+    """Share of every global batch taken from this source (weights are normalised to sum to 1)."""
+    repeat: float | None = None
+    """Instead of a weight: each sample this many times per mixture epoch (0.5: half of the source)."""
+    manifest: str | None = None
+    """Index with the sample counts of this source's shards (default: manifest.json / sizes.json next to them)."""
+
+
+@dataclass
 class DataConfig:
     train_shards: str = ""
-    """WebDataset shard URLs: brace patterns, several joined with '::', local paths or pipe: URLs."""
+    """One-source shorthand for `data.sources`: WebDataset shard URLs (brace patterns, several joined with '::',
+    local paths or pipe: URLs)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several data sets mixed by weight or repeat, each read without replacement in its own epochs (see Data
+    mixtures); items are {name, shards, weight | repeat, manifest}."""
     train_num_samples: int | None = None
     """Samples per epoch; defaults to the total from the manifest(s)."""
     manifest: str | None = None
-    """Explicit manifest.json path (default: manifest.json / *_stats.json next to the shards)."""
+    """Index of the data.train_shards sample counts (default: manifest.json / sizes.json / *_stats.json next to
+    the shards)."""
     batch_size: int = 32
     """Per-process micro-batch size."""
     workers: int = 2
@@ -270,6 +289,10 @@ def _coerce(key: str, value: Any, tp) -> Any:
         )
     if origin is list:
         (item_tp,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item_tp):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(f"'{key}' must be a list of mappings, got {value!r}")
+            return [_new(item_tp, v, f"{key}.{i}.") for i, v in enumerate(value)]
         if isinstance(value, str) and "," in value:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
@@ -307,6 +330,32 @@ def _coerce(key: str, value: Any, tp) -> Any:
     raise ConfigError(f"'{key}': unsupported type {tp}")
 
 
+def _new(cls, data: dict, prefix: str):
+    """A `cls` dataclass (a list item such as a data source) from a mapping."""
+    obj = cls()
+    _apply(obj, data, prefix)
+    return obj
+
+
+def _apply_to_items(items: list, item_tp, data: dict, prefix: str) -> None:
+    """`data.sources.1.weight=0.2`: set fields of list items by index; the next index appends one."""
+    for index, value in data.items():
+        try:
+            i = int(index)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"'{prefix}{index}': expected an item number 0..{len(items)} of '{prefix[:-1]}'"
+            ) from None
+        if not 0 <= i <= len(items):
+            raise ConfigError(
+                f"'{prefix}{i}': '{prefix[:-1]}' has {len(items)} item(s); the next one is {prefix}{len(items)}"
+            )
+        if i == len(items):
+            items.append(_new(item_tp, value if value is not None else {}, f"{prefix}{i}."))
+        else:
+            _apply(items[i], value if value is not None else {}, f"{prefix}{i}.")
+
+
 def _apply(obj, data: dict, prefix: str = "") -> None:
     """Set fields of dataclass `obj` from a nested mapping, checking every key and type."""
     if not isinstance(data, dict):
@@ -322,10 +371,20 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
             )
         f = fields[key]
         current = getattr(obj, f.name)
+        item_tp = _dataclass_items(hints[f.name])
         if dataclasses.is_dataclass(current):
             _apply(current, value if value is not None else {}, full + ".")
+        elif item_tp is not None and isinstance(value, dict):
+            _apply_to_items(current, item_tp, value, full + ".")
         else:
             setattr(obj, f.name, _coerce(full, value, hints[f.name]))
+
+
+def _dataclass_items(tp):
+    """The item dataclass of a `list[SomeDataclass]` annotation, else None."""
+    if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        return typing.get_args(tp)[0]
+    return None
 
 
 def _nest(dotted: str, value: Any) -> dict:
@@ -347,8 +406,14 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{item}' has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as exn:
+        if raw.lstrip().startswith(("[", "{")):  # meant as a list or mapping: say why it is not one
+            problem = str(exn).splitlines()[0] if str(exn) else "parse error"
+            raise ConfigError(
+                f"override '{key}': the value is not valid YAML ({problem}); quote brace patterns "
+                f"inside lists and mappings, e.g. {{name: x, shards: '/d/x-{{0..9}}.tar'}}"
+            ) from None
+        value = raw  # a plain string such as a brace pattern: /data/x-{000..009}.tar
     return key, value
 
 
@@ -357,7 +422,11 @@ def to_dict(cfg) -> dict:
     out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        out[yaml_key(f)] = to_dict(v) if dataclasses.is_dataclass(v) else v
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
+            v = [to_dict(item) for item in v]
+        out[yaml_key(f)] = v
     return out
 
 
@@ -470,6 +539,45 @@ def validate(cfg: Config) -> None:
     _require(cfg.logging.every_n_steps >= 1, "'logging.every_n_steps' must be >= 1")
     _require(bool(cfg.run.dir), "'run.dir' must not be empty")
     cfg.train.preempt_signals = [signal_name(n, "train.preempt_signals") for n in cfg.train.preempt_signals]
+    validate_sources(cfg.data)
+
+
+def validate_sources(data: DataConfig) -> None:
+    """data.sources: unique names, shards each, weights or repeats (not both kinds), all positive."""
+    if not data.sources:
+        return
+    _require(not data.train_shards, "set either 'data.train_shards' (one source) or 'data.sources', not both")
+    _require(
+        data.manifest is None,
+        "'data.manifest' belongs to data.train_shards; give each of data.sources its own 'manifest'",
+    )
+    names = [src.name for src in data.sources]
+    for i, src in enumerate(data.sources):
+        where = f"data.sources.{i}"
+        _require(
+            bool(src.name) and src.name.replace("-", "_").replace(".", "_").isidentifier(),
+            f"'{where}.name' must be a name of letters, digits, '_', '-' or '.'; got {src.name!r}",
+        )
+        _require(names.count(src.name) == 1, f"'{where}.name': the name {src.name!r} is used twice in data.sources")
+        _require(bool(src.shards), f"'{where}.shards' is empty: give the source's shard URLs")
+        _require(
+            src.weight is None or src.repeat is None,
+            f"'{where}' sets both weight and repeat; a source is mixed by one of them",
+        )
+        _require(src.weight is None or src.weight > 0, f"'{where}.weight' must be > 0, got {src.weight}")
+        _require(src.repeat is None or src.repeat > 0, f"'{where}.repeat' must be > 0, got {src.repeat}")
+    weighted = [s.name for s in data.sources if s.weight is not None]
+    repeated = [s.name for s in data.sources if s.repeat is not None]
+    _require(
+        not (weighted and repeated),
+        f"data.sources mixes weights ({', '.join(weighted)}) and repeats ({', '.join(repeated)}); "
+        f"use one kind for every source",
+    )
+    missing = [s.name for s in data.sources if s.weight is None]
+    _require(
+        not weighted or not missing,
+        f"data.sources: {', '.join(missing)} has no weight while others have one; give every source a weight",
+    )
 
 
 def resolved_loss_impl(cfg: Config) -> str:

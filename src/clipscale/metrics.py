@@ -98,11 +98,11 @@ class MetricsLogger:
         if console:
             self.console(format_metrics(record))
 
-    def sample_keys(self, step: int, keys: list[str], passes: list[int] | None = None) -> None:
+    def sample_keys(self, step: int, keys: list[str], passes: list[int], sources: list[str]) -> None:
+        """One line per rank and step: the keys of its samples, their data pass (the source's epoch)
+        and source (keys of different sources may collide), in the same order."""
         if self.sample_keys_enabled:
-            record = {"step": step, "rank": self.rank, "keys": keys}
-            if passes is not None:
-                record["passes"] = passes
+            record = {"step": step, "rank": self.rank, "keys": keys, "passes": passes, "sources": sources}
             append_line(self.run_dir / SAMPLE_KEYS_FILE, record)
 
     def close(self) -> None:

@@ -113,7 +113,9 @@ class Trainer:
             seed_everything(cfg.seed + 1000 * env.rank + self.step)
 
         draft = self.bundle.image_size if cfg.data.jpeg_draft else None
-        self.data = TrainData(cfg, self.bundle.train_transform, self.bundle.tokenizer, env, extra.get("data"), draft)
+        self.data = TrainData(
+            cfg, self.bundle.train_transform, self.bundle.tokenizer, env, extra.get("data"), draft, step=self.step
+        )
         self.metrics = MetricsLogger(
             self.run_dir, env.is_main, env.rank, cfg.logging.tensorboard, cfg.logging.sample_keys, console=self._console
         )
@@ -279,7 +281,7 @@ class Trainer:
             window_wait += wait
             last_loss = global_loss
             self.metrics.sample_keys(
-                self.step, [k for mb in micro for k in mb["keys"]], [p for mb in micro for p in mb["passes"]]
+                self.step, *([x for mb in micro for x in mb[f]] for f in ("keys", "passes", "sources"))
             )
             if self.progress is not None:
                 self.progress.update(1)
@@ -301,6 +303,7 @@ class Trainer:
                         "gather_frac": self.loss_fn.gather.timer.pop() / max(elapsed, 1e-9),
                         "skipped_samples": sum(self.data.skipped().values()),
                         "skipped_steps": self.nonfinite_total,
+                        **self.data.source_metrics(),
                     },
                 )
                 window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0

@@ -1,4 +1,5 @@
-"""The training data of one rank: plan + DataLoader + the consumed position of every stream."""
+"""The training data of one rank: sources + mixture schedule + DataLoader, and the consumed
+position of every stream in every source (what a checkpoint needs to resume exactly)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter
 from typing import Callable
 
 from torch.utils.data import DataLoader
@@ -15,10 +17,11 @@ from torch.utils.data import DataLoader
 from ..config import Config
 from ..distributed import DistEnv, all_gather_object
 from ..preempt import ignore_signals
-from ..wds.shardlist import resolve_shards
+from .mixture import MixtureSchedule, ScheduleState, weight_units
 from .plan import StreamPlan, StreamPosition
 from .relayout import relayout, remaining_samples
 from .samples import SampleDecoder
+from .sources import Source, build_sources, epoch_samples
 from .stream import StreamDataset
 
 log = logging.getLogger(__name__)
@@ -48,28 +51,22 @@ def _stop_workers(iterator=None) -> None:
 atexit.register(_stop_workers)  # runs before multiprocessing's hook (registered earlier, run later)
 
 
-def build_plan(cfg: Config, world_size: int) -> StreamPlan:
-    shards = resolve_shards(cfg.data.train_shards, cfg.data.manifest)
-    return StreamPlan(
-        shards,
-        seed=cfg.seed,
-        num_streams=world_size * max(1, cfg.data.workers),
-        shuffle=cfg.data.shuffle,
-        block_shards=cfg.data.shuffle_block_shards,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-    )
+STATE_FORMAT = 2
 
 
 def _sum_skipped(positions) -> dict[str, int]:
-    total: dict[str, int] = {}
+    total: Counter = Counter()
     for pos in positions:
-        for reason, n in pos.skipped.items():
-            total[reason] = total.get(reason, 0) + n
-    return total
+        total.update(pos.skipped)
+    return dict(total)
 
 
 class TrainData:
-    """Yields this rank's micro-batches; `state()` is what a checkpoint needs to resume exactly."""
+    """Yields this rank's micro-batches; `state()` is what a checkpoint needs to resume exactly.
+
+    `step` is the optimizer step training starts (or resumes) at: the rank's micro-batches are
+    numbered from the start of training (step x accum_steps + micro), which fixes their stream and
+    their mixture."""
 
     def __init__(
         self,
@@ -79,31 +76,42 @@ class TrainData:
         env: DistEnv,
         resume_state: dict | None = None,
         draft_size: int | None = None,
+        step: int = 0,
     ):
-        self.cfg = cfg
-        self.env = env
+        self.cfg, self.env = cfg, env
         self.workers = max(1, cfg.data.workers)
-        self.plan = build_plan(cfg, env.world_size)
-        self.batches = 0  # micro-batches this rank has consumed
-        self.skipped_before: dict[str, int] = {}  # skip counts of streams that a relayout retired
-        saved_positions: dict[int, StreamPosition] = {}
+        self.num_streams = env.world_size * self.workers
+        self.sources: list[Source] = build_sources(cfg, self.num_streams)
+        self.global_batch = cfg.data.batch_size * env.world_size * cfg.optim.accum_steps
+        self.micro_batches = env.world_size * cfg.optim.accum_steps
+        self.step = step
+        self.batches = step * cfg.optim.accum_steps  # micro-batches this rank has consumed (from step 0)
+        self.skipped_before: dict[str, int] = {}  # skip counts of streams a relayout retired
+        positions: dict[int, dict[str, StreamPosition]] = {}
+        origin = None
         if resume_state:
-            self.plan, saved_positions, self.batches = self._restore(resume_state)
+            positions, origin = self._restore(resume_state)
+        weights = [s.weight for s in self.sources]
+        layout = (cfg.data.batch_size, env.world_size, cfg.optim.accum_steps, self.workers)
+        self.schedule = MixtureSchedule(weights, *layout, origin=origin)  # for checkpoints and metrics
+        stream_schedule = MixtureSchedule(weights, *layout, origin=origin)  # the streams' own copy
         first = env.rank * self.workers
-        self.positions = {s: saved_positions.get(s, StreamPosition()) for s in range(first, first + self.workers)}
-        self.num_samples = cfg.data.train_num_samples or self.plan.total_samples
+        self.positions = {s: positions.get(s, {}) for s in range(first, first + self.workers)}
+        self.num_samples = cfg.data.train_num_samples or epoch_samples(self.sources)
         self.decoder = SampleDecoder(
             transform, cfg.data.image_keys, cfg.data.caption_key, cfg.data.caption_json_field, draft_size
         )
         self.dataset = StreamDataset(
-            self.plan,
+            [(s.name, s.plan) for s in self.sources],
+            stream_schedule,
             env.rank,
+            env.world_size,
             self.workers,
+            cfg.optim.accum_steps,
+            self.batches,
             dict(self.positions),
-            self.batches % self.workers,
             self.decoder,
             tokenizer,
-            cfg.data.batch_size,
             cfg.seed,
             cfg.data.max_decode_errors_logged,
         )
@@ -117,33 +125,97 @@ class TrainData:
         )
         self._iter = None
 
-    def _restore(self, state: dict):
-        """(plan, stream positions, batches taken) to continue from a checkpoint's data state."""
-        saved = StreamPlan.from_layout(state["layout"])
-        positions = {int(k): StreamPosition.from_state(v) for k, v in state["streams"].items()}
-        if saved.same_streams_as(self.plan):
-            self.skipped_before = dict(state.get("skipped_before", {}))
-            return saved.with_shards(self.plan.shards), positions, int(state["batches"][self.env.rank])
-        if saved.same_shards_as(self.plan):
-            plan = relayout(saved, positions, self.plan)
+    # ------------------------------------------------------------------ resume
+    def _restore(self, state: dict) -> tuple[dict[int, dict[str, StreamPosition]], ScheduleState | None]:
+        """Stream positions (by stream, by source) and the schedule's state to continue from a
+        checkpoint's data state; each source continues as exactly as its layout allows."""
+        if state.get("format") != STATE_FORMAT:
             log.warning(
-                "resuming on a different data layout (%d streams -> %d streams = world size x workers, "
-                "or other seed/shuffle settings): batch order is not reproduced, but the %d samples not "
-                "yet consumed in the current data epoch are read first and none twice",
-                saved.num_streams,
-                plan.num_streams,
-                remaining_samples(plan),
+                "the checkpoint's data position is from an older clipscale; the data stream restarts from the beginning"
             )
-            self.skipped_before = _sum_skipped(
-                [*positions.values(), StreamPosition(skipped=state.get("skipped_before", {}))]
-            )
-            return plan, {}, 0
-        log.warning(
-            "the shard list differs from the checkpoint's (other files or sample counts); "
-            "the data stream restarts from the beginning"
-        )
-        return self.plan, {}, 0
+            return {}, None
+        saved_streams = {
+            int(s): {name: StreamPosition.from_state(p) for name, p in by_source.items()}
+            for s, by_source in state["streams"].items()
+        }
+        self.skipped_before = dict(state.get("skipped_before", {}))
+        positions: dict[int, dict[str, StreamPosition]] = {}
+        current = {s.name for s in self.sources}
+        for gone in sorted(set(state["sources"]) - current):
+            log.warning("data source %r of the checkpoint is not in this run's data.sources: it is left out", gone)
+        for source in self.sources:
+            layout = state["sources"].get(source.name)
+            if layout is None:
+                log.warning("data source %r is new: it starts at its first sample", source.name)
+                continue
+            old = {s: by_source[source.name] for s, by_source in saved_streams.items() if source.name in by_source}
+            source.plan, kept = self._continue_source(source, layout, old)
+            for s, pos in kept.items():
+                positions.setdefault(s, {})[source.name] = pos
+        return positions, self._schedule_origin(state.get("mixture") or {})
 
+    def _continue_source(self, source: Source, layout: dict, old: dict[int, StreamPosition]):
+        """(plan, positions) of one source after a checkpoint: the same streams as saved, a
+        re-layout onto the new streams, or a fresh start when the shard list changed."""
+        fresh = source.plan
+        same_shards = layout["fingerprint"] == fresh.fingerprint() and int(layout["samples"]) == fresh.total_samples
+        if not same_shards:
+            log.warning(
+                "data source %r: the shard list differs from the checkpoint's (other files or sample "
+                "counts); it restarts from its beginning",
+                source.name,
+            )
+            return fresh, {}
+        saved = StreamPlan.from_layout(layout, fresh.shards)
+        if saved.settings() == fresh.settings():
+            return saved, old
+        plan = relayout(saved, old, fresh)
+        skipped = _sum_skipped(old.values())
+        for reason, n in skipped.items():
+            self.skipped_before[reason] = self.skipped_before.get(reason, 0) + n
+        log.warning(
+            "data source %r: resuming on another data layout (%d streams -> %d = world size x workers, or "
+            "other seed/shuffle settings): the %d samples not yet read in its started data passes are "
+            "dealt to the new streams and read first, none twice",
+            source.name,
+            saved.num_streams,
+            plan.num_streams,
+            remaining_samples(plan),
+        )
+        return plan, {}
+
+    def _schedule_origin(self, saved: dict) -> ScheduleState:
+        """Where the mixture schedule continues: the saved state when nothing changed, else a new
+        schedule from this step (the samples each source delivered carried over by name)."""
+        names = [s.name for s in self.sources]
+        units = weight_units([s.weight for s in self.sources])
+        now = {
+            "names": names,
+            "units": units,
+            "global_batch": self.global_batch,
+            "micro_batches": self.micro_batches,
+            "num_streams": self.num_streams,
+        }
+        state = ScheduleState.from_state(saved["state"]) if "state" in saved else None
+        if state is not None and all(saved.get(k) == v for k, v in now.items()) and state.step == self.step:
+            return state
+        delivered = dict(zip(saved.get("names", []), state.delivered)) if state is not None else {}
+        if saved:
+            old = dict(zip(saved.get("names", []), saved.get("units", [])))
+            log.warning(
+                "the data mixture changed since the checkpoint (sources, weights, global batch or "
+                "micro-batches): from step %d, %s",
+                self.step,
+                ", ".join(
+                    f"{n} {u / sum(units):.4f} (was {old[n] / sum(old.values()):.4f})"
+                    if n in old
+                    else f"{n} {u / sum(units):.4f} (new)"
+                    for n, u in zip(names, units)
+                ),
+            )
+        return ScheduleState(self.step, [delivered.get(n, 0) for n in names])
+
+    # ------------------------------------------------------------------ batches
     def next(self) -> tuple[dict, float]:
         """The next micro-batch and the seconds spent waiting for it."""
         if self._iter is None:
@@ -152,14 +224,19 @@ class TrainData:
         t0 = time.perf_counter()
         batch = next(self._iter)
         wait = time.perf_counter() - t0
-        self.positions[batch["stream"]] = batch.pop("position")
+        if batch["batch_index"] != self.batches:
+            raise RuntimeError(
+                f"data stream out of order: got micro-batch {batch['batch_index']}, expected {self.batches}"
+            )
+        self.positions[batch["stream"]] = batch.pop("positions")
         self.batches += 1
+        self.step = self.batches // self.cfg.optim.accum_steps
         return batch, wait
 
     def to_device(self, batch: dict, device) -> dict:
         """The batch with its images on `device` as the model's float input (workers send uint8
         pixels; the conversion and normalisation run here, on the GPU when there is one). The
-        token ids are moved with the rest of the model input in step.forward_backward."""
+        token ids are moved with the rest of the model input in grad_cache.forward_backward."""
         batch["images"] = self.decoder.to_model_input(batch["images"], device)
         return batch
 
@@ -170,28 +247,46 @@ class TrainData:
         if it is not None:
             _stop_workers(it)
 
+    # ------------------------------------------------------------------ reporting
     def skipped(self) -> dict[str, int]:
         """Skip counts by reason over this rank's streams (and, after a relayout, before it)."""
-        total = _sum_skipped(self.positions.values())
+        total = Counter(_sum_skipped(p for by_source in self.positions.values() for p in by_source.values()))
         if self.env.rank == 0:
-            for reason, n in self.skipped_before.items():
-                total[reason] = total.get(reason, 0) + n
-        return total
+            total.update(self.skipped_before)
+        return dict(total)
+
+    def source_metrics(self) -> dict[str, float]:
+        """Per source, at the current step: samples delivered so far (all ranks) and epochs (samples
+        delivered / the source's samples)."""
+        delivered = self.schedule.state_at(self.step).delivered
+        out: dict[str, float] = {}
+        for source, n in zip(self.sources, delivered):
+            out[f"data/{source.name}/samples"] = n
+            out[f"data/{source.name}/epoch"] = round(n / source.samples, 6)
+        return out
 
     def state(self) -> dict:
         """Collective: the global data state (every rank's stream positions) for a checkpoint."""
-        local = {
-            "streams": {s: p.to_state() for s, p in self.positions.items()},
-            "batches": self.batches,
-            "skipped_before": self.skipped_before,
-        }
-        everyone = all_gather_object(local)
+        local = {s: {name: p.to_state() for name, p in by_source.items()} for s, by_source in self.positions.items()}
         streams: dict[int, dict] = {}
-        for part in everyone:
-            streams.update(part["streams"])
+        for part in all_gather_object(local):
+            streams.update(part)
         return {
-            "layout": self.plan.layout(),
+            "format": STATE_FORMAT,
+            "sources": {s.name: s.plan.layout() for s in self.sources},
             "streams": streams,
-            "batches": [p["batches"] for p in everyone],
-            "skipped_before": everyone[0]["skipped_before"],
+            "mixture": {
+                "names": [s.name for s in self.sources],
+                "units": weight_units([s.weight for s in self.sources]),
+                "global_batch": self.global_batch,
+                "micro_batches": self.micro_batches,
+                "num_streams": self.num_streams,
+                "state": self.schedule.state_at(self.step).to_state(),
+            },
+            "epochs": {
+                s.name: n / s.samples for s, n in zip(self.sources, self.schedule.state_at(self.step).delivered)
+            },
+            "skipped_before": self.skipped_before,
+            "world_size": self.env.world_size,
+            "workers": self.workers,
         }

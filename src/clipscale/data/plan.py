@@ -1,30 +1,36 @@
-"""Which samples each (rank, worker) stream reads, in which order: a pure function of the config.
+"""Which samples each (rank, worker) stream reads from one source, in which order: a pure function
+of the config, computed on indices (numpy) so that a LAION-sized source plans in milliseconds.
 
-The global shard sequence G is the concatenation of one permutation of the shard list per
-data epoch ("pass"): G[g] = perm(seed, g // N)[g % N]. With S = world_size x workers streams,
-stream s reads the *items* G[F + s], G[F + s + S], G[F + s + 2S], ... (F = 0 for a fresh
-run), preceded by any `leftover` items a resume on another layout handed to it (see
-`relayout`). Items are read in blocks of `block_shards`; inside a block, samples are mixed
-by `blocks.block_order`, a deterministic shuffle seeded by the block's content.
+Every data pass ("epoch") p of a source permutes its shards with (seed, name, p) and lays their
+samples end to end: pass coordinates 0 .. T-1 (T = the source's samples). With S = world_size x
+workers streams, stream s reads the coordinates [floor(sT/S), floor((s+1)T/S)) of every pass:
+one of S equal *shares*, whole shards and the parts of the two shards at its ends - so every
+stream reads the same number of samples of every pass, to one sample, whatever the shard sizes;
+the shares rotate from pass to pass (stream s reads share (s + p) mod S), so over any number of
+passes the streams' totals differ by at most one sample too. A stream
+reads its share in blocks of `block_shards` shard pieces (`blocks.BlockOrder` mixes each block),
+finishing pass p before it reads pass p + 1.
 
-A stream's position is (cursor, offset): the index of the first item of its current block
-and how many samples of that block were consumed. Everything before the cursor is skipped
-without reading a byte, which is what makes resume cheap and exact.
+After a resume on another layout (`relayout`), a stream first reads its *leftovers*: segments
+(pass, rows of [shard, first, end) sample ranges) dealt to it from what the old streams had not
+consumed; then it continues with the regular passes from `frontier` on.
+
+A stream's position is (segment, block, offset): its leftover segments are numbered first, then
+its regular passes; `block` counts the blocks of that segment and `offset` the samples of that
+block already consumed. Everything before the block is skipped without reading a byte.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
-import random
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator
+
+import numpy as np
 
 from ..wds.shardlist import Shard
 from ..wds.urls import shard_name
-
-Ranges = tuple[tuple[int, int], ...]
+from .blocks import BlockOrder
 
 
 def stable_hash(*parts) -> int:
@@ -33,70 +39,66 @@ def stable_hash(*parts) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-@dataclass(frozen=True)
-class Item:
-    """One shard read by one stream: position `seq` in the global shard sequence (which fixes its data
-    pass and augmentation seeds), the shard itself (explicit for leftovers of a relayout, else
-    the permutation's choice), and optionally only the sample indices in `include` (half-open
-    ranges); None means the whole shard."""
-
-    seq: int
-    include: Ranges | None = None
-    shard: int | None = None
-
-    def to_state(self) -> list:
-        return [self.seq, None if self.include is None else [list(r) for r in self.include], self.shard]
-
-    @staticmethod
-    def from_state(state) -> Item:
-        seq, include, shard = state
-        return Item(
-            int(seq),
-            None if include is None else tuple((int(a), int(b)) for a, b in include),
-            None if shard is None else int(shard),
-        )
-
-
 @dataclass
 class StreamPosition:
-    """How far one stream has been consumed: the index of the first item of its current block
-    (`cursor`), the samples of that block consumed (`offset`), and the samples skipped so far
-    as unusable, by reason."""
+    """How far one stream has read one source: its segment (leftover segments first, then the
+    regular passes), the block of that segment, the samples of that block consumed, and the
+    samples skipped so far as unusable, by reason."""
 
-    cursor: int = 0
+    segment: int = 0
+    block: int = 0
     offset: int = 0
     skipped: dict = field(default_factory=dict)
 
     def to_state(self) -> dict:
-        return {"cursor": self.cursor, "offset": self.offset, "skipped": dict(self.skipped)}
+        return {"segment": self.segment, "block": self.block, "offset": self.offset, "skipped": dict(self.skipped)}
 
     @staticmethod
     def from_state(state: dict) -> StreamPosition:
-        return StreamPosition(int(state["cursor"]), int(state["offset"]), dict(state.get("skipped", {})))
+        return StreamPosition(
+            int(state["segment"]), int(state["block"]), int(state["offset"]), dict(state.get("skipped", {}))
+        )
 
 
-def ranges_len(ranges: Ranges) -> int:
-    return sum(b - a for a, b in ranges)
+@dataclass
+class Item:
+    """The samples one block reads from one shard: `ranges` of sample indices, rows [first, end)."""
+
+    shard: int
+    ranges: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int((self.ranges[:, 1] - self.ranges[:, 0]).sum())
+
+    def indices(self) -> np.ndarray:
+        """Every sample index, in shard (= reading) order."""
+        return np.concatenate([np.arange(a, b) for a, b in self.ranges]) if len(self.ranges) else np.zeros(0, np.int64)
 
 
-def ranges_indices(ranges: Ranges) -> Iterator[int]:
-    for a, b in ranges:
-        yield from range(a, b)
+@dataclass
+class Segment:
+    """A stretch of one stream's work: rows [shard, first, end) of one data pass, read in order."""
+
+    data_pass: int
+    rows: np.ndarray
+    leftover: bool
+
+    @property
+    def size(self) -> int:
+        return int((self.rows[:, 2] - self.rows[:, 1]).sum()) if len(self.rows) else 0
 
 
-def to_ranges(indices) -> Ranges:
-    """Sorted unique indices → merged half-open ranges."""
-    out: list[list[int]] = []
-    for i in sorted(set(indices)):
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return tuple((a, b) for a, b in out)
+def rows_size(rows: np.ndarray) -> int:
+    return int((rows[:, 2] - rows[:, 1]).sum()) if len(rows) else 0
+
+
+def empty_rows() -> np.ndarray:
+    return np.zeros((0, 3), dtype=np.int64)
 
 
 class StreamPlan:
-    """The deterministic assignment of shard items to `num_streams` streams."""
+    """The deterministic assignment of one source's samples to `num_streams` streams."""
 
     def __init__(
         self,
@@ -106,145 +108,166 @@ class StreamPlan:
         shuffle: bool = True,
         block_shards: int = 2,
         shuffle_buffer: int = 1000,
+        name: str = "",
         frontier: int = 0,
-        leftovers: list[list[Item]] | None = None,
+        leftovers: list[list[Segment]] | None = None,
     ):
         if num_streams < 1:
             raise ValueError("num_streams must be >= 1")
         self.shards = shards
-        self.seed = seed
-        self.num_streams = num_streams
-        self.shuffle = shuffle
-        self.block_shards = block_shards
-        self.shuffle_buffer = shuffle_buffer
+        self.sizes = np.fromiter((s.samples for s in shards), dtype=np.int64, count=len(shards))
+        if (self.sizes <= 0).any():
+            raise ValueError("every shard of a plan must hold samples (resolve_shards drops empty ones)")
+        self.total_samples = int(self.sizes.sum())
+        if self.total_samples < num_streams:
+            raise ValueError(
+                f"source {name!r} has {self.total_samples} samples, fewer than its {num_streams} "
+                f"streams (world size x workers)"
+            )
+        self.seed, self.num_streams, self.shuffle = seed, num_streams, shuffle
+        self.block_shards, self.shuffle_buffer, self.name = block_shards, shuffle_buffer, name
         self.frontier = frontier
-        self.leftovers = leftovers or [[] for _ in range(num_streams)]
+        self.leftovers = leftovers if leftovers is not None else [[] for _ in range(num_streams)]
         if len(self.leftovers) != num_streams:
             raise ValueError("one leftover list per stream is required")
-        self._perm = lru_cache(maxsize=4)(self._make_perm)
+        self._fingerprint: str | None = None
+        self._order = lru_cache(maxsize=4)(self._make_order)
+        self._blocks = lru_cache(maxsize=8)(self._make_blocks)
 
-    # ------------------------------------------------------------------ global sequence
     @property
     def num_shards(self) -> int:
         return len(self.shards)
 
-    @property
-    def total_samples(self) -> int:
-        return sum(s.samples for s in self.shards)
-
-    def _make_perm(self, data_pass: int) -> tuple[int, ...]:
-        order = list(range(self.num_shards))
+    # ------------------------------------------------------------------ passes
+    def _make_order(self, data_pass: int) -> tuple[np.ndarray, np.ndarray]:
+        """(permutation of the shards, pass coordinate where each permuted shard starts + the end)."""
         if self.shuffle:
-            random.Random(stable_hash("shards", self.seed, data_pass)).shuffle(order)
-        return tuple(order)
+            rng = np.random.default_rng(stable_hash("shards", self.seed, self.name, data_pass))
+            perm = rng.permutation(self.num_shards)
+        else:
+            perm = np.arange(self.num_shards)
+        starts = np.zeros(self.num_shards + 1, dtype=np.int64)
+        np.cumsum(self.sizes[perm], out=starts[1:])
+        return perm, starts
 
-    def shard_index(self, seq: int) -> int:
-        return self._perm(seq // self.num_shards)[seq % self.num_shards]
+    def share(self, stream: int, data_pass: int) -> tuple[int, int]:
+        """The pass coordinates [lo, hi) stream `stream` reads in regular pass `data_pass`."""
+        total, count = self.total_samples, self.num_streams
+        index = (stream + data_pass) % count
+        return index * total // count, (index + 1) * total // count
 
-    def shard(self, item: Item) -> Shard:
-        return self.shards[item.shard if item.shard is not None else self.shard_index(item.seq)]
+    def rows_of(self, data_pass: int, lo: int, hi: int) -> np.ndarray:
+        """Rows [shard, first, end) holding the pass coordinates [lo, hi), in pass order."""
+        if hi <= lo:
+            return empty_rows()
+        perm, starts = self._order(data_pass)
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        last = int(np.searchsorted(starts, hi, side="left"))
+        begin = starts[first:last]
+        rows = np.empty((last - first, 3), dtype=np.int64)
+        rows[:, 0] = perm[first:last]
+        rows[:, 1] = np.maximum(lo - begin, 0)
+        rows[:, 2] = np.minimum(hi, starts[first + 1 : last + 1]) - begin
+        return rows
 
-    def pinned(self, item: Item, include: Ranges | None = None) -> Item:
-        """`item` with its shard named explicitly (valid in any plan over the same shard list)."""
-        shard = item.shard if item.shard is not None else self.shard_index(item.seq)
-        return Item(item.seq, item.include if include is None else include, shard)
-
-    def data_pass(self, item: Item) -> int:
-        return item.seq // self.num_shards
-
-    def indices(self, item: Item) -> Ranges:
-        """The sample indices an item reads, clipped to the shard's count."""
-        n = self.shard(item).samples
-        if item.include is None:
-            return ((0, n),) if n > 0 else ()
-        return tuple((a, min(b, n)) for a, b in item.include if a < min(b, n))
-
-    def item_len(self, item: Item) -> int:
-        return ranges_len(self.indices(item))
-
-    # ------------------------------------------------------------------ streams
-    def items(self, stream: int, start: int = 0) -> Iterator[Item]:
-        """Stream `stream`'s infinite item list, from item index `start`."""
+    # ------------------------------------------------------------------ segments and blocks
+    def segment(self, stream: int, index: int) -> Segment:
+        """The stream's segment `index`: a leftover segment, or its share of a regular pass."""
         left = self.leftovers[stream]
-        yield from left[start:]
-        first_regular = max(0, start - len(left))
-        for j in itertools.count(first_regular):
-            yield Item(self.frontier + stream + j * self.num_streams)
+        if index < len(left):
+            return left[index]
+        data_pass = self.frontier + index - len(left)
+        return Segment(data_pass, self.rows_of(data_pass, *self.share(stream, data_pass)), leftover=False)
 
-    def _group(self, stream: int, index: int, item: Item) -> tuple:
-        """Items of one block share a group: leftover-or-regular, and the data pass."""
-        return (index < len(self.leftovers[stream]), self.data_pass(item))
+    def _make_blocks(self, stream: int, index: int) -> tuple[Segment, list[list[Item]]]:
+        seg = self.segment(stream, index)
+        items: list[Item] = []
+        rows = seg.rows
+        if len(rows):
+            breaks = np.flatnonzero(rows[1:, 0] != rows[:-1, 0]) + 1  # consecutive rows of one shard: one item
+            for part in np.split(rows, breaks):
+                items.append(Item(int(part[0, 0]), part[:, 1:]))
+        blocks = [items[i : i + self.block_shards] for i in range(0, len(items), self.block_shards)]
+        return seg, blocks
 
-    def blocks(self, stream: int, cursor: int = 0) -> Iterator[tuple[int, list[Item]]]:
-        """(cursor, items) for each block of the stream, starting at the block at `cursor`.
+    def blocks(self, stream: int, segment: int) -> tuple[Segment, list[list[Item]]]:
+        """The segment and its blocks (lists of up to `block_shards` items)."""
+        return self._blocks(stream, segment)
 
-        A block is up to `block_shards` consecutive items of one group, so a stream finishes
-        every sample of a data pass (and of its leftovers) before it reads the next one.
-        `cursor` must be a block start, which every recorded position is.
-        """
-        it = self.items(stream, cursor)
-        pending = next(it)
+    def block_order(self, stream: int, segment: int, block: int) -> BlockOrder:
+        seg, blocks = self.blocks(stream, segment)
+        items = blocks[block]
+        seed = stable_hash("block", self.seed, self.name, stream, seg.data_pass, seg.leftover, segment, block)
+        return BlockOrder([it.size for it in items], seed, self.shuffle_buffer, self.shuffle)
+
+    def position_after(self, stream: int, samples: int) -> StreamPosition:
+        """The position after a stream has consumed `samples` samples from the start of its plan
+        (a simulation helper: no data is read)."""
+        segment = 0
         while True:
-            block = [pending]
-            group = self._group(stream, cursor, pending)
-            while True:
-                pending = next(it)
-                if len(block) == self.block_shards or self._group(stream, cursor + len(block), pending) != group:
-                    break
-                block.append(pending)
-            yield cursor, block
-            cursor += len(block)
-
-    def block_seed(self, items: list[Item]) -> int:
-        return stable_hash("block", self.seed, [i.to_state() for i in items])
+            seg, blocks = self.blocks(stream, segment)
+            if samples < seg.size:
+                for b, items in enumerate(blocks):
+                    n = sum(it.size for it in items)
+                    if samples < n:
+                        return StreamPosition(segment, b, samples)
+                    samples -= n
+            samples -= seg.size
+            segment += 1
+            if samples == 0:
+                return StreamPosition(segment, 0, 0)
 
     # ------------------------------------------------------------------ state
-    def layout(self) -> dict:
-        """What a checkpoint must record to rebuild this plan (with the shard list)."""
+    def fingerprint(self) -> str:
+        """Identifies the shard list (names and counts; the shards may have moved)."""
+        if self._fingerprint is None:
+            h = hashlib.blake2b(digest_size=16)
+            for s in self.shards:
+                h.update(f"{shard_name(s.url)}\0{s.samples}\n".encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def settings(self) -> dict:
+        """What must be equal for positions of one plan to be positions of another."""
         return {
             "num_streams": self.num_streams,
-            "frontier": self.frontier,
-            "leftovers": [[it.to_state() for it in left] for left in self.leftovers],
-            "shards": [[s.url, s.samples] for s in self.shards],
             "seed": self.seed,
             "shuffle": self.shuffle,
             "block_shards": self.block_shards,
             "shuffle_buffer": self.shuffle_buffer,
+            "fingerprint": self.fingerprint(),
+            "samples": self.total_samples,
+        }
+
+    def layout(self) -> dict:
+        """What a checkpoint must record to rebuild this plan (with the shard list)."""
+        import torch
+
+        return {
+            **self.settings(),
+            "name": self.name,
+            "frontier": self.frontier,
+            "leftovers": [
+                [(seg.data_pass, torch.from_numpy(seg.rows.astype(np.int32))) for seg in left]
+                for left in self.leftovers
+            ],
         }
 
     @staticmethod
-    def from_layout(layout: dict) -> StreamPlan:
-        return StreamPlan(
-            shards=[Shard(url, int(n)) for url, n in layout["shards"]],
-            seed=int(layout["seed"]),
-            num_streams=int(layout["num_streams"]),
-            shuffle=bool(layout["shuffle"]),
-            block_shards=int(layout["block_shards"]),
-            shuffle_buffer=int(layout["shuffle_buffer"]),
-            frontier=int(layout["frontier"]),
-            leftovers=[[Item.from_state(s) for s in left] for left in layout["leftovers"]],
-        )
-
-    def _shard_key(self) -> list:
-        return [[shard_name(s.url), s.samples] for s in self.shards]  # shards may have moved
-
-    def same_shards_as(self, other: StreamPlan) -> bool:
-        return self._shard_key() == other._shard_key()
-
-    def same_streams_as(self, other: StreamPlan) -> bool:
-        """Same shards and stream parameters: positions of one are positions of the other."""
-        keys = ("num_streams", "seed", "shuffle", "block_shards", "shuffle_buffer")
-        return self.same_shards_as(other) and all(self.layout()[k] == other.layout()[k] for k in keys)
-
-    def with_shards(self, shards: list[Shard]) -> StreamPlan:
-        """This plan reading `shards` (same names and counts, possibly other URLs)."""
+    def from_layout(layout: dict, shards: list[Shard]) -> StreamPlan:
+        """The plan a checkpoint recorded, reading `shards` (whose fingerprint must match)."""
+        leftovers = [
+            [Segment(int(p), np.asarray(rows, dtype=np.int64).reshape(-1, 3), True) for p, rows in left]
+            for left in layout["leftovers"]
+        ]
         return StreamPlan(
             shards,
-            self.seed,
-            self.num_streams,
-            self.shuffle,
-            self.block_shards,
-            self.shuffle_buffer,
-            self.frontier,
-            self.leftovers,
+            int(layout["seed"]),
+            int(layout["num_streams"]),
+            bool(layout["shuffle"]),
+            int(layout["block_shards"]),
+            int(layout["shuffle_buffer"]),
+            str(layout["name"]),
+            int(layout["frontier"]),
+            leftovers,
         )

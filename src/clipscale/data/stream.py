@@ -1,15 +1,17 @@
-"""One stream: raw samples of a plan's stream from a position, then decoded batches.
+"""One stream: the samples a (rank, worker) stream reads from every source, and its batches.
 
-Each DataLoader worker runs one stream. Every batch carries the stream's position after its
-last sample (plus skip counts), so the training process always knows exactly how far every
-stream has been consumed, including samples that were skipped as corrupt.
+Each DataLoader worker runs one stream. For each of its micro-batches the mixture schedule says
+how many samples of each source it holds; the stream pulls that many usable samples from each
+source's plan (a corrupt one is skipped, counted, and replaced by the source's next sample). Every
+batch carries, per source, the stream's position after its last sample (plus skip counts), so
+the training process always knows exactly how far every stream has read every source.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -17,8 +19,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..errors import DataError
 from ..wds.schema import Skip
 from ..wds.tar import iter_raw_samples
-from .blocks import block_order
-from .plan import Item, StreamPlan, StreamPosition, ranges_indices, stable_hash
+from .mixture import MixtureSchedule
+from .plan import Item, StreamPlan, StreamPosition, stable_hash
 from .samples import SampleDecoder
 
 log = logging.getLogger(__name__)
@@ -27,36 +29,32 @@ log = logging.getLogger(__name__)
 class ItemReader:
     """Reads the samples an item includes from its shard, lazily, in tar order."""
 
-    def __init__(self, plan: StreamPlan, item: Item, on_error: Callable[[str, Exception], None]):
-        self.url = plan.shard(item).url
-        self.seq = item.seq
-        self.data_pass = plan.data_pass(item)
-        self._wanted = ranges_indices(plan.indices(item))
+    def __init__(self, plan: StreamPlan, data_pass: int, item: Item, on_error: Callable[[str, Exception], None]):
+        self.url = plan.shards[item.shard].url
+        self.shard, self.data_pass = item.shard, data_pass
+        self._wanted = item.indices()
+        self._next = 0  # position in _wanted
+        self._index = -1  # index of the last sample read from the tar
         self._samples: Iterator | None = None
-        self._index = -1
         self._on_error = on_error
-        self._failed = False
 
-    def _error(self, exn: Exception) -> None:
-        self._failed = True
-        self._on_error(self.url, exn)
-
-    def fetch(self) -> dict | None:
-        """The next wanted sample, or None when the shard ended early (truncated/unreadable)."""
-        want = next(self._wanted)
+    def next(self, keep: bool = True) -> dict | None:
+        """The next wanted sample (None when the shard ended early: truncated or unreadable)."""
+        want = int(self._wanted[self._next])
+        self._next += 1
         if self._samples is None:
-            self._samples = iter_raw_samples(self.url, self._error)
+            self._samples = iter_raw_samples(self.url, lambda exn: self._on_error(self.url, exn))
         while self._index < want:
             try:
                 sample = next(self._samples)
             except StopIteration:
                 return None
             self._index += 1
-            if self._index == want:
-                sample["__index__"] = want
-                sample["__seq__"] = self.seq
-                sample["__pass__"] = self.data_pass
-                return sample
+        if self._index != want:
+            return None
+        if keep:
+            sample.update(__index__=want, __shard__=self.shard, __pass__=self.data_pass)
+            return sample
         return None
 
     def close(self) -> None:
@@ -64,119 +62,175 @@ class ItemReader:
             self._samples.close()
 
 
-def iter_stream(
-    plan: StreamPlan, stream: int, cursor: int, offset: int, on_error: Callable[[str, Exception], None]
-) -> Iterator[tuple[dict | None, int, int]]:
-    """(raw sample or None, cursor after, offset after) for every sample of the stream from the
-    position (cursor, offset). Blocks before `cursor` are not read at all; the first `offset`
-    samples of the current block are read but not yielded (they were consumed before)."""
-    for block_start, items in plan.blocks(stream, cursor):
-        counts = [plan.item_len(it) for it in items]
-        total = sum(counts)
-        readers = [ItemReader(plan, it, on_error) for it in items]
-        try:
-            order = block_order(
-                counts,
-                plan.block_seed(items),
-                plan.shuffle_buffer,
-                plan.shuffle,
-                lambda i, readers=readers: readers[i].fetch(),
-            )
-            for consumed, sample in enumerate(order, start=1):
-                if consumed <= offset:
-                    continue
-                if consumed == total:
-                    yield sample, block_start + len(items), 0
-                else:
-                    yield sample, block_start, consumed
-        finally:
-            for r in readers:
-                r.close()
-        offset = 0
+def _after_block(plan: StreamPlan, stream: int, segment: int, block: int) -> StreamPosition:
+    """The position right after block `block` of `segment` (the next block, or the next segment)."""
+    _, blocks = plan.blocks(stream, segment)
+    return StreamPosition(segment, block + 1, 0) if block + 1 < len(blocks) else StreamPosition(segment + 1, 0, 0)
 
 
-class StreamDataset(IterableDataset):
-    """An infinite stream of batches for one rank; worker i serves stream slot (i + rotation) % W.
+def iter_source(
+    plan: StreamPlan, stream: int, start: StreamPosition, on_error: Callable[[str, Exception], None]
+) -> Iterator[tuple[dict | None, StreamPosition]]:
+    """(raw sample or None, position after it) for every sample of the stream's plan from `start`.
 
-    `rotation` makes a resumed DataLoader (whose worker 0 always answers first) continue with
-    the slot the interrupted run would have used next.
-    """
+    Blocks before the position are not opened; the samples of the current block that were
+    consumed before are read past (the tar is a stream) but not yielded."""
+    segment, block, offset = start.segment, start.block, start.offset
+    while True:
+        seg, blocks = plan.blocks(stream, segment)
+        for b in range(block, len(blocks)):
+            order = plan.block_order(stream, segment, b)
+            readers = [ItemReader(plan, seg.data_pass, item, on_error) for item in blocks[b]]
+            try:
+                first_chunk, skip = divmod(offset, order.buffer)
+                for r in range(first_chunk * order.buffer):
+                    readers[order.items[r]].next(keep=False)
+                for chunk in range(first_chunk, order.num_chunks):
+                    lo, hi = order.chunk_reads(chunk)
+                    got = [readers[i].next() for i in order.items[lo:hi]]
+                    perm = order.permutation(chunk)
+                    for k in range(skip if chunk == first_chunk else 0, hi - lo):
+                        done = lo + k + 1
+                        after = (
+                            StreamPosition(segment, b, done)
+                            if done < order.n
+                            else _after_block(plan, stream, segment, b)
+                        )
+                        yield got[perm[k]], after
+            finally:
+                for reader in readers:
+                    reader.close()
+            offset = 0
+        segment, block = segment + 1, 0
+
+
+class SourceStream:
+    """Usable samples of one source for one stream: decoded, skips counted, a give-up guard."""
 
     def __init__(
         self,
+        name: str,
         plan: StreamPlan,
-        rank: int,
-        workers_per_rank: int,
-        positions: dict[int, StreamPosition],
-        rotation: int,
+        stream: int,
+        start: StreamPosition,
         decoder: SampleDecoder,
-        tokenizer: Callable,
-        batch_size: int,
         seed: int,
-        max_errors_logged: int = 5,
+        max_errors_logged: int,
     ):
-        self.plan = plan
-        self.rank = rank
-        self.workers = max(1, workers_per_rank)
-        self.positions = positions
-        self.rotation = rotation
-        self.decoder = decoder
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.seed = seed
-        self.max_errors_logged = max_errors_logged
+        self.name, self.plan, self.stream, self.decoder, self.seed = name, plan, stream, decoder, seed
+        self.position = start
+        self.skipped = Counter(start.skipped)
+        self.logged, self.max_errors_logged = 0, max_errors_logged
+        self._samples = iter_source(plan, stream, start, self._on_error)
+        # a stream that reads this much without one usable sample has broken data (or settings)
+        self.give_up_samples = max(10_000, 2 * plan.total_samples // plan.num_streams)
+        self.give_up_blocks = 2 * len(plan.blocks(stream, len(plan.leftovers[stream]))[1]) + 10
 
-    def stream_id(self) -> int:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        return self.rank * self.workers + (worker + self.rotation) % self.workers
+    def _on_error(self, url: str, exn: Exception) -> None:
+        log.warning("shard %s ended early: %s: %s", url, type(exn).__name__, exn)
 
-    def __iter__(self):
-        stream = self.stream_id()
-        if get_worker_info() is not None:
-            torch.set_num_threads(1)  # workers decode; the training process owns the cores
-        pos = self.positions.get(stream) or StreamPosition()
-        skipped = Counter(pos.skipped)
-        logged = 0
-        # A stream that reads this many samples in a row without a usable one is broken data.
-        give_up = max(10_000, 2 * self.plan.total_samples)
-        bad_run = 0
-
-        def on_error(url: str, exn: Exception) -> None:
-            log.warning("shard %s ended early: %s: %s", url, type(exn).__name__, exn)
-
-        images, texts, keys, passes = [], [], [], []
-        for sample, cursor, offset in iter_stream(self.plan, stream, pos.cursor, pos.offset, on_error):
+    def take(self, n: int) -> list[tuple]:
+        """n usable samples: (image, caption, key, data pass)."""
+        out = []
+        bad_samples = bad_blocks = 0
+        while len(out) < n:
+            sample, after = next(self._samples)
+            if after.block != self.position.block or after.segment != self.position.segment:
+                bad_blocks += 1
+            self.position = after
             try:
                 if sample is None:
                     raise Skip("unreadable_shard")
-                image, text = self.decoder(
-                    sample, stable_hash("aug", self.seed, sample["__seq__"], sample["__index__"])
+                seed = stable_hash(
+                    "aug", self.seed, self.name, sample["__pass__"], sample["__shard__"], sample["__index__"]
                 )
+                image, text = self.decoder(sample, seed)
             except Skip as skip:
-                skipped[skip.reason] += 1
-                bad_run += 1
-                if logged < self.max_errors_logged and sample is not None:
-                    logged += 1
+                self.skipped[skip.reason] += 1
+                bad_samples += 1
+                if self.logged < self.max_errors_logged and sample is not None:
+                    self.logged += 1
                     log.warning("skipped sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), skip)
-                if bad_run >= give_up:
+                if bad_samples >= self.give_up_samples or bad_blocks >= self.give_up_blocks:
                     raise DataError(
-                        f"stream {stream}: {bad_run} samples in a row were unusable "
-                        f"({dict(skipped)}); check data.image_keys / data.caption_key"
+                        f"source {self.name!r}, stream {self.stream}: {bad_samples} samples in {bad_blocks} "
+                        f"blocks in a row were unusable ({dict(self.skipped)}); check the shards and "
+                        f"data.image_keys / data.caption_key"
                     ) from None
                 continue
-            bad_run = 0
-            images.append(image)
-            texts.append(text)
-            keys.append(sample["__key__"])
-            passes.append(sample["__pass__"])
-            if len(images) == self.batch_size:
-                yield {
-                    "images": self.decoder.collate(images),
-                    "texts": self.tokenizer(texts),
-                    "keys": keys,
-                    "passes": passes,
-                    "stream": stream,
-                    "position": StreamPosition(cursor, offset, dict(skipped)),
-                }
-                images, texts, keys, passes = [], [], [], []
+            bad_samples = bad_blocks = 0
+            out.append((image, text, sample["__key__"], sample["__pass__"]))
+        return out
+
+    def state(self) -> StreamPosition:
+        return StreamPosition(self.position.segment, self.position.block, self.position.offset, dict(self.skipped))
+
+
+class StreamDataset(IterableDataset):
+    """An infinite stream of batches for one rank. The rank's micro-batch j (counted from the
+    start of training: step x accum_steps + micro) is made by stream slot j % W; worker i of a
+    loader started at micro-batch `first_batch` serves slot (first_batch + i) % W, so a resumed
+    DataLoader (whose worker 0 always answers first) continues exactly where the other stopped."""
+
+    def __init__(
+        self,
+        sources: list[tuple[str, StreamPlan]],
+        schedule: MixtureSchedule,
+        rank: int,
+        world_size: int,
+        workers_per_rank: int,
+        accum_steps: int,
+        first_batch: int,
+        positions: dict[int, dict[str, StreamPosition]],
+        decoder: SampleDecoder,
+        tokenizer: Callable,
+        seed: int,
+        max_errors_logged: int = 5,
+    ):
+        self.sources, self.schedule = sources, schedule
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, workers_per_rank)
+        self.accum_steps, self.first_batch = accum_steps, first_batch
+        self.positions, self.decoder, self.tokenizer = positions, decoder, tokenizer
+        self.seed, self.max_errors_logged = seed, max_errors_logged
+
+    def slot(self) -> int:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        return (self.first_batch + worker) % self.workers
+
+    def __iter__(self):
+        slot = self.slot()
+        stream = self.rank * self.workers + slot
+        if get_worker_info() is not None:
+            torch.set_num_threads(1)  # workers decode; the training process owns the cores
+        saved = self.positions.get(stream, {})
+        readers = [
+            SourceStream(
+                name, plan, stream, saved.get(name) or StreamPosition(), self.decoder, self.seed, self.max_errors_logged
+            )
+            for name, plan in self.sources
+        ]
+        batch_index = self.first_batch + (slot - self.first_batch) % self.workers
+        while True:
+            step, micro = divmod(batch_index, self.accum_steps)
+            counts = self.schedule.micro_counts(step, micro * self.world_size + self.rank)
+            images, texts, keys, names, passes = [], [], [], [], []
+            for reader, count in zip(readers, counts):
+                for image, text, key, data_pass in reader.take(count):
+                    images.append(image)
+                    texts.append(text)
+                    keys.append(key)
+                    names.append(reader.name)
+                    passes.append(data_pass)
+            yield {
+                "images": self.decoder.collate(images),
+                "texts": self.tokenizer(texts),
+                "keys": keys,
+                "sources": names,
+                "passes": passes,
+                "counts": list(counts),
+                "stream": stream,
+                "batch_index": batch_index,
+                "positions": {r.name: r.state() for r in readers},
+            }
+            batch_index += self.workers
