@@ -134,8 +134,8 @@ def test_sources_and_overrides_of_list_items():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["data.sources.0.weight=0"], "'data.sources.0.weight' must be > 0, got 0.0"),
-        (["data.sources.1.weight=-1"], "'data.sources.1.weight' must be > 0"),
+        (["data.sources.0.weight=0"], "'data.sources.0.weight' must be a finite number > 0, got 0.0"),
+        (["data.sources.1.weight=-1"], "'data.sources.1.weight' must be a finite number > 0"),
         (["data.sources.1.name=laion"], "the name 'laion' is used twice in data.sources"),
         (["data.sources.1.weight=null", "data.sources.1.repeat=2"], "mixes weights (laion) and repeats (cc12m)"),
         (["data.sources.1.weight=null"], "cc12m has no weight while others have one"),

@@ -58,7 +58,7 @@ def test_every_stream_draws_every_source_at_its_weight(weights, batch, world, ac
                 d[k] += c
         if (step + 1) % (workers * world) == 0 and len(draws) == world * workers:
             for k in range(len(weights)):
-                assert max(d[k] for d in draws.values()) - min(d[k] for d in draws.values()) <= 3, (step, k)
+                assert max(d[k] for d in draws.values()) - min(d[k] for d in draws.values()) <= 6, (step, k)
 
 
 def test_a_schedule_continues_exactly_from_a_saved_state():
@@ -77,3 +77,37 @@ def test_weights_are_normalised_and_tiny_weights_still_get_samples():
     sched = MixtureSchedule([1e-6, 1.0], 100)
     small = sum(sched.batch_counts(t)[0] for t in range(20_000))
     assert math.isclose(small, 20_000 * 100 * 1e-6 / (1 + 1e-6), abs_tol=2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_mixtures_keep_batches_streams_and_totals_exact(seed):
+    """Random weights (also tiny ones), micro-batch sizes, ranks, accumulation and workers: every
+    batch floor/ceil, every micro-batch sums to b, and after 600 batches each source's total and
+    each stream's draws are within a few samples of the weights."""
+    rng = random.Random(seed)
+    for _ in range(25):
+        k = rng.randint(1, 5)
+        weights = [rng.random() + 0.01 for _ in range(k)]
+        if rng.random() < 0.3:
+            weights[0] *= 0.01
+        b, world, accum, workers = (
+            rng.randint(1, 40),
+            rng.choice([1, 2, 3, 4, 8]),
+            rng.choice([1, 2, 3]),
+            rng.randint(1, 4),
+        )
+        sched = MixtureSchedule(weights, b, world, accum, workers)
+        share = [w / sum(weights) for w in weights]
+        batch = b * world * accum
+        totals, draws, made = [0] * k, {}, {}
+        for step in range(600):
+            counts = sched.batch_counts(step)
+            assert all(abs(c - s * batch) < 1 for c, s in zip(counts, share)), (weights, b, world, accum, workers)
+            for micro, stream in enumerate(sched.stream_of_micro(step).tolist()):
+                row = sched.micro_counts(step, micro)
+                assert sum(row) == b
+                draws[stream] = [d + c for d, c in zip(draws.get(stream, [0] * k), row)]
+                made[stream] = made.get(stream, 0) + 1
+            totals = [t + c for t, c in zip(totals, counts)]
+        assert max(abs(t - s * batch * 600) for t, s in zip(totals, share)) <= 2
+        assert max(abs(d[i] - made[st] * b * share[i]) for st, d in draws.items() for i in range(k)) <= 4

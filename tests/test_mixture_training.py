@@ -228,3 +228,18 @@ def test_data_plan_prints_each_source_without_training(tmp_path, two_sources):
     json_out = run_cli("data", "plan", sources_override(two_sources, {"a": 0.75, "b": 0.25}), "--json").stdout
     plan = json.loads(json_out)
     assert [s["name"] for s in plan["sources"]] == ["a", "b"] and plan["sources"][0]["samples"] == 40
+
+
+@pytest.mark.slow
+def test_weights_that_do_not_divide_the_batch_hold_to_one_sample(tmp_path, two_sources):
+    """0.7 / 0.3 of a global batch of 8 is 5.6 / 2.4: every batch has 5 or 6 and 2 or 3, and the
+    totals follow the weights."""
+    mix_run(2, tmp_path, two_sources, weights={"a": 0.7, "b": 0.3}, steps=30)
+    recs = records(tmp_path)
+    totals = Counter()
+    for step in range(1, 31):
+        counts = Counter(s for st, _, s, _, _ in recs if st == step)
+        assert counts["a"] in (5, 6) and counts["b"] in (2, 3) and sum(counts.values()) == 8, (step, counts)
+        totals.update(counts)
+    assert abs(totals["a"] - 0.7 * 240) <= 2 and abs(totals["b"] - 0.3 * 240) <= 2
+    check_without_replacement(recs, two_sources, streams=4)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -555,7 +557,7 @@ def validate_sources(data: DataConfig) -> None:
     for i, src in enumerate(data.sources):
         where = f"data.sources.{i}"
         _require(
-            bool(src.name) and src.name.replace("-", "_").replace(".", "_").isidentifier(),
+            re.fullmatch(r"[A-Za-z0-9_.-]+", src.name) is not None,
             f"'{where}.name' must be a name of letters, digits, '_', '-' or '.'; got {src.name!r}",
         )
         _require(names.count(src.name) == 1, f"'{where}.name': the name {src.name!r} is used twice in data.sources")
@@ -564,8 +566,14 @@ def validate_sources(data: DataConfig) -> None:
             src.weight is None or src.repeat is None,
             f"'{where}' sets both weight and repeat; a source is mixed by one of them",
         )
-        _require(src.weight is None or src.weight > 0, f"'{where}.weight' must be > 0, got {src.weight}")
-        _require(src.repeat is None or src.repeat > 0, f"'{where}.repeat' must be > 0, got {src.repeat}")
+        _require(
+            src.weight is None or (math.isfinite(src.weight) and src.weight > 0),
+            f"'{where}.weight' must be a finite number > 0, got {src.weight}",
+        )
+        _require(
+            src.repeat is None or (math.isfinite(src.repeat) and src.repeat > 0),
+            f"'{where}.repeat' must be a finite number > 0, got {src.repeat}",
+        )
     weighted = [s.name for s in data.sources if s.weight is not None]
     repeated = [s.name for s in data.sources if s.repeat is not None]
     _require(

@@ -143,6 +143,7 @@ class TrainData:
         current = {s.name for s in self.sources}
         for gone in sorted(set(state["sources"]) - current):
             log.warning("data source %r of the checkpoint is not in this run's data.sources: it is left out", gone)
+            self._retire([by_source[gone] for by_source in saved_streams.values() if gone in by_source])
         for source in self.sources:
             layout = state["sources"].get(source.name)
             if layout is None:
@@ -165,14 +166,13 @@ class TrainData:
                 "counts); it restarts from its beginning",
                 source.name,
             )
+            self._retire(old.values())
             return fresh, {}
         saved = StreamPlan.from_layout(layout, fresh.shards)
         if saved.settings() == fresh.settings():
             return saved, old
         plan = relayout(saved, old, fresh)
-        skipped = _sum_skipped(old.values())
-        for reason, n in skipped.items():
-            self.skipped_before[reason] = self.skipped_before.get(reason, 0) + n
+        self._retire(old.values())
         log.warning(
             "data source %r: resuming on another data layout (%d streams -> %d = world size x workers, or "
             "other seed/shuffle settings): the %d samples not yet read in its started data passes are "
@@ -185,8 +185,9 @@ class TrainData:
         return plan, {}
 
     def _schedule_origin(self, saved: dict) -> ScheduleState:
-        """Where the mixture schedule continues: the saved state when nothing changed, else a new
-        schedule from this step (the samples each source delivered carried over by name)."""
+        """Where the mixture schedule continues: the saved state when nothing changed; else a new
+        schedule from this step, with the samples each source delivered carried over by name (and
+        their credits, when the weights are the same)."""
         names = [s.name for s in self.sources]
         units = weight_units([s.weight for s in self.sources])
         now = {
@@ -197,23 +198,33 @@ class TrainData:
             "num_streams": self.num_streams,
         }
         state = ScheduleState.from_state(saved["state"]) if "state" in saved else None
-        if state is not None and all(saved.get(k) == v for k, v in now.items()) and state.step == self.step:
+        if state is None:
+            return ScheduleState(self.step, [0] * len(names))
+        if all(saved.get(k) == v for k, v in now.items()) and state.step == self.step:
             return state
-        delivered = dict(zip(saved.get("names", []), state.delivered)) if state is not None else {}
-        if saved:
+        same_mixture = saved.get("names") == names and saved.get("units") == units
+        if not same_mixture:
             old = dict(zip(saved.get("names", []), saved.get("units", [])))
+            total_old = sum(old.values()) or 1
             log.warning(
-                "the data mixture changed since the checkpoint (sources, weights, global batch or "
-                "micro-batches): from step %d, %s",
+                "the data mixture changed since the checkpoint: from step %d, %s",
                 self.step,
                 ", ".join(
-                    f"{n} {u / sum(units):.4f} (was {old[n] / sum(old.values()):.4f})"
+                    f"{n} {u / sum(units):.4f} (was {old[n] / total_old:.4f})"
                     if n in old
                     else f"{n} {u / sum(units):.4f} (new)"
                     for n, u in zip(names, units)
                 ),
             )
-        return ScheduleState(self.step, [delivered.get(n, 0) for n in names])
+        delivered = dict(zip(saved.get("names", []), state.delivered))
+        credits = state.credits if same_mixture else []
+        return ScheduleState(self.step, [delivered.get(n, 0) for n in names], credits)
+
+    def _retire(self, positions) -> None:
+        """Keep the skip counts of stream positions that will not be continued (skipped_samples
+        counts every skip of the run, and never goes backwards)."""
+        for reason, n in _sum_skipped(positions).items():
+            self.skipped_before[reason] = self.skipped_before.get(reason, 0) + n
 
     # ------------------------------------------------------------------ batches
     def next(self) -> tuple[dict, float]:

@@ -184,7 +184,9 @@ class StreamPlan:
         items: list[Item] = []
         rows = seg.rows
         if len(rows):
-            breaks = np.flatnonzero(rows[1:, 0] != rows[:-1, 0]) + 1  # consecutive rows of one shard: one item
+            # consecutive rows of one shard, in increasing sample order, make one item (a shard is a stream:
+            # a range before the one just read starts a new item)
+            breaks = np.flatnonzero((rows[1:, 0] != rows[:-1, 0]) | (rows[1:, 1] < rows[:-1, 2])) + 1
             for part in np.split(rows, breaks):
                 items.append(Item(int(part[0, 0]), part[:, 1:]))
         blocks = [items[i : i + self.block_shards] for i in range(0, len(items), self.block_shards)]

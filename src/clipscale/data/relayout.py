@@ -62,11 +62,16 @@ def _rest_of_segment(plan: StreamPlan, stream: int, pos: StreamPosition) -> np.n
 def unconsumed(plan: StreamPlan, positions: dict[int, StreamPosition]) -> tuple[dict[int, list[np.ndarray]], int]:
     """Per data pass, the rows no stream has consumed below the new frontier; and that frontier
     (the first regular pass no stream had started)."""
-    started = []
+    started = []  # per stream: the last regular pass it has read anything of (-1: none)
     for s in range(plan.num_streams):
         pos = positions.get(s) or StreamPosition()
         seg = plan.segment(s, pos.segment)
-        started.append(seg.data_pass if not seg.leftover and (pos.block or pos.offset) else -1)
+        if seg.leftover:
+            started.append(-1)
+        elif pos.block or pos.offset:
+            started.append(seg.data_pass)
+        else:  # at the start of a pass: it finished the one before, if that was a regular pass too
+            started.append(seg.data_pass - 1 if pos.segment > len(plan.leftovers[s]) else -1)
     frontier = max(plan.frontier, max(started) + 1)
     by_pass: dict[int, list[np.ndarray]] = {}
     for s in range(plan.num_streams):
