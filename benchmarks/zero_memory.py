@@ -1,4 +1,4 @@
-"""Per-rank peak memory of the same model under DDP and DeepSpeed ZeRO 1/2/3.
+"""Per-rank peak memory of the same model under DDP, FSDP2 and DeepSpeed ZeRO 0/1/2/3.
 
 Each engine runs a few real training steps (forward, gathered loss, backward, AdamW step) in a
 fresh `torchrun` job of --nproc processes on random images and captions; every rank reports
@@ -23,7 +23,7 @@ import tempfile
 import time
 
 GIB = 1024**3
-ENGINES = ["ddp", "zero0", "zero1", "zero2", "zero3"]
+ENGINES = ["ddp", "fsdp2", "zero0", "zero1", "zero2", "zero3"]
 
 
 def release_freed_memory() -> None:
@@ -84,7 +84,9 @@ def child(args) -> None:
         f"model.precision={args.precision}",
         f"model.grad_checkpointing={str(args.grad_checkpointing).lower()}",
     ]
-    if engine_name != "ddp":
+    if engine_name == "fsdp2":
+        overrides.append("engine.name=fsdp2")
+    elif engine_name != "ddp":
         stage = engine_name[-1]
         overrides += ["engine.name=deepspeed", f"engine.zero_stage={stage}"]
         if args.bundled_ds_configs and stage != "0":

@@ -15,7 +15,7 @@ def make(loss_name, impl, grad_ckpt, world, rank=0):
     from clipscale.engine import build_engine
     from clipscale.loss import build_loss
     from clipscale.model import create_model
-    from clipscale.train import seed_everything
+    from clipscale.state import seed_everything
 
     cfg = load_config(
         None,
@@ -93,3 +93,58 @@ def test_accumulated_gradients_equal_whole_batch(loss_name, impl, grad_ckpt):
         for r in results:  # DDP averaged: every rank holds the same gradient
             err = (r["grads"][name] - g_ref).norm() / g_ref.norm().clamp_min(1e-12)
             assert err < 1e-4, f"{name}: relative error {err:.2e}"
+
+
+def test_feature_cache_replays_the_rng_so_random_layers_get_whole_batch_gradients(tmp_path):
+    """With patch dropout (random patches per forward) the re-encode of each micro-batch draws what
+    its cached encode drew: the gradients are those of the loss computed over the cached features."""
+    import json
+
+    from clipscale.config import load_config
+    from clipscale.distributed import DistEnv
+    from clipscale.engine import build_engine
+    from clipscale.grad_cache import forward_backward
+    from clipscale.loss import build_loss
+    from clipscale.model import create_model
+    from clipscale.state import seed_everything
+
+    spec = json.loads((__import__("clipscale.model", fromlist=["x"]).BUNDLED_CONFIGS / "clip-tiny.json").read_text())
+    spec["vision_cfg"]["patch_dropout"] = 0.5
+    (tmp_path / "clip-tiny-dropout.json").write_text(json.dumps(spec))
+    cfg = load_config(
+        None,
+        [
+            "model.name=clip-tiny-dropout",
+            f"model.config_dirs=[{tmp_path}]",
+            "model.precision=fp32",
+            f"optim.accum_steps={K}",
+        ],
+    )
+    env = DistEnv(0, 1, 0, torch.device("cpu"), None, "test")
+
+    def fresh():
+        seed_everything(0)
+        engine = build_engine(cfg, create_model(cfg.model, cfg.loss.name).model, env)
+        engine.module.train()
+        return engine
+
+    engine = fresh()
+    images, tokens = whole_batch(create_model(cfg.model, cfg.loss.name).tokenizer)
+    micro = [{"images": images[j * B : (j + 1) * B], "texts": tokens[j * B : (j + 1) * B]} for j in range(K)]
+    torch.manual_seed(123)
+    forward_backward(engine, build_loss(cfg), micro)
+    cached = grads_of(engine.module)
+    # reference: each micro-batch encoded once, in the same order from the same RNG, with grad
+    ref_engine = fresh()
+    torch.manual_seed(123)
+    outs = [ref_engine.forward(mb["images"], mb["texts"]) for mb in micro]
+    loss = build_loss(cfg)(
+        torch.cat([o["image_features"] for o in outs]),
+        torch.cat([o["text_features"] for o in outs]),
+        outs[-1]["logit_scale"],
+    )
+    loss.backward()
+    reference = grads_of(ref_engine.module)
+    for name, g_ref in reference.items():
+        err = (cached[name] - g_ref).norm() / g_ref.norm().clamp_min(1e-12)
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"

@@ -227,7 +227,7 @@ def test_non_finite_step_is_skipped_and_weights_untouched(tmp_path, toy_shards, 
         trainer.loss_fn = NaNOnCalls(trainer.loss_fn, {1})
         trainer.cfg.train.steps = 2
         trainer.fit()
-        assert trainer.nonfinite_total == 1
+        assert trainer.progress.nonfinite_total == 1
         for k, v in trainer.engine.module.state_dict().items():
             assert torch.equal(v, before[k]), k
     finally:

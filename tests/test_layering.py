@@ -21,6 +21,7 @@ LAYERS = [
         {
             "engine",
             "grad_cache",
+            "state",
             "loss",
             "model",
             "data",

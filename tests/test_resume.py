@@ -168,7 +168,7 @@ def test_nan_steps_are_skipped_counted_then_abort(tmp_path, toy_shards):
     trainer = Trainer(tiny_config(tmp_path / "a", toy_shards, train__steps=6, train__max_nonfinite_steps=3), env)
     trainer.loss_fn = NaNOnCalls(trainer.loss_fn, {2, 3})
     summary = trainer.fit()
-    assert summary["step"] == 6 and trainer.nonfinite_total == 2
+    assert summary["step"] == 6 and trainer.progress.nonfinite_total == 2
     records = {r["step"]: r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")}
     assert records[6]["skipped_steps"] == 2 and records[3]["loss"] == "nan"
     trainer2 = Trainer(tiny_config(tmp_path / "b", toy_shards, train__steps=8, train__max_nonfinite_steps=3), env)

@@ -1,15 +1,19 @@
-"""Checkpoints on disk: atomic, checksummed, retained, found again after any crash.
+"""Checkpoints on disk: when to save, atomic writes, checksums, retention, and resuming.
 
 Layout of a run directory:
-    checkpoints/step_00001000.pt          one checkpoint per saved step (a file for DDP, a folder
-                                          for DeepSpeed), open_clip layout under "state_dict"
+    checkpoints/step_00001000.pt          one checkpoint per saved step (a file for DDP, a folder for
+                                          FSDP2 and DeepSpeed: engine/formats.py says what is inside)
     checkpoints/step_00001000.pt.sha256   sha256 of every file of that checkpoint (JSON)
     checkpoints/latest                    the name of the newest complete checkpoint
+    checkpoints/abandoned/                checkpoints after the one a run resumed from (a rollback)
 
-Saving: write under a temporary name (fsync), write the checksums, rename into place, then move
-`latest`. A kill at any moment leaves the previous checkpoint intact and pointed at. Loading
-(`resume: auto`): the checkpoint `latest` names, else the newest; one whose checksum does not
-match is skipped with a warning in favour of the one before it.
+Saving: write under a temporary name (every file fsync'ed), write the checksums, rename into
+place, then move `latest`; retention removes the oldest beyond `keep_last`, never the one just
+written. A kill at any moment leaves the previous checkpoint intact and pointed at. Loading
+(`resume: auto`): the checkpoint `latest` names, else the newest; one that is damaged or fails to
+load is skipped with a warning in favour of the one before it. Resuming from a checkpoint older
+than the newest (a rollback) moves the later ones to `abandoned/`: they belong to a future this
+run will not have, and must neither be resumed from nor count against `keep_last`.
 """
 
 from __future__ import annotations
@@ -17,17 +21,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
-from .distributed import barrier
-from .errors import CheckpointError
+from .config import CheckpointConfig
+from .distributed import all_gather_object, barrier, broadcast_object
+from .errors import CheckpointError, CheckpointMismatch
 from .fsutil import atomic_write_bytes, fsync_dir, remove_path, sha256_file, temp_path
 
 log = logging.getLogger(__name__)
@@ -79,38 +83,6 @@ def checksum_problem(checkpoint: Path) -> str | None:
         if actual.get(rel) != digest:
             return f"sha256 mismatch ({rel or checkpoint.name})" if rel in actual else f"missing file {rel}"
     return None
-
-
-# --------------------------------------------------------------------------- RNG state
-
-
-def rng_state() -> dict:
-    """Every RNG of this process, as plain tensors/ints (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [
-            np_state[0],
-            torch.from_numpy(np_state[1].astype(np.int64)),
-            int(np_state[2]),
-            int(np_state[3]),
-            float(np_state[4]),
-        ],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------- compatibility
@@ -170,9 +142,10 @@ def incompatibility(
 class CheckpointManager:
     """Save/find checkpoints of one run directory. Only the main rank touches the files."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 3, is_main: bool = True):
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig | None = None, is_main: bool = True):
         self.dir = Path(run_dir) / "checkpoints"
-        self.keep_last = keep_last
+        self.cfg = cfg or CheckpointConfig()
+        self.keep_last = self.cfg.keep_last
         self.is_main = is_main
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
@@ -182,6 +155,16 @@ class CheckpointManager:
     def path_for(self, step: int, suffix: str = ".pt") -> Path:
         """Where the checkpoint of `step` lives (once published)."""
         return self.dir / checkpoint_name(step, suffix)
+
+    # ---------------------------------------------------------------- when
+    def due(self, step: int, total: int) -> bool:
+        """A checkpoint after this step, during the run (every checkpoint.every_n_steps)."""
+        return step % self.cfg.every_n_steps == 0 and step < total
+
+    def due_at_end(self, step: int, last_saved: int, preempted: bool) -> bool:
+        """A checkpoint as the run stops: always when preempted, else the final one (save_final),
+        unless this step was just saved."""
+        return preempted or (self.cfg.save_final and last_saved != step)
 
     # ---------------------------------------------------------------- writing
     def save(self, step: int, write: Callable[[Path], None], suffix: str = ".pt") -> Path:
@@ -229,12 +212,14 @@ class CheckpointManager:
             raise CheckpointError(f"background checkpoint save failed: {type(exn).__name__}: {exn}")
 
     def _publish(self, tmp: Path, final: Path) -> None:
+        if tmp.is_dir():  # DeepSpeed / DCP wrote the files: make them durable before the rename
+            fsync_tree(tmp)
         atomic_write_bytes(checksum_path(final), (json.dumps(checksums(tmp), indent=1) + "\n").encode())
         remove_path(final)
         os.replace(tmp, final)
         fsync_dir(self.dir)
         atomic_write_bytes(self.dir / LATEST, (final.name + "\n").encode())
-        self._retain()
+        self._retain(keep=final)
 
     def all_checkpoints(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -242,10 +227,12 @@ class CheckpointManager:
         found = [p for p in self.dir.iterdir() if NAME_RE.match(p.name)]
         return sorted(found, key=step_of)
 
-    def _retain(self) -> None:
+    def _retain(self, keep: Path) -> None:
+        """Remove the oldest checkpoints beyond keep_last, never `keep` (the one just written)."""
         if self.keep_last <= 0:
             return
-        for old in self.all_checkpoints()[: -self.keep_last]:
+        others = [p for p in self.all_checkpoints() if p != keep]
+        for old in others[: max(0, len(others) - (self.keep_last - 1))]:
             try:
                 remove_path(old)
                 remove_path(checksum_path(old))
@@ -295,6 +282,103 @@ class CheckpointManager:
         if problem:
             raise CheckpointError(f"checkpoint.resume: {path} is damaged ({problem})")
         return path
+
+    # ---------------------------------------------------------------- resuming
+    def resume_candidates(self, resume: str) -> tuple[list[Path], bool]:
+        """(checkpoints to try in order, whether `resume` named one explicitly). Damaged ones are left
+        out of resume=auto with a warning; an explicit damaged one is an error."""
+        if resume in ("", "none", None):
+            return [], False
+        if resume == "auto":
+            good = []
+            for path in self.candidates():
+                problem = checksum_problem(path)
+                if problem is None:
+                    good.append(path)
+                else:
+                    log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path.name, problem)
+            return good, False
+        return [self.resolve(resume)], True
+
+    def load(self, engine, resume: str) -> tuple[Path, dict] | None:
+        """Collective: restore the engine from the checkpoint `resume` says (none | auto | a path) and
+        return (its path, its train state), or None to start fresh. Under resume=auto a checkpoint
+        that fails to load is skipped for the one before it, on every rank alike."""
+        candidates, explicit = self.resume_candidates(resume) if self.is_main else ([], False)
+        candidates, explicit = broadcast_object(([str(p) for p in candidates], explicit))
+        for i, name in enumerate(candidates):
+            path = Path(name)
+            try:
+                train_state, error = engine.load(path), None
+            except CheckpointMismatch as exn:  # another model: no older checkpoint is better
+                train_state, error = None, ("mismatch", str(exn))
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exn:  # noqa: BLE001 - any failure to load means: not this checkpoint
+                train_state, error = (
+                    None,
+                    ("failed", f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}"),
+                )
+            reports = [e for e in all_gather_object(error) if e]
+            mismatch = [text for kind, text in reports if kind == "mismatch"]
+            if mismatch:
+                raise CheckpointMismatch(mismatch[0])
+            errors = [text for _, text in reports]
+            if not errors:
+                if self.is_main:
+                    self.abandon_after(path)
+                return path, train_state
+            if explicit:
+                raise CheckpointError(f"checkpoint.resume: cannot load {path}: {errors[0]}"[:600])
+            log.warning(
+                "checkpoint %s could not be loaded (%s)%s",
+                path.name,
+                errors[0][:300],
+                "; falling back to the previous one" if i + 1 < len(candidates) else "",
+            )
+        if candidates:
+            raise CheckpointError(
+                f"none of the {len(candidates)} checkpoint(s) in {self.dir} could be loaded; "
+                f"set checkpoint.resume=none to start over (the old ones stay)"
+            )
+        return None
+
+    def abandon_after(self, resumed: Path) -> None:
+        """Move the checkpoints after `resumed` to checkpoints/abandoned/ (a rollback): `latest` and
+        retention then only see the checkpoints of this run's history."""
+        if resumed.parent.resolve() != self.dir.resolve():
+            return  # resumed from another run's checkpoint
+        later = [p for p in self.all_checkpoints() if step_of(p) > step_of(resumed)]
+        if not later:
+            return
+        aside = self.dir / "abandoned"
+        aside.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path in later:
+            for item in (path, checksum_path(path)):
+                if item.exists():
+                    os.replace(item, aside / f"{item.name}.{stamp}")
+        atomic_write_bytes(self.dir / LATEST, (resumed.name + "\n").encode())
+        log.warning(
+            "resumed from %s, older than the newest checkpoint: moved %d later checkpoint(s) (%s) to %s",
+            resumed.name,
+            len(later),
+            ", ".join(p.name for p in later),
+            aside,
+        )
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (files another library wrote)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        fsync_dir(path)
 
 
 def load_checkpoint_file(path: Path) -> dict:

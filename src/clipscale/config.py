@@ -144,8 +144,9 @@ class LossConfig:
 
 @dataclass
 class EngineConfig:
-    name: Literal["ddp", "deepspeed"] = "ddp"
-    """ddp (DistributedDataParallel; plain model on one process) or deepspeed (ZeRO 0-3)."""
+    name: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"
+    """ddp (DistributedDataParallel; plain model on one process), fsdp2 (torch's fully_shard per transformer
+    block: parameters, gradients and optimizer state sharded) or deepspeed (ZeRO 0-3)."""
     zero_stage: int | None = None
     """ZeRO stage 0-3 (default: the deepspeed_config file's zero_optimization.stage, else 2)."""
     deepspeed_config: Any = None
@@ -532,8 +533,12 @@ def validate(cfg: Config) -> None:
         "'model.compile' is not supported with engine.name=deepspeed yet; use engine.name=ddp or model.compile=false",
     )
     _require(
-        not (cfg.checkpoint.async_save and cfg.engine.name == "deepspeed"),
-        "'checkpoint.async' is not supported with engine.name=deepspeed (its checkpoints are written by "
+        not (cfg.engine.name == "fsdp2" and cfg.model.precision == "fp16"),
+        "'model.precision=fp16' is not supported with engine.name=fsdp2 (no sharded loss scaling); use bf16",
+    )
+    _require(
+        not (cfg.checkpoint.async_save and cfg.engine.name != "ddp"),
+        f"'checkpoint.async' is not supported with engine.name={cfg.engine.name} (its checkpoints are written by "
         "every rank together); set checkpoint.async=false",
     )
     _require(cfg.checkpoint.every_n_steps >= 1, "'checkpoint.every_n_steps' must be >= 1")

@@ -25,6 +25,10 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used (missing, corrupt, or from another model)."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint of another model or setting (resuming an older one would not help)."""
+
+
 def run_command(command: Callable[[], int]) -> int:
     """The exit code of `command()`; a UserError is one line on stderr and code 2, Ctrl-C code 130."""
     try:

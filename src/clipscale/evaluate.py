@@ -412,7 +412,7 @@ def model_from_checkpoint(checkpoint: str, model_name: str | None, device: torch
     """(ModelBundle with the checkpoint's weights, info) for a clipscale or open_clip-format checkpoint."""
     from .config import ModelConfig
     from .export import consolidated_weights
-    from .model import create_model
+    from .model import create_model, fit_scalar_shapes
 
     state, info = consolidated_weights(checkpoint)
     name = model_name or info["model_name"]
@@ -420,7 +420,9 @@ def model_from_checkpoint(checkpoint: str, model_name: str | None, device: torch
         raise EvalDataError(f"{checkpoint} does not say which model it holds: pass --model NAME")
     bundle = create_model(ModelConfig(name=name), device=device)
     try:
-        bundle.model.load_state_dict(state)
+        bundle.model.load_state_dict(
+            fit_scalar_shapes(state, {k: v.shape for k, v in bundle.model.state_dict().items()})
+        )
     except RuntimeError as exn:
         lines = [line.strip() for line in str(exn).splitlines() if line.strip()]
         raise EvalDataError(

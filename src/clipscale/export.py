@@ -15,10 +15,11 @@ import torch
 
 from .checkpoint import CheckpointManager, checksum_problem, load_checkpoint_file
 from .engine.ds_checkpoint import DS_TAG, deepspeed_model_states
+from .engine.formats import checkpoint_format, read_dcp_full, read_train_state
 from .errors import CheckpointError
 from .fsutil import atomic_write
-
-OPEN_CLIP_SCALARS = ("logit_scale", "logit_bias")  # 0-d in open_clip; 1-d while DeepSpeed trains
+from .model import to_open_clip_layout
+from .state import from_legacy
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -41,35 +42,19 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def _deepspeed_state_dict(folder: Path) -> tuple[dict, dict]:
     meta = deepspeed_model_states(folder)
-    extra = meta.get("clipscale") or {}
+    train_state = meta.get("train_state") or from_legacy(meta.get("clipscale") or {})
     if any((folder / DS_TAG).glob("*optim_states.pt")) and meta.get("zero_stage", 0) >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
     else:  # ZeRO-0: the model-states file has the whole module
         state = meta["module"]
-    return dict(state), extra
-
-
-def to_open_clip(state: dict) -> dict:
-    """fp32 CPU tensors, no wrapper prefixes, open_clip's 0-d temperature/bias."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        value = value.detach().to("cpu")
-        if value.is_floating_point():
-            value = value.float()
-        if key in OPEN_CLIP_SCALARS and value.numel() == 1:
-            value = value.reshape(())
-        out[key] = value.contiguous()
-    return out
+    return dict(state), train_state
 
 
 def consolidated_weights(checkpoint: str | Path) -> tuple[dict, dict]:
     """(open_clip state_dict, info {model_name, step, source}) of a clipscale checkpoint (DDP file,
-    DeepSpeed folder, run directory) or of an open_clip-format file (a bare state_dict, or
+    FSDP2 or DeepSpeed folder, run directory) or of an open_clip-format file (a bare state_dict, or
     open_clip_train's {"state_dict": ...}; these carry no model name)."""
     source = find_checkpoint(checkpoint)
     if source.is_file():
@@ -77,11 +62,15 @@ def consolidated_weights(checkpoint: str | Path) -> tuple[dict, dict]:
             full = load_checkpoint_file(source)
         except CheckpointError:
             full = {"state_dict": _bare_state_dict(source)}
-        state, extra = full["state_dict"], full
+        state, train_state = full["state_dict"], full.get("train_state") or from_legacy(full)
+    elif checkpoint_format(source) == "fsdp2":
+        state, train_state = read_dcp_full(source)["model"], read_train_state(source)
     else:
-        state, extra = _deepspeed_state_dict(source)
-    model_name: str | None = extra.get("model_name") or (extra.get("config") or {}).get("model", {}).get("name")
-    return to_open_clip(state), {"model_name": model_name, "step": extra.get("step"), "source": str(source)}
+        state, train_state = _deepspeed_state_dict(source)
+    meta = train_state.get("meta") or {}
+    model_name: str | None = meta.get("model_name") or (meta.get("config") or {}).get("model", {}).get("name")
+    step = (train_state.get("progress") or {}).get("step")
+    return to_open_clip_layout(state), {"model_name": model_name, "step": step, "source": str(source)}
 
 
 def _bare_state_dict(path: Path) -> dict:

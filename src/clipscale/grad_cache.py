@@ -6,7 +6,8 @@ GradCache scheme:
   1. encode all K micro-batches without grad and keep their features;
   2. compute the loss once over all cached features (gathered across ranks) and back-propagate
      to the features (and to the temperature / bias) only;
-  3. re-encode each micro-batch with grad and back-propagate the cached feature gradients
+  3. re-encode each micro-batch with grad (replaying its RNG, so dropout draws the masks of step 1)
+     and back-propagate the cached feature gradients
      through the towers (DDP no_sync on all but the last, which also carries the temperature's
      gradient so every parameter takes part in the synchronised backward).
 Gradients equal those of one process computing the whole batch at once.
@@ -53,11 +54,13 @@ def _cached_forward_backward(engine: Engine, loss_fn, micro_batches: list[dict])
     inputs = [
         (mb["images"].to(device, non_blocking=True), mb["texts"].to(device, non_blocking=True)) for mb in micro_batches
     ]
-    # 1. cache features without building graphs
+    # 1. cache features without building graphs (and the RNG state each micro-batch started from)
     cached: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURES}
     scalars: dict[str, torch.Tensor] = {}
+    rng = []
     with torch.no_grad():
         for images, texts in inputs:
+            rng.append(RNGState(device))
             out = engine.forward(images, texts)
             for k in FEATURES:
                 cached[k].append(out[k].float())
@@ -70,10 +73,14 @@ def _cached_forward_backward(engine: Engine, loss_fn, micro_batches: list[dict])
     loss.backward()
     grads = {k: v.grad for k, v in leaves.items()}
     feature_grads = {k: torch.split(grads[k], sizes) for k in FEATURES}
-    # 3. re-encode with grad and push the cached gradients through the towers
+    # 3. re-encode with grad, replaying each micro-batch's RNG (dropout draws the same masks as in
+    #    step 1, so the gradients are those of the loss computed there), and push the cached
+    #    gradients through the towers
     last = len(inputs) - 1
+    after = RNGState(device)
     for j, (images, texts) in enumerate(inputs):
         sync = j == last
+        rng[j].restore()
         with engine.no_sync() if not sync else contextlib.nullcontext():
             out = engine.forward(images, texts)
             surrogate = sum((out[k].float() * feature_grads[k][j]).sum() for k in FEATURES)
@@ -82,4 +89,18 @@ def _cached_forward_backward(engine: Engine, loss_fn, micro_batches: list[dict])
                 weight = grads[k] if sync else torch.zeros_like(grads[k])
                 surrogate = surrogate + (out[k].float() * weight).sum()
             engine.backward(surrogate)
+    after.restore()  # the random stream goes on as if each micro-batch had been encoded once
     return loss.detach()
+
+
+class RNGState:
+    """The CPU generator's state and the current CUDA device's, taken now; `restore()` puts them back."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state() if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)

@@ -83,6 +83,7 @@ def create_model(mcfg: ModelConfig, loss_name: str = "clip", device: str | torch
         )
     if mcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    scalars_as_vectors(model)
     tokenizer = open_clip.get_tokenizer(mcfg.name)
     return ModelBundle(model, train_tf, val_tf, tokenizer, _image_size(model))
 
@@ -99,6 +100,55 @@ class _quiet_open_clip:
         self._logger.setLevel(self._level)
 
 
+OPEN_CLIP_SCALARS = ("logit_scale", "logit_bias")  # 0-d in open_clip's state_dict layout
+
+
+def scalars_as_vectors(model: nn.Module) -> None:
+    """Make 0-d parameters (CLIP's logit_scale, SigLIP's logit_bias) 1-element vectors, in place.
+
+    Every engine trains them so: DeepSpeed views parameters as bytes and clips gradients in place,
+    FSDP2 shards every parameter on its first dimension, and both fail on 0-d tensors. A [1]-shaped
+    temperature computes the same numbers; checkpoints and exports store open_clip's 0-d shape
+    (`to_open_clip_layout`)."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.dim() == 0:
+                setattr(module, name, nn.Parameter(p.detach().reshape(1).clone(), requires_grad=p.requires_grad))
+
+
+def to_open_clip_layout(state: dict) -> dict:
+    """A state_dict as open_clip stores it: fp32 CPU tensors, no wrapper prefixes (DDP's `module.`,
+    torch.compile's `_orig_mod.`), 0-d temperature and bias."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        value = value.detach().to("cpu")
+        if value.is_floating_point():
+            value = value.float()
+        if key in OPEN_CLIP_SCALARS and value.numel() == 1:
+            value = value.reshape(())
+        out[key] = value.contiguous()
+    return out
+
+
+def fit_scalar_shapes(state: dict, shapes: dict) -> dict:
+    """`state` with every 1-element tensor reshaped to the shape `shapes` has for its key (open_clip's
+    0-d scalars <-> the 1-element vectors clipscale trains)."""
+    out = dict(state)
+    for key, value in state.items():
+        shape = shapes.get(key)
+        if (
+            shape is not None
+            and isinstance(value, torch.Tensor)
+            and value.numel() == 1
+            and tuple(value.shape) != tuple(shape)
+        ):
+            out[key] = value.reshape(shape)
+    return out
+
+
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     """Gains, biases (all 1-D), embeddings and the temperature are not decayed."""
     return param.ndim < 2 or "embedding" in name or "logit_scale" in name or "logit_bias" in name
@@ -111,9 +161,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         (no_decay if no_weight_decay(name, p) else decay).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "group": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
     ]
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: Config) -> None:
+    """Set every parameter group's lr, weight decay, betas and eps from the config: after a resume
+    the current config wins over the values the checkpoint's optimizer state carried."""
+    o = cfg.optim
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = o.lr
+        group["weight_decay"] = 0.0 if group.get("group") == "no_decay" else o.weight_decay
+        group["betas"] = (o.beta1, o.beta2)
+        group["eps"] = o.eps
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:

@@ -28,5 +28,10 @@ def lr_factor(step: int, total_steps: int, scfg: ScheduleConfig, base_lr: float)
     return floor + (1.0 - floor) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, scfg: ScheduleConfig, total_steps: int, base_lr: float):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, scfg, base_lr))
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, scfg: ScheduleConfig, total_steps: int, base_lr: float, step: int = 0
+):
+    """The schedule positioned after `step` optimizer steps (its lr is that of step `step`)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, scfg, base_lr), last_epoch=step - 1
+    )

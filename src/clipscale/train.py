@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import logging
 import math
-import platform
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import __version__
-from .checkpoint import CheckpointManager, config_changes, rng_state, set_rng_state, torch_save_synced
-from .config import Config, add_config_arguments, load_config, save_config, to_dict
+from .checkpoint import CheckpointManager, torch_save_synced
+from .config import Config, add_config_arguments, load_config, save_config
 from .data.loader import TrainData
-from .distributed import DistEnv, all_gather_object, broadcast_object, cleanup, init_distributed, world_size
+from .distributed import DistEnv, all_gather_object, cleanup, init_distributed, world_size
 from .engine import build_engine
 from .errors import UserError, run_command
 from .grad_cache import forward_backward
@@ -31,6 +27,7 @@ from .metrics import MetricsLogger
 from .model import count_parameters, create_model
 from .preempt import EXIT_PREEMPTED, PreemptionHandler
 from .run_status import write_status
+from .state import RNG, DataPosition, LRSchedule, Progress, RunMeta, TrainState, seed_everything
 
 log = logging.getLogger("clipscale")
 
@@ -56,25 +53,6 @@ def setup_logging(env: DistEnv) -> None:
     logging.getLogger("clipscale").setLevel(logging.INFO if env.is_main else logging.WARNING)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def software_versions() -> dict:
-    import open_clip
-    import webdataset
-
-    return {
-        "clipscale": __version__,
-        "torch": str(torch.__version__),
-        "open_clip": open_clip.__version__,
-        "webdataset": getattr(webdataset, "__version__", "unknown"),
-        "python": platform.python_version(),
-    }
-
-
 def global_loss_and_stop(loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
     """One all-reduce per step: the global loss (mean over ranks) and whether any rank was signalled."""
     t = torch.stack([loss.detach().float().reshape(()), loss.new_tensor(1.0 if stop_requested else 0.0).float()])
@@ -85,6 +63,8 @@ def global_loss_and_stop(loss: torch.Tensor, stop_requested: bool) -> tuple[floa
 
 
 class Trainer:
+    """One run: set up, resume, the loop (step, log, maybe save, maybe evaluate), finish."""
+
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run.dir)
@@ -97,33 +77,34 @@ class Trainer:
         self.bundle = create_model(cfg.model, cfg.loss.name, env.device)
         self.engine = build_engine(cfg, self.bundle.model, env)
         self.loss_fn = build_loss(cfg)
-        self.ckpts = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.is_main)
-
-        resume = self.ckpts.resolve(cfg.checkpoint.resume) if env.is_main else None
-        resume = broadcast_object(str(resume) if resume else None)
-        extra = self.engine.load(Path(resume)) if resume else {}
-        self.step = int(extra.get("step", 0))
-        self.preempt.step_in_progress = self.step + 1  # a signal during set-up stops after the first step
-        if resume:
-            self._log_resume(resume, extra)
-        rngs = extra.get("rng")
-        if rngs is not None and len(rngs) == env.world_size:
-            set_rng_state(rngs[env.rank])
-        else:
-            seed_everything(cfg.seed + 1000 * env.rank + self.step)
-
+        self.ckpts = CheckpointManager(self.run_dir, cfg.checkpoint, env.is_main)
         draft = self.bundle.image_size if cfg.data.jpeg_draft else None
-        self.data = TrainData(
-            cfg, self.bundle.train_transform, self.bundle.tokenizer, env, extra.get("data"), draft, step=self.step
+        self.data = TrainData(cfg, self.bundle.train_transform, self.bundle.tokenizer, env, draft_size=draft)
+        self.progress = Progress()
+        self.rng = RNG(env, cfg.seed, self.progress)
+        self.state = TrainState(
+            progress=self.progress,
+            schedule=LRSchedule(self.engine),
+            data=DataPosition(self.data, self.progress),
+            rng=self.rng,
+            meta=RunMeta(cfg, env),
         )
+        loaded = self.ckpts.load(self.engine, cfg.checkpoint.resume)
+        if loaded is not None:
+            path, saved = loaded
+            self.state.load_state_dict(saved)
+            log.info("resumed from %s at step %d", path, self.step)
+        else:
+            self.rng.reseed()
+        self.preempt.step_in_progress = self.step + 1  # a signal during set-up stops after the first step
+
         self.metrics = MetricsLogger(
             self.run_dir, env.is_main, env.rank, cfg.logging.tensorboard, cfg.logging.sample_keys, console=self._console
         )
         self.metrics.resume_at(self.step)
         self.global_batch = cfg.data.batch_size * env.world_size * cfg.optim.accum_steps
         self.nonfinite_run = 0  # consecutive skipped steps
-        self.nonfinite_total = int(extra.get("nonfinite_total", 0))
-        self.progress = None
+        self.progress_bar = None
         self.evaluator = None
         if cfg.eval.zeroshot or cfg.eval.retrieval:  # read the evaluation sets now: errors at start-up
             from .evaluate import Evaluator
@@ -136,29 +117,16 @@ class Trainer:
                 cfg.eval.every_n_steps,
             )
 
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
     # ------------------------------------------------------------------ helpers
     def _console(self, line: str) -> None:
-        if self.progress is not None:
-            self.progress.write(line)
+        if self.progress_bar is not None:
+            self.progress_bar.write(line)
         else:
             log.info(line)
-
-    def _log_resume(self, path: str, extra: dict) -> None:
-        log.info("resumed from %s at step %d", path, self.step)
-        changes = [
-            f"{k}: {a!r} -> {b!r}"
-            for k, a, b in config_changes(extra.get("config", {}), to_dict(self.cfg))
-            if k != "checkpoint.resume"
-        ]
-        if changes:
-            log.info("settings changed since that checkpoint: %s", "; ".join(changes))
-        if extra.get("world_size", self.env.world_size) != self.env.world_size:
-            log.warning(
-                "world size changed %s -> %d: RNG states are re-seeded and the data stream is "
-                "re-dealt (see README, 'Resuming and preemption')",
-                extra.get("world_size"),
-                self.env.world_size,
-            )
 
     def write_status(self, state: str, **fields) -> None:
         """RUN_DIR/status.json: running | finished | preempted | failed (read by job scripts to decide on requeue)."""
@@ -185,28 +153,19 @@ class Trainer:
     def epoch(self) -> int:
         return (self.step * self.global_batch) // self.data.num_samples
 
-    def save(self, final: bool = False) -> Path:
-        """Collective. With checkpoint.async, the main rank writes a CPU snapshot in the background."""
-        extra = {
-            "step": self.step,
-            "epoch": self.epoch(),
-            "data": self.data.state(),
-            "rng": all_gather_object(rng_state()),
-            "config": to_dict(self.cfg),
-            "versions": software_versions(),
-            "model_name": self.cfg.model.name,
-            "world_size": self.env.world_size,
-            "nonfinite_total": self.nonfinite_total,
-        }
+    def save(self, background: bool = False) -> Path:
+        """Collective: the engine's model and optimizer, and the train state. In the background
+        (checkpoint.async, DDP engine) the main rank writes a CPU snapshot while training goes on."""
+        train_state = self.state.state_dict()
         suffix = self.engine.checkpoint_suffix
-        if self.cfg.checkpoint.async_save and self.engine.supports_async_save and not final:
-            snap = self.engine.snapshot(extra)
+        if background and self.engine.supports_async_save:
+            snap = self.engine.snapshot(train_state)
             path = self.ckpts.path_for(self.step, suffix)
             if self.env.is_main:
                 path = self.ckpts.save_async(self.step, lambda tmp: torch_save_synced(snap, tmp), suffix)
             log.info("saving checkpoint %s in the background", path)
             return path
-        path = self.ckpts.save(self.step, lambda tmp: self.engine.save(tmp, extra), suffix)
+        path = self.ckpts.save(self.step, lambda tmp: self.engine.save(tmp, train_state), suffix)
         log.info("saved checkpoint %s", path)
         return path
 
@@ -215,12 +174,12 @@ class Trainer:
             self.nonfinite_run = 0
             return
         self.nonfinite_run += 1
-        self.nonfinite_total += 1
+        self.progress.nonfinite_total += 1
         log.warning(
             "step %d skipped: non-finite loss or gradients (%d in a row, %d in total)",
             self.step,
             self.nonfinite_run,
-            self.nonfinite_total,
+            self.progress.nonfinite_total,
         )
         if self.nonfinite_run >= self.cfg.train.max_nonfinite_steps:
             raise TrainingDiverged(
@@ -229,17 +188,41 @@ class Trainer:
                 f"check the data, or resume from an earlier checkpoint"
             )
 
+    def train_step(self) -> tuple[float, bool, dict, float, list]:
+        """One optimizer step: (global loss, stop requested by any rank, step stats, data wait, micro-batches)."""
+        micro, wait = [], 0.0
+        for _ in range(self.cfg.optim.accum_steps):
+            batch, w = self.data.next()
+            micro.append(self.data.to_device(batch, self.engine.device))
+            wait += w
+        self.engine.module.train()
+        loss = forward_backward(self.engine, self.loss_fn, micro)
+        global_loss, stop = global_loss_and_stop(loss, self.preempt.requested)
+        if math.isfinite(global_loss):
+            stats = self.engine.optimizer_step()
+        else:
+            self.engine.skip_optimizer_step()
+            stats = {"grad_norm": float("nan"), "skipped": True}
+        self.progress.step += 1
+        self._after_update(stats)
+        return global_loss, stop, stats, wait, micro
+
+    def preemption(self) -> tuple[str, int | None]:
+        """Collective: (the signal, the step it arrived in), of the rank signalled first."""
+        received = [r for r in all_gather_object((self.preempt.received, self.preempt.received_during)) if r[0]]
+        return min(received, key=lambda r: r[1]) if received else ("unknown signal", None)
+
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
-        cfg, env = self.cfg, self.env
-        total = cfg.train.steps
+        cfg, env, total = self.cfg, self.env, self.cfg.train.steps
         log.info(
-            "model %s (%.2fM params) | %d process(es) on %s | global batch %d (%d x %d ranks x %d accum) "
-            "| %d samples per epoch | steps %d -> %d",
+            "model %s (%.2fM params) | %d process(es) on %s | engine %s | global batch %d (%d x %d ranks x %d "
+            "accum) | %d samples per epoch | steps %d -> %d",
             cfg.model.name,
             count_parameters(self.engine.module) / 1e6,
             env.world_size,
             env.device,
+            cfg.engine.name,
             self.global_batch,
             cfg.data.batch_size,
             env.world_size,
@@ -252,65 +235,28 @@ class Trainer:
         if env.is_main and cfg.logging.progress:
             from tqdm import tqdm
 
-            self.progress = tqdm(
+            self.progress_bar = tqdm(
                 total=total, initial=self.step, desc="train", dynamic_ncols=True, mininterval=1.0, file=sys.stderr
             )
         last_loss = float("nan")
-        window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        window = Window()
         last_saved = self.step if self.step > 0 else -1
         last_eval = -1
-        preempted = None
+        preempted = signal_step = None
         while self.step < total:
             self.preempt.step_in_progress = self.step + 1
-            micro, wait = [], 0.0
-            for _ in range(cfg.optim.accum_steps):
-                batch, w = self.data.next()
-                micro.append(self.data.to_device(batch, self.engine.device))
-                wait += w
-            self.engine.module.train()
-            loss = forward_backward(self.engine, self.loss_fn, micro)
-            global_loss, stop = global_loss_and_stop(loss, self.preempt.requested)
-            if math.isfinite(global_loss):
-                stats = self.engine.optimizer_step()
-            else:
-                self.engine.skip_optimizer_step()
-                stats = {"grad_norm": float("nan"), "skipped": True}
-            self.step += 1
-            self._after_update(stats)
-            window_steps += 1
-            window_wait += wait
-            last_loss = global_loss
+            last_loss, stop, stats, wait, micro = self.train_step()
+            window.add(wait)
             self.metrics.sample_keys(
                 self.step, *([x for mb in micro for x in mb[f]] for f in ("keys", "passes", "sources"))
             )
-            if self.progress is not None:
-                self.progress.update(1)
-                self.progress.set_postfix(loss=f"{global_loss:.4f}", refresh=False)
-
+            if self.progress_bar is not None:
+                self.progress_bar.update(1)
+                self.progress_bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
             if self.step % cfg.logging.every_n_steps == 0 or self.step == total or stop:
-                elapsed = time.perf_counter() - window_start
-                self.metrics.log(
-                    self.step,
-                    {
-                        "epoch": self.epoch(),
-                        "loss": global_loss,
-                        "lr": self.engine.lr(),
-                        "logit_scale": self.engine.module.logit_scale.detach().exp().item(),
-                        "grad_norm": float(stats["grad_norm"]),
-                        "global_batch": self.global_batch,
-                        "samples_per_s": self.global_batch * window_steps / max(elapsed, 1e-9),
-                        "data_wait": window_wait / max(elapsed, 1e-9),
-                        "gather_frac": self.loss_fn.gather.timer.pop() / max(elapsed, 1e-9),
-                        "skipped_samples": sum(self.data.skipped().values()),
-                        "skipped_steps": self.nonfinite_total,
-                        **self.data.source_metrics(),
-                    },
-                )
-                window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-
+                self.log_step(last_loss, stats, window)
             if stop:
-                received = [r for r in all_gather_object((self.preempt.received, self.preempt.received_during)) if r[0]]
-                preempted, signal_step = min(received, key=lambda r: r[1]) if received else ("unknown signal", None)
+                preempted, signal_step = self.preemption()
                 log.warning(
                     "preemption requested (%s during step %s): saving at step %d and exiting with code %d",
                     preempted,
@@ -319,22 +265,22 @@ class Trainer:
                     EXIT_PREEMPTED,
                 )
                 break
-            if self.step % cfg.checkpoint.every_n_steps == 0 and self.step < total:
-                self.save()
+            if self.ckpts.due(self.step, total):
+                self.save(background=cfg.checkpoint.async_save)
                 last_saved = self.step
             if self.evaluator and cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0:
-                window_start += self.evaluate()["eval/seconds"]  # not counted as training time
+                window.start += self.evaluate()["eval/seconds"]  # not counted as training time
                 last_eval = self.step
 
-        if preempted or (cfg.checkpoint.save_final and last_saved != self.step):
-            path = self.save(final=True)
+        if self.ckpts.due_at_end(self.step, last_saved, preempted=bool(preempted)):
+            path = self.save()
         else:
             path = self.ckpts.path_for(last_saved, self.engine.checkpoint_suffix)
         self.ckpts.wait()
         if self.evaluator and cfg.eval.at_end and not preempted and last_eval != self.step:
             self.evaluate()
-        if self.progress is not None:
-            self.progress.close()
+        if self.progress_bar is not None:
+            self.progress_bar.close()
         skipped = self.data.skipped()
         if skipped:
             log.warning("skipped samples on rank %d: %s", env.rank, skipped)
@@ -351,6 +297,41 @@ class Trainer:
             "preempted": bool(preempted),
             "exit_code": EXIT_PREEMPTED if preempted else 0,
         }
+
+    def log_step(self, loss: float, stats: dict, window: Window) -> None:
+        elapsed = time.perf_counter() - window.start
+        self.metrics.log(
+            self.step,
+            {
+                "epoch": self.epoch(),
+                "loss": loss,
+                "lr": self.engine.lr(),
+                "logit_scale": self.engine.logit_scale(),
+                "grad_norm": float(stats["grad_norm"]),
+                "global_batch": self.global_batch,
+                "samples_per_s": self.global_batch * window.steps / max(elapsed, 1e-9),
+                "data_wait": window.wait / max(elapsed, 1e-9),
+                "gather_frac": self.loss_fn.gather.timer.pop() / max(elapsed, 1e-9),
+                "skipped_samples": sum(self.data.skipped().values()),
+                "skipped_steps": self.progress.nonfinite_total,
+                **self.data.source_metrics(),
+            },
+        )
+        window.reset()
+
+
+class Window:
+    """Steps, data wait and wall time since the last logged step."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
+
+    def add(self, wait: float) -> None:
+        self.steps += 1
+        self.wait += wait
 
 
 def train(cfg: Config) -> dict:

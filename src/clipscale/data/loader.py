@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from typing import Callable
 
+import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config
@@ -62,45 +63,47 @@ def _sum_skipped(positions) -> dict[str, int]:
 
 
 class TrainData:
-    """Yields this rank's micro-batches; `state()` is what a checkpoint needs to resume exactly.
+    """Yields this rank's micro-batches; `state()` is what a checkpoint needs to resume exactly,
+    `restore(state, step)` continues from it (before the first batch is taken).
 
-    `step` is the optimizer step training starts (or resumes) at: the rank's micro-batches are
-    numbered from the start of training (step x accum_steps + micro), which fixes their stream and
-    their mixture."""
+    The rank's micro-batches are numbered from the start of training (step x accum_steps + micro),
+    which fixes their stream and their mixture."""
 
     def __init__(
-        self,
-        cfg: Config,
-        transform: Callable,
-        tokenizer: Callable,
-        env: DistEnv,
-        resume_state: dict | None = None,
-        draft_size: int | None = None,
-        step: int = 0,
+        self, cfg: Config, transform: Callable, tokenizer: Callable, env: DistEnv, draft_size: int | None = None
     ):
-        self.cfg, self.env = cfg, env
+        self.cfg, self.env, self.tokenizer = cfg, env, tokenizer
         self.workers = max(1, cfg.data.workers)
         self.num_streams = env.world_size * self.workers
         self.sources: list[Source] = build_sources(cfg, self.num_streams)
         self.global_batch = cfg.data.batch_size * env.world_size * cfg.optim.accum_steps
         self.micro_batches = env.world_size * cfg.optim.accum_steps
+        self.num_samples = cfg.data.train_num_samples or epoch_samples(self.sources)
+        self.decoder = SampleDecoder(
+            transform, cfg.data.image_keys, cfg.data.caption_key, cfg.data.caption_json_field, draft_size
+        )
+        self.skipped_before: dict[str, int] = {}  # skip counts of streams a relayout retired
+        self._iter = None
+        self._start(step=0, positions={}, origin=None)
+
+    def restore(self, state: dict, step: int) -> None:
+        """Continue from a checkpoint's data state, the run being at optimizer step `step`."""
+        if self._iter is not None:
+            raise RuntimeError("restore() must come before the first batch")
+        self.step = step
+        positions, origin = self._restore(state) if state else ({}, None)
+        self._start(step, positions, origin)
+
+    def _start(self, step: int, positions: dict[int, dict[str, StreamPosition]], origin) -> None:
+        cfg, env = self.cfg, self.env
         self.step = step
         self.batches = step * cfg.optim.accum_steps  # micro-batches this rank has consumed (from step 0)
-        self.skipped_before: dict[str, int] = {}  # skip counts of streams a relayout retired
-        positions: dict[int, dict[str, StreamPosition]] = {}
-        origin = None
-        if resume_state:
-            positions, origin = self._restore(resume_state)
         weights = [s.weight for s in self.sources]
         layout = (cfg.data.batch_size, env.world_size, cfg.optim.accum_steps, self.workers)
         self.schedule = MixtureSchedule(weights, *layout, origin=origin)  # for checkpoints and metrics
         stream_schedule = MixtureSchedule(weights, *layout, origin=origin)  # the streams' own copy
         first = env.rank * self.workers
         self.positions = {s: positions.get(s, {}) for s in range(first, first + self.workers)}
-        self.num_samples = cfg.data.train_num_samples or epoch_samples(self.sources)
-        self.decoder = SampleDecoder(
-            transform, cfg.data.image_keys, cfg.data.caption_key, cfg.data.caption_json_field, draft_size
-        )
         self.dataset = StreamDataset(
             [(s.name, s.plan) for s in self.sources],
             stream_schedule,
@@ -111,7 +114,7 @@ class TrainData:
             self.batches,
             dict(self.positions),
             self.decoder,
-            tokenizer,
+            self.tokenizer,
             cfg.seed,
             cfg.data.max_decode_errors_logged,
         )
@@ -122,8 +125,10 @@ class TrainData:
             prefetch_factor=cfg.data.prefetch_factor if cfg.data.workers > 0 else None,
             pin_memory=env.device.type == "cuda",
             worker_init_fn=functools.partial(ignore_signals, tuple(cfg.train.preempt_signals)),
+            # its own generator: creating the iterator must not draw from the global RNG (a resumed run
+            # with dropout would otherwise see other random numbers than the run it continues)
+            generator=torch.Generator().manual_seed(cfg.seed + env.rank),
         )
-        self._iter = None
 
     # ------------------------------------------------------------------ resume
     def _restore(self, state: dict) -> tuple[dict[int, dict[str, StreamPosition]], ScheduleState | None]:

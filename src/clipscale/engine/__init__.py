@@ -1,4 +1,4 @@
-"""Training engines behind one small interface (see engine/base.py): DDP and DeepSpeed."""
+"""Training engines behind one small interface (see engine/base.py): DDP, FSDP2 and DeepSpeed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ def build_engine(cfg: Config, model, env: DistEnv) -> Engine:
         from .ddp import DDPEngine
 
         return DDPEngine(model, cfg, env)
+    if cfg.engine.name == "fsdp2":
+        from .fsdp2 import FSDP2Engine
+
+        return FSDP2Engine(model, cfg, env)
     try:
         from .deepspeed import DeepSpeedEngine
     except ImportError as exn:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 from pathlib import Path
 from typing import ContextManager
 
@@ -25,6 +26,38 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _shape_only(state: dict) -> dict:
+    """Shape-only stand-ins for weights; a 1-element tensor counts as a scalar (open_clip stores the
+    temperature 0-d, clipscale trains it as a 1-element vector)."""
+
+    def meta(shape) -> torch.Tensor:
+        shape = tuple(shape)
+        return torch.empty(() if math.prod(shape) == 1 else shape, device="meta")
+
+    return {k: meta(v.shape if hasattr(v, "shape") else v) for k, v in state.items()}
+
+
+def check_fits(path, train_state: dict, cfg: Config, now: dict, saved: dict) -> None:
+    """CheckpointError (one line) when the checkpoint's model is not this run's: other weights, shapes,
+    model name, loss or embedding size. `now` and `saved` map names to tensors or shapes."""
+    from ..checkpoint import incompatibility
+    from ..config import to_dict
+    from ..errors import CheckpointMismatch
+
+    saved_config = (train_state.get("meta") or {}).get("config")
+    problem = incompatibility(str(path), saved_config, to_dict(cfg), _shape_only(now), _shape_only(saved))
+    if problem:
+        raise CheckpointMismatch(problem)
+
+
+def optimizer_state_by_name(optim_state: dict) -> dict:
+    """{parameter name: {state key: CPU tensor}} of a parameter-name keyed optimizer state dict."""
+    return {
+        name: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in state.items()}
+        for name, state in optim_state["state"].items()
+    }
 
 
 class Engine(abc.ABC):
@@ -72,18 +105,49 @@ class Engine(abc.ABC):
     def lr(self) -> float:
         """Current learning rate."""
 
+    def logit_scale(self) -> float:
+        """Collective: the temperature exp(logit_scale) (a sharded parameter is gathered)."""
+        param = self.module.logit_scale.detach()
+        return float((param.full_tensor() if hasattr(param, "full_tensor") else param).float().exp().reshape(-1)[0])
+
+    # ------------------------------------------------------------------ schedule
+    optimizer: torch.optim.Optimizer  # the one whose param groups hold the learning rate
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def schedule_step(self) -> int:
+        """Optimizer steps the LR schedule has taken."""
+        return int(self.scheduler.last_epoch)
+
+    def restart_schedule(self, step: int) -> None:
+        """The current config's hyperparameters and LR schedule, positioned at `step` (after a resume:
+        a changed optim.lr, weight decay or schedule.* applies from the next step on)."""
+        from ..model import apply_hyperparameters
+        from ..schedule import build_scheduler
+
+        apply_hyperparameters(self.optimizer, self.cfg)
+        self.scheduler = build_scheduler(
+            self.optimizer, self.cfg.schedule, self.cfg.train.steps, self.cfg.optim.lr, step=step
+        )
+
     # ------------------------------------------------------------------ state
-    checkpoint_suffix = ".pt"  # a file; DeepSpeed checkpoints are folders ("")
+    checkpoint_suffix = ".pt"  # a file; DeepSpeed and FSDP2 checkpoints are folders ("")
     supports_async_save = False
 
-    def snapshot(self, extra: dict) -> dict | None:
+    def snapshot(self, train_state: dict) -> dict | None:
         """A CPU copy of everything `save` writes, taken now (main rank; None elsewhere)."""
         raise NotImplementedError
 
     @abc.abstractmethod
-    def save(self, path: Path, extra: dict) -> None:
-        """Collective: write a checkpoint (model, optimizer, schedule + `extra`) at `path`."""
+    def save(self, path: Path, train_state: dict) -> None:
+        """Collective: write a checkpoint at `path`: the model and optimizer in this engine's format,
+        and `train_state` (state.TrainState's dict)."""
 
     @abc.abstractmethod
     def load(self, path: Path) -> dict:
-        """Collective: restore from `path`; returns the `extra` dict that was saved with it."""
+        """Collective: restore model and optimizer from the checkpoint at `path` (any format this
+        engine can read, written at any world size); returns the train state saved with it."""
+
+    @abc.abstractmethod
+    def full_optimizer_state(self) -> dict:
+        """Collective: {parameter name: {exp_avg, exp_avg_sq, step}} as full CPU tensors (the same
+        on every rank): what the optimizer carries, whatever the sharding."""

@@ -1,7 +1,9 @@
 """DistributedDataParallel engine (also the single-process engine: no wrapper at world size 1).
 
 Features are gathered by the loss (all_gather with grad); DDP all-reduces parameter
-gradients only, once per optimizer step (no_sync on the other micro-batches).
+gradients only, once per optimizer step (no_sync on the other micro-batches). Checkpoints are
+one file with the model in open_clip's layout and the optimizer state keyed by parameter name,
+so they resume at any world size and under FSDP2 (engine/formats.py), and it resumes FSDP2's.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import incompatibility, load_checkpoint_file, torch_save_synced
-from ..config import Config, to_dict
+from ..checkpoint import torch_save_synced
+from ..config import Config
 from ..distributed import DistEnv
-from ..errors import CheckpointError
-from ..model import build_optimizer, clamp_logit_scale
+from ..model import build_optimizer, clamp_logit_scale, fit_scalar_shapes, to_open_clip_layout
 from ..schedule import build_scheduler
-from .base import Engine
+from .base import Engine, check_fits, optimizer_state_by_name
+from .formats import full_state
+
+FULL = StateDictOptions(full_state_dict=True)
 
 
 def _to_cpu_copy(obj):
@@ -101,36 +106,55 @@ class DDPEngine(Engine):
     # ------------------------------------------------------------------ state
     supports_async_save = True
 
-    def _state(self, extra: dict) -> dict:
+    def _state(self, train_state: dict) -> dict:
         return {
-            "state_dict": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "format": 2,
+            "state_dict": to_open_clip_layout(self.module.state_dict()),
+            "optimizer": get_optimizer_state_dict(self.module, self.optimizer, options=FULL),
             **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
-            **extra,
+            "train_state": train_state,
         }
 
-    def snapshot(self, extra: dict) -> dict | None:
+    def snapshot(self, train_state: dict) -> dict | None:
         if not self.env.is_main:
             return None
-        return _to_cpu_copy(self._state(extra))
+        return _to_cpu_copy(self._state(train_state))
 
-    def save(self, path: Path, extra: dict) -> None:
+    def save(self, path: Path, train_state: dict) -> None:
         if self.env.is_main:
-            torch_save_synced(self._state(extra), path)
+            torch_save_synced(self._state(train_state), path)
 
     def load(self, path: Path) -> dict:
-        state = load_checkpoint_file(path)
-        problem = incompatibility(
-            str(path), state.get("config"), to_dict(self.cfg), self.module.state_dict(), state["state_dict"]
-        )
-        if problem:
-            raise CheckpointError(problem)
-        self.module.load_state_dict(state["state_dict"])
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if "scheduler" in state:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        return {k: v for k, v in state.items() if k not in ("state_dict", "optimizer", "scheduler", "scaler")}
+        """A DDP checkpoint file or an FSDP2 checkpoint folder, of any world size."""
+        model_state, optim_state, train_state = full_state(path)
+        now = self.module.state_dict()
+        check_fits(path, train_state, self.cfg, now, model_state)
+        self.module.load_state_dict(fit_scalar_shapes(model_state, {k: v.shape for k, v in now.items()}))
+        if optim_state is not None:
+            set_optimizer_state_dict(self.module, self.optimizer, optim_state, options=FULL)
+        else:
+            self._load_legacy_optimizer(path)
+        if self.scaler is not None:
+            from ..checkpoint import load_checkpoint_file
+
+            scaler = load_checkpoint_file(path).get("scaler") if Path(path).is_file() else None
+            if scaler:
+                self.scaler.load_state_dict(scaler)
+        return train_state
+
+    def _load_legacy_optimizer(self, path: Path) -> None:
+        """clipscale <= 0.1 files hold torch's index-keyed optimizer state (same model, same groups)."""
+        from ..checkpoint import load_checkpoint_file
+
+        legacy = load_checkpoint_file(path).get("optimizer") if Path(path).is_file() else None
+        if not legacy:
+            return
+        self.optimizer.load_state_dict(legacy)
+        for group in self.optimizer.param_groups:  # 0-d temperature moments of those files -> [1]
+            for p in group["params"]:
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if key != "step" and torch.is_tensor(value) and value.numel() == p.numel():
+                        self.optimizer.state[p][key] = value.reshape(p.shape)
+
+    def full_optimizer_state(self) -> dict:
+        return optimizer_state_by_name(get_optimizer_state_dict(self.module, self.optimizer, options=FULL))

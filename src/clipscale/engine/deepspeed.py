@@ -6,15 +6,20 @@ sets it to False for all but the last micro-batch) and never rescales the loss, 
 cached feature gradients are already the gradients of the whole global batch. The LR schedule
 is clipscale's LambdaLR on DeepSpeed's base optimizer, stepped here, so it is the same as DDP's.
 
-Checkpoints are DeepSpeed checkpoint folders (`save_checkpoint` with clipscale's state as
+Checkpoints are DeepSpeed checkpoint folders (`save_checkpoint` with clipscale's train state as
 client state) written under the checkpoint manager's temporary name, so the atomic rename,
-checksums, `latest` and retention are the same as for DDP.
+checksums, `latest` and retention are the same as for DDP. A ZeRO-1/2/3 checkpoint of another
+world size is converted to DeepSpeed's universal checkpoint (one fp32 tensor and its Adam moments
+per parameter: deepspeed.checkpoint.ds_to_universal) and loaded with `load_universal_checkpoint`,
+which re-partitions it over the ranks of this run.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
+import io
 import json
 import logging
 from pathlib import Path
@@ -23,13 +28,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import incompatibility
-from ..config import Config, to_dict
-from ..distributed import DistEnv, ensure_process_group
-from ..errors import CheckpointError
+from ..config import Config
+from ..distributed import DistEnv, barrier, ensure_process_group
+from ..errors import CheckpointError, CheckpointMismatch
+from ..fsutil import remove_path, temp_path
 from ..model import MAX_LOGIT_SCALE, param_groups
 from ..schedule import build_scheduler
-from .base import Engine
+from ..state import from_legacy
+from .base import Engine, check_fits
 from .ds_checkpoint import DS_TAG as TAG
 from .ds_checkpoint import deepspeed_model_states
 from .ds_config import build_ds_config
@@ -49,24 +55,6 @@ def _forget_stale_groups() -> None:
         dist.get_global_rank(cached, 0)
     except (ValueError, RuntimeError):
         groups._WORLD_GROUP = None
-
-
-def scalars_as_vectors(model: nn.Module) -> None:
-    """Make 0-d parameters (CLIP's logit_scale, SigLIP's logit_bias) 1-d, in place.
-
-    DeepSpeed views parameters as bytes and clips gradients in place, both of which fail on 0-d
-    tensors. A [1]-shaped temperature computes the same numbers; `clipscale export` turns it back
-    into open_clip's 0-d shape.
-    """
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if p.dim() == 0:
-                setattr(module, name, nn.Parameter(p.detach().reshape(1).clone(), requires_grad=p.requires_grad))
-
-
-def _meta(shapes: dict) -> dict:
-    """Shape-only stand-ins for weights (ZeRO-3 parameters are partitioned on the module)."""
-    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
 
 
 def _shape(p: torch.Tensor) -> tuple:
@@ -89,11 +77,11 @@ class DeepSpeedEngine(Engine):
             timeout=datetime.timedelta(seconds=cfg.engine.dist_timeout_s),
         )
         self.module = model.to(self.device)
-        scalars_as_vectors(self.module)
         self.ds, _, _, _ = deepspeed.initialize(
             model=self.module, config=self.ds_config, model_parameters=param_groups(self.module, cfg.optim.weight_decay)
         )
         self.base_optimizer = self.ds.basic_optimizer
+        self.optimizer = self.base_optimizer  # its param groups hold the learning rate
         self.scheduler = build_scheduler(self.base_optimizer, cfg.schedule, cfg.train.steps, cfg.optim.lr)
         self.ds.set_gradient_accumulation_boundary(True)
         self.runner = self.ds
@@ -160,51 +148,112 @@ class DeepSpeedEngine(Engine):
         return float(self.base_optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ state
-    def save(self, path: Path, extra: dict) -> None:
-        client = {"clipscale": extra, "scheduler": self.scheduler.state_dict(), "zero_stage": self.stage}
+    def save(self, path: Path, train_state: dict) -> None:
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
+
+        client = {
+            "train_state": train_state,
+            "zero_stage": self.stage,
+            "format": 2,
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.2},
+        }  # convertible later
         self.ds.save_checkpoint(str(path), tag=TAG, client_state=client, save_latest=False)
         if self.env.is_main:
             (Path(path) / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1) + "\n")
 
-    def _check_compatible(self, path: Path) -> None:
-        if path.is_file():
-            raise CheckpointError(
-                f"{path} is a DDP checkpoint; resume it with engine.name=ddp, or start from its "
-                f"weights with model.pretrained={path}"
+    def _check_compatible(self, path: Path) -> tuple[dict, int]:
+        """(the checkpoint's train state, the world size that wrote it); CheckpointError if it cannot
+        be resumed here."""
+        if path.is_file() or not (path / TAG).is_dir():
+            raise CheckpointMismatch(
+                f"{path} was written by engine.name=ddp or fsdp2; resume it with that engine "
+                f"(any world size), or start from its weights with model.pretrained=<exported file>"
             )
         meta = deepspeed_model_states(path)
-        extra = meta.get("clipscale") or {}
+        train_state = meta.get("train_state") or from_legacy(meta.get("clipscale") or {})
         saved = {}
         for group in meta.get("param_shapes") or []:
             saved.update({k: tuple(v) for k, v in group.items()})
         if not saved:
             saved = {k: tuple(v.shape) for k, v in (meta.get("module") or {}).items()}
         now = {n: _shape(p) for n, p in self.module.named_parameters()}
-        problem = incompatibility(str(path), extra.get("config"), to_dict(self.cfg), _meta(now), _meta(saved))
-        if problem:
-            raise CheckpointError(problem)
+        check_fits(path, train_state, self.cfg, now, saved)
         stage = meta.get("zero_stage", 0)
         if stage != self.stage:
-            raise CheckpointError(
-                f"{path} was written with ZeRO stage {stage}, this run uses {self.stage}; "
-                f"set engine.zero_stage={stage} (or convert it: clipscale export)"
+            raise CheckpointMismatch(
+                f"{path} was written with ZeRO stage {stage}, this run uses {self.stage}; set engine.zero_stage={stage}"
             )
-        old_world = extra.get("world_size", self.env.world_size)
-        if stage >= 1 and old_world != self.env.world_size:
-            raise CheckpointError(
-                f"{path} holds ZeRO-{stage} optimizer shards of {old_world} ranks, this run has "
-                f"{self.env.world_size}; resume with {old_world} ranks, or start from its "
-                f"weights: clipscale export, then model.pretrained=<file>"
-            )
+        return train_state, int((train_state.get("meta") or {}).get("world_size") or self.env.world_size)
 
     def load(self, path: Path) -> dict:
         path = Path(path)
-        self._check_compatible(path)
+        train_state, old_world = self._check_compatible(path)
+        if self.stage >= 1 and old_world != self.env.world_size:
+            return self._load_universal(path, old_world)
         loaded, client = self.ds.load_checkpoint(
             str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
         )
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {path}")
-        self.scheduler.load_state_dict(client["scheduler"])
         self.ds.set_gradient_accumulation_boundary(True)
-        return client["clipscale"]
+        return train_state
+
+    def _load_universal(self, path: Path, old_world: int) -> dict:
+        """ZeRO shards of `old_world` ranks -> DeepSpeed's universal checkpoint (in a temporary folder
+        next to the checkpoint, written by the main rank) -> re-partitioned over this run's ranks."""
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        universal = temp_path(path, ".universal")
+        if self.env.is_main:
+            remove_path(universal)
+            log.info(
+                "converting %s (ZeRO-%d of %d ranks) to a universal checkpoint for %d ranks",
+                path.name,
+                self.stage,
+                old_world,
+                self.env.world_size,
+            )
+            args = argparse.Namespace(
+                input_folder=str(path / TAG),
+                output_folder=str(universal / TAG),
+                num_extract_workers=2,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )
+            with contextlib.redirect_stdout(io.StringIO()):
+                ds_to_universal(args)
+        barrier()
+        self.ds._config.load_universal_checkpoint = True
+        try:
+            loaded, client = self.ds.load_checkpoint(
+                str(universal),
+                tag=TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+                load_module_strict=True,
+            )
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+            barrier()
+            if self.env.is_main:
+                remove_path(universal)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load the universal checkpoint made of {path}")
+        self.ds.set_gradient_accumulation_boundary(True)
+        return client.get("train_state") or from_legacy(client.get("clipscale") or {})
+
+    def full_optimizer_state(self) -> dict:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        link = getattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO 1/2 link the moments to the parameters at the first step; do it now
+            link()
+        out = {}
+        for name, p in self.module.named_parameters():
+            out[name] = {
+                key: safe_get_full_optimizer_state(p, key).detach().cpu().reshape(_shape(p))
+                for key in ("exp_avg", "exp_avg_sq")
+            }
+        return out

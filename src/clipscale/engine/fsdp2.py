@@ -1,0 +1,144 @@
+"""FSDP2 engine: torch.distributed.fsdp.fully_shard per transformer block and on the whole model.
+
+Parameters, gradients and optimizer state are sharded over the ranks (DTensors); each block is
+all-gathered for its forward and backward, gradients are reduce-scattered. Mixed precision comes
+from `model.precision` (a MixedPrecisionPolicy: bf16 parameters for compute, fp32 reductions and
+master weights). Feature-cache accumulation turns gradient synchronisation off on all but the last
+micro-batch. `encode_image` / `encode_text` are registered as FSDP forward methods, so evaluation
+calls them as on a plain model.
+
+Checkpoints are torch.distributed.checkpoint folders (every rank writes its shards), keyed by
+parameter name: they resume at any world size under FSDP2 and under DDP, and a DDP checkpoint
+resumes here (engine/formats.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..checkpoint import torch_save_synced
+from ..config import Config
+from ..distributed import DistEnv, ensure_process_group
+from ..model import build_optimizer, clamp_logit_scale, fit_scalar_shapes
+from ..schedule import build_scheduler
+from .base import Engine, autocast_dtype, check_fits, optimizer_state_by_name
+from .formats import DCP_TRAIN_STATE, checkpoint_format, dcp_shapes, full_state, read_train_state
+
+FULL = StateDictOptions(full_state_dict=True)
+FORWARD_METHODS = ("encode_image", "encode_text")
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The residual blocks of every tower (open_clip's `resblocks`, timm's `blocks`): FSDP's units."""
+    blocks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("resblocks", "blocks"):
+            blocks.extend(module)
+    return blocks
+
+
+class FSDP2Engine(Engine):
+    checkpoint_suffix = ""  # a folder of DCP shards
+
+    def __init__(self, model: nn.Module, cfg: Config, env: DistEnv):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        self.cfg, self.env, self.device = cfg, env, env.device
+        ensure_process_group(env)
+        mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        dtype = autocast_dtype(cfg.model.precision, self.device)
+        policy = (
+            MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+        )
+        self.module = model.to(self.device)
+        for block in transformer_blocks(self.module):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(self.module, mesh=mesh, mp_policy=policy)
+        for method in FORWARD_METHODS:
+            if hasattr(self.module, method):
+                register_fsdp_forward_method(self.module, method)
+        self.runner = torch.compile(self.module) if cfg.model.compile else self.module
+        self.optimizer = build_optimizer(self.module, cfg, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.steps, cfg.optim.lr)
+
+    # ------------------------------------------------------------------ compute
+    def autocast(self):
+        return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters and inputs
+
+    def backward(self, loss):
+        loss.backward()
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
+
+    def optimizer_step(self) -> dict:
+        clip = self.cfg.optim.grad_clip_norm
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        skipped = not torch.isfinite(norm)
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clamp_logit_scale(self.module)
+        return {"grad_norm": norm, "skipped": skipped}
+
+    def skip_optimizer_step(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # ------------------------------------------------------------------ state
+    def _sharded(self) -> dict:
+        return {
+            "model": get_model_state_dict(self.module),
+            "optim": get_optimizer_state_dict(self.module, self.optimizer),
+        }
+
+    def save(self, path: Path, train_state: dict) -> None:
+        dcp.save(self._sharded(), checkpoint_id=str(path))
+        if self.env.is_main:
+            torch_save_synced(train_state, Path(path) / DCP_TRAIN_STATE)
+
+    def load(self, path: Path) -> dict:
+        """An FSDP2 checkpoint of any world size (re-sharded by DCP), or a DDP checkpoint file."""
+        now = {k: v.shape for k, v in get_model_state_dict(self.module, options=StateDictOptions()).items()}
+        if checkpoint_format(path) == "fsdp2":
+            train_state = read_train_state(path)
+            check_fits(path, train_state, self.cfg, now, dcp_shapes(path))
+            state = self._sharded()
+            dcp.load(state, checkpoint_id=str(path))
+            set_model_state_dict(self.module, state["model"])
+            set_optimizer_state_dict(self.module, self.optimizer, state["optim"])
+            return train_state
+        model_state, optim_state, train_state = full_state(path)
+        check_fits(path, train_state, self.cfg, now, model_state)
+        set_model_state_dict(self.module, fit_scalar_shapes(model_state, now), options=FULL)
+        if optim_state is not None:
+            set_optimizer_state_dict(self.module, self.optimizer, optim_state, options=FULL)
+        return train_state
+
+    def full_optimizer_state(self) -> dict:
+        return optimizer_state_by_name(get_optimizer_state_dict(self.module, self.optimizer, options=FULL))

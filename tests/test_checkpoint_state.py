@@ -1,0 +1,88 @@
+"""The training state in checkpoints: rollbacks keep what they should, the current config wins on
+resume, a checkpoint that fails to load is skipped, the data loader leaves the global RNG alone."""
+
+import pytest
+import torch
+
+from clipscale.checkpoint import CheckpointManager
+from clipscale.distributed import DistEnv
+from clipscale.errors import CheckpointError
+from clipscale.metrics import read_jsonl
+from clipscale.train import Trainer, train
+
+from helpers import tiny_config
+
+ENV = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
+
+
+def names(run_dir):
+    return [p.name for p in CheckpointManager(run_dir, is_main=False).all_checkpoints()]
+
+
+def test_a_rollback_moves_later_checkpoints_aside_and_keeps_the_new_ones(tmp_path, toy_shards):
+    run = tmp_path / "run"
+    common = {"checkpoint__every_n_steps": 2, "checkpoint__keep_last": 3, "data__batch_size": 8}
+    train(tiny_config(run, toy_shards, train__steps=6, **common))
+    assert names(run) == ["step_00000002.pt", "step_00000004.pt", "step_00000006.pt"]
+    # roll back to step 2 (what the divergence error suggests) and train on
+    step2 = run / "checkpoints" / "step_00000002.pt"
+    train(tiny_config(run, toy_shards, train__steps=5, checkpoint__resume=str(step2), **common))
+    assert names(run) == ["step_00000002.pt", "step_00000004.pt", "step_00000005.pt"]  # the new 4 and 5
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000005.pt"
+    aside = sorted(p.name.rsplit(".", 1)[0] for p in (run / "checkpoints" / "abandoned").iterdir())
+    assert aside == ["step_00000004.pt", "step_00000004.pt.sha256", "step_00000006.pt", "step_00000006.pt.sha256"]
+    assert (
+        torch.load(run / "checkpoints" / "step_00000005.pt", weights_only=True)["train_state"]["progress"]["step"] == 5
+    )
+    trainer = Trainer(tiny_config(run, toy_shards, train__steps=8, checkpoint__resume="auto", **common), ENV)
+    assert trainer.step == 5  # auto picks this history's newest, not the abandoned step 6
+    trainer.data.close()
+
+
+def test_changed_learning_rate_and_weight_decay_on_resume_take_effect(tmp_path, toy_shards):
+    run = tmp_path / "run"
+    common = {"schedule__name": "constant", "schedule__warmup_steps": 0, "checkpoint__every_n_steps": 2}
+    train(tiny_config(run, toy_shards, train__steps=2, optim__lr=1e-3, optim__weight_decay=0.2, **common))
+    trainer = Trainer(
+        tiny_config(
+            run,
+            toy_shards,
+            train__steps=4,
+            optim__lr=5e-4,
+            optim__weight_decay=0.05,
+            checkpoint__resume="auto",
+            **common,
+        ),
+        ENV,
+    )
+    groups = {g["group"]: g for g in trainer.engine.optimizer.param_groups}
+    assert groups["decay"]["weight_decay"] == 0.05 and groups["no_decay"]["weight_decay"] == 0.0
+    assert trainer.engine.lr() == 5e-4 and trainer.engine.schedule_step() == 2
+    trainer.fit()
+    lrs = {r["step"]: r["lr"] for r in read_jsonl(run / "metrics.jsonl") if "lr" in r}
+    assert lrs[1] == lrs[2] == 1e-3 and lrs[3] == lrs[4] == 5e-4
+
+
+def test_a_newest_checkpoint_that_fails_to_load_is_skipped_under_auto(tmp_path, toy_shards, capfd):
+    run = tmp_path / "run"
+    train(tiny_config(run, toy_shards, train__steps=4, checkpoint__every_n_steps=2))
+    newest = run / "checkpoints" / "step_00000004.pt"
+    newest.write_bytes(b"not a checkpoint at all")  # damaged after its checksum was lost
+    (run / "checkpoints" / "step_00000004.pt.sha256").unlink()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(newest.read_bytes())
+    trainer = Trainer(tiny_config(run, toy_shards, train__steps=6, checkpoint__resume="auto"), ENV)
+    assert trainer.step == 2
+    assert "step_00000004.pt could not be loaded" in capfd.readouterr().err
+    trainer.data.close()
+    with pytest.raises(CheckpointError, match="cannot load"):
+        Trainer(tiny_config(tmp_path / "other", toy_shards, checkpoint__resume=str(bad)), ENV)
+    assert (run / "checkpoints" / "abandoned").is_dir()  # the damaged newest one was moved aside, not deleted
+
+
+def test_starting_the_data_loader_leaves_the_global_rng_alone(tmp_path, toy_shards):
+    trainer = Trainer(tiny_config(tmp_path, toy_shards, data__workers=2), ENV)
+    before = torch.get_rng_state()
+    trainer.data.next()
+    assert torch.equal(torch.get_rng_state(), before)
+    trainer.data.close()

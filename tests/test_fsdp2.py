@@ -1,0 +1,146 @@
+"""FSDP2 against DDP, exact resume, and resuming at another world size on every engine with the
+optimizer moments carried over (gloo, CPU, real processes)."""
+
+import pytest
+import torch
+
+from clipscale.checkpoint import CheckpointManager
+from clipscale.metrics import read_jsonl
+
+from distributed_helpers import run_distributed
+from helpers import make_shards, tiny_config
+from process_helpers import kill_and_resume, losses, run
+
+CURVE_STEPS = 20
+CURVE = [
+    f"train.steps={CURVE_STEPS}",
+    "checkpoint.every_n_steps=1000",
+    "logging.sample_keys=false",
+    "data.batch_size=8",
+    "data.workers=1",
+]
+ENGINES = {
+    "ddp": ["engine.name=ddp"],
+    "fsdp2": ["engine.name=fsdp2"],
+    "zero2": ["engine.name=deepspeed", "engine.zero_stage=2"],
+    "zero3": ["engine.name=deepspeed", "engine.zero_stage=3"],
+}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("fsdp_shards"), n_shards=8, per_shard=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra", [[], ["optim.accum_steps=2", "model.grad_checkpointing=true"]], ids=["plain", "accum"]
+)
+def test_fsdp2_losses_equal_ddp(tmp_path, shards, extra):
+    run(2, tmp_path / "ddp", shards, *CURVE, *extra)
+    run(2, tmp_path / "fsdp2", shards, *CURVE, *extra, "engine.name=fsdp2")
+    ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp2")
+    assert sorted(fsdp) == list(range(1, CURVE_STEPS + 1))
+    worst = max(abs(fsdp[s] - ddp[s]) for s in fsdp)
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.slow
+def test_fsdp2_kill_and_resume_is_bitwise(tmp_path, shards):
+    kill_and_resume(2, tmp_path, shards, "engine.name=fsdp2", seed=7)
+
+
+# --------------------------------------------------------------------------- another world size
+
+RESUME_STEPS = 6  # the first run saves at step 3 (128 samples = 4 steps of 32: mid-epoch)
+
+
+@pytest.fixture(scope="module")
+def saved_runs(tmp_path_factory, shards):
+    """One 2-rank run per engine, stopped after step 3 (checkpoint at 3)."""
+    root = tmp_path_factory.mktemp("saved")
+    out = {}
+    for name, args in ENGINES.items():
+        run(
+            2,
+            root / name,
+            shards,
+            *args,
+            "train.steps=3",
+            "data.batch_size=16",
+            "data.workers=1",
+            "checkpoint.every_n_steps=3",
+            "logging.sample_keys=true",
+        )
+        out[name] = root / name
+    return out
+
+
+def _moments_after_load(rank, world, run_dir, engine_args, checkpoint):
+    """Build the engine of `engine_args` at this world size, load `checkpoint`, return its moments."""
+    import os
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # DeepSpeed insists
+    from clipscale.distributed import init_distributed
+    from clipscale.engine import build_engine
+    from clipscale.model import create_model
+    from clipscale.state import seed_everything
+
+    cfg = tiny_config(run_dir, "unused", **{a.split("=")[0].replace(".", "__"): a.split("=")[1] for a in engine_args})
+    env = init_distributed("cpu", 600)
+    seed_everything(0)
+    engine = build_engine(cfg, create_model(cfg.model, cfg.loss.name, env.device).model, env)
+    engine.load(checkpoint)
+    return engine.full_optimizer_state()
+
+
+def moments(engine_args, world, run_dir, checkpoint):
+    return run_distributed(_moments_after_load, world, run_dir, engine_args, checkpoint)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "source, target, world",
+    [
+        ("fsdp2", "fsdp2", 1),
+        ("fsdp2", "fsdp2", 3),
+        ("zero2", "zero2", 1),
+        ("zero2", "zero2", 3),
+        ("zero3", "zero3", 1),
+        ("zero3", "zero3", 3),
+        ("ddp", "fsdp2", 1),
+        ("ddp", "fsdp2", 3),
+        ("fsdp2", "ddp", 3),
+    ],
+)
+def test_resume_at_another_world_size_carries_moments_and_data(tmp_path, saved_runs, shards, source, target, world):
+    checkpoint = CheckpointManager(saved_runs[source], is_main=False).latest()
+    # the moments the checkpoint holds, read back at the world size that wrote it
+    reference = moments(ENGINES[source], 2, tmp_path / "ref", checkpoint)
+    resumed = moments(ENGINES[target], world, tmp_path / "new", checkpoint)
+    assert resumed.keys() == reference.keys() and len(reference) > 50
+    for name, state in reference.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(resumed[name][key].reshape(-1), state[key].reshape(-1)), (name, key)
+    # and the run continues there, with every sample of the started epoch once
+    run_dir = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(saved_runs[source], run_dir)
+    run(
+        world,
+        run_dir,
+        shards,
+        *ENGINES[target],
+        f"train.steps={RESUME_STEPS}",
+        "data.batch_size=16",
+        "data.workers=1",
+        "checkpoint.every_n_steps=3",
+        "logging.sample_keys=true",
+        "checkpoint.resume=auto",
+    )
+    records = read_jsonl(run_dir / "sample_keys.jsonl")
+    assert sorted({r["step"] for r in records}) == list(range(1, RESUME_STEPS + 1))
+    epoch0 = [k for r in records for k, p in zip(r["keys"], r["passes"]) if p == 0]
+    assert len(epoch0) == len(set(epoch0)) == 128  # 8 shards x 16: every sample of epoch 0, once
+    assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == RESUME_STEPS
