@@ -86,3 +86,37 @@ def test_starting_the_data_loader_leaves_the_global_rng_alone(tmp_path, toy_shar
     trainer.data.next()
     assert torch.equal(torch.get_rng_state(), before)
     trainer.data.close()
+
+
+def test_an_explicit_resume_path_applies_once_then_the_run_continues_from_its_own_newest(tmp_path, toy_shards):
+    """A requeued job runs the same command again: checkpoint.resume=<path> must not roll back again."""
+    source, run = tmp_path / "source", tmp_path / "run"
+    train(tiny_config(source, toy_shards, train__steps=2, checkpoint__every_n_steps=2))
+    step2 = source / "checkpoints" / "step_00000002.pt"
+    common = {"checkpoint__resume": str(step2), "checkpoint__every_n_steps": 2}
+    train(tiny_config(run, toy_shards, train__steps=4, **common))  # resumes from the other run's step 2
+    trainer = Trainer(tiny_config(run, toy_shards, train__steps=6, **common), ENV)  # the same command, requeued
+    assert trainer.step == 4 and names(run) == ["step_00000004.pt"]
+    trainer.data.close()
+
+
+def test_resume_from_an_empty_checkpoints_folder_starts_fresh(tmp_path, toy_shards):
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    trainer = Trainer(
+        tiny_config(tmp_path / "run", toy_shards, checkpoint__resume=str(tmp_path / "old" / "checkpoints")), ENV
+    )
+    assert trainer.step == 0
+    trainer.data.close()
+
+
+def test_the_current_config_wins_also_over_an_old_optimizer_without_group_tags():
+    from clipscale.config import load_config
+    from clipscale.model import apply_hyperparameters
+
+    weights, gains = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    old = torch.optim.AdamW(
+        [{"params": [weights], "weight_decay": 0.2}, {"params": [gains], "weight_decay": 0.0}], lr=1e-3, foreach=False
+    )
+    apply_hyperparameters(old, load_config(None, ["optim.weight_decay=0.05", "optim.lr=3e-4"]))
+    assert [g["weight_decay"] for g in old.param_groups] == [0.05, 0.0]
+    assert [g["group"] for g in old.param_groups] == ["decay", "no_decay"] and old.param_groups[0]["lr"] == 3e-4

@@ -50,6 +50,35 @@ def test_fsdp2_kill_and_resume_is_bitwise(tmp_path, shards):
     kill_and_resume(2, tmp_path, shards, "engine.name=fsdp2", seed=7)
 
 
+@pytest.mark.slow
+def test_fsdp2_evaluates_like_ddp_and_exports_for_open_clip(tmp_path, shards):
+    import open_clip
+
+    from clipscale.model import register_model_configs
+
+    from helpers import run_cli
+
+    first = shards.replace("{000000..000007}", "000000")
+    for engine in ("ddp", "fsdp2"):
+        run(
+            2,
+            tmp_path / engine,
+            shards,
+            f"engine.name={engine}",
+            "train.steps=3",
+            f"eval.retrieval={first}",
+            "data.workers=0",
+        )
+    ddp, fsdp = (read_jsonl(tmp_path / e / "metrics.jsonl")[-1] for e in ("ddp", "fsdp2"))
+    assert fsdp["eval/retrieval_images"] == 16
+    for key in ("eval/i2t_r1", "eval/t2i_r5", "eval/i2t_r10"):
+        assert fsdp[key] == ddp[key], key
+    run_cli("export", "--checkpoint", str(tmp_path / "fsdp2"), "--output", str(tmp_path / "model.pt"))
+    register_model_configs()
+    model = open_clip.create_model_and_transforms("clip-tiny", pretrained=str(tmp_path / "model.pt"))[0]
+    assert model.logit_scale.dim() == 0
+
+
 # --------------------------------------------------------------------------- another world size
 
 RESUME_STEPS = 6  # the first run saves at step 3 (128 samples = 4 steps of 32: mid-epoch)
@@ -111,6 +140,7 @@ def moments(engine_args, world, run_dir, checkpoint):
         ("ddp", "fsdp2", 1),
         ("ddp", "fsdp2", 3),
         ("fsdp2", "ddp", 3),
+        ("ddp", "ddp", 3),
     ],
 )
 def test_resume_at_another_world_size_carries_moments_and_data(tmp_path, saved_runs, shards, source, target, world):

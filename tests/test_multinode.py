@@ -88,7 +88,7 @@ def test_two_torchrun_nodes_share_one_world(tmp_path, shards):
     assert sorted(k) == [(s, r) for s in range(1, STEPS + 1) for r in (0, 1)]
     assert all(len(set(k[(s, 0)]) & set(k[(s, 1)])) == 0 for s in range(1, STEPS + 1))  # disjoint halves
     saved = load_checkpoint_file(CheckpointManager(run_dir, is_main=False).latest())
-    assert saved["world_size"] == 2
+    assert saved["train_state"]["meta"]["world_size"] == 2
 
 
 def test_worker_killed_on_one_node_both_nodes_restart_and_resume(tmp_path, shards):

@@ -116,7 +116,7 @@ def test_kill_during_checkpoint_write_keeps_previous_and_corruption_falls_back(t
     ckpts = CheckpointManager(run_dir, is_main=False)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002.pt"
     assert ckpts.latest().name == "step_00000002.pt"
-    assert torch.load(ckpts.latest(), weights_only=True)["step"] == 2
+    assert torch.load(ckpts.latest(), weights_only=True)["train_state"]["progress"]["step"] == 2
     # finish the run, then damage the newest checkpoint: auto-resume falls back to the one before
     run(1, run_dir, shards, "checkpoint.resume=auto", "data.workers=0")
     newest = run_dir / "checkpoints" / f"step_{STEPS:08d}.pt"

@@ -32,7 +32,7 @@ import torch
 from .config import CheckpointConfig
 from .distributed import all_gather_object, barrier, broadcast_object
 from .errors import CheckpointError, CheckpointMismatch
-from .fsutil import atomic_write_bytes, fsync_dir, remove_path, sha256_file, temp_path
+from .fsutil import atomic_write_bytes, fsync_dir, remove_path, remove_temporaries, sha256_file, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ class CheckpointManager:
         self._pending_error: BaseException | None = None
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
+            remove_temporaries(self.dir, "step_*")  # what saves killed mid-write left behind
 
     def path_for(self, step: int, suffix: str = ".pt") -> Path:
         """Where the checkpoint of `step` lives (once published)."""
@@ -177,6 +178,8 @@ class CheckpointManager:
             remove_path(tmp)
         barrier()
         write(tmp)
+        if tmp.is_dir():  # each rank makes the files it wrote durable (other nodes' writes included)
+            fsync_tree(tmp)
         barrier()
         if self.is_main:
             self._publish(tmp, final)
@@ -284,56 +287,69 @@ class CheckpointManager:
         return path
 
     # ---------------------------------------------------------------- resuming
-    def resume_candidates(self, resume: str) -> tuple[list[Path], bool]:
-        """(checkpoints to try in order, whether `resume` named one explicitly). Damaged ones are left
-        out of resume=auto with a warning; an explicit damaged one is an error."""
+    RESUMED_FROM = "resumed_from"  # the explicit checkpoint.resume this run directory already applied
+
+    def plan_resume(self, resume: str) -> tuple[list[Path], bool]:
+        """(checkpoints to try in order, whether `resume` named exactly one). A run's `checkpoints/`
+        folder means its newest; an explicit path this run directory already resumed from (the
+        same command, requeued) means this run's own newest (else every requeue would roll back)."""
         if resume in ("", "none", None):
             return [], False
         if resume == "auto":
-            good = []
-            for path in self.candidates():
-                problem = checksum_problem(path)
-                if problem is None:
-                    good.append(path)
-                else:
-                    log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path.name, problem)
-            return good, False
+            return self.candidates(), False
+        path = Path(resume)
+        if path.is_dir() and path.name == "checkpoints":
+            return CheckpointManager(path.parent, is_main=False).candidates(), False
+        marker = self.dir / self.RESUMED_FROM
+        if marker.is_file() and marker.read_text().strip() == str(path.resolve()) and self.all_checkpoints():
+            log.info(
+                "checkpoint.resume=%s was applied before in this run directory; continuing from its newest checkpoint",
+                resume,
+            )
+            return self.candidates(), False
         return [self.resolve(resume)], True
 
     def load(self, engine, resume: str) -> tuple[Path, dict] | None:
         """Collective: restore the engine from the checkpoint `resume` says (none | auto | a path) and
-        return (its path, its train state), or None to start fresh. Under resume=auto a checkpoint
-        that fails to load is skipped for the one before it, on every rank alike."""
-        candidates, explicit = self.resume_candidates(resume) if self.is_main else ([], False)
-        candidates, explicit = broadcast_object(([str(p) for p in candidates], explicit))
+        return (its path, its train state), or None to start fresh. Under resume=auto a damaged
+        checkpoint, or one whose data fail to load, is skipped for the one before it, on every rank
+        alike; a checkpoint of another model, or an I/O or memory error, stops the run instead."""
+        plan = self.plan_resume(resume) if self.is_main else ([], False)
+        candidates, explicit = broadcast_object(([str(p) for p in plan[0]], plan[1]))
         for i, name in enumerate(candidates):
             path = Path(name)
+            problem = checksum_problem(path) if self.is_main and not explicit else None  # one at a time
+            problem = broadcast_object(problem)
+            if problem:
+                log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path.name, problem)
+                continue
+            train_state, error = None, None
             try:
-                train_state, error = engine.load(path), None
+                train_state = engine.load(path)
             except CheckpointMismatch as exn:  # another model: no older checkpoint is better
-                train_state, error = None, ("mismatch", str(exn))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exn:  # noqa: BLE001 - any failure to load means: not this checkpoint
-                train_state, error = (
-                    None,
-                    ("failed", f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}"),
-                )
+                error = ("mismatch", str(exn))
+            except (OSError, MemoryError) as exn:  # the storage or the machine, not the checkpoint
+                error = ("stop", f"cannot load {path}: {type(exn).__name__}: {exn}")
+            except Exception as exn:  # noqa: BLE001 - a damaged or incomplete checkpoint
+                error = ("skip", f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}")
             reports = [e for e in all_gather_object(error) if e]
-            mismatch = [text for kind, text in reports if kind == "mismatch"]
-            if mismatch:
-                raise CheckpointMismatch(mismatch[0])
-            errors = [text for _, text in reports]
-            if not errors:
+            for kind, text in reports:
+                if kind == "mismatch":
+                    raise CheckpointMismatch(text)
+                if kind == "stop":
+                    raise CheckpointError(text[:600])
+            if not reports:
                 if self.is_main:
                     self.abandon_after(path)
+                    if explicit:
+                        atomic_write_bytes(self.dir / self.RESUMED_FROM, (str(path.resolve()) + "\n").encode())
                 return path, train_state
             if explicit:
-                raise CheckpointError(f"checkpoint.resume: cannot load {path}: {errors[0]}"[:600])
+                raise CheckpointError(f"checkpoint.resume: cannot load {path}: {reports[0][1]}"[:600])
             log.warning(
                 "checkpoint %s could not be loaded (%s)%s",
                 path.name,
-                errors[0][:300],
+                reports[0][1][:300],
                 "; falling back to the previous one" if i + 1 < len(candidates) else "",
             )
         if candidates:
@@ -344,11 +360,12 @@ class CheckpointManager:
         return None
 
     def abandon_after(self, resumed: Path) -> None:
-        """Move the checkpoints after `resumed` to checkpoints/abandoned/ (a rollback): `latest` and
-        retention then only see the checkpoints of this run's history."""
-        if resumed.parent.resolve() != self.dir.resolve():
-            return  # resumed from another run's checkpoint
-        later = [p for p in self.all_checkpoints() if step_of(p) > step_of(resumed)]
+        """Move this run's checkpoints after `resumed` to checkpoints/abandoned/ (a rollback): `latest`,
+        resume=auto and retention then only see the checkpoints of the history this run continues."""
+        step = step_of(resumed)
+        if step < 0:
+            return
+        later = [p for p in self.all_checkpoints() if step_of(p) > step]
         if not later:
             return
         aside = self.dir / "abandoned"
@@ -358,10 +375,12 @@ class CheckpointManager:
             for item in (path, checksum_path(path)):
                 if item.exists():
                     os.replace(item, aside / f"{item.name}.{stamp}")
-        atomic_write_bytes(self.dir / LATEST, (resumed.name + "\n").encode())
+        if resumed.parent.resolve() == self.dir.resolve():
+            atomic_write_bytes(self.dir / LATEST, (resumed.name + "\n").encode())
         log.warning(
-            "resumed from %s, older than the newest checkpoint: moved %d later checkpoint(s) (%s) to %s",
+            "resumed from %s, older than the newest checkpoint of %s: moved %d later checkpoint(s) (%s) to %s",
             resumed.name,
+            self.dir,
             len(later),
             ", ".join(p.name for p in later),
             aside,
@@ -381,10 +400,11 @@ def fsync_tree(folder: Path) -> None:
         fsync_dir(path)
 
 
-def load_checkpoint_file(path: Path) -> dict:
-    """Load a clipscale checkpoint file, with a one-line error for unreadable files."""
+def load_checkpoint_file(path: Path, mmap: bool = False) -> dict:
+    """Load a clipscale checkpoint file, with a one-line error for unreadable files (`mmap`: tensors
+    stay in the file until touched)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exn:
         raise CheckpointError(
             f"cannot read checkpoint {path}: {type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}"

@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="write a checkpoint's weights as one open_clip state_dict",
-        description="Consolidate a DDP or DeepSpeed (ZeRO 0-3) checkpoint into a single fp32 "
+        description="Consolidate a DDP, FSDP2 or DeepSpeed (ZeRO 0-3) checkpoint into a single fp32 "
         "state_dict that open_clip loads with pretrained=PATH.",
     )
     p.add_argument(
@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="zero-shot classification and retrieval of a checkpoint",
-        description="Evaluate a clipscale checkpoint (file, DeepSpeed folder or run directory) or an "
+        description="Evaluate a clipscale checkpoint (file, FSDP2 or DeepSpeed folder, or run directory) or an "
         "open_clip-format state_dict (with --model): zero-shot top-1/top-5 and "
         "image<->text Recall@1/5/10; prints a table and writes JSON.",
     )

@@ -32,7 +32,7 @@ def remove_temporaries(directory: Path, *name_globs: str) -> None:
     """Delete what a killed writer left of the files named by `name_globs` (their `temp_path`s)."""
     for name_glob in name_globs:
         for stale in Path(directory).glob(f".{name_glob}.tmp*"):
-            stale.unlink()
+            remove_path(stale)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:

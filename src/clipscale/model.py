@@ -171,10 +171,17 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: Config) -> None
     the current config wins over the values the checkpoint's optimizer state carried."""
     o = cfg.optim
     for group in optimizer.param_groups:
+        # the group of gains, biases, embeddings and the temperature: tagged, or (a checkpoint of
+        # clipscale <= 0.1) the one that was saved without weight decay
+        no_decay = group.get("group") == "no_decay" or ("group" not in group and group.get("weight_decay") == 0)
+        group["group"] = "no_decay" if no_decay else "decay"
         group["lr"] = group["initial_lr"] = o.lr
-        group["weight_decay"] = 0.0 if group.get("group") == "no_decay" else o.weight_decay
+        group["weight_decay"] = 0.0 if no_decay else o.weight_decay
         group["betas"] = (o.beta1, o.beta2)
         group["eps"] = o.eps
+        for flag in ("fused", "foreach", "capturable"):  # how this run steps, not how the saved one did
+            if flag in optimizer.defaults:
+                group[flag] = optimizer.defaults[flag]
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:

@@ -2,7 +2,7 @@
 `torch.distributed.checkpoint.stateful.Stateful`), and the one place that says what a checkpoint
 holds besides the model and optimizer (which are the engine's: engine/*.py):
 
-    progress   step, consecutive/total non-finite steps          (every rank the same)
+    progress   step, non-finite steps skipped in total            (every rank the same)
     schedule   the LR schedule's position; its shape comes from the current config
     data       every stream's position in every source, the mixture schedule (data/loader.py)
     rng        python, numpy, torch CPU and the current CUDA device's generator, per rank
@@ -68,6 +68,9 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # clipscale <= 0.1 saved every visible device's
+        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        cuda = cuda[device] if device < len(cuda) else None
     if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
 
@@ -119,6 +122,9 @@ class LRSchedule:
     def load_state_dict(self, state: dict) -> None:
         self.engine.restart_schedule(int(state["step"]))
 
+    def load_missing(self, progress: Progress) -> None:
+        self.engine.restart_schedule(progress.step)
+
 
 class RNG:
     """Every rank's RNG states (collective to save). Restored only at the same world size; on
@@ -139,6 +145,9 @@ class RNG:
 
     def reseed(self) -> None:
         seed_everything(self.seed + 1000 * self.env.rank + self.progress.step)
+
+    def load_missing(self, progress: Progress) -> None:
+        self.reseed()
 
 
 class DataPosition:
@@ -201,9 +210,13 @@ class TrainState:
         return {"format": FORMAT, **{name: part.state_dict() for name, part in self.parts.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Every part from `state`; a part the checkpoint lacks gets its default for the loaded step
+        (RNGs re-seeded, the schedule at that step)."""
         for name, part in self.parts.items():
             if name in state:
                 part.load_state_dict(state[name])
+            elif hasattr(part, "load_missing"):
+                part.load_missing(self.parts["progress"])
 
 
 def from_legacy(flat: dict) -> dict:

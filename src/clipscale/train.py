@@ -90,8 +90,10 @@ class Trainer:
             meta=RunMeta(cfg, env),
         )
         loaded = self.ckpts.load(self.engine, cfg.checkpoint.resume)
+        self.last_checkpoint: Path | None = None  # the newest checkpoint of this run (saved or resumed from)
         if loaded is not None:
             path, saved = loaded
+            self.last_checkpoint = path
             self.state.load_state_dict(saved)
             log.info("resumed from %s at step %d", path, self.step)
         else:
@@ -164,9 +166,11 @@ class Trainer:
             if self.env.is_main:
                 path = self.ckpts.save_async(self.step, lambda tmp: torch_save_synced(snap, tmp), suffix)
             log.info("saving checkpoint %s in the background", path)
+            self.last_checkpoint = path
             return path
         path = self.ckpts.save(self.step, lambda tmp: self.engine.save(tmp, train_state), suffix)
         log.info("saved checkpoint %s", path)
+        self.last_checkpoint = path
         return path
 
     def _after_update(self, stats: dict) -> None:
@@ -273,9 +277,7 @@ class Trainer:
                 last_eval = self.step
 
         if self.ckpts.due_at_end(self.step, last_saved, preempted=bool(preempted)):
-            path = self.save()
-        else:
-            path = self.ckpts.path_for(last_saved, self.engine.checkpoint_suffix)
+            self.save()
         self.ckpts.wait()
         if self.evaluator and cfg.eval.at_end and not preempted and last_eval != self.step:
             self.evaluate()
@@ -287,7 +289,7 @@ class Trainer:
         self.metrics.close()
         self.write_status(
             "preempted" if preempted else "finished",
-            checkpoint=str(path),
+            checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
             **({"signal": preempted, "signal_step": signal_step} if preempted else {}),
         )
         return {

@@ -22,6 +22,8 @@ import datetime
 import io
 import json
 import logging
+import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -29,9 +31,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config
-from ..distributed import DistEnv, barrier, ensure_process_group
+from ..distributed import DistEnv, barrier, broadcast_object, ensure_process_group
 from ..errors import CheckpointError, CheckpointMismatch
-from ..fsutil import remove_path, temp_path
+from ..fsutil import remove_path
 from ..model import MAX_LOGIT_SCALE, param_groups
 from ..schedule import build_scheduler
 from ..state import from_legacy
@@ -189,7 +191,7 @@ class DeepSpeedEngine(Engine):
         path = Path(path)
         train_state, old_world = self._check_compatible(path)
         if self.stage >= 1 and old_world != self.env.world_size:
-            return self._load_universal(path, old_world)
+            return self._load_universal(path, train_state, old_world)
         loaded, client = self.ds.load_checkpoint(
             str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
         )
@@ -198,17 +200,22 @@ class DeepSpeedEngine(Engine):
         self.ds.set_gradient_accumulation_boundary(True)
         return train_state
 
-    def _load_universal(self, path: Path, old_world: int) -> dict:
-        """ZeRO shards of `old_world` ranks -> DeepSpeed's universal checkpoint (in a temporary folder
-        next to the checkpoint, written by the main rank) -> re-partitioned over this run's ranks."""
+    def _load_universal(self, path: Path, train_state: dict, old_world: int) -> dict:
+        """ZeRO shards of `old_world` ranks -> DeepSpeed's universal checkpoint (written by the main
+        rank into a temporary folder of this run's checkpoints/, the other ranks waiting on a status
+        file rather than a collective: converting a large model can outlast engine.dist_timeout_s)
+        -> re-partitioned over this run's ranks."""
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-        universal = temp_path(path, ".universal")
+        token = broadcast_object(uuid.uuid4().hex[:8])  # this attempt's: no stale status file can answer
+        universal = Path(self.cfg.run.dir) / "checkpoints" / f".{path.name}.tmp.universal-{token}"
+        status = universal.with_name(universal.name + ".status")
         if self.env.is_main:
             remove_path(universal)
+            status.unlink(missing_ok=True)
             log.info(
                 "converting %s (ZeRO-%d of %d ranks) to a universal checkpoint for %d ranks",
-                path.name,
+                path,
                 self.stage,
                 old_world,
                 self.env.world_size,
@@ -222,27 +229,36 @@ class DeepSpeedEngine(Engine):
                 strict=True,
                 inject_missing_state=True,
             )
-            with contextlib.redirect_stdout(io.StringIO()):
-                ds_to_universal(args)
-        barrier()
-        self.ds._config.load_universal_checkpoint = True
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    ds_to_universal(args)
+                status.write_text("ok\n")
+            except Exception as exn:  # noqa: BLE001 - every rank must hear of it
+                status.write_text(f"failed: {type(exn).__name__}: {exn}"[:500] + "\n")
+        while not status.is_file():  # the other ranks: wait for the main rank's verdict, however long
+            time.sleep(1)
+        verdict = status.read_text().strip()
         try:
-            loaded, client = self.ds.load_checkpoint(
+            if verdict != "ok":
+                raise CheckpointError(f"cannot convert {path} to a universal checkpoint: {verdict}")
+            self.ds._config.load_universal_checkpoint = True
+            loaded, _ = self.ds.load_checkpoint(
                 str(universal),
                 tag=TAG,
                 load_optimizer_states=True,
                 load_lr_scheduler_states=False,
                 load_module_strict=True,
             )
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load the universal checkpoint made of {path}")
         finally:
             self.ds._config.load_universal_checkpoint = False
-            barrier()
+            barrier()  # every rank has read it
             if self.env.is_main:
                 remove_path(universal)
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load the universal checkpoint made of {path}")
+                status.unlink(missing_ok=True)
         self.ds.set_gradient_accumulation_boundary(True)
-        return client.get("train_state") or from_legacy(client.get("clipscale") or {})
+        return train_state
 
     def full_optimizer_state(self) -> dict:
         from deepspeed.utils import safe_get_full_optimizer_state

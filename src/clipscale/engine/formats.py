@@ -37,9 +37,10 @@ def checkpoint_format(path: Path) -> str:
     raise CheckpointError(f"{path} is not a clipscale checkpoint (no file, DCP metadata or DeepSpeed folder)")
 
 
-def read_dcp_full(path: Path) -> dict:
+def read_dcp_full(path: Path, keys: set[str] | None = None) -> dict:
     """A DCP checkpoint folder read whole into this process (full tensors, no process group): what
-    torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, without the file."""
+    torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, without the file. `keys`:
+    only these top-level entries (e.g. {"model"} for the weights alone)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -47,7 +48,10 @@ def read_dcp_full(path: Path) -> dict:
     state: dict = {}
     try:
         _load_state_dict(
-            state, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+            state,
+            storage_reader=FileSystemReader(str(path)),
+            planner=_EmptyStateDictLoadPlanner(keys=keys),
+            no_dist=True,
         )
     except Exception as exn:
         raise CheckpointError(
@@ -77,23 +81,30 @@ def read_train_state(path: Path) -> dict:
         raise CheckpointError(f"cannot read {Path(path) / DCP_TRAIN_STATE}: {type(exn).__name__}") from None
 
 
-def full_state(path: Path) -> tuple[dict, dict | None, dict]:
+def full_state(path: Path, weights: bool = True) -> tuple[dict, dict | None, dict]:
     """(model state_dict, parameter-name keyed optimizer state or None, train state) of a ddp or
-    fsdp2 checkpoint, whole, on the CPU."""
+    fsdp2 checkpoint, whole, on the CPU. With weights=False only the train state is read (the
+    tensors of a DDP file are memory-mapped, not loaded): what every rank but the first needs when
+    the first one broadcasts."""
     from ..checkpoint import load_checkpoint_file
     from ..state import from_legacy
 
     kind = checkpoint_format(path)
     if kind == "ddp":
-        state = load_checkpoint_file(path)
+        state = load_checkpoint_file(path, mmap=not weights)
         optim = state.get("optimizer")
         if optim is not None and not all(isinstance(k, str) for k in optim.get("state", {})):
             optim = None  # clipscale <= 0.1 kept torch's index-keyed optimizer state: no names to map
-        return state["state_dict"], optim, state.get("train_state") or from_legacy(state)
+        train_state = state.get("train_state") or from_legacy(state)
+        if not weights:
+            return {}, ({} if optim is not None else None), train_state
+        return state["state_dict"], optim, train_state
     if kind == "fsdp2":
+        if not weights:
+            return {}, {}, read_train_state(path)
         whole = read_dcp_full(path)
         return whole["model"], whole.get("optim"), read_train_state(path)
     raise CheckpointMismatch(
-        f"{path} was written by engine.name=deepspeed; resume it with engine.name=deepspeed "
-        f"(any world size), or start from its weights: clipscale export, then model.pretrained=<file>"
+        f"{path} was written by engine.name=deepspeed; resume it with engine.name=deepspeed (any world size), "
+        f"or start from its weights: clipscale export, then model.pretrained=<file>"
     )

@@ -15,6 +15,7 @@ resumes here (engine/formats.py).
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -38,14 +39,17 @@ from .base import Engine, autocast_dtype, check_fits, optimizer_state_by_name
 from .formats import DCP_TRAIN_STATE, checkpoint_format, dcp_shapes, full_state, read_train_state
 
 FULL = StateDictOptions(full_state_dict=True)
+log = logging.getLogger(__name__)
 FORWARD_METHODS = ("encode_image", "encode_text")
+BLOCK_LISTS = ("resblocks", "blocks", "layer", "layers")  # open_clip, timm, Hugging Face text towers
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The residual blocks of every tower (open_clip's `resblocks`, timm's `blocks`): FSDP's units."""
+    """The residual blocks of every tower (open_clip's `resblocks`, timm's `blocks`, Hugging Face's
+    `encoder.layer`): FSDP's units."""
     blocks = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("resblocks", "blocks"):
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and name.rsplit(".", 1)[-1] in BLOCK_LISTS:
             blocks.extend(module)
     return blocks
 
@@ -60,14 +64,15 @@ class FSDP2Engine(Engine):
         self.cfg, self.env, self.device = cfg, env, env.device
         ensure_process_group(env)
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        # transformer blocks compute in the low precision (parameters cast for the forward, gradients
+        # reduced in fp32); the rest (embeddings, projections, the temperature) stays fp32 under autocast,
+        # as with DDP: a bf16 logit_scale would round ln(100) to 4.594
         dtype = autocast_dtype(cfg.model.precision, self.device)
-        policy = (
-            MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
-        )
+        blocks_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
         self.module = model.to(self.device)
         for block in transformer_blocks(self.module):
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(self.module, mesh=mesh, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=blocks_policy)
+        fully_shard(self.module, mesh=mesh)
         for method in FORWARD_METHODS:
             if hasattr(self.module, method):
                 register_fsdp_forward_method(self.module, method)
@@ -76,9 +81,6 @@ class FSDP2Engine(Engine):
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.steps, cfg.optim.lr)
 
     # ------------------------------------------------------------------ compute
-    def autocast(self):
-        return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters and inputs
-
     def backward(self, loss):
         loss.backward()
 
@@ -133,11 +135,21 @@ class FSDP2Engine(Engine):
             set_model_state_dict(self.module, state["model"])
             set_optimizer_state_dict(self.module, self.optimizer, state["optim"])
             return train_state
-        model_state, optim_state, train_state = full_state(path)
-        check_fits(path, train_state, self.cfg, now, model_state)
-        set_model_state_dict(self.module, fit_scalar_shapes(model_state, now), options=FULL)
+        # a whole state (a DDP file): read by the first rank only and broadcast, shard by shard
+        model_state, optim_state, train_state = full_state(path, weights=self.env.is_main)
+        if self.env.is_main:
+            check_fits(path, train_state, self.cfg, now, model_state)
+            model_state = fit_scalar_shapes(model_state, now)
+        broadcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(self.module, model_state, options=broadcast)
         if optim_state is not None:
-            set_optimizer_state_dict(self.module, self.optimizer, optim_state, options=FULL)
+            set_optimizer_state_dict(self.module, self.optimizer, optim_state, options=broadcast)
+        else:
+            log.warning(
+                "%s holds the optimizer state of clipscale <= 0.1 (by position, not by name): the AdamW "
+                "moments start from zero",
+                path,
+            )
         return train_state
 
     def full_optimizer_state(self) -> dict:
