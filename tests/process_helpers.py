@@ -38,7 +38,7 @@ def command(nproc, run_dir, shards, *overrides, torchrun_args=()):
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "clipscale.launch",
         "--standalone",
         f"--nproc_per_node={nproc}",
         *torchrun_args,

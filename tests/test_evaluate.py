@@ -252,3 +252,74 @@ def test_clipscale_eval_on_an_open_clip_format_checkpoint(tmp_path):
     assert "Traceback" not in wrong.stderr
     nameless = run_cli("eval", "--checkpoint", str(tmp_path / "open_clip.pt"), "--zeroshot", str(folder), check=False)
     assert nameless.returncode == 2 and "--model" in nameless.stderr
+
+
+# --------------------------------------------------------------------------- undecodable images (issue 20)
+
+
+def _zeroshot_on_a_folder_with_a_corrupt_image(rank, world, root):
+    model = OracleModel()
+    ev = Evaluator(EvalConfig(zeroshot=root, batch_size=2), model.transform, model.tokenizer, torch.device("cpu"))
+    return ev.run(model)
+
+
+def test_a_corrupt_eval_image_is_left_out_on_every_rank_alike(tmp_path):
+    """The bad file falls in one rank's share; both ranks agree to leave it out, none raises."""
+    root = color_folder(tmp_path / "val")
+    (root / "black" / "1.png").write_bytes(b"not a png at all")
+    from distributed_helpers import run_distributed
+
+    results = run_distributed(_zeroshot_on_a_folder_with_a_corrupt_image, 2, str(root))
+    assert results[0] == results[1]
+    out = results[0]
+    assert out["eval/zeroshot_skipped"] == 1
+    assert out["eval/zeroshot_images"] == 3 * len(NAMES) - 1
+    assert out["eval/zeroshot_top1"] == 1.0
+    assert "eval/decode_errors" not in out
+
+
+def test_an_image_that_stops_decoding_after_start_up_is_counted_not_raised(tmp_path):
+    root = color_folder(tmp_path / "val")
+    model = OracleModel()
+    ev = Evaluator(EvalConfig(zeroshot=str(root), batch_size=4), model.transform, model.tokenizer, torch.device("cpu"))
+    (root / "red" / "2.png").write_bytes(b"\xff\xd8 truncated")  # the file changed under a running job
+    out = ev.run(model)
+    assert out["eval/decode_errors"] == 1
+    assert out["eval/zeroshot_images"] == 3 * len(NAMES)  # still counted: encoded as a blank image
+
+
+def test_eval_workers_ignore_preemption_signals(tmp_path):
+    """A SIGTERM meant for the trainer reaches the evaluation workers too (SLURM signals the whole
+    step); they must not die of it, or the evaluation raises 'DataLoader worker killed'."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    root = color_folder(tmp_path / "val", per_class=6)
+    model = OracleModel()
+
+    def slow_transform(img):
+        time.sleep(0.02)
+        return OracleModel.transform(img)
+
+    spec = EvalConfig(zeroshot=str(root), batch_size=4, workers=2)
+    ev = Evaluator(spec, slow_transform, model.tokenizer, torch.device("cpu"), signals=("SIGTERM",))
+    hit = []
+
+    def signal_the_workers():
+        deadline = time.monotonic() + 60
+        while not hit and time.monotonic() < deadline:
+            for child in psutil.Process().children():
+                child.send_signal(signal.SIGTERM)
+                hit.append(child.pid)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=signal_the_workers, daemon=True)
+    thread.start()
+    out = ev.run(model)
+    thread.join(timeout=70)
+    assert hit, "no evaluation worker was seen"
+    assert out["eval/zeroshot_top1"] == 1.0
+    assert out["eval/zeroshot_images"] == 6 * len(NAMES)

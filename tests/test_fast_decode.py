@@ -99,3 +99,24 @@ def test_trainer_decodes_with_draft_at_the_model_input_size_unless_disabled(tmp_
     off = Trainer(tiny_config(tmp_path / "off", toy_shards, train__steps=1, data__jpeg_draft="false"), env)
     assert on.data.dataset.decoder.draft_size == on.bundle.image_size == 32
     assert off.data.dataset.decoder.draft_size is None
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_decompression_bomb_is_refused_on_both_paths_and_counted(monkeypatch, tiny_bundle, fmt):
+    """PIL refuses images over 2 x MAX_IMAGE_PIXELS; the simplejpeg fast path must as well."""
+    from clipscale.data.jpeg import decode_jpeg_fast
+    from clipscale.wds.schema import Skip
+
+    data = jpeg(40, 30, fmt=fmt)  # 1200 pixels: a bomb once the limit is 500
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    if fmt == "JPEG":
+        with pytest.raises(Image.DecompressionBombError):
+            decode_jpeg_fast(data)
+    with pytest.raises(Image.DecompressionBombError):
+        decode_image(data)
+    decoder = SampleDecoder(tiny_bundle.train_transform, [fmt.lower().replace("jpeg", "jpg")])
+    with pytest.raises(Skip) as caught:
+        decoder({fmt.lower().replace("jpeg", "jpg"): data, "txt": b"a cat"}, 0)
+    assert caught.value.reason == "image_too_large"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1200 <= 2 x 1000: decodes as PIL would
+    assert decode_image(data).size == (40, 30)

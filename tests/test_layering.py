@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "clipscale"
 
 # Top to bottom; a module may import its own layer or a lower one (never a higher one).
 LAYERS = [
-    ("entry points", {"__main__", "cli", "demo", "demo_report", "supervise"}),
+    ("entry points", {"__main__", "cli", "demo", "demo_report", "supervise", "launch"}),
     ("train/eval", {"train", "evaluate", "export"}),
     (
         "engine/loss/model/data",
@@ -30,11 +30,13 @@ LAYERS = [
             "metrics",
             "schedule",
             "preempt",
+            "watchdog",
+            "guard",
             "demo_data",
         },
     ),
     ("format/config", {"wds", "config", "config_reference", "prompts"}),
-    ("utilities", {"__init__", "errors", "fsutil", "distributed", "run_status"}),
+    ("utilities", {"__init__", "errors", "fsutil", "distributed", "run_status", "proc"}),
 ]
 NEVER = [
     ("data", "shards"),

@@ -60,3 +60,99 @@ def test_workers_survive_sigterm_and_the_stream_goes_on(tmp_path, toy_shards):
     finally:
         data.close()
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_a_sigterm_before_the_workers_ignore_it_does_not_kill_them(tmp_path, toy_shards, monkeypatch):
+    """The workers fork with the preemption signals blocked: a SIGTERM that reaches a worker before its
+    init function has ignored it waits, and is then dropped (here the init is held back on purpose,
+    so the window is 1.5 s wide instead of a few milliseconds on a busy machine)."""
+    import threading
+
+    import psutil
+
+    from clipscale.data import loader as loader_module
+    from clipscale.preempt import ignore_signals
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def slow_init(names, worker_id=0):
+        (marks / str(os.getpid())).touch()
+        time.sleep(1.5)
+        ignore_signals(names, worker_id)
+
+    monkeypatch.setattr(loader_module, "ignore_signals", slow_init)
+    cfg = tiny_config(tmp_path / "run", toy_shards, data__workers=2, data__batch_size=4)
+    bundle = create_model(cfg.model)
+    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"), None)
+    signalled = []
+
+    def signal_workers_in_init():
+        deadline = time.time() + 60
+        while len(signalled) < 2 and time.time() < deadline:
+            for mark in marks.iterdir():
+                if int(mark.name) not in signalled:
+                    os.kill(int(mark.name), signal.SIGTERM)
+                    signalled.append(int(mark.name))
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=signal_workers_in_init)
+    thread.start()
+    try:
+        keys = [k for _ in range(6) for k in data.next()[0]["keys"]]
+        thread.join()
+        assert len(signalled) == 2 and len(keys) == 24 and len(set(keys)) == 24
+        assert all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in signalled)
+    finally:
+        thread.join()
+        data.close()
+
+
+ORPHAN_PARENT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from helpers import tiny_config
+    from clipscale.data.loader import TrainData
+    from clipscale.distributed import init_distributed
+    from clipscale.model import create_model
+    cfg = tiny_config({run!r}, {shards!r}, data__workers=2, data__manifest={manifest!r}, data__read_timeout_s="null")
+    bundle = create_model(cfg.model)
+    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"), None)
+    print("reading", flush=True)
+    data.next()  # the workers block in a read that takes minutes
+""")
+
+
+def test_workers_exit_when_their_parent_is_killed(tmp_path, toy_shards):
+    """A worker busy in a read never reaches torch's parent check; the kernel ends it (PDEATHSIG)."""
+    import psutil
+
+    folder = os.path.dirname(toy_shards)
+    slow = "::".join(f"pipe:sleep 45; cat {folder}/toy-00000{i}.tar" for i in range(4))
+    script = ORPHAN_PARENT.format(
+        tests=str(REPO / "tests"), run=str(tmp_path / "run"), shards=slow, manifest=f"{folder}/manifest.json"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "reading"
+        deadline = time.time() + 60
+        workers = []
+        while len(workers) < 2 and time.time() < deadline:
+            children = psutil.Process(proc.pid).children()
+            workers = [p for p in children if "python" in " ".join(p.cmdline())]  # comm is pt_data_worker
+            time.sleep(0.1)
+        assert len(workers) == 2
+        time.sleep(1.0)  # both inside their read
+        proc.kill()
+        proc.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, [p.pid for p in alive]
+    finally:
+        proc.kill()
+        for p in psutil.process_iter(["cmdline"]):
+            if "sleep 45; cat" in " ".join(p.info["cmdline"] or []) and folder in " ".join(p.info["cmdline"] or []):
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)  # the pipe command and its sleep (their own group)
+                except OSError:
+                    pass

@@ -39,7 +39,7 @@ def start_nodes(run_dir, shards, *overrides, max_restarts=0):
         cmd = [
             sys.executable,
             "-m",
-            "torch.distributed.run",
+            "clipscale.launch",
             "--nnodes=2",
             "--nproc-per-node=1",
             f"--node-rank={node_rank}",

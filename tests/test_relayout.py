@@ -181,7 +181,7 @@ def fake_shards(monkeypatch, sizes, tag):
 
     counts = {f"/fake/{tag}{i:04d}.tar": n for i, n in enumerate(sizes)}
 
-    def fake_iter(url, on_error):
+    def fake_iter(url, on_error, read_timeout=None):
         for i in range(counts[url]):
             yield {"__url__": url, "__key__": f"{url}:{i}"}
 

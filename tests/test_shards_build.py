@@ -384,3 +384,35 @@ def test_tools_wrapper_runs_the_cli(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0 and proc.stdout.startswith("OK: 1 shard(s), 3 samples")
+
+
+def test_a_rerun_after_rows_were_appended_or_changed_rebuilds_only_those_shards(tmp_path):
+    """Completion used to be judged by options and tar size only: appended rows were silently dropped."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(14):
+        pattern_image(20, 20, i).save(d / f"{i}.png")
+    rows = [(f"{i}.png", f"image {i}".encode()) for i in range(10)]
+    write_csv(d / "pairs.csv", rows)
+    out, opts = tmp_path / "out", BuildOptions(samples_per_shard=4)
+    build_shards(str(d / "pairs.csv"), str(out), "k", opts, progress=False)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("k-*.tar")}
+    assert sorted(mtimes) == ["k-000000.tar", "k-000001.tar", "k-000002.tar"]
+
+    write_csv(d / "pairs.csv", rows + [(f"{i}.png", f"image {i}".encode()) for i in range(10, 14)])
+    stats = build_shards(str(d / "pairs.csv"), str(out), "k", opts, progress=False)
+    assert stats["written"] == 14 and stats["shards_reused"] == 2
+    assert len(read_set(out)) == 14  # the appended rows are in the shards
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("k-*.tar")}
+    assert after["k-000000.tar"] == mtimes["k-000000.tar"] and after["k-000001.tar"] == mtimes["k-000001.tar"]
+    assert after["k-000002.tar"] != mtimes["k-000002.tar"]  # held 2 rows, now 4
+    assert "k-000003.tar" in after
+
+    changed = rows + [(f"{i}.png", f"image {i}".encode()) for i in range(10, 14)]
+    changed[5] = ("5.png", b"a corrected caption")
+    write_csv(d / "pairs.csv", changed)
+    build_shards(str(d / "pairs.csv"), str(out), "k", opts, progress=False)
+    again = {p.name: p.stat().st_mtime_ns for p in out.glob("k-*.tar")}
+    assert [n for n in sorted(again) if again[n] != after[n]] == ["k-000001.tar"]
+    captions = {s["txt"].decode() for s in read_set(out).values()}
+    assert "a corrected caption" in captions and "image 5" not in captions

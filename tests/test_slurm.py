@@ -13,6 +13,7 @@ import pytest
 
 from clipscale.checkpoint import CheckpointManager
 from clipscale.metrics import read_jsonl
+from clipscale.watchdog import EXIT_HUNG
 
 from helpers import REPO, make_shards
 from process_helpers import logged_steps
@@ -227,3 +228,75 @@ def test_srun_variant_two_tasks_preempted_and_resumed(cluster, shards, tmp_path)
     assert "2 process(es) on cpu" in text and "[rank0 requeue1] INFO resumed from" in text
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 21))
     assert {r["rank"] for r in read_jsonl(run_dir / "sample_keys.jsonl")} == {0, 1}
+
+
+def training_process(run_dir, rank: int):
+    """The training process (not a DataLoader worker: those are its children) of `rank` in this run."""
+    import psutil
+
+    def is_rank(p):
+        try:
+            cmd = " ".join(p.cmdline())
+            return "clipscale.train" in cmd and f"run.dir={run_dir}" in cmd and p.environ().get("RANK") == str(rank)
+        except (psutil.Error, OSError):
+            return False
+
+    found = [p for p in psutil.process_iter() if is_rank(p)]
+    return [p for p in found if not any(p.ppid() == q.pid for q in found)]
+
+
+def freeze_rank_1_and_wait_for_the_report(run_dir, timeout, diagnosis):
+    """SIGSTOP rank 1's training process; the path of rank 0's hang report, written in time."""
+    import signal
+
+    frozen = training_process(run_dir, 1)
+    assert len(frozen) == 1, frozen
+    frozen[0].send_signal(signal.SIGSTOP)
+    stopped_at = time.time()
+    while not list((run_dir / "hang").glob("rank0-*.txt")):
+        assert time.time() < stopped_at + timeout + 60, diagnosis()
+        time.sleep(0.2)
+    time.sleep(1)  # written and fsynced before the status; let the process finish them
+    return next((run_dir / "hang").glob("rank0-*.txt"))
+
+
+def test_a_frozen_rank_is_caught_by_the_watchdog_and_the_run_requeued(cluster, shards, tmp_path):
+    """SIGSTOP one rank: the other waits in its all-reduce until the watchdog reports its stacks and
+    exits with EXIT_HUNG; supervise requeues; the requeued job resumes and finishes."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    steps, timeout = 40, 20
+    job = submit(
+        cluster,
+        "train.sbatch",
+        run_dir,
+        log,
+        f"data.train_shards={shards}",
+        f"train.steps={steps}",
+        "checkpoint.every_n_steps=5",
+        f"train.hang_timeout_s={timeout}",
+        "train.hang_grace_s=40",  # the stop may fall into a checkpoint save (its barrier): grace applies
+        "data.read_timeout_s=10",
+        NPROC_PER_NODE="2",
+        SHUTDOWN_TIMEOUT="5",
+    )
+    try:
+        wait_steps(cluster, job, log, run_dir, 8)
+        hung_at = freeze_rank_1_and_wait_for_the_report(run_dir, timeout, lambda: diagnose(cluster, job, log))
+    except BaseException:
+        subprocess.run(["scancel", job], env=cluster, timeout=30)  # no supervise left to requeue it later
+        raise
+    stacks = hung_at.read_text()
+    # waiting in a collective: the feature all-gather shows as a Python frame, DDP's gradient all-reduce
+    # runs in C++ inside backward; the report names what the loop was doing
+    assert "in: " in stacks, stacks[:3000]
+    in_gather = "distributed_c10d.py" in stacks
+    assert in_gather or re.search(r"engine/ddp\.py\", line \d+ in backward", stacks), stacks
+    info = wait_done(cluster, job, log, timeout=600)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    assert "run state: hung" in text and f": requeueing job {job}" in text, text[-4000:]
+    assert f"exited with code {EXIT_HUNG} (hung" in text
+    assert not list((run_dir / "hang").glob("rank1-*.txt"))  # the frozen rank could not report
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == list(range(1, steps + 1))
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("finished", steps)

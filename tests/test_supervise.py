@@ -16,6 +16,7 @@ import pytest
 from clipscale.preempt import EXIT_PREEMPTED
 from clipscale.run_status import read_status, write_status
 from clipscale.supervise import should_requeue, slurm_job_key
+from clipscale.watchdog import EXIT_HUNG
 
 STEP = textwrap.dedent("""
     import signal, sys, time
@@ -32,6 +33,9 @@ STEP = textwrap.dedent("""
         sys.exit(0)
     if mode == "crash":
         sys.exit(3)
+    if mode.startswith("hung_at_"):  # what the hang watchdog leaves
+        write_status(run_dir, "hung", step=int(mode[8:]), hung_ranks_reported=[0])
+        sys.exit(76)
     write_status(run_dir, "running", step=1)
     open(run_dir + "/ready", "w").close()
     time.sleep(60)
@@ -143,6 +147,23 @@ def test_failed_requeue_and_non_slurm_runs_say_so(job):
     assert code == EXIT_PREEMPTED and "not requeued" in out
 
 
+def test_a_hung_run_is_requeued_a_bounded_number_of_times_in_a_row(job):
+    """Three hangs at step 7 are requeued; the fourth without getting past step 7 fails the job; a
+    hang after progress (step 9) starts the count again."""
+    run, requeued = job
+    for attempt in range(1, 4):
+        code, out = run("hung_at_7")
+        assert code == 0 and requeued.read_text().split() == ["requeue", "77"] * attempt, out
+        assert f"hang {attempt} in a row" in out and "hung at step 7: requeueing job 77" in out
+    code, out = run("hung_at_7")
+    assert code == EXIT_HUNG and len(requeued.read_text().split()) == 6, out
+    assert "hung 4 times in a row without getting past step 7: not requeued" in out
+    code, out = run("hung_at_9")
+    assert code == 0 and len(requeued.read_text().split()) == 8 and "hang 1 in a row" in out, out
+    code, out = run("hung_at_9", SLURM_JOB_ID=None)
+    assert code == EXIT_HUNG and "not requeued" in out
+
+
 def test_supervise_without_a_command_is_a_one_line_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "clipscale", "supervise", "--run-dir", str(tmp_path)], capture_output=True, text=True
@@ -157,6 +178,7 @@ def test_requeue_decision_table():
     assert not should_requeue({"state": "preempted", "signal": "SIGTERM"}, None, usr)
     assert not should_requeue({"state": "finished"}, "SIGUSR1", usr)
     assert not should_requeue({"state": "failed"}, "SIGUSR1", usr)
+    assert should_requeue({"state": "hung", "step": 3}, None, usr)
     assert should_requeue({"state": "running"}, "SIGUSR1", usr)
     assert should_requeue(None, "SIGUSR2", usr)
     assert not should_requeue(None, None, usr)

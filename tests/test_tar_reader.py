@@ -201,3 +201,24 @@ def test_a_failing_pipe_ends_the_shard_through_on_error(tmp_path):
     path = write_tar(tmp_path / "a.tar", tarfile.USTAR_FORMAT, FILES)
     first = next(iter_raw_samples(f"pipe:cat {path}; exit 0", errors.append))  # closed early: no error
     assert first["__key__"] == "s0001" and errors == []
+
+
+@pytest.mark.parametrize("command", ["sleep 97", "sleep 97; cat {path}", "head -c 700 {path}; sleep 97"])
+def test_a_stream_that_stalls_is_abandoned_after_the_read_timeout(tmp_path, command):
+    """Before any byte, or mid-member: the reader gives up after the timeout (the pipe command is
+    stopped), whether tarfile sees the stall itself or wrapped in its own error."""
+    import time
+
+    import psutil
+
+    from clipscale.wds.tar import StalledRead
+
+    path = write_tar(tmp_path / "a.tar", tarfile.USTAR_FORMAT, FILES)
+    errors = []
+    started = time.monotonic()
+    samples = list(iter_raw_samples("pipe:" + command.format(path=path), errors.append, read_timeout=0.5))
+    assert time.monotonic() - started < 10
+    assert len(errors) == 1 and isinstance(errors[0], StalledRead), errors
+    assert len(samples) <= 1
+    time.sleep(0.2)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[-1:] == ["97"]]

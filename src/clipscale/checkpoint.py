@@ -270,6 +270,19 @@ class CheckpointManager:
             log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path.name, problem)
         return None
 
+    def rollback_target(self, before_step: int, also: Path | None = None) -> Path | None:
+        """The newest intact checkpoint from before `before_step` (the first step of a loss spike):
+        this run's own, else `also` (the checkpoint the run resumed from, maybe another run's)."""
+        found = [p for p in self.candidates() if 0 <= step_of(p) < before_step]
+        if also is not None and also not in found and 0 <= step_of(also) < before_step:
+            found.append(also)
+        for path in sorted(found, key=step_of, reverse=True):
+            problem = checksum_problem(path)
+            if problem is None:
+                return path
+            log.warning("checkpoint %s is damaged (%s); trying an older one", path.name, problem)
+        return None
+
     def resolve(self, resume: str) -> Path | None:
         """`checkpoint.resume` → a path to load, or None to start fresh."""
         if resume in ("", "none", None):

@@ -139,6 +139,7 @@ def cmd_supervise(args) -> int:
         requeue_count=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
         requeue=not args.no_requeue,
         requeue_signals=signals,
+        max_hang_requeues=args.max_hang_requeues,
     ).run()
 
 
@@ -386,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
         "supervise",
         help="run a training step inside a SLURM batch script; requeue on preemption",
         description="Run COMMAND (srun/torchrun ... clipscale.train), pass SIGUSR1/SIGUSR2/SIGTERM "
-        "on to it, and when the run was preempted by a requeue signal, requeue the "
-        "SLURM job with scontrol (see slurm/README.md).",
+        "on to it, and when the run was preempted by a requeue signal, or stopped by the hang "
+        "watchdog, requeue the SLURM job with scontrol (see slurm/README.md).",
     )
     p.add_argument("--run-dir", required=True, help="the run directory (its status.json says how the run ended)")
     p.add_argument(
@@ -397,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
         "requeues: it is scancel, or SLURM preemption that requeues by itself)",
     )
     p.add_argument("--no-requeue", action="store_true", help="checkpoint and stop, but do not requeue")
+    p.add_argument(
+        "--max-hang-requeues",
+        type=int,
+        default=3,
+        help="requeue a run the hang watchdog stopped (status hung) at most this many times in a row "
+        "without progress past the step of the previous hang; then the job fails (default 3)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     p.set_defaults(func=cmd_supervise)
 

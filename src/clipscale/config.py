@@ -96,6 +96,9 @@ class DataConfig:
     """Field of the sample's .json holding the caption (used when `caption_key` is missing or 'json')."""
     max_decode_errors_logged: int = 5
     """Skipped samples logged per stream with their reason (all are counted in skipped_samples)."""
+    read_timeout_s: float | None = 600
+    """A shard read (local or pipe:) that delivers no bytes for this long is abandoned; its unread samples are
+    skipped and counted (unreadable_shard); null: wait forever."""
     jpeg_draft: bool = True
     """Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) that is still at least the model's input
     size (PIL's draft): much less decode and resize work when the shards are larger than the model."""
@@ -151,8 +154,9 @@ class EngineConfig:
     """ZeRO stage 0-3 (default: the deepspeed_config file's zero_optimization.stage, else 2)."""
     deepspeed_config: Any = None
     """Extra DeepSpeed settings: a JSON/YAML file path or an inline mapping."""
-    dist_timeout_s: int = 600
-    """Collective timeout: a dead rank makes the others fail after this many seconds."""
+    dist_timeout_s: int = 3600
+    """Collective timeout: a dead rank makes the others fail after this many seconds. Keep it above
+    train.hang_timeout_s (the watchdog leaves stacks and asks for a requeue) and data.read_timeout_s."""
 
 
 @dataclass
@@ -182,6 +186,22 @@ class LoggingConfig:
 
 
 @dataclass
+class SpikeGuardConfig:
+    factor: float = 3.0
+    """A loss above factor x the median of the recent losses counts as a spike."""
+    window: int = 100
+    """Steps whose losses make the median."""
+    patience: int = 3
+    """Consecutive spiking steps before the run rolls back."""
+    skip_batches: int = 200
+    """Global batches of data consumed without training after a rollback (the data that led into the spike)."""
+    max_rollbacks: int = 3
+    """More rollbacks than this within `within_steps` steps stop the run with an error."""
+    within_steps: int = 1000
+    """The span of steps max_rollbacks counts in."""
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     """Total optimizer steps."""
@@ -191,6 +211,14 @@ class TrainConfig:
     """Abort after this many consecutive steps with a non-finite loss (each is skipped)."""
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
     """Signals that make every rank checkpoint after the current step and exit."""
+    hang_timeout_s: float | None = 1800
+    """A rank that finishes no step for this long writes its stacks to RUN_DIR/hang/ and exits (status hung,
+    requeued by clipscale supervise); null: no watchdog."""
+    hang_grace_s: float = 7200
+    """What the watchdog allows the first step, checkpoint saves and loads, and evaluations instead."""
+    spike_guard: SpikeGuardConfig | None = None
+    """Roll back to the latest checkpoint and skip data when the loss spikes, e.g. {factor: 3.0, window: 100,
+    patience: 3, skip_batches: 200}; null: off."""
 
 
 @dataclass
@@ -375,12 +403,29 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
         f = fields[key]
         current = getattr(obj, f.name)
         item_tp = _dataclass_items(hints[f.name])
-        if dataclasses.is_dataclass(current):
+        optional_tp = _optional_dataclass(hints[f.name])
+        if optional_tp is not None:  # a settings group that may be off (null)
+            if value is None or value is False:
+                setattr(obj, f.name, None)
+            else:
+                group = current if current is not None else optional_tp()
+                _apply(group, {} if value is True else value, full + ".")
+                setattr(obj, f.name, group)
+        elif dataclasses.is_dataclass(current):
             _apply(current, value if value is not None else {}, full + ".")
         elif item_tp is not None and isinstance(value, dict):
             _apply_to_items(current, item_tp, value, full + ".")
         else:
             setattr(obj, f.name, _coerce(full, value, hints[f.name]))
+
+
+def _optional_dataclass(tp):
+    """The dataclass of an `X | None` annotation where X is a dataclass, else None."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and dataclasses.is_dataclass(args[0]) and type(None) in typing.get_args(tp):
+            return args[0]
+    return None
 
 
 def _dataclass_items(tp):
@@ -546,6 +591,24 @@ def validate(cfg: Config) -> None:
     _require(cfg.logging.every_n_steps >= 1, "'logging.every_n_steps' must be >= 1")
     _require(bool(cfg.run.dir), "'run.dir' must not be empty")
     cfg.train.preempt_signals = [signal_name(n, "train.preempt_signals") for n in cfg.train.preempt_signals]
+    _require(
+        cfg.train.hang_timeout_s is None or cfg.train.hang_timeout_s > 0,
+        "'train.hang_timeout_s' must be > 0 or null (no watchdog)",
+    )
+    _require(cfg.train.hang_grace_s > 0, "'train.hang_grace_s' must be > 0")
+    _require(
+        cfg.data.read_timeout_s is None or cfg.data.read_timeout_s > 0, "'data.read_timeout_s' must be > 0 or null"
+    )
+    guard = cfg.train.spike_guard
+    if guard is not None:
+        _require(guard.factor > 1, f"'train.spike_guard.factor' must be > 1, got {guard.factor}")
+        _require(guard.window >= 5, "'train.spike_guard.window' must be >= 5")
+        _require(guard.patience >= 1, "'train.spike_guard.patience' must be >= 1")
+        _require(guard.skip_batches >= 0, "'train.spike_guard.skip_batches' must be >= 0")
+        _require(
+            guard.max_rollbacks >= 1 and guard.within_steps >= 1,
+            "'train.spike_guard.max_rollbacks' and 'within_steps' must be >= 1",
+        )
     validate_sources(cfg.data)
 
 

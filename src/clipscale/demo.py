@@ -45,7 +45,7 @@ def launch(config_path: Path, nproc: int) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "clipscale.launch",
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",

@@ -11,12 +11,20 @@ Every rank encodes an equal, strided share of the images and of the captions (pa
 same number of batches, because ZeRO-3 forwards are collective), the features are gathered and
 every rank computes the same numbers. The model runs in eval mode under no_grad, and the RNG
 states are put back afterwards, so evaluating never changes training (resume stays exact).
+
+Images that cannot be decoded are found when the sets are loaded (each rank decodes its share
+once), agreed on by every rank and left out (`eval/*_skipped`): one bad file must not make one
+rank fail hours into training while the others wait for it in a collective. An image that goes
+bad later (a file changed on disk) is encoded as a blank image and counted (`eval/decode_errors`).
+DataLoader workers ignore the preemption signals, like the training data's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -26,18 +34,21 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .config import EvalConfig
 from .data.jpeg import decode_image
 from .distributed import all_gather_object, rank, world_size
 from .errors import DataError, UserError
+from .preempt import ignore_signals, signals_blocked
 from .prompts import builtin_classes, builtin_templates
 from .wds.schema import IMAGE_FILE_SUFFIXES, captions_of, image_bytes, label_of
 from .wds.shardlist import expand, require_shards_exist
 from .wds.tar import iter_raw_samples
 
 RECALL_AT = (1, 5, 10)
+log = logging.getLogger(__name__)
 
 
 class EvalDataError(UserError):
@@ -112,6 +123,25 @@ class EvalSet:
     captions: list[list[str]] = field(default_factory=list)
     folder_names: list[str] | None = None
     skipped: int = 0
+    largest_share: int | None = None  # images of the rank with the most (None: the strided share's)
+
+    def batches_needed(self, world: int, batch_size: int) -> int:
+        """Batches of the largest share: every rank runs this many forwards."""
+        if self.largest_share is None:
+            return _batches_needed(self.size, world, batch_size)
+        return math.ceil(self.largest_share / batch_size)
+
+    def drop(self, bad: set[int]) -> None:
+        """Leave out the items with these global indices (the same on every rank): renumber the rest."""
+        keep = [i for i in range(self.size) if i not in bad]
+        new_index = {old: new for new, old in enumerate(keep)}
+        if self.labels:
+            self.labels = [self.labels[i] for i in keep]
+        if self.captions:
+            self.captions = [self.captions[i] for i in keep]
+        kept = [(new_index[i], s) for i, s in zip(self.local, self.sources) if i not in bad]
+        self.local, self.sources = [i for i, _ in kept], [s for _, s in kept]
+        self.size, self.skipped = len(keep), self.skipped + len(bad)
 
 
 def folder_set(root: Path, share: tuple[int, int]) -> EvalSet:
@@ -191,21 +221,72 @@ def load_eval_set(source: str, need: str, share: tuple[int, int]) -> EvalSet:
 
 
 class _Images(Dataset):
-    def __init__(self, sources: list, transform: Callable):
-        self.sources, self.transform = sources, transform
+    """(image tensor, 1) per source; (a blank image, 0) where it cannot be read or decoded.
+    With `check`, only whether it decodes: ("" or the error, its position)."""
+
+    def __init__(self, sources: list, transform: Callable, check: bool = False):
+        self.sources, self.transform, self.check = sources, transform, check
 
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int):
         src = self.sources[i]
         try:
-            img = decode_image(src if isinstance(src, bytes) else Path(src).read_bytes())
-        except Exception as exn:
-            raise EvalDataError(
-                f"cannot decode evaluation image {src if not isinstance(src, bytes) else i}: {type(exn).__name__}"
-            ) from None
-        return self.transform(img)
+            image = self.transform(decode_image(src if isinstance(src, bytes) else Path(src).read_bytes()))
+        except Exception as exn:  # noqa: BLE001 - PIL raises many types for bad bytes
+            if self.check:
+                return f"{type(exn).__name__}: {str(exn)[:100]}", i
+            return self.transform(Image.new("RGB", (32, 32))), 0  # the transform gives it the model's shape
+        return ("", i) if self.check else (image, 1)
+
+
+def shielded_loader(dataset: Dataset, signals: Sequence[str] = (), **kwargs) -> Iterator:
+    """Iterate a DataLoader whose workers ignore the preemption signals (and die with this process);
+    they fork with the signals blocked, so no signal can reach them before they ignore it."""
+    workers = kwargs.get("num_workers", 0)
+    init = functools.partial(ignore_signals, tuple(signals)) if workers and signals else None
+    loader = DataLoader(dataset, worker_init_fn=init, **kwargs)
+    with signals_blocked(signals if workers else ()):
+        iterator = iter(loader)
+    yield from iterator
+
+
+def model_image_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    size = getattr(getattr(model, "visual", None), "image_size", 224)
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    return (3, *size)
+
+
+def leave_out_undecodable(ev: EvalSet, transform: Callable, what: str, workers: int, signals: Sequence[str]) -> None:
+    """Collective: decode this rank's images once, agree on the bad ones with every rank, drop them."""
+    bad_here: list[tuple[int, str]] = []
+    if ev.sources:
+        batches = shielded_loader(
+            _Images(ev.sources, transform, check=True),
+            signals,
+            batch_size=64,
+            num_workers=workers,
+            collate_fn=list,
+        )
+        for batch in batches:
+            bad_here.extend((ev.local[i], error) for error, i in batch if error)
+    bad: dict[int, str] = {}
+    for part in all_gather_object(bad_here):
+        bad.update(part)
+    if bad:
+        first = min(bad)
+        log.warning(
+            "%s: %d image(s) cannot be decoded and are left out of the evaluation (item %d: %s)",
+            what,
+            len(bad),
+            first,
+            bad[first],
+        )
+        ev.drop(set(bad))
+        if ev.size == 0:
+            raise EvalDataError(f"{what}: none of the images can be decoded")
+    ev.largest_share = max(all_gather_object(len(ev.local)))
 
 
 # --------------------------------------------------------------------------- encoding
@@ -252,21 +333,26 @@ class Encoder:
         batch_size: int = 64,
         workers: int = 0,
         autocast: Callable = contextlib.nullcontext,
+        signals: Sequence[str] = (),
     ):
         self.model, self.transform, self.tokenizer = model, transform, tokenizer
         self.device, self.batch_size, self.workers, self.autocast = device, batch_size, workers, autocast
+        self.signals = tuple(signals)
+        self.decode_errors = 0  # images that decoded at start-up but not now (encoded blank)
 
     def images(self, ev: EvalSet) -> torch.Tensor:
         """Normalised features of the whole set [size, d], gathered from every rank."""
-        loader = DataLoader(
+        loader = shielded_loader(
             _Images(ev.sources, self.transform),
+            self.signals,
             batch_size=self.batch_size,
             num_workers=self.workers if ev.sources else 0,
         )
         feats = []
-        for batch in loader:
-            feats.append(self._encode_images(batch))
-        self._pad(len(feats), _batches_needed(ev.size, world_size(), self.batch_size), "image")
+        for images, ok in loader:
+            self.decode_errors += int((ok == 0).sum())
+            feats.append(self._encode_images(images))
+        self._pad(len(feats), ev.batches_needed(world_size(), self.batch_size), "image")
         local = torch.cat(feats) if feats else torch.empty(0)
         return _assemble(local, ev.local, ev.size)
 
@@ -305,9 +391,7 @@ class Encoder:
             return
         for _ in range(needed - done):
             if kind == "image":
-                size = getattr(getattr(self.model, "visual", None), "image_size", 224)
-                size = size if isinstance(size, (tuple, list)) else (size, size)
-                self._encode_images(torch.zeros(1, 3, *size))
+                self._encode_images(torch.zeros(1, *model_image_shape(self.model)))
             else:
                 self._encode_texts(["padding"])
 
@@ -357,12 +441,23 @@ def retrieval_recall(
 class Evaluator:
     """Loads the evaluation sets once; `run(model)` returns {"eval/...": value}."""
 
-    def __init__(self, spec: EvalConfig, transform: Callable, tokenizer: Callable, device: torch.device):
+    def __init__(
+        self,
+        spec: EvalConfig,
+        transform: Callable,
+        tokenizer: Callable,
+        device: torch.device,
+        signals: Sequence[str] = (),
+    ):
+        """Collective: loads every rank's share of the sets and leaves out the images that do not decode.
+        `signals`: the preemption signals the DataLoader workers must ignore."""
         self.spec, self.transform, self.tokenizer, self.device = spec, transform, tokenizer, device
+        self.signals = tuple(signals)
         share = (rank(), world_size())
         self.zeroshot_set = self.retrieval_set = None
         if spec.zeroshot:
             self.zeroshot_set = load_eval_set(spec.zeroshot, "label", share)
+            leave_out_undecodable(self.zeroshot_set, transform, "eval.zeroshot", spec.workers, self.signals)
             self.classnames, self.templates = load_classes_and_templates(
                 spec.zeroshot_classes, spec.zeroshot_templates, self.zeroshot_set.folder_names
             )
@@ -374,10 +469,18 @@ class Evaluator:
                 )
         if spec.retrieval:
             self.retrieval_set = load_eval_set(spec.retrieval, "captions", share)
+            leave_out_undecodable(self.retrieval_set, transform, "eval.retrieval", spec.workers, self.signals)
 
     def run(self, model: torch.nn.Module, autocast: Callable = contextlib.nullcontext) -> dict[str, float]:
         enc = Encoder(
-            model, self.transform, self.tokenizer, self.device, self.spec.batch_size, self.spec.workers, autocast
+            model,
+            self.transform,
+            self.tokenizer,
+            self.device,
+            self.spec.batch_size,
+            self.spec.workers,
+            autocast,
+            self.signals,
         )
         out: dict[str, float] = {}
         with preserved_rng(), eval_mode(model):
@@ -386,7 +489,12 @@ class Evaluator:
                 classifier = enc.classifier(self.classnames, self.templates)
                 acc = topk_accuracy(enc.images(ev) @ classifier, torch.tensor(ev.labels), (1, 5))
                 out.update(
-                    {"eval/zeroshot_top1": acc[1], "eval/zeroshot_top5": acc[5], "eval/zeroshot_images": ev.size}
+                    {
+                        "eval/zeroshot_top1": acc[1],
+                        "eval/zeroshot_top5": acc[5],
+                        "eval/zeroshot_images": ev.size,
+                        "eval/zeroshot_skipped": ev.skipped,
+                    }
                 )
             if self.retrieval_set is not None:
                 ev = self.retrieval_set
@@ -394,7 +502,17 @@ class Evaluator:
                 owner = torch.tensor([i for i, caps in enumerate(ev.captions) for _ in caps])
                 recall = retrieval_recall(enc.images(ev), enc.texts(texts), owner)
                 out.update({f"eval/{k}": v for k, v in recall.items()})
-                out.update({"eval/retrieval_images": ev.size, "eval/retrieval_texts": len(texts)})
+                out.update(
+                    {
+                        "eval/retrieval_images": ev.size,
+                        "eval/retrieval_texts": len(texts),
+                        "eval/retrieval_skipped": ev.skipped,
+                    }
+                )
+        decode_errors = sum(all_gather_object(enc.decode_errors))
+        if decode_errors:
+            log.warning("evaluation: %d image(s) no longer decode; they were encoded as blank images", decode_errors)
+            out["eval/decode_errors"] = decode_errors
         return out
 
 

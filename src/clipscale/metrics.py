@@ -98,11 +98,16 @@ class MetricsLogger:
         if console:
             self.console(format_metrics(record))
 
-    def sample_keys(self, step: int, keys: list[str], passes: list[int], sources: list[str]) -> None:
+    def sample_keys(
+        self, step: int, keys: list[str], passes: list[int], sources: list[str], skipped: int | None = None
+    ) -> None:
         """One line per rank and step: the keys of its samples, their data pass (the source's epoch)
-        and source (keys of different sources may collide), in the same order."""
+        and source (keys of different sources may collide), in the same order. After a loss-spike
+        rollback, one line per skipped global batch (`skipped`: its index) before the step they precede."""
         if self.sample_keys_enabled:
             record = {"step": step, "rank": self.rank, "keys": keys, "passes": passes, "sources": sources}
+            if skipped is not None:
+                record["skipped"] = skipped
             append_line(self.run_dir / SAMPLE_KEYS_FILE, record)
 
     def close(self) -> None:

@@ -10,8 +10,12 @@ that step, or of the next one when the flag was read just before the signal arri
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
+
+from .proc import die_with_parent
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- a preempted run resumes with resume=auto
 
@@ -22,10 +26,39 @@ def ignore_signals(signal_names, worker_id: int = 0) -> None:
     SLURM signals every process of a job (scancel, preemption, time limit), DataLoader workers
     included, and torch makes SIGTERM fatal in them: the dead worker would fail the main process
     before it can checkpoint. Ignoring the signals is safe: workers still stop when the loader
-    shuts down (its done event) or when the main process dies (their parent watchdog).
+    shuts down (its done event), and when the main process dies the kernel kills them
+    (`exit_with_parent`). The parent forks them with these signals blocked (`signals_blocked`), so
+    one that arrives before this function runs waits, and is ignored here, instead of killing them.
     """
+    exit_with_parent()
     for name in signal_names:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [getattr(signal, name) for name in signal_names])
+
+
+def exit_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (see proc.die_with_parent)."""
+    parent = os.getppid()
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def signals_blocked(signal_names):
+    """Block the signals in this thread for the duration (they stay pending, delivered afterwards).
+
+    Processes forked meanwhile inherit the blocked mask: a signal sent to them before they install
+    their own disposition waits instead of running the default action (termination)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = [getattr(signal, name) for name in signal_names]
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class PreemptionHandler:

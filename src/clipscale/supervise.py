@@ -14,6 +14,10 @@ trainer checkpoints at the next step and writes status.json), waits, and then de
 - stopped by SIGTERM                                  -> no requeue: that is `scancel` (the user
                                                          means it) or SLURM's own preemption,
                                                          which requeues by itself (PreemptMode=REQUEUE)
+- stopped by the hang watchdog (status `hung`)        -> requeue, unless the run hung
+                                                         --max-hang-requeues times in a row without
+                                                         getting past the step of the hang before
+                                                         (RUN_DIR/hang/requeues.jsonl keeps count)
 
 torch-free, so the batch shell starts in a blink.
 """
@@ -27,8 +31,10 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from .metrics import append_line, read_jsonl
 from .preempt import EXIT_PREEMPTED
 from .run_status import read_status
+from .watchdog import EXIT_HUNG, HANG_DIR
 
 FORWARDED_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
@@ -46,6 +52,8 @@ def should_requeue(status: dict | None, caught: str | None, requeue_signals: Seq
     state = status["state"] if status else None
     if state in ("finished", "failed"):
         return False
+    if state == "hung":
+        return True  # bounded by Supervisor.hangs_in_a_row
     if state == "preempted":
         return (status.get("signal") or caught) in requeue_signals
     return caught in requeue_signals  # signalled, but the step ended before it could say so
@@ -62,11 +70,13 @@ class Supervisor:
         requeue_signals: Sequence[str] = REQUEUE_SIGNALS,
         requeue_command: Sequence[str] = ("scontrol", "requeue"),
         say: Callable[[str], None] = None,
+        max_hang_requeues: int = 3,
     ):
         self.command, self.run_dir = list(command), Path(run_dir)
         self.job_key, self.requeue_count, self.requeue = job_key, requeue_count, requeue
         self.requeue_signals, self.requeue_command = tuple(requeue_signals), list(requeue_command)
         self._say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.max_hang_requeues = max_hang_requeues
         self.caught: str | None = None
         self.proc: subprocess.Popen | None = None
         self._pending: list[int] = []
@@ -114,22 +124,48 @@ class Supervisor:
             return 0
         if not should_requeue(status, self.caught, self.requeue_signals):
             return code or 1
+        hung = bool(status and status["state"] == "hung")
+        stopped = EXIT_HUNG if hung else EXIT_PREEMPTED
+        if hung:
+            hangs = self.hangs_in_a_row(int(status.get("step") or 0))
+            reports = self.run_dir / HANG_DIR
+            if hangs > self.max_hang_requeues:
+                self.say(
+                    f"the run hung {hangs} times in a row without getting past step {status.get('step')}: "
+                    f"not requeued (the stacks of each hang are in {reports})"
+                )
+                return EXIT_HUNG
+            self.say(
+                f"the hang watchdog stopped the run (hang {hangs} in a row, at most {self.max_hang_requeues} "
+                f"are requeued; stacks in {reports})"
+            )
         if not self.requeue or not self.job_key:
             self.say(
-                "preempted; not requeued (not a SLURM job or --no-requeue): run the same command "
-                "again to resume from the latest checkpoint"
+                f"{'hung' if hung else 'preempted'}; not requeued (not a SLURM job or --no-requeue): run the "
+                "same command again to resume from the latest checkpoint"
             )
-            return EXIT_PREEMPTED
-        self.say(f"preempted{where}: requeueing job {self.job_key}")
+            return stopped
+        self.say(f"{'hung' if hung else 'preempted'}{where}: requeueing job {self.job_key}")
         try:
             done = subprocess.run([*self.requeue_command, self.job_key], capture_output=True, text=True)
         except OSError as e:
             self.say(f"cannot requeue: {e} (is scontrol on PATH?); resubmit to resume")
-            return EXIT_PREEMPTED
+            return stopped
         if done.returncode != 0:
             self.say(
                 f"'{' '.join(self.requeue_command)} {self.job_key}' failed: "
                 f"{(done.stderr or done.stdout).strip()}; resubmit to resume"
             )
-            return EXIT_PREEMPTED
+            return stopped
         return 0
+
+    def hangs_in_a_row(self, step: int) -> int:
+        """Record this hang; the number of hangs since the run last got past the step of a hang."""
+        log = self.run_dir / HANG_DIR / "requeues.jsonl"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        append_line(log, {"step": step, "time": time.time(), "job": self.job_key})
+        streak, furthest = 0, -1
+        for record in read_jsonl(log):
+            streak = 1 if record["step"] > furthest else streak + 1
+            furthest = max(furthest, record["step"])
+        return streak

@@ -15,25 +15,27 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointManager, torch_save_synced
+from .checkpoint import CheckpointManager, step_of, torch_save_synced
 from .config import Config, add_config_arguments, load_config, save_config
 from .data.loader import TrainData
-from .distributed import DistEnv, all_gather_object, cleanup, init_distributed, world_size
+from .distributed import DistEnv, all_gather_object, broadcast_object, cleanup, init_distributed, world_size
 from .engine import build_engine
 from .errors import UserError, run_command
 from .grad_cache import forward_backward
+from .guard import SpikeGuard
 from .loss import build_loss
 from .metrics import MetricsLogger
 from .model import count_parameters, create_model
 from .preempt import EXIT_PREEMPTED, PreemptionHandler
 from .run_status import write_status
 from .state import RNG, DataPosition, LRSchedule, Progress, RunMeta, TrainState, seed_everything
+from .watchdog import HangWatchdog
 
 log = logging.getLogger("clipscale")
 
 
 class TrainingDiverged(UserError):
-    """The loss stayed non-finite for train.max_nonfinite_steps consecutive steps."""
+    """The loss stayed non-finite for train.max_nonfinite_steps consecutive steps, or kept spiking."""
 
 
 def setup_logging(env: DistEnv) -> None:
@@ -62,6 +64,25 @@ def global_loss_and_stop(loss: torch.Tensor, stop_requested: bool) -> tuple[floa
     return total / world_size(), stops > 0
 
 
+def warn_about_timeouts(cfg: Config) -> None:
+    """The timeouts work in order: a stalled read is abandoned, then a hung rank is stopped by the
+    watchdog, and only then do collectives time out. Out of order, the later one never gets to act."""
+    collective, hang, read = cfg.engine.dist_timeout_s, cfg.train.hang_timeout_s, cfg.data.read_timeout_s
+    if hang and hang >= collective:
+        log.warning(
+            "train.hang_timeout_s=%s >= engine.dist_timeout_s=%s: a rank stuck in a collective fails the run with a "
+            "timeout before the hang watchdog can leave its stacks and ask for a requeue",
+            hang,
+            collective,
+        )
+    if read and read >= min(collective, hang or collective):
+        log.warning(
+            "data.read_timeout_s=%s is not below train.hang_timeout_s / engine.dist_timeout_s: a stalled shard "
+            "read stops the run instead of costing one shard",
+            read,
+        )
+
+
 class Trainer:
     """One run: set up, resume, the loop (step, log, maybe save, maybe evaluate), finish."""
 
@@ -72,7 +93,20 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         self.preempt = PreemptionHandler(cfg.train.preempt_signals)  # before DataLoader workers fork
+        self.progress = Progress()
+        # set-up, resume and the first step run under the watchdog's grace period (see watchdog.py)
+        self.watchdog = HangWatchdog(
+            self.run_dir, env.rank, cfg.train.hang_timeout_s, cfg.train.hang_grace_s, self._status_fields
+        )
+        try:
+            self._set_up(cfg, env)
+        except BaseException:
+            self.close()
+            raise
 
+    def _set_up(self, cfg: Config, env: DistEnv) -> None:
+        if env.is_main:
+            warn_about_timeouts(cfg)
         seed_everything(cfg.seed)  # identical initial weights on every rank
         self.bundle = create_model(cfg.model, cfg.loss.name, env.device)
         self.engine = build_engine(cfg, self.bundle.model, env)
@@ -80,14 +114,15 @@ class Trainer:
         self.ckpts = CheckpointManager(self.run_dir, cfg.checkpoint, env.is_main)
         draft = self.bundle.image_size if cfg.data.jpeg_draft else None
         self.data = TrainData(cfg, self.bundle.train_transform, self.bundle.tokenizer, env, draft_size=draft)
-        self.progress = Progress()
         self.rng = RNG(env, cfg.seed, self.progress)
+        self.guard = SpikeGuard(cfg.train.spike_guard) if cfg.train.spike_guard else None
         self.state = TrainState(
             progress=self.progress,
             schedule=LRSchedule(self.engine),
             data=DataPosition(self.data, self.progress),
             rng=self.rng,
             meta=RunMeta(cfg, env),
+            **({"guard": self.guard} if self.guard else {}),
         )
         loaded = self.ckpts.load(self.engine, cfg.checkpoint.resume)
         self.last_checkpoint: Path | None = None  # the newest checkpoint of this run (saved or resumed from)
@@ -111,7 +146,9 @@ class Trainer:
         if cfg.eval.zeroshot or cfg.eval.retrieval:  # read the evaluation sets now: errors at start-up
             from .evaluate import Evaluator
 
-            self.evaluator = Evaluator(cfg.eval, self.bundle.val_transform, self.bundle.tokenizer, env.device)
+            self.evaluator = Evaluator(
+                cfg.eval, self.bundle.val_transform, self.bundle.tokenizer, env.device, cfg.train.preempt_signals
+            )
         elif cfg.eval.every_n_steps:
             log.warning(
                 "eval.every_n_steps=%d, but no evaluation set is given (eval.zeroshot, eval.retrieval): "
@@ -123,6 +160,13 @@ class Trainer:
     def step(self) -> int:
         return self.progress.step
 
+    def close(self) -> None:
+        """Stop what runs beside the loop: DataLoader workers, signal handlers, the watchdog."""
+        if getattr(self, "data", None) is not None:
+            self.data.close()
+        self.preempt.restore()
+        self.watchdog.stop()
+
     # ------------------------------------------------------------------ helpers
     def _console(self, line: str) -> None:
         if self.progress_bar is not None:
@@ -130,24 +174,29 @@ class Trainer:
         else:
             log.info(line)
 
+    def _status_fields(self) -> dict:
+        fields = {
+            "total_steps": self.cfg.train.steps,
+            "world_size": self.env.world_size,
+            "restart_count": self.env.restart_count,
+            "requeue_count": self.env.requeue_count,
+        }
+        guard = getattr(self, "guard", None)
+        if guard is not None and guard.rollbacks:
+            fields["rollbacks"] = guard.rollbacks[-20:]
+        return fields
+
     def write_status(self, state: str, **fields) -> None:
-        """RUN_DIR/status.json: running | finished | preempted | failed (read by job scripts to decide on requeue)."""
+        """RUN_DIR/status.json: running | finished | preempted | failed | hung (read by job scripts to
+        decide on requeue)."""
         if self.env.is_main:
-            write_status(
-                self.run_dir,
-                state,
-                step=self.step,
-                total_steps=self.cfg.train.steps,
-                world_size=self.env.world_size,
-                restart_count=self.env.restart_count,
-                requeue_count=self.env.requeue_count,
-                **fields,
-            )
+            write_status(self.run_dir, state, step=self.step, **self._status_fields(), **fields)
 
     def evaluate(self) -> dict:
         """Collective: zero-shot / retrieval numbers into metrics.jsonl (the model is left as it was)."""
         t0 = time.perf_counter()
-        results = self.evaluator.run(self.engine.module, self.engine.autocast)
+        with self.watchdog.allow("evaluation"):
+            results = self.evaluator.run(self.engine.module, self.engine.autocast)
         results["eval/seconds"] = time.perf_counter() - t0
         self.metrics.log(self.step, results)
         return results
@@ -158,6 +207,10 @@ class Trainer:
     def save(self, background: bool = False) -> Path:
         """Collective: the engine's model and optimizer, and the train state. In the background
         (checkpoint.async, DDP engine) the main rank writes a CPU snapshot while training goes on."""
+        with self.watchdog.allow("checkpoint"):
+            return self._save(background)
+
+    def _save(self, background: bool) -> Path:
         train_state = self.state.state_dict()
         suffix = self.engine.checkpoint_suffix
         if background and self.engine.supports_async_save:
@@ -195,13 +248,18 @@ class Trainer:
     def train_step(self) -> tuple[float, bool, dict, float, list]:
         """One optimizer step: (global loss, stop requested by any rank, step stats, data wait, micro-batches)."""
         micro, wait = [], 0.0
+        doing = self.watchdog.doing
+        doing("waiting for data")
         for _ in range(self.cfg.optim.accum_steps):
             batch, w = self.data.next()
             micro.append(self.data.to_device(batch, self.engine.device))
             wait += w
         self.engine.module.train()
+        doing("forward/backward (feature all-gathers, gradient all-reduce or reduce-scatter)")
         loss = forward_backward(self.engine, self.loss_fn, micro)
+        doing("all-reduce of the loss and the stop flag")
         global_loss, stop = global_loss_and_stop(loss, self.preempt.requested)
+        doing("optimizer step")
         if math.isfinite(global_loss):
             stats = self.engine.optimizer_step()
         else:
@@ -210,6 +268,82 @@ class Trainer:
         self.progress.step += 1
         self._after_update(stats)
         return global_loss, stop, stats, wait, micro
+
+    def rollback(self, loss: float) -> int:
+        """Collective: the loss spiked (every rank sees the same global loss, so every rank is here at
+        the same step). Restore the newest checkpoint from before the spike, consume the next
+        skip_batches global batches without training on them, and go on. Returns the step restored."""
+        guard, spike_step = self.guard, self.step
+        first_spiking = spike_step - guard.above + 1
+        recent = guard.recent_rollbacks(spike_step)
+        if recent >= guard.cfg.max_rollbacks:
+            raise TrainingDiverged(
+                f"the loss spiked again at step {spike_step} ({loss:.4g}, {guard.cfg.factor} x the median "
+                f"{guard.median():.4g} exceeded for {guard.above} steps) after {recent} rollback(s) within "
+                f"{guard.cfg.within_steps} steps; training stopped. Lower optim.lr, raise "
+                f"train.spike_guard.skip_batches, or check the data"
+            )
+        self.ckpts.wait()
+        target = self.ckpts.rollback_target(first_spiking, self.last_checkpoint) if self.env.is_main else None
+        target = broadcast_object(str(target) if target else None)
+        if target is None:
+            raise TrainingDiverged(
+                f"the loss spiked at step {spike_step} ({loss:.4g} > {guard.cfg.factor} x the median "
+                f"{guard.median():.4g} for {guard.above} steps) and there is no checkpoint from before step "
+                f"{first_spiking} to roll back to; save checkpoints more often (checkpoint.every_n_steps)"
+            )
+        target = Path(target)
+        record = {
+            "step": spike_step,
+            "to_step": step_of(target),
+            "loss": loss,
+            "median": guard.median(),
+            "skipped_batches": guard.cfg.skip_batches,
+        }
+        rollbacks = [*guard.rollbacks, record]
+        log.warning(
+            "loss spike: %.4g > %.3g x the median %.4g for %d steps (to step %d): rolling back to %s and skipping "
+            "%d global batches of data",
+            loss,
+            guard.cfg.factor,
+            guard.median(),
+            guard.above,
+            spike_step,
+            target.name,
+            guard.cfg.skip_batches,
+        )
+        with self.watchdog.allow("rollback"):
+            self.data.close()
+            train_state = self.engine.load(target)
+            self.state.load_state_dict(train_state)
+            guard.rollbacks = rollbacks  # the history of rollbacks outlives the restored state
+            guard.after_rollback()
+            if self.env.is_main:
+                self.ckpts.abandon_after(target)
+            self.last_checkpoint = target
+            self.metrics.resume_at(self.step)
+            # the skipped samples count as consumed: recorded before the step that follows them
+            for i in range(guard.cfg.skip_batches):
+                micro = self.data.skip(1)
+                self.metrics.sample_keys(
+                    self.step + 1,
+                    *([x for mb in micro for x in mb[f]] for f in ("keys", "passes", "sources")),
+                    skipped=i,
+                )
+        self.metrics.log(
+            self.step + 1,
+            {
+                "event": "rollback",
+                "rollback/from_step": spike_step,
+                "rollback/to_step": self.step,
+                "rollback/loss": loss,
+                "rollback/median": record["median"],
+                "rollback/skipped_batches": guard.cfg.skip_batches,
+                "rollback/count": len(rollbacks),
+            },
+        )
+        self.write_status("running", checkpoint=str(target))
+        return self.step
 
     def preemption(self) -> tuple[str, int | None]:
         """Collective: (the signal, the step it arrived in), of the rank signalled first."""
@@ -246,11 +380,24 @@ class Trainer:
         window = Window()
         last_saved = self.step if self.step > 0 else -1
         last_eval = -1
+        save_pending = False  # a checkpoint that came due while the loss was spiking
         preempted = signal_step = None
+        if self.guard is not None and self.guard.due():  # saved (preempted) at the step that decided it
+            last_saved = last_eval = self.rollback(self.guard.last_loss)
         while self.step < total:
             self.preempt.step_in_progress = self.step + 1
             last_loss, stop, stats, wait, micro = self.train_step()
+            self.watchdog.beat(self.step)
             window.add(wait)
+            spiked = self.guard is not None and self.guard.spiked(last_loss)
+            if spiked and not stop:  # when stopping, the checkpoint keeps the verdict: rolled back on resume
+                last_saved = last_eval = self.rollback(last_loss)
+                save_pending = False
+                if self.progress_bar is not None:
+                    self.progress_bar.n = self.step
+                    self.progress_bar.refresh()
+                window.reset()
+                continue
             self.metrics.sample_keys(
                 self.step, *([x for mb in micro for x in mb[f]] for f in ("keys", "passes", "sources"))
             )
@@ -269,16 +416,19 @@ class Trainer:
                     EXIT_PREEMPTED,
                 )
                 break
-            if self.ckpts.due(self.step, total):
+            save_pending = save_pending or self.ckpts.due(self.step, total)
+            if save_pending and (self.guard is None or not self.guard.above) and self.step < total:
+                # never while the loss is spiking: the checkpoint to roll back to must come from before
                 self.save(background=cfg.checkpoint.async_save)
-                last_saved = self.step
+                last_saved, save_pending = self.step, False
             if self.evaluator and cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0:
                 window.start += self.evaluate()["eval/seconds"]  # not counted as training time
                 last_eval = self.step
 
         if self.ckpts.due_at_end(self.step, last_saved, preempted=bool(preempted)):
             self.save()
-        self.ckpts.wait()
+        with self.watchdog.allow("checkpoint"):
+            self.ckpts.wait()
         if self.evaluator and cfg.eval.at_end and not preempted and last_eval != self.step:
             self.evaluate()
         if self.progress_bar is not None:
@@ -349,9 +499,12 @@ def train(cfg: Config) -> dict:
         raise
     finally:
         if trainer is not None:
-            trainer.data.close()
-            trainer.preempt.restore()
-        cleanup()
+            with trainer.watchdog.allow("shutdown"):
+                trainer.data.close()
+                cleanup()
+            trainer.close()
+        else:
+            cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from ..config import Config
 from ..distributed import DistEnv, all_gather_object
-from ..preempt import ignore_signals
+from ..preempt import ignore_signals, signals_blocked
 from .mixture import MixtureSchedule, ScheduleState, weight_units
 from .plan import StreamPlan, StreamPosition
 from .relayout import relayout, remaining_samples
@@ -87,12 +87,23 @@ class TrainData:
         self._start(step=0, positions={}, origin=None)
 
     def restore(self, state: dict, step: int) -> None:
-        """Continue from a checkpoint's data state, the run being at optimizer step `step`."""
+        """Continue from a checkpoint's data state. The data's own step (global batches it has
+        delivered or skipped) is in the state; `step`, the optimizer's, stands in for old states."""
         if self._iter is not None:
-            raise RuntimeError("restore() must come before the first batch")
-        self.step = step
+            raise RuntimeError("restore() must come before the first batch (close() first)")
+        self.step = int(state.get("step", step)) if state else step
         positions, origin = self._restore(state) if state else ({}, None)
-        self._start(step, positions, origin)
+        self._start(self.step, positions, origin)
+
+    def skip(self, global_batches: int) -> list[dict]:
+        """Consume this rank's share of the next `global_batches` global batches without training on
+        them (after a loss-spike rollback): their samples count as consumed. Returns each skipped
+        micro-batch's {keys, sources, passes}."""
+        skipped = []
+        for _ in range(global_batches * self.cfg.optim.accum_steps):
+            batch, _ = self.next()
+            skipped.append({k: batch[k] for k in ("keys", "sources", "passes")})
+        return skipped
 
     def _start(self, step: int, positions: dict[int, dict[str, StreamPosition]], origin) -> None:
         cfg, env = self.cfg, self.env
@@ -117,6 +128,7 @@ class TrainData:
             self.tokenizer,
             cfg.seed,
             cfg.data.max_decode_errors_logged,
+            cfg.data.read_timeout_s,
         )
         self.loader = DataLoader(
             self.dataset,
@@ -235,7 +247,10 @@ class TrainData:
     def next(self) -> tuple[dict, float]:
         """The next micro-batch and the seconds spent waiting for it."""
         if self._iter is None:
-            self._iter = iter(self.loader)
+            # the workers fork here: with the preemption signals blocked until they ignore them, so a
+            # signal that arrives meanwhile cannot kill a worker (it waits, then reaches this process)
+            with signals_blocked(self.cfg.train.preempt_signals):
+                self._iter = iter(self.loader)
             _WORKERS.extend(getattr(self._iter, "_workers", []))
         t0 = time.perf_counter()
         batch = next(self._iter)
@@ -289,6 +304,7 @@ class TrainData:
             streams.update(part)
         return {
             "format": STATE_FORMAT,
+            "step": self.step,
             "sources": {s.name: s.plan.layout() for s in self.sources},
             "streams": streams,
             "mixture": {

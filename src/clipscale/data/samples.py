@@ -65,6 +65,8 @@ class SampleDecoder:
         text = caption_of(sample, self.caption_key, self.caption_json_field)
         try:
             img = decode_image(data, self.draft_size)
+        except Image.DecompressionBombError as exn:
+            raise Skip("image_too_large", str(exn)[:120]) from None
         except Exception as exn:  # PIL raises many types for bad bytes
             raise Skip("corrupt_image", f"{type(exn).__name__}") from None
         # the CPU generator only: torch.manual_seed also seeds every accelerator and costs ~0.2 ms

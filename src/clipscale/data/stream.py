@@ -29,7 +29,14 @@ log = logging.getLogger(__name__)
 class ItemReader:
     """Reads the samples an item includes from its shard, lazily, in tar order."""
 
-    def __init__(self, plan: StreamPlan, data_pass: int, item: Item, on_error: Callable[[str, Exception], None]):
+    def __init__(
+        self,
+        plan: StreamPlan,
+        data_pass: int,
+        item: Item,
+        on_error: Callable[[str, Exception], None],
+        read_timeout: float | None = None,
+    ):
         self.url = plan.shards[item.shard].url
         self.shard, self.data_pass = item.shard, data_pass
         self._wanted = item.indices()
@@ -37,13 +44,14 @@ class ItemReader:
         self._index = -1  # index of the last sample read from the tar
         self._samples: Iterator | None = None
         self._on_error = on_error
+        self._read_timeout = read_timeout
 
     def next(self, keep: bool = True) -> dict | None:
         """The next wanted sample (None when the shard ended early: truncated or unreadable)."""
         want = int(self._wanted[self._next])
         self._next += 1
         if self._samples is None:
-            self._samples = iter_raw_samples(self.url, lambda exn: self._on_error(self.url, exn))
+            self._samples = iter_raw_samples(self.url, lambda exn: self._on_error(self.url, exn), self._read_timeout)
         while self._index < want:
             try:
                 sample = next(self._samples)
@@ -69,7 +77,11 @@ def _after_block(plan: StreamPlan, stream: int, segment: int, block: int) -> Str
 
 
 def iter_source(
-    plan: StreamPlan, stream: int, start: StreamPosition, on_error: Callable[[str, Exception], None]
+    plan: StreamPlan,
+    stream: int,
+    start: StreamPosition,
+    on_error: Callable[[str, Exception], None],
+    read_timeout: float | None = None,
 ) -> Iterator[tuple[dict | None, StreamPosition]]:
     """(raw sample or None, position after it) for every sample of the stream's plan from `start`.
 
@@ -80,7 +92,7 @@ def iter_source(
         seg, blocks = plan.blocks(stream, segment)
         for b in range(block, len(blocks)):
             order = plan.block_order(stream, segment, b)
-            readers = [ItemReader(plan, seg.data_pass, item, on_error) for item in blocks[b]]
+            readers = [ItemReader(plan, seg.data_pass, item, on_error, read_timeout) for item in blocks[b]]
             try:
                 first_chunk, skip = divmod(offset, order.buffer)
                 for r in range(first_chunk * order.buffer):
@@ -116,12 +128,13 @@ class SourceStream:
         decoder: SampleDecoder,
         seed: int,
         max_errors_logged: int,
+        read_timeout: float | None = None,
     ):
         self.name, self.plan, self.stream, self.decoder, self.seed = name, plan, stream, decoder, seed
         self.position = start
         self.skipped = Counter(start.skipped)
         self.logged, self.max_errors_logged = 0, max_errors_logged
-        self._samples = iter_source(plan, stream, start, self._on_error)
+        self._samples = iter_source(plan, stream, start, self._on_error, read_timeout)
         # a stream that reads this much without one usable sample has broken data (or settings)
         self.give_up_samples = max(10_000, 2 * plan.total_samples // plan.num_streams)
         self.give_up_blocks = 2 * len(plan.blocks(stream, len(plan.leftovers[stream]))[1]) + 10
@@ -147,7 +160,8 @@ class SourceStream:
                 image, text = self.decoder(sample, seed)
             except Skip as skip:
                 self.skipped[skip.reason] += 1
-                bad_samples += 1
+                # a shard that ended early (or stalled) loses its rest at once: the blocks guard counts those
+                bad_samples += sample is not None
                 if self.logged < self.max_errors_logged and sample is not None:
                     self.logged += 1
                     log.warning("skipped sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), skip)
@@ -186,12 +200,13 @@ class StreamDataset(IterableDataset):
         tokenizer: Callable,
         seed: int,
         max_errors_logged: int = 5,
+        read_timeout: float | None = None,
     ):
         self.sources, self.schedule = sources, schedule
         self.rank, self.world_size, self.workers = rank, world_size, max(1, workers_per_rank)
         self.accum_steps, self.first_batch = accum_steps, first_batch
         self.positions, self.decoder, self.tokenizer = positions, decoder, tokenizer
-        self.seed, self.max_errors_logged = seed, max_errors_logged
+        self.seed, self.max_errors_logged, self.read_timeout = seed, max_errors_logged, read_timeout
 
     def slot(self) -> int:
         info = get_worker_info()
@@ -206,7 +221,14 @@ class StreamDataset(IterableDataset):
         saved = self.positions.get(stream, {})
         readers = [
             SourceStream(
-                name, plan, stream, saved.get(name) or StreamPosition(), self.decoder, self.seed, self.max_errors_logged
+                name,
+                plan,
+                stream,
+                saved.get(name) or StreamPosition(),
+                self.decoder,
+                self.seed,
+                self.max_errors_logged,
+                self.read_timeout,
             )
             for name, plan in self.sources
         ]

@@ -3,7 +3,9 @@
 Shard i holds rows [i*N, (i+1)*N) of the input (N = --samples-per-shard), minus the rows that
 were skipped (as img2dataset does): every shard depends on its own rows only, so shards are
 built in parallel (one whole shard per worker task), in any order, and a re-run after an
-interruption rebuilds exactly the incomplete ones. Keys are `{shard:06d}{row-in-shard}`, unique
+interruption rebuilds exactly the incomplete ones. Each shard's stats record its input rows
+(count and hash): a re-run after rows were appended to (or changed in) the input rebuilds the
+shards whose rows differ, and writes the new ones. Keys are `{shard:06d}{row-in-shard}`, unique
 across the set. Output per shard: `NAME-000000.tar` (written to a temp name, then renamed) and
 `NAME-000000_stats.json`; at the end `manifest.json` and `stats.json` for the whole set.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import multiprocessing as mp
 import time
@@ -31,6 +34,7 @@ from .sources import Row, load_rows
 from .writer import shard_filename, write_shard
 
 EXAMPLES_KEPT = 5
+log = logging.getLogger("clipscale")
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
@@ -129,6 +133,15 @@ def make_sample(row: Row, key: str, opts: BuildOptions) -> dict:
 # --------------------------------------------------------------------------- one shard
 
 
+def rows_digest(rows: list[Row]) -> str:
+    """A hash of a shard's input rows (what the input says, not the image bytes)."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(repr((row.source, row.caption, sorted(row.extra.items()))).encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
 def stats_path(out: Path, name: str, index: int) -> Path:
     return out / shard_filename(name, index).replace(".tar", "_stats.json")
 
@@ -155,6 +168,7 @@ def build_one_shard(task) -> dict:
     stats = {
         **asdict(record),
         "count": len(rows),
+        "rows_sha256": rows_digest(rows),
         "successes": record.samples,
         "skipped": dict(sorted(skipped.items())),
         "examples": examples,
@@ -165,8 +179,8 @@ def build_one_shard(task) -> dict:
     return stats
 
 
-def completed_shard(out: Path, name: str, index: int, opts: BuildOptions) -> dict | None:
-    """The stats of shard `index` if it was fully written with these options, else None."""
+def completed_shard(out: Path, name: str, index: int, opts: BuildOptions, rows: list[Row]) -> dict | None:
+    """The stats of shard `index` if it was fully written with these options from these rows, else None."""
     tar, sp = out / shard_filename(name, index), stats_path(out, name, index)
     if not (tar.is_file() and sp.is_file()):
         return None
@@ -178,10 +192,23 @@ def completed_shard(out: Path, name: str, index: int, opts: BuildOptions) -> dic
         raise DataError(f"{tar} was built with other options; use a new --output folder or delete the old shards")
     if stats.get("bytes") != tar.stat().st_size:
         return None
+    if stats.get("count") != len(rows) or stats.get("rows_sha256") != rows_digest(rows):
+        log.info(
+            "%s: its input rows changed since it was built (%s -> %d rows); rebuilding",
+            tar.name,
+            stats.get("count"),
+            len(rows),
+        )
+        return None
     return stats
 
 
 # --------------------------------------------------------------------------- the whole set
+
+
+def _shard_index(filename: str, name: str) -> int:
+    digits = filename[len(name) + 1 : -len(".tar")]
+    return int(digits) if digits.isdigit() else -1
 
 
 def build_shards(
@@ -203,8 +230,19 @@ def build_shards(
     remove_temporaries(out, f"{name}-*", MANIFEST_NAME, "stats.json")
     n = opts.samples_per_shard
     n_shards = math.ceil(len(rows) / n)
-    done = {i: s for i in range(n_shards) if (s := completed_shard(out, name, i, opts)) is not None}
-    todo = [(str(out), name, i, rows[i * n : (i + 1) * n], opts) for i in range(n_shards) if i not in done]
+    shard_rows = [rows[i * n : (i + 1) * n] for i in range(n_shards)]
+    done = {i: s for i in range(n_shards) if (s := completed_shard(out, name, i, opts, shard_rows[i])) is not None}
+    stale = sorted(p.name for p in out.glob(f"{name}-*.tar") if _shard_index(p.name, name) >= n_shards)
+    if stale:
+        log.warning(
+            "%s holds %d shard(s) past the %d this input makes (%s...): an earlier build of a longer input; "
+            "they are not in the manifest",
+            out,
+            len(stale),
+            n_shards,
+            stale[0],
+        )
+    todo = [(str(out), name, i, shard_rows[i], opts) for i in range(n_shards) if i not in done]
     rows_todo = sum(len(t[3]) for t in todo)
 
     from tqdm import tqdm

@@ -21,6 +21,7 @@ IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif",
 SKIP_REASONS = (
     "no_image",
     "corrupt_image",
+    "image_too_large",
     "no_caption",
     "empty_caption",
     "bad_caption",

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+from ..proc import die_with_parent
 from .urls import local_path
 
 BLOCK = 512
@@ -207,7 +211,10 @@ class _PipeReader:
     def __init__(self, command: str):
         self.command = command
         # its own process group, so that closing early stops the whole pipeline (curl | zcat ...)
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, start_new_session=True)
+        # and it dies with the reading process (a data worker killed or orphaned mid-read)
+        self.proc = subprocess.Popen(
+            command, shell=True, stdout=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent
+        )
 
     def read(self, n: int = -1) -> bytes:
         data = self.proc.stdout.read(n)
@@ -222,11 +229,96 @@ class _PipeReader:
             raise OSError(f"pipe command exited with status {status}: {self.command}")
 
     def close(self) -> None:
-        self.proc.stdout.close()
         if self.proc.poll() is None:  # closed before its end: stop the pipeline, not only the shell
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
+            self._stop_pipeline()
+        self.proc.stdout.close()
         self.proc.wait()
+
+    def _stop_pipeline(self, grace_s: float = 1.0) -> None:
+        """SIGTERM the command's process group, SIGKILL what is left after `grace_s`. Commands started
+        by a data worker inherit its ignored preemption signals (a SLURM SIGTERM must not cut a shard
+        short), so SIGTERM alone may not stop them. The shell is not reaped before the SIGKILL, so
+        its group id cannot have been reused."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                break
+            time.sleep(0.01)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+class StalledRead(OSError):
+    """A shard stream delivered no bytes for the read timeout (a stuck mount, a hung pipe)."""
+
+
+class TimeoutReader:
+    """A stream read by a background thread in chunks, so that a read that delivers nothing for
+    `timeout` seconds raises StalledRead instead of blocking the data worker forever. (A thread
+    stuck in a read of a dead mount stays stuck; closing a pipe's stream stops its command.)"""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, stream, timeout: float, url: str):
+        self.stream, self.timeout, self.url = stream, timeout, url
+        self._chunks: queue.Queue = queue.Queue(maxsize=4)
+        self._buffer, self._pos, self._eof = bytearray(), 0, False
+        self.stalled: StalledRead | None = None  # set once a read timed out (tarfile may wrap the error)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="shard-reader", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            try:
+                chunk = self.stream.read(self.CHUNK)
+            except BaseException as exn:  # noqa: BLE001 - handed to the reading side
+                chunk = exn
+            while not self._stop.is_set():  # never block for good on a reader that went away
+                try:
+                    self._chunks.put(chunk, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(chunk, bytes) or not chunk:
+                return
+
+    def _fill(self) -> bool:
+        try:
+            chunk = self._chunks.get(timeout=self.timeout)
+        except queue.Empty:
+            self.stalled = StalledRead(f"no data for {self.timeout:g} s from {self.url}")
+            raise self.stalled from None
+        if isinstance(chunk, BaseException):
+            raise chunk
+        if not chunk:
+            self._eof = True
+            return False
+        if self._pos > self.CHUNK:
+            del self._buffer[: self._pos]
+            self._pos = 0
+        self._buffer += chunk
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while (n < 0 or len(self._buffer) - self._pos < n) and not self._eof and self._fill():
+            pass
+        end = len(self._buffer) if n < 0 else min(len(self._buffer), self._pos + n)
+        out = bytes(self._buffer[self._pos : end])
+        self._pos = end
+        return out
+
+    def check(self, wait: bool = False) -> None:
+        if isinstance(self.stream, _PipeReader):
+            self.stream.check(wait)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.stalled is not None and not isinstance(self.stream, _PipeReader) and self._thread.is_alive():
+            return  # the thread is stuck in a read holding the stream's lock: closing would block on it
+        self.stream.close()  # a pipe's command is stopped first, which ends the thread's read
 
 
 def open_url(url: str) -> BinaryIO:
@@ -244,20 +336,25 @@ def open_url(url: str) -> BinaryIO:
     return gopen(url, "rb")
 
 
-def iter_raw_samples(url: str, on_error: Callable[[Exception], None]) -> Iterator[dict]:
+def iter_raw_samples(
+    url: str, on_error: Callable[[Exception], None], read_timeout: float | None = None
+) -> Iterator[dict]:
     """Yield `{"__key__", "__url__", ext: bytes, ...}` for each sample of the shard at `url`.
 
-    A truncated or unreadable tar ends the iteration after calling `on_error(exception)`.
+    A truncated or unreadable tar, or (with `read_timeout`) a stream that delivers nothing for that
+    many seconds, ends the iteration after calling `on_error(exception)`.
     """
     stream: BinaryIO | None = None
     try:
         stream = open_url(url)
+        if read_timeout:
+            stream = TimeoutReader(stream, read_timeout, url)
         yield from group_samples(tar_members(stream), url)
     except GeneratorExit:
         raise
     except Exception as exn:  # corrupt tar, missing file, failing pipe: end this shard
-        error = exn
-        if isinstance(stream, _PipeReader):
+        error = getattr(stream, "stalled", None) or exn
+        if isinstance(stream, (_PipeReader, TimeoutReader)) and not isinstance(error, StalledRead):
             try:
                 stream.check(wait=True)  # a pipe cut off mid-member: the command's failure is the news
             except OSError as failed:

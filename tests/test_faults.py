@@ -1,0 +1,224 @@
+"""Faults in the loop: the hang watchdog, stalled shard reads, and the loss-spike guard.
+
+The two-rank frozen-rank case with a SLURM requeue is in test_slurm.py."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from clipscale.distributed import init_distributed
+from clipscale.metrics import read_jsonl
+from clipscale.shards import write_shards
+from clipscale.train import Trainer, TrainingDiverged, train
+from clipscale.watchdog import EXIT_HUNG
+
+from helpers import COLORS, color_samples, make_shards, tiny_config
+
+# --------------------------------------------------------------------------- the watchdog
+
+WATCHED = textwrap.dedent("""
+    import sys, threading, time
+    from clipscale.watchdog import HangWatchdog
+    dog = HangWatchdog(sys.argv[1], rank=3, timeout_s=1.0, grace_s=30.0, status_fields=lambda: {"total_steps": 9})
+    time.sleep(2.0)  # the first step: the grace period applies
+    dog.beat(1)
+    with dog.allow("checkpoint"):
+        time.sleep(2.5)  # a long checkpoint: allowed too
+    dog.beat(2)
+    def waiting_in_a_collective():
+        threading.Event().wait()
+    print("stuck", flush=True)
+    waiting_in_a_collective()
+""")
+
+
+def test_watchdog_leaves_every_threads_stacks_and_exits_when_no_step_finishes(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WATCHED, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout.readline().strip() == "stuck"  # the first step and the checkpoint did not fire it
+    stuck_at = time.monotonic()
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == EXIT_HUNG, out
+    assert 1.0 <= time.monotonic() - stuck_at < 30, out
+    (report,) = (tmp_path / "hang").glob("rank3-*.txt")
+    text = report.read_text()
+    assert "no progress for" in text and "during step after step 2" in text
+    assert "waiting_in_a_collective" in text and "clipscale-hang-watchdog" not in text.split("\n")[0]
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert (status["state"], status["step"], status["hung_ranks_reported"], status["total_steps"]) == (
+        "hung",
+        2,
+        [3],
+        9,
+    )
+    assert f"exiting with code {EXIT_HUNG}" in out
+
+
+# --------------------------------------------------------------------------- stalled reads
+
+
+def test_a_pipe_shard_that_never_delivers_is_abandoned_and_the_run_finishes(tmp_path):
+    make_shards(tmp_path / "data", n_shards=2, per_shard=16)
+    data = tmp_path / "data"
+    stalled = f"pipe:sleep 613; cat {data}/toy-000001.tar"  # named toy-000001.tar in the manifest
+    common = {
+        "data__manifest": str(data / "manifest.json"),
+        "data__batch_size": 8,
+        "data__workers": 1,
+        "data__shuffle": "false",
+        "data__read_timeout_s": 1.5,
+        "logging__sample_keys": "true",
+        "train__steps": 6,
+        "checkpoint__every_n_steps": 3,
+    }
+    shards = f"{data}/toy-000000.tar::{stalled}"
+    started = time.monotonic()
+    result = train(tiny_config(tmp_path / "full", shards, **common))
+    assert result["step"] == 6 and not result["preempted"]
+    assert time.monotonic() - started < 120
+    status = json.loads((tmp_path / "full" / "status.json").read_text())
+    assert status["state"] == "finished"
+    records = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[-1]["skipped_samples"] >= 16  # the stalled shard's samples, counted
+    keys = {(r["step"], r["rank"]): r["keys"] for r in read_jsonl(tmp_path / "full" / "sample_keys.jsonl")}
+    assert all(k.startswith("s0000") and int(k[1:]) < 16 for ks in keys.values() for k in ks)  # shard 0 only
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if stalled[5:] in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers  # the stalled command was stopped, not left behind
+    # the positions stay exact: resuming at step 3 gives the same samples for steps 4..6
+    resumed = train(
+        tiny_config(
+            tmp_path / "again",
+            shards,
+            **common,
+            checkpoint__resume=f"{tmp_path}/full/checkpoints/step_00000003.pt",
+        )
+    )
+    assert resumed["step"] == 6
+    again = {(r["step"], r["rank"]): r["keys"] for r in read_jsonl(tmp_path / "again" / "sample_keys.jsonl")}
+    assert again == {k: v for k, v in keys.items() if k[0] > 3}
+
+
+# --------------------------------------------------------------------------- the spike guard
+
+GOOD, POISON, STEPS = 512, 48, 30  # 16 samples a step: steps 21-23 read the poison
+
+
+@pytest.fixture(scope="module")
+def spiky_shards(tmp_path_factory):
+    """Colour/shape pairs with, after 320 samples (20 steps of 16), 48 pairs whose captions name
+    the wrong colour: once the model has learned the colours, those steps spike the loss."""
+    out = tmp_path_factory.mktemp("spiky")
+    good = list(color_samples(GOOD, size=16, seed=1))
+    names = list(COLORS)
+    poison = []
+    for s in color_samples(POISON, size=16, seed=2, prefix="p"):
+        meta = json.loads(s["json"])
+        wrong = names[(names.index(meta["color"]) + 3) % len(names)]
+        poison.append({**s, "txt": f"a {wrong} {meta['shape']}"})
+    samples = good[:320] + poison + good[320:]
+    write_shards(samples, out, "mix", 16)
+    return f"{out}/mix-{{000000..{len(samples) // 16 - 1:06d}}}.tar"
+
+
+def spike_config(run_dir, shards, **overrides):
+    settings = {
+        "data__shuffle": "false",
+        "logging__sample_keys": "true",
+        "train__steps": STEPS,
+        "checkpoint__every_n_steps": 5,
+        "optim__lr": 2e-3,
+        "train__spike_guard__factor": 3.0,
+        "train__spike_guard__window": 10,
+        "train__spike_guard__patience": 3,
+        "train__spike_guard__skip_batches": 3,
+    }
+    settings.update(overrides)
+    return tiny_config(run_dir, shards, **settings)
+
+
+def trained(run_dir):
+    """({step: loss}, {(step, rank, skipped batch or None): keys}) of a run."""
+    losses = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+    keys = {(r["step"], r["rank"], r.get("skipped")): r["keys"] for r in read_jsonl(run_dir / "sample_keys.jsonl")}
+    return losses, keys
+
+
+@pytest.fixture(scope="module")
+def spiked_run(spiky_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("spiked") / "run"
+    result = train(spike_config(run_dir, spiky_shards))
+    assert result["step"] == STEPS
+    return run_dir
+
+
+def test_a_loss_spike_is_rolled_back_and_its_data_skipped(spiked_run):
+    losses, keys = trained(spiked_run)
+    assert sorted(losses) == list(range(1, STEPS + 1))  # every step once: the rolled-back ones were redone
+    (event,) = [r for r in read_jsonl(spiked_run / "metrics.jsonl") if r.get("event") == "rollback"]
+    assert (event["step"], event["rollback/from_step"], event["rollback/to_step"]) == (21, 23, 20)
+    assert event["rollback/loss"] > 3 * event["rollback/median"] and event["rollback/skipped_batches"] == 3
+    status = json.loads((spiked_run / "status.json").read_text())
+    assert status["state"] == "finished" and [(r["step"], r["to_step"]) for r in status["rollbacks"]] == [(23, 20)]
+    skipped = [k for (step, _, batch), ks in keys.items() if batch is not None for k in ks]
+    assert sorted(skipped) == [f"p{i:06d}" for i in range(POISON)]  # exactly the data that caused it
+    used = [k for (_, _, batch), ks in keys.items() if batch is None for k in ks]
+    assert not [k for k in used if k.startswith("p")] and len(used) == STEPS * 16 == len(set(used))
+    assert max(losses[s] for s in range(21, STEPS + 1)) < 3 * event["rollback/median"]
+    assert (spiked_run / "checkpoints" / f"step_{STEPS:08d}.pt").exists()
+
+
+@pytest.mark.parametrize("resume_at", [20, 25])
+def test_resuming_before_or_after_a_rollback_is_exact(spiked_run, spiky_shards, tmp_path, resume_at):
+    """From before the spike the same rollback happens again; from after it the skip is remembered."""
+    run_dir = tmp_path / "run"
+    train(spike_config(run_dir, spiky_shards, checkpoint__resume=f"{spiked_run}/checkpoints/step_{resume_at:08d}.pt"))
+    (losses, keys), (full_losses, full_keys) = trained(run_dir), trained(spiked_run)
+    assert losses == {s: v for s, v in full_losses.items() if s > resume_at}  # bitwise
+    assert keys == {k: v for k, v in full_keys.items() if k[0] > resume_at}
+    rollbacks = json.loads((run_dir / "status.json").read_text())["rollbacks"]
+    assert [(r["step"], r["to_step"]) for r in rollbacks] == [(23, 20)]
+
+
+@pytest.mark.parametrize("stop_after", [22, 23])
+def test_preempted_inside_a_spike_resumes_into_the_same_rollback(spiked_run, spiky_shards, tmp_path, stop_after):
+    """Stopped at step 22 (spiking, not yet decided) or 23 (decided, not yet rolled back): the
+    preemption checkpoint is written, and the resumed run rolls back exactly as the uninterrupted one."""
+    run_dir = tmp_path / "run"
+    trainer = Trainer(spike_config(run_dir, spiky_shards), init_distributed("cpu"))
+    step = trainer.train_step
+
+    def train_step():
+        if trainer.step + 1 == stop_after:
+            trainer.preempt.received, trainer.preempt.received_during = "SIGUSR1", stop_after
+        return step()
+
+    trainer.train_step = train_step
+    try:
+        assert trainer.fit()["preempted"] and trainer.step == stop_after
+    finally:
+        trainer.close()
+    assert (run_dir / "checkpoints" / f"step_{stop_after:08d}.pt").exists()
+    train(spike_config(run_dir, spiky_shards, checkpoint__resume="auto"))
+    assert trained(run_dir) == trained(spiked_run)
+    assert list((run_dir / "checkpoints" / "abandoned").glob(f"step_{stop_after:08d}.pt.*"))  # moved aside
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train__spike_guard__skip_batches": 0, "train__spike_guard__max_rollbacks": 1}, "spiked again at step 23"),
+        ({"checkpoint__every_n_steps": 1000}, "no checkpoint from before step 21"),
+    ],
+)
+def test_a_spike_that_cannot_be_healed_stops_the_run_with_a_clear_error(spiky_shards, tmp_path, overrides, message):
+    with pytest.raises(TrainingDiverged, match=message):
+        train(spike_config(tmp_path / "run", spiky_shards, **overrides))
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and message in status["error"]

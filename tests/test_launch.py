@@ -1,0 +1,59 @@
+"""`python -m clipscale.launch`: torchrun, ending in one clear line (no traceback) when the run
+stopped the way it was meant to: signalled (preempted) or stopped by the hang watchdog."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from clipscale.preempt import EXIT_PREEMPTED
+from clipscale.watchdog import EXIT_HUNG
+
+WORKER = textwrap.dedent("""
+    import signal, sys, time
+    mode, ready = sys.argv[1], sys.argv[2]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit({preempted}))  # checkpointed and stopped
+    open(ready, "w").close()
+    if mode == "hang":
+        sys.exit({hung})  # what the watchdog does
+    time.sleep(120)
+""").format(preempted=EXIT_PREEMPTED, hung=EXIT_HUNG)
+
+
+def launch(tmp_path, mode):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    ready = tmp_path / "ready"
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipscale.launch",
+        "--standalone",
+        "--nproc_per_node=1",
+        "--signals-to-handle=SIGTERM,SIGUSR1",
+        str(script),
+        mode,
+        str(ready),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, ready
+
+
+def test_a_signalled_launch_ends_in_one_line_with_the_shell_code(tmp_path):
+    proc, ready = launch(tmp_path, "wait")
+    deadline = time.time() + 120
+    while not ready.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "clipscale launch: stopped by SIGTERM" in out and "Traceback" not in out, out
+
+
+def test_a_hung_worker_ends_the_launch_with_its_code_in_one_line(tmp_path):
+    proc, _ = launch(tmp_path, "hang")
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == EXIT_HUNG, out
+    assert f"clipscale launch: worker rank 0 exited with code {EXIT_HUNG} (hung" in out and "Traceback" not in out
