@@ -29,7 +29,8 @@ def test_user_error_is_one_line_without_traceback():
     assert proc.stderr.strip() == (
         "clipscale: error: unknown key 'optim.lrr' (did you mean 'optim.lr'?); "
         "valid keys: optim.lr, optim.weight_decay, optim.beta1, optim.beta2, "
-        "optim.eps, optim.accum_steps, optim.grad_clip_norm, optim.fused"
+        "optim.eps, optim.accum_steps, optim.grad_clip_norm, optim.fused, optim.image_lr, optim.text_lr, "
+        "optim.image_weight_decay, optim.text_weight_decay, optim.layer_decay"
     )
     proc = run_cli("train", "data.train_shards=/nonexistent/x-{000..003}.tar", check=False)
     assert proc.returncode == 2

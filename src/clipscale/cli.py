@@ -61,10 +61,11 @@ def cmd_demo(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_checkpoint
 
-    info = export_checkpoint(args.checkpoint, args.output)
+    info = export_checkpoint(args.checkpoint, args.output, ema=args.ema)
     name = info["model_name"] or "<model name>"
     print(f"wrote {args.output}: {info['tensors']} tensors from {info['source']} (step {info['step']})")
-    print(f"load it with: open_clip.create_model_and_transforms({name!r}, pretrained={str(args.output)!r})")
+    extra = f", force_context_length={info['context_length']}" if info.get("context_length") else ""
+    print(f"load it with: open_clip.create_model_and_transforms({name!r}, pretrained={str(args.output)!r}{extra})")
     return 0
 
 
@@ -79,7 +80,7 @@ def cmd_eval(args) -> int:
     if not args.zeroshot and not args.retrieval:
         raise UserError("eval needs --zeroshot and/or --retrieval")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    bundle, info = model_from_checkpoint(args.checkpoint, args.model, device)
+    bundle, info = model_from_checkpoint(args.checkpoint, args.model, device, ema=args.ema)
     spec = EvalConfig(
         zeroshot=args.zeroshot,
         zeroshot_classes=args.classes,
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint file or folder, a run's checkpoints/ folder, or a run directory (latest)",
     )
     p.add_argument("--output", required=True, help="output file, e.g. model.pt")
+    p.add_argument("--ema", action="store_true", help="write the EMA weights (a run with ema.decay) instead")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -381,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="image-decoding DataLoader workers (default 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (a run with ema.decay)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

@@ -47,6 +47,27 @@ class ModelConfig:
     """Autocast precision; auto = bf16 on GPUs that support it, fp32 elsewhere."""
     compile: bool = False
     """Wrap the model in torch.compile (DDP engine; compilation takes minutes and needs a C++ compiler on CPU)."""
+    context_length: int | None = None
+    """Text tokens per caption (null: the model config's, 77 for CLIP); the tokenizer follows it."""
+    patch_dropout: float = 0.0
+    """FLIP patch dropout: the share of image patches dropped in training (ViT image towers; never in evaluation)."""
+    pretrained_image: str | None = None
+    """Load the image tower from a local file: an open_clip or clipscale checkpoint (its visual.* part), the
+    tower's own state_dict, or a timm state_dict of a timm tower's trunk (LiT)."""
+    pretrained_text: str | None = None
+    """Load the text tower from a local open_clip or clipscale checkpoint (its text part)."""
+    lock_image: bool = False
+    """LiT: freeze the image tower (no gradient, no optimizer state, no weight decay, not all-reduced)."""
+    lock_image_unlocked_groups: int = 0
+    """Leave the last N layer groups of a locked image tower trainable."""
+    lock_image_freeze_bn_stats: bool = False
+    """Also freeze the BatchNorm statistics of a locked image tower (ResNet / timm towers)."""
+    lock_text: bool = False
+    """Freeze the text tower."""
+    lock_text_unlocked_layers: int = 0
+    """Leave the last N layers of a locked text tower trainable."""
+    lock_text_freeze_layer_norm: bool = True
+    """Keep the LayerNorms of a locked text tower frozen too (also in its unlocked layers)."""
 
 
 @dataclass
@@ -61,6 +82,20 @@ class SourceConfig:
     """Instead of a weight: each sample this many times per mixture epoch (0.5: half of the source)."""
     manifest: str | None = None
     """Index with the sample counts of this source's shards (default: manifest.json / sizes.json next to them)."""
+
+
+@dataclass
+class AugmentConfig:
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    """RandomResizedCrop area range (a fraction of the image)."""
+    ratio: list[float] | None = None
+    """RandomResizedCrop aspect-ratio range (null: 3/4 - 4/3)."""
+    color_jitter: list[float] | None = None
+    """Colour jitter [brightness, contrast, saturation, hue], or [strength] for [s, s, s, s/4]; null: none."""
+    color_jitter_prob: float | None = None
+    """Probability of applying the colour jitter (null: always when color_jitter is set)."""
+    gray_scale_prob: float | None = None
+    """Probability of converting an image to grayscale (null: never)."""
 
 
 @dataclass
@@ -99,6 +134,9 @@ class DataConfig:
     read_timeout_s: float | None = 600
     """A shard read (local or pipe:) that delivers no bytes for this long is abandoned; its unread samples are
     skipped and counted (unreadable_shard); null: wait forever."""
+    augment: AugmentConfig | None = None
+    """Training augmentation as open_clip's AugmentationCfg, e.g. {scale: [0.4, 1.0], color_jitter: [0.4],
+    color_jitter_prob: 0.8, gray_scale_prob: 0.2}; null: the model's default (RandomResizedCrop, scale 0.9-1)."""
     jpeg_draft: bool = True
     """Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) that is still at least the model's input
     size (PIL's draft): much less decode and resize work when the shards are larger than the model."""
@@ -123,6 +161,17 @@ class OptimConfig:
     fused: bool = True
     """torch's fused AdamW kernel (CUDA and CPU): one pass over all parameters instead of a loop
     of small operations per tensor."""
+    image_lr: float | None = None
+    """Peak learning rate of the image tower (null: optim.lr)."""
+    text_lr: float | None = None
+    """Peak learning rate of the text tower (null: optim.lr)."""
+    image_weight_decay: float | None = None
+    """Weight decay of the image tower (null: optim.weight_decay)."""
+    text_weight_decay: float | None = None
+    """Weight decay of the text tower (null: optim.weight_decay)."""
+    layer_decay: float | None = None
+    """EVA-style layer-wise lr decay, e.g. 0.75: layer i of a tower of L blocks gets lr x decay^(L+1-i)
+    (embeddings i=0, block j i=j+1, final norm and projection L+1); the temperature gets the full lr. null: off."""
 
 
 @dataclass
@@ -186,6 +235,26 @@ class LoggingConfig:
 
 
 @dataclass
+class EMAConfig:
+    decay: float | None = None
+    """Keep an exponential moving average of the weights with this decay, e.g. 0.9999; null: off."""
+    every_n_steps: int = 1
+    """Update the average every N optimizer steps."""
+    warmup: bool = True
+    """Ramp the decay up as min(decay, (1 + k) / (10 + k)) over the first updates k."""
+
+
+@dataclass
+class DistillConfig:
+    model: str | None = None
+    """Teacher: any open_clip model name (null: no distillation)."""
+    checkpoint: str | None = None
+    """The teacher's weights: a local open_clip or clipscale checkpoint file."""
+    weight: float = 1.0
+    """The distillation loss is added to the contrastive loss with this weight."""
+
+
+@dataclass
 class SpikeGuardConfig:
     factor: float = 3.0
     """A loss above factor x the median of the recent losses counts as a spike."""
@@ -239,6 +308,8 @@ class EvalConfig:
     """Images (or captions) per forward when evaluating."""
     workers: int = 0
     """DataLoader workers that decode evaluation images (0: in the training process)."""
+    use_ema: bool = False
+    """Evaluate the EMA weights (ema.decay must be set) instead of the trained ones."""
 
 
 @dataclass
@@ -256,6 +327,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # --------------------------------------------------------------------------- key plumbing
@@ -609,7 +682,68 @@ def validate(cfg: Config) -> None:
             guard.max_rollbacks >= 1 and guard.within_steps >= 1,
             "'train.spike_guard.max_rollbacks' and 'within_steps' must be >= 1",
         )
+    validate_recipe(cfg)
     validate_sources(cfg.data)
+
+
+def _share(value: float | None) -> bool:
+    return value is None or 0 <= value <= 1
+
+
+def validate_recipe(cfg: Config) -> None:
+    """Towers, augmentation, EMA and distillation settings (the model-dependent checks are in model.py)."""
+    m, o = cfg.model, cfg.optim
+    _require(0 <= m.patch_dropout < 1, f"'model.patch_dropout' must be in [0, 1), got {m.patch_dropout}")
+    _require(m.context_length is None or m.context_length >= 2, "'model.context_length' must be >= 2")
+    _require(m.lock_image_unlocked_groups >= 0, "'model.lock_image_unlocked_groups' must be >= 0")
+    _require(m.lock_text_unlocked_layers >= 0, "'model.lock_text_unlocked_layers' must be >= 0")
+    for key in ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats"):
+        _require(not getattr(m, key) or m.lock_image, f"'model.{key}' needs model.lock_image=true")
+    _require(
+        not m.lock_text_unlocked_layers or m.lock_text, "'model.lock_text_unlocked_layers' needs model.lock_text=true"
+    )
+    for key in ("image_lr", "text_lr", "image_weight_decay", "text_weight_decay"):
+        value = getattr(o, key)
+        _require(value is None or value >= 0, f"'optim.{key}' must be >= 0 or null, got {value}")
+    _require(
+        o.layer_decay is None or 0 < o.layer_decay <= 1, f"'optim.layer_decay' must be in (0, 1], got {o.layer_decay}"
+    )
+    a = cfg.data.augment
+    if a is not None:
+        _require(
+            len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1,
+            f"'data.augment.scale' must be [min, max] with 0 < min <= max <= 1, got {a.scale}",
+        )
+        _require(
+            a.ratio is None or (len(a.ratio) == 2 and 0 < a.ratio[0] <= a.ratio[1]),
+            f"'data.augment.ratio' must be [min, max] with 0 < min <= max, got {a.ratio}",
+        )
+        _require(
+            a.color_jitter is None or (len(a.color_jitter) in (1, 4) and min(a.color_jitter) >= 0),
+            f"'data.augment.color_jitter' must be [strength] or [brightness, contrast, saturation, hue], each >= 0; "
+            f"got {a.color_jitter}",
+        )
+        _require(_share(a.color_jitter_prob), "'data.augment.color_jitter_prob' must be in [0, 1]")
+        _require(_share(a.gray_scale_prob), "'data.augment.gray_scale_prob' must be in [0, 1]")
+        _require(
+            a.color_jitter_prob is None or a.color_jitter is not None,
+            "'data.augment.color_jitter_prob' needs data.augment.color_jitter",
+        )
+    e = cfg.ema
+    if e.decay is not None:
+        _require(0 < e.decay < 1, f"'ema.decay' must be in (0, 1), got {e.decay}")
+        _require(e.every_n_steps >= 1, "'ema.every_n_steps' must be >= 1")
+        _require(
+            not (cfg.engine.name == "deepspeed" and cfg.engine.zero_stage == 3),
+            "'ema.decay' is not supported with DeepSpeed ZeRO-3 (its parameters are partitioned); "
+            "use engine.name=fsdp2",
+        )
+    _require(not cfg.eval.use_ema or e.decay is not None, "'eval.use_ema' needs ema.decay (an EMA to evaluate)")
+    d = cfg.distill
+    _require((d.model is None) == (d.checkpoint is None), "'distill.model' and 'distill.checkpoint' go together")
+    if d.model is not None:
+        _require(d.weight > 0, f"'distill.weight' must be > 0, got {d.weight}")
+        _require(cfg.loss.name == "clip", "'distill' works with loss.name=clip (OpenCLIP's DistillClipLoss)")
 
 
 def validate_sources(data: DataConfig) -> None:

@@ -526,17 +526,18 @@ def iter_eval_rows(results: dict) -> Iterator[tuple[str, str]]:
 # --------------------------------------------------------------------------- any checkpoint
 
 
-def model_from_checkpoint(checkpoint: str, model_name: str | None, device: torch.device):
-    """(ModelBundle with the checkpoint's weights, info) for a clipscale or open_clip-format checkpoint."""
+def model_from_checkpoint(checkpoint: str, model_name: str | None, device: torch.device, ema: bool = False):
+    """(ModelBundle with the checkpoint's weights - or its EMA weights -, info) for a clipscale or
+    open_clip-format checkpoint."""
     from .config import ModelConfig
     from .export import consolidated_weights
     from .model import create_model, fit_scalar_shapes
 
-    state, info = consolidated_weights(checkpoint)
+    state, info = consolidated_weights(checkpoint, ema)
     name = model_name or info["model_name"]
     if not name:
         raise EvalDataError(f"{checkpoint} does not say which model it holds: pass --model NAME")
-    bundle = create_model(ModelConfig(name=name), device=device)
+    bundle = create_model(ModelConfig(name=name, context_length=info.get("context_length")), device=device)
     try:
         bundle.model.load_state_dict(
             fit_scalar_shapes(state, {k: v.shape for k, v in bundle.model.state_dict().items()})

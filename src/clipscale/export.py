@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import CheckpointManager, checksum_problem, load_checkpoint_file
 from .engine.ds_checkpoint import DS_TAG, deepspeed_model_states
-from .engine.formats import checkpoint_format, read_dcp_full, read_train_state
+from .engine.formats import checkpoint_format, read_dcp_full, read_ema, read_train_state
 from .errors import CheckpointError
 from .fsutil import atomic_write
 from .model import to_open_clip_layout
@@ -52,10 +52,11 @@ def _deepspeed_state_dict(folder: Path) -> tuple[dict, dict]:
     return dict(state), train_state
 
 
-def consolidated_weights(checkpoint: str | Path) -> tuple[dict, dict]:
-    """(open_clip state_dict, info {model_name, step, source}) of a clipscale checkpoint (DDP file,
-    FSDP2 or DeepSpeed folder, run directory) or of an open_clip-format file (a bare state_dict, or
-    open_clip_train's {"state_dict": ...}; these carry no model name)."""
+def consolidated_weights(checkpoint: str | Path, ema: bool = False) -> tuple[dict, dict]:
+    """(open_clip state_dict, info {model_name, context_length, step, source}) of a clipscale checkpoint
+    (DDP file, FSDP2 or DeepSpeed folder, run directory) or of an open_clip-format file (a bare
+    state_dict, or open_clip_train's {"state_dict": ...}; these carry no model name). With `ema`, the
+    EMA weights in place of the trained ones (locked, untrained parameters are their own average)."""
     source = find_checkpoint(checkpoint)
     if source.is_file():
         try:
@@ -67,10 +68,17 @@ def consolidated_weights(checkpoint: str | Path) -> tuple[dict, dict]:
         state, train_state = read_dcp_full(source)["model"], read_train_state(source)
     else:
         state, train_state = _deepspeed_state_dict(source)
+    if ema:
+        averaged = read_ema(source) if not source.is_file() or "train_state" in full else None
+        if averaged is None:
+            raise CheckpointError(f"{source} holds no EMA weights (it was trained without ema.decay)")
+        state = {**to_open_clip_layout(state), **averaged}
     meta = train_state.get("meta") or {}
-    model_name: str | None = meta.get("model_name") or (meta.get("config") or {}).get("model", {}).get("name")
+    model_cfg = (meta.get("config") or {}).get("model") or {}
+    model_name: str | None = meta.get("model_name") or model_cfg.get("name")
     step = (train_state.get("progress") or {}).get("step")
-    return to_open_clip_layout(state), {"model_name": model_name, "step": step, "source": str(source)}
+    info = {"model_name": model_name, "context_length": model_cfg.get("context_length"), "step": step}
+    return to_open_clip_layout(state), {**info, "source": str(source), "ema": ema}
 
 
 def _bare_state_dict(path: Path) -> dict:
@@ -83,9 +91,9 @@ def _bare_state_dict(path: Path) -> dict:
     return state
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path) -> dict:
-    """Write the consolidated state_dict to `output`; returns {model_name, step, tensors, source}."""
-    state, info = consolidated_weights(checkpoint)
+def export_checkpoint(checkpoint: str | Path, output: str | Path, ema: bool = False) -> dict:
+    """Write the consolidated state_dict (or its EMA) to `output`; returns {model_name, step, tensors, source}."""
+    state, info = consolidated_weights(checkpoint, ema)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, lambda f: torch.save(state, f))

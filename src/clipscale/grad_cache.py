@@ -23,6 +23,7 @@ from .engine.base import Engine
 
 FEATURES = ("image_features", "text_features")
 SCALARS = ("logit_scale", "logit_bias")
+TEACHER_KEYS = ("teacher_image_features", "teacher_text_features", "teacher_logit_scale")  # (distill.py)
 
 
 def loss_inputs(loss_fn, out: dict) -> list[torch.Tensor]:
@@ -32,31 +33,38 @@ def loss_inputs(loss_fn, out: dict) -> list[torch.Tensor]:
         if out.get("logit_bias") is None:
             raise ValueError("the SigLIP loss needs a model with a logit_bias")
         args.append(out["logit_bias"].float())
+    if getattr(loss_fn, "uses_teacher", False):
+        args.extend(out[k] for k in TEACHER_KEYS)
     return args
 
 
-def forward_backward(engine: Engine, loss_fn, micro_batches: list[dict]) -> torch.Tensor:
+def forward_backward(engine: Engine, loss_fn, micro_batches: list[dict], teacher=None) -> torch.Tensor:
     """Accumulate the gradients of one optimizer step (the caller then calls
     engine.optimizer_step()); returns this rank's loss, detached (the mean over ranks is the
-    loss of the global batch)."""
+    loss of the global batch). `teacher(images, texts)`: a distillation teacher's features."""
     device = engine.device
     if len(micro_batches) == 1:
         mb = micro_batches[0]
-        out = engine.forward(mb["images"].to(device, non_blocking=True), mb["texts"].to(device, non_blocking=True))
+        images, texts = mb["images"].to(device, non_blocking=True), mb["texts"].to(device, non_blocking=True)
+        out = engine.forward(images, texts)
+        if teacher is not None:
+            out = {**out, **teacher(images, texts)}
         loss = loss_fn(*loss_inputs(loss_fn, out))
         engine.backward(loss)
         return loss.detach()
-    return _cached_forward_backward(engine, loss_fn, micro_batches)
+    return _cached_forward_backward(engine, loss_fn, micro_batches, teacher)
 
 
-def _cached_forward_backward(engine: Engine, loss_fn, micro_batches: list[dict]) -> torch.Tensor:
+def _cached_forward_backward(engine: Engine, loss_fn, micro_batches: list[dict], teacher=None) -> torch.Tensor:
     device = engine.device
     inputs = [
         (mb["images"].to(device, non_blocking=True), mb["texts"].to(device, non_blocking=True)) for mb in micro_batches
     ]
     # 1. cache features without building graphs (and the RNG state each micro-batch started from)
     cached: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURES}
+    taught: dict[str, list[torch.Tensor]] = {k: [] for k in TEACHER_KEYS[:2]}
     scalars: dict[str, torch.Tensor] = {}
+    teacher_scale = None
     rng = []
     with torch.no_grad():
         for images, texts in inputs:
@@ -65,11 +73,19 @@ def _cached_forward_backward(engine: Engine, loss_fn, micro_batches: list[dict])
             for k in FEATURES:
                 cached[k].append(out[k].float())
             scalars = {k: out[k].float() for k in SCALARS if out.get(k) is not None}
+            if teacher is not None:
+                t_out = teacher(images, texts)
+                for k in taught:
+                    taught[k].append(t_out[k])
+                teacher_scale = t_out["teacher_logit_scale"]
     sizes = [f.shape[0] for f in cached["image_features"]]
     # 2. loss over the whole batch, gradient w.r.t. the features and scalars only
     leaves = {k: torch.cat(v).requires_grad_(True) for k, v in cached.items()}
     leaves.update({k: v.detach().requires_grad_(True) for k, v in scalars.items()})
-    loss = loss_fn(*loss_inputs(loss_fn, leaves))
+    constants = {k: torch.cat(v) for k, v in taught.items() if v}
+    if teacher_scale is not None:
+        constants["teacher_logit_scale"] = teacher_scale
+    loss = loss_fn(*loss_inputs(loss_fn, {**leaves, **constants}))
     loss.backward()
     grads = {k: v.grad for k, v in leaves.items()}
     feature_grads = {k: torch.split(grads[k], sizes) for k in FEATURES}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,8 +17,9 @@ import open_clip
 import torch
 from torch import nn
 
-from .config import Config, ModelConfig
+from .config import AugmentConfig, Config, ModelConfig, to_dict
 from .errors import ConfigError
+from .towers import count_layers, layer_id, load_tower, lock_towers, tower_of
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs" / "models"
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -56,8 +58,27 @@ def _image_size(model: nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def create_model(mcfg: ModelConfig, loss_name: str = "clip", device: str | torch.device = "cpu") -> ModelBundle:
-    """Build an open_clip model + transforms + tokenizer from the model section of the config."""
+def augmentation(augment: AugmentConfig | None) -> dict | None:
+    """open_clip's AugmentationCfg of data.augment (None: the model's default)."""
+    if augment is None:
+        return None
+    out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in to_dict(augment).items() if v is not None}
+    if len(out.get("color_jitter", ())) == 1:
+        strength = out["color_jitter"][0]
+        out["color_jitter"] = (strength, strength, strength, strength / 4)
+    if "color_jitter" in out and "color_jitter_prob" not in out:
+        out["color_jitter_prob"] = 1.0  # open_clip applies a jitter only with a probability
+    return out
+
+
+def create_model(
+    mcfg: ModelConfig,
+    loss_name: str = "clip",
+    device: str | torch.device = "cpu",
+    augment: AugmentConfig | None = None,
+) -> ModelBundle:
+    """Build an open_clip model + transforms + tokenizer from the model section of the config
+    (and the training augmentation of data.augment); load single towers and lock them as asked."""
     register_model_configs(mcfg.config_dirs)
     if mcfg.name not in open_clip.list_models():
         import difflib
@@ -70,6 +91,10 @@ def create_model(mcfg: ModelConfig, loss_name: str = "clip", device: str | torch
     if loss_name == "siglip" and "init_logit_bias" not in cfg:
         # SigLIP needs a learnable bias; the paper's initialisation (t' = log 10, b = -10).
         kwargs.update(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+    if mcfg.patch_dropout:
+        kwargs["force_patch_dropout"] = mcfg.patch_dropout
+    if mcfg.context_length:
+        kwargs["force_context_length"] = mcfg.context_length
     pretrained = mcfg.pretrained
     if (
         pretrained
@@ -77,14 +102,25 @@ def create_model(mcfg: ModelConfig, loss_name: str = "clip", device: str | torch
         and not Path(pretrained).is_file()
     ):
         raise ConfigError(f"'model.pretrained': file not found: {pretrained}")
-    with _quiet_open_clip():
+    with _quiet_open_clip(), warnings.catch_warnings():
+        # open_clip 3.x lists colour jitter and grayscale as "unused" although it applies them
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
         model, train_tf, val_tf = open_clip.create_model_and_transforms(
-            mcfg.name, pretrained=pretrained, device=device, output_dict=True, **kwargs
+            mcfg.name, pretrained=pretrained, device=device, output_dict=True, aug_cfg=augmentation(augment), **kwargs
         )
+    if mcfg.patch_dropout and not hasattr(getattr(model, "visual", None), "patch_dropout"):
+        raise ConfigError(
+            f"'model.patch_dropout' needs an open_clip ViT image tower; {mcfg.name}'s is "
+            f"{type(getattr(model, 'visual', None)).__name__}"
+        )
+    for tower, path in (("image", mcfg.pretrained_image), ("text", mcfg.pretrained_text)):
+        if path:
+            load_tower(model, path, tower)
+    lock_towers(model, mcfg)
     if mcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     scalars_as_vectors(model)
-    tokenizer = open_clip.get_tokenizer(mcfg.name)
+    tokenizer = open_clip.get_tokenizer(mcfg.name, context_length=mcfg.context_length)
     return ModelBundle(model, train_tf, val_tf, tokenizer, _image_size(model))
 
 
@@ -154,16 +190,118 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "embedding" in name or "logit_scale" in name or "logit_bias" in name
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+@dataclass(frozen=True)
+class GroupKey:
+    """What sets a parameter group's lr and weight decay: its tower, whether it decays, its layer."""
+
+    tower: str  # image | text | shared (temperature, bias)
+    decay: bool
+    layer: int | None = None  # with optim.layer_decay
+    layers: int = 0  # blocks of its tower
+
+    @property
+    def name(self) -> str:
+        if self.tower == "all":
+            return "decay" if self.decay else "no_decay"
+        layer = f"/layer{self.layer:02d}" if self.layer is not None else ""
+        return f"{self.tower}{layer}/{'decay' if self.decay else 'no_decay'}"
+
+
+PER_TOWER = ("image_lr", "text_lr", "image_weight_decay", "text_weight_decay", "layer_decay")
+
+
+def splits_towers(o) -> bool:
+    """Groups per tower only when a per-tower or per-layer setting asks for them (else the two groups
+    of decayed and not decayed parameters, as every clipscale checkpoint before them had)."""
+    return any(getattr(o, k) is not None for k in PER_TOWER)
+
+
+def group_key(name: str, param: torch.Tensor, layers: dict[str, int], o) -> GroupKey:
+    decays = not no_weight_decay(name, param)
+    if not splits_towers(o):
+        return GroupKey("all", decays)
+    tower = tower_of(name)
+    if o.layer_decay is None or tower == "shared":
+        return GroupKey(tower, decays)
+    return GroupKey(tower, decays, layer_id(name, layers[tower]), layers[tower])
+
+
+def group_hyperparameters(key: GroupKey, o) -> tuple[float, float]:
+    """(peak lr, weight decay) of a group under the optimizer settings `o` (the current config)."""
+    lr = {"image": o.image_lr, "text": o.text_lr}.get(key.tower)
+    lr = o.lr if lr is None else lr
+    if key.layer is not None and o.layer_decay is not None:
+        lr *= o.layer_decay ** (key.layers + 1 - key.layer)
+    wd = {"image": o.image_weight_decay, "text": o.text_weight_decay}.get(key.tower)
+    wd = o.weight_decay if wd is None else wd
+    return lr, (wd if key.decay else 0.0)
+
+
+def trained_tower_layers(model: nn.Module, layer_decay: float | None) -> dict[str, int]:
+    """{tower: blocks}; with layer decay every tower that trains must have numbered blocks."""
+    names: dict[str, list[str]] = {"image": [], "text": []}
+    trained: set[str] = set()
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "group": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
-    ]
+        tower = tower_of(name)
+        if tower in names:
+            names[tower].append(name)
+            if p.requires_grad:
+                trained.add(tower)
+    layers = {tower: count_layers(n) for tower, n in names.items()}
+    if layer_decay is not None:
+        for tower in sorted(trained):
+            if layers[tower] == 0:
+                raise ConfigError(
+                    f"'optim.layer_decay' needs a {tower} tower of numbered transformer blocks; this model's "
+                    f"{tower} tower has none (e.g. a ResNet or ConvNeXt): set optim.layer_decay=null"
+                )
+    return layers
+
+
+def param_groups(model: nn.Module, optim_cfg) -> list[dict]:
+    """One AdamW group per (tower, decay or not, layer with optim.layer_decay), each tagged with its
+    key so a resume can re-derive lr and weight decay from the current config. Frozen parameters
+    (locked towers) are in no group: no optimizer state, no weight decay."""
+    layers = trained_tower_layers(model, optim_cfg.layer_decay)
+    groups: dict[GroupKey, list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(group_key(name, p, layers, optim_cfg), []).append(p)
+    out = []
+    for key in sorted(groups, key=lambda k: (k.tower, -1 if k.layer is None else k.layer, not k.decay)):  # decay first
+        lr, wd = group_hyperparameters(key, optim_cfg)
+        out.append(
+            {
+                "params": groups[key],
+                "lr": lr,
+                "weight_decay": wd,
+                "group": key.name,
+                "tower": key.tower,
+                "decay": key.decay,
+                "layer": key.layer,
+                "layers": key.layers,
+            }
+        )
+    return out
+
+
+def describe_groups(groups: list[dict]) -> str:
+    """The parameter groups as a table for the start-up log."""
+    rows = [("group", "tensors", "parameters", "lr", "weight_decay")]
+    for g in groups:
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in g["params"])
+        rows.append((g["group"], str(len(g["params"])), f"{numel:,}", f"{g['lr']:.4g}", f"{g['weight_decay']:.4g}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def _key_of_group(group: dict) -> GroupKey:
+    """The key of a saved or current group; checkpoints of clipscale <= 0.3 had two groups only
+    ("decay" and "no_decay", tagged or told apart by their weight decay)."""
+    if "tower" in group:
+        return GroupKey(group["tower"], bool(group["decay"]), group.get("layer"), int(group.get("layers") or 0))
+    no_decay = group.get("group") == "no_decay" or ("group" not in group and group.get("weight_decay") == 0)
+    return GroupKey("all", not no_decay)
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: Config) -> None:
@@ -171,12 +309,10 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: Config) -> None
     the current config wins over the values the checkpoint's optimizer state carried."""
     o = cfg.optim
     for group in optimizer.param_groups:
-        # the group of gains, biases, embeddings and the temperature: tagged, or (a checkpoint of
-        # clipscale <= 0.1) the one that was saved without weight decay
-        no_decay = group.get("group") == "no_decay" or ("group" not in group and group.get("weight_decay") == 0)
-        group["group"] = "no_decay" if no_decay else "decay"
-        group["lr"] = group["initial_lr"] = o.lr
-        group["weight_decay"] = 0.0 if no_decay else o.weight_decay
+        key = _key_of_group(group)
+        group["group"] = key.name
+        group["lr"], group["weight_decay"] = group_hyperparameters(key, o)
+        group["initial_lr"] = group["lr"]
         group["betas"] = (o.beta1, o.beta2)
         group["eps"] = o.eps
         for flag in ("fused", "foreach", "capturable"):  # how this run steps, not how the saved one did
@@ -188,9 +324,7 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
     o = cfg.optim
     # torch's default on CPU is a Python loop over tensors (8x slower than the fused kernel here)
     fused = bool(o.fused and device.type in FUSED_ADAMW_DEVICES)
-    return torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None
-    )
+    return torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,14 +19,16 @@ import torch.distributed as dist
 from .checkpoint import CheckpointManager, step_of, torch_save_synced
 from .config import Config, add_config_arguments, load_config, save_config
 from .data.loader import TrainData
+from .data.samples import draft_size
 from .distributed import DistEnv, all_gather_object, broadcast_object, cleanup, init_distributed, world_size
+from .ema import ModelEMA
 from .engine import build_engine
 from .errors import UserError, run_command
 from .grad_cache import forward_backward
 from .guard import SpikeGuard
 from .loss import build_loss
 from .metrics import MetricsLogger
-from .model import count_parameters, create_model
+from .model import count_parameters, create_model, describe_groups
 from .preempt import EXIT_PREEMPTED, PreemptionHandler
 from .run_status import write_status
 from .state import RNG, DataPosition, LRSchedule, Progress, RunMeta, TrainState, seed_everything
@@ -108,11 +111,22 @@ class Trainer:
         if env.is_main:
             warn_about_timeouts(cfg)
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        self.bundle = create_model(cfg.model, cfg.loss.name, env.device)
+        self.bundle = create_model(cfg.model, cfg.loss.name, env.device, augment=cfg.data.augment)
         self.engine = build_engine(cfg, self.bundle.model, env)
+        log.info("parameter groups:\n%s", describe_groups(self.engine.optimizer.param_groups))
+        self.ema = None
+        if cfg.ema.decay is not None:  # before resuming: the checkpoint restores it
+            self.ema = ModelEMA(self.engine.module, cfg.ema.decay, cfg.ema.every_n_steps, cfg.ema.warmup)
+            self.engine.ema = self.ema
         self.loss_fn = build_loss(cfg)
+        self.teacher = None
+        if cfg.distill.model:
+            from .distill import DistillLoss, Teacher
+
+            self.teacher = Teacher(cfg, self.bundle.tokenizer, env.device, self.engine.autocast)
+            self.loss_fn = DistillLoss(self.loss_fn, cfg.distill.weight)
         self.ckpts = CheckpointManager(self.run_dir, cfg.checkpoint, env.is_main)
-        draft = self.bundle.image_size if cfg.data.jpeg_draft else None
+        draft = draft_size(self.bundle.image_size, cfg.data.augment) if cfg.data.jpeg_draft else None
         self.data = TrainData(cfg, self.bundle.train_transform, self.bundle.tokenizer, env, draft_size=draft)
         self.rng = RNG(env, cfg.seed, self.progress)
         self.guard = SpikeGuard(cfg.train.spike_guard) if cfg.train.spike_guard else None
@@ -195,7 +209,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Collective: zero-shot / retrieval numbers into metrics.jsonl (the model is left as it was)."""
         t0 = time.perf_counter()
-        with self.watchdog.allow("evaluation"):
+        with self.watchdog.allow("evaluation"), self.ema.swapped_in() if self.cfg.eval.use_ema else nullcontext():
             results = self.evaluator.run(self.engine.module, self.engine.autocast)
         results["eval/seconds"] = time.perf_counter() - t0
         self.metrics.log(self.step, results)
@@ -256,7 +270,7 @@ class Trainer:
             wait += w
         self.engine.module.train()
         doing("forward/backward (feature all-gathers, gradient all-reduce or reduce-scatter)")
-        loss = forward_backward(self.engine, self.loss_fn, micro)
+        loss = forward_backward(self.engine, self.loss_fn, micro, self.teacher)
         doing("all-reduce of the loss and the stop flag")
         global_loss, stop = global_loss_and_stop(loss, self.preempt.requested)
         doing("optimizer step")
@@ -266,6 +280,8 @@ class Trainer:
             self.engine.skip_optimizer_step()
             stats = {"grad_norm": float("nan"), "skipped": True}
         self.progress.step += 1
+        if self.ema is not None and not stats["skipped"]:
+            self.ema.update(self.step)
         self._after_update(stats)
         return global_loss, stop, stats, wait, micro
 

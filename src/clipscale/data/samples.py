@@ -7,6 +7,8 @@ counts skips by reason and never stops for one.
 
 from __future__ import annotations
 
+import math
+import random
 from typing import Callable
 
 import numpy as np
@@ -30,6 +32,17 @@ def split_to_tensor_tail(transform: Callable) -> tuple[Callable, torch.Tensor, t
     mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.as_tensor(steps[-1].std, dtype=torch.float32).view(1, -1, 1, 1)
     return Compose(steps[:-2]), mean, std
+
+
+def draft_size(image_size: int, augment=None) -> int:
+    """The smallest decoded side that still gives the model full resolution: a RandomResizedCrop of
+    area fraction `scale[0]` and aspect ratio up to `ratio` spans only part of the image, so the image
+    must be decoded that much larger (data.augment; the default crop keeps 90-100%: image_size)."""
+    if augment is None:
+        return image_size
+    ratio = augment.ratio or [3 / 4, 4 / 3]
+    stretch = max(math.sqrt(ratio[1]), 1 / math.sqrt(ratio[0]))
+    return math.ceil(image_size * stretch / math.sqrt(augment.scale[0]))
 
 
 class SampleDecoder:
@@ -69,8 +82,10 @@ class SampleDecoder:
             raise Skip("image_too_large", str(exn)[:120]) from None
         except Exception as exn:  # PIL raises many types for bad bytes
             raise Skip("corrupt_image", f"{type(exn).__name__}") from None
-        # the CPU generator only: torch.manual_seed also seeds every accelerator and costs ~0.2 ms
+        # the CPU generator only: torch.manual_seed also seeds every accelerator and costs ~0.2 ms;
+        # and Python's (open_clip's colour jitter and grayscale draw from `random`)
         torch.random.default_generator.manual_seed(aug_seed)
+        random.seed(aug_seed)
         if self._split is None:
             return self.transform(img), text
         out = self._split[0](img)

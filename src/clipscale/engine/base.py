@@ -101,9 +101,32 @@ class Engine(abc.ABC):
     def skip_optimizer_step(self) -> None:
         """Drop this step's gradients and advance the schedule without updating the weights."""
 
-    @abc.abstractmethod
     def lr(self) -> float:
-        """Current learning rate."""
+        """Current learning rate of optim.lr (per-tower and per-layer groups are scaled from it)."""
+        group = self.optimizer.param_groups[0]
+        initial = group.get("initial_lr")
+        if not initial or initial == self.cfg.optim.lr:
+            return float(group["lr"])
+        return float(group["lr"] / initial * self.cfg.optim.lr)
+
+    ema = None  # an ema.ModelEMA of `module` when ema.decay is set (the trainer attaches it)
+
+    def load_ema(self, path: Path, ema_state: dict | None) -> None:
+        """Restore the EMA (open_clip names, whole tensors) or, from a checkpoint without one, restart
+        it at the loaded weights."""
+        if self.ema is None:
+            return
+        if ema_state is None:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%s has no EMA weights (written without ema.decay): the average starts at its weights", path
+            )
+            self.ema.reset()
+            return
+        from ..model import fit_scalar_shapes
+
+        self.ema.load_state_dict(fit_scalar_shapes(ema_state, {k: v.shape for k, v in self.ema.shadow.items()}))
 
     def logit_scale(self) -> float:
         """Collective: the temperature exp(logit_scale) (a sharded parameter is gathered)."""
@@ -128,6 +151,14 @@ class Engine(abc.ABC):
         self.scheduler = build_scheduler(
             self.optimizer, self.cfg.schedule, self.cfg.train.steps, self.cfg.optim.lr, step=step
         )
+
+    def ema_state(self) -> dict | None:
+        """The EMA weights to store (open_clip layout, whole tensors), or None without EMA."""
+        if self.ema is None:
+            return None
+        from ..model import to_open_clip_layout
+
+        return to_open_clip_layout(self.ema.state_dict())
 
     # ------------------------------------------------------------------ state
     checkpoint_suffix = ".pt"  # a file; DeepSpeed and FSDP2 checkpoints are folders ("")

@@ -100,9 +100,6 @@ class DDPEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
     # ------------------------------------------------------------------ state
     supports_async_save = True
 
@@ -112,6 +109,7 @@ class DDPEngine(Engine):
             "state_dict": to_open_clip_layout(self.module.state_dict()),
             "optimizer": get_optimizer_state_dict(self.module, self.optimizer, options=FULL),
             **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+            **({"ema": self.ema_state()} if self.ema is not None else {}),
             "train_state": train_state,
         }
 
@@ -134,6 +132,10 @@ class DDPEngine(Engine):
             set_optimizer_state_dict(self.module, self.optimizer, optim_state, options=FULL)
         else:
             self._load_legacy_optimizer(path)
+        if self.ema is not None:
+            from .formats import read_ema
+
+            self.load_ema(path, read_ema(path))
         if self.scaler is not None:
             from ..checkpoint import load_checkpoint_file
 

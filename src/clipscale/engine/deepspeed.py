@@ -80,7 +80,7 @@ class DeepSpeedEngine(Engine):
         )
         self.module = model.to(self.device)
         self.ds, _, _, _ = deepspeed.initialize(
-            model=self.module, config=self.ds_config, model_parameters=param_groups(self.module, cfg.optim.weight_decay)
+            model=self.module, config=self.ds_config, model_parameters=param_groups(self.module, cfg.optim)
         )
         self.base_optimizer = self.ds.basic_optimizer
         self.optimizer = self.base_optimizer  # its param groups hold the learning rate
@@ -146,9 +146,6 @@ class DeepSpeedEngine(Engine):
             with torch.no_grad():
                 param.data.clamp_(0, MAX_LOGIT_SCALE)
 
-    def lr(self) -> float:
-        return float(self.base_optimizer.param_groups[0]["lr"])
-
     # ------------------------------------------------------------------ state
     def save(self, path: Path, train_state: dict) -> None:
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
@@ -156,6 +153,7 @@ class DeepSpeedEngine(Engine):
         client = {
             "train_state": train_state,
             "zero_stage": self.stage,
+            **({"ema": self.ema_state()} if self.ema is not None else {}),
             "format": 2,
             UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.2},
         }  # convertible later
@@ -190,6 +188,8 @@ class DeepSpeedEngine(Engine):
     def load(self, path: Path) -> dict:
         path = Path(path)
         train_state, old_world = self._check_compatible(path)
+        if self.ema is not None:
+            self.load_ema(path, deepspeed_model_states(path).get("ema"))
         if self.stage >= 1 and old_world != self.env.world_size:
             return self._load_universal(path, train_state, old_world)
         loaded, client = self.ds.load_checkpoint(

@@ -81,6 +81,29 @@ def read_train_state(path: Path) -> dict:
         raise CheckpointError(f"cannot read {Path(path) / DCP_TRAIN_STATE}: {type(exn).__name__}") from None
 
 
+def read_ema(path: Path) -> dict | None:
+    """The EMA weights stored in a checkpoint of any format (open_clip names, whole CPU tensors), or
+    None when it was written without ema.decay."""
+    kind = checkpoint_format(path)
+    if kind == "ddp":
+        from ..checkpoint import load_checkpoint_file
+
+        return load_checkpoint_file(path, mmap=True).get("ema")
+    if kind == "fsdp2":
+        return read_dcp_full(path, keys={"ema"}).get("ema") if has_dcp_entry(path, "ema") else None
+    from .ds_checkpoint import deepspeed_model_states
+
+    return deepspeed_model_states(path).get("ema")
+
+
+def has_dcp_entry(path: Path, entry: str) -> bool:
+    """Whether a DCP checkpoint holds the top-level entry (e.g. "ema")."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    return any(key == entry or key.startswith(entry + ".") for key in metadata.state_dict_metadata)
+
+
 def full_state(path: Path, weights: bool = True) -> tuple[dict, dict | None, dict]:
     """(model state_dict, parameter-name keyed optimizer state or None, train state) of a ddp or
     fsdp2 checkpoint, whole, on the CPU. With weights=False only the train state is read (the

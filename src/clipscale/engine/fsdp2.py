@@ -32,11 +32,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..checkpoint import torch_save_synced
 from ..config import Config
-from ..distributed import DistEnv, ensure_process_group
+from ..distributed import DistEnv, broadcast_object, ensure_process_group
 from ..model import build_optimizer, clamp_logit_scale, fit_scalar_shapes
 from ..schedule import build_scheduler
 from .base import Engine, autocast_dtype, check_fits, optimizer_state_by_name
-from .formats import DCP_TRAIN_STATE, checkpoint_format, dcp_shapes, full_state, read_train_state
+from .formats import DCP_TRAIN_STATE, checkpoint_format, dcp_shapes, full_state, has_dcp_entry, read_train_state
 
 FULL = StateDictOptions(full_state_dict=True)
 log = logging.getLogger(__name__)
@@ -109,15 +109,15 @@ class FSDP2Engine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
     # ------------------------------------------------------------------ state
-    def _sharded(self) -> dict:
-        return {
+    def _sharded(self, ema: bool = True) -> dict:
+        out = {
             "model": get_model_state_dict(self.module),
             "optim": get_optimizer_state_dict(self.module, self.optimizer),
         }
+        if ema and self.ema is not None:
+            out["ema"] = self.ema.state_dict()  # DTensors, sharded as the parameters
+        return out
 
     def save(self, path: Path, train_state: dict) -> None:
         dcp.save(self._sharded(), checkpoint_id=str(path))
@@ -130,10 +130,13 @@ class FSDP2Engine(Engine):
         if checkpoint_format(path) == "fsdp2":
             train_state = read_train_state(path)
             check_fits(path, train_state, self.cfg, now, dcp_shapes(path))
-            state = self._sharded()
+            with_ema = self.ema is not None and has_dcp_entry(path, "ema")
+            state = self._sharded(ema=with_ema)
             dcp.load(state, checkpoint_id=str(path))
             set_model_state_dict(self.module, state["model"])
             set_optimizer_state_dict(self.module, self.optimizer, state["optim"])
+            if self.ema is not None and not with_ema:
+                self.load_ema(path, None)
             return train_state
         # a whole state (a DDP file): read by the first rank only and broadcast, shard by shard
         model_state, optim_state, train_state = full_state(path, weights=self.env.is_main)
@@ -150,7 +153,28 @@ class FSDP2Engine(Engine):
                 "moments start from zero",
                 path,
             )
+        if self.ema is not None:
+            self._load_whole_ema(path)
         return train_state
+
+    def _load_whole_ema(self, path: Path) -> None:
+        """The EMA of a whole-state (DDP) checkpoint: read on the first rank, scattered as shards."""
+        from torch.distributed.tensor import distribute_tensor
+
+        from .formats import read_ema
+
+        whole = read_ema(path) if self.env.is_main else None
+        present = broadcast_object(whole is not None)
+        if not present:
+            self.load_ema(path, None)
+            return
+        sharded = {}
+        for name, shard in self.ema.shadow.items():
+            full = whole[name].reshape(shard.shape).float() if whole is not None else torch.empty(shard.shape)
+            sharded[name] = distribute_tensor(
+                full.to(self.device), shard.device_mesh, shard.placements, src_data_rank=0
+            )
+        self.ema.load_state_dict(sharded)
 
     def full_optimizer_state(self) -> dict:
         return optimizer_state_by_name(get_optimizer_state_dict(self.module, self.optimizer, options=FULL))

@@ -1,0 +1,83 @@
+"""Distillation from a frozen teacher (OpenCLIP's `--distill-model`): its logits over the global
+batch are soft targets for the student's.
+
+    loss = contrastive + distill.weight x (CE(softmax(teacher image->text logits), student's)
+                                          + CE(softmax(teacher text->image logits), student's)) / 2
+
+as open_clip's DistillClipLoss. The teacher is any open_clip model from a local checkpoint, in eval
+mode, frozen, run under the student's autocast; its features are gathered across ranks exactly as
+the student's, and each rank takes its own rows of the [B, B] logits (the mean over ranks is the
+loss of the global batch, as every clipscale loss). The teacher reads the student's token ids, so
+both must share a tokenizer and context length; its embedding size may differ (only logits meet).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import Config, ModelConfig
+from .errors import ConfigError
+from .loss import Gather
+
+TEACHER_KEYS = ("teacher_image_features", "teacher_text_features", "teacher_logit_scale")
+
+
+def soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """open_clip's DistillClipLoss.dist_loss: mean over rows of -sum softmax(teacher) log softmax(student)."""
+    return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+
+class DistillLoss(nn.Module):
+    """The contrastive loss plus the weighted distillation term; takes the teacher's features after the student's."""
+
+    uses_bias = False
+    uses_teacher = True
+
+    def __init__(self, contrastive: nn.Module, weight: float, gather: Gather | None = None):
+        super().__init__()
+        self.contrastive, self.weight = contrastive, weight
+        self.gather = gather or Gather()
+
+    def forward(self, image_features, text_features, logit_scale, t_image, t_text, t_scale):
+        all_img, all_txt = self.gather.pair(image_features, text_features)
+        with torch.no_grad():
+            t_all_img, t_all_txt = self.gather.pair(t_image, t_text)
+        distill = (
+            soft_cross_entropy(t_scale * t_image @ t_all_txt.T, logit_scale * image_features @ all_txt.T)
+            + soft_cross_entropy(t_scale * t_text @ t_all_img.T, logit_scale * text_features @ all_img.T)
+        ) / 2
+        return self.contrastive(image_features, text_features, logit_scale) + self.weight * distill
+
+
+class Teacher:
+    """The frozen teacher: `teacher(images, texts)` -> its normalised features and temperature."""
+
+    def __init__(self, cfg: Config, student_tokenizer: Callable, device: torch.device, autocast: Callable):
+        from .model import create_model
+
+        spec = ModelConfig(name=cfg.distill.model, pretrained=cfg.distill.checkpoint, config_dirs=cfg.model.config_dirs)
+        bundle = create_model(spec, device=device)
+        same = type(bundle.tokenizer) is type(student_tokenizer) and getattr(
+            bundle.tokenizer, "context_length", None
+        ) == getattr(student_tokenizer, "context_length", None)
+        if not same:
+            raise ConfigError(
+                f"'distill.model={cfg.distill.model}' tokenizes text otherwise than model.name={cfg.model.name} "
+                "(tokenizer or context length): the teacher reads the student's token ids"
+            )
+        self.model, self.autocast = bundle.model.eval(), autocast
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        with self.autocast():
+            out = self.model(image=images, text=texts)
+        return {
+            "teacher_image_features": out["image_features"].float(),
+            "teacher_text_features": out["text_features"].float(),
+            "teacher_logit_scale": out["logit_scale"].float(),  # open_clip returns it exponentiated
+        }
