@@ -186,12 +186,16 @@ def test_resuming_before_or_after_a_rollback_is_exact(spiked_run, spiky_shards, 
     assert [(r["step"], r["to_step"]) for r in rollbacks] == [(23, 20)]
 
 
-@pytest.mark.parametrize("stop_after", [22, 23])
-def test_preempted_inside_a_spike_resumes_into_the_same_rollback(spiked_run, spiky_shards, tmp_path, stop_after):
+@pytest.mark.parametrize("stop_after, keep_last", [(22, 3), (23, 3), (23, 1)])
+def test_preempted_inside_a_spike_resumes_into_the_same_rollback(
+    spiked_run, spiky_shards, tmp_path, stop_after, keep_last
+):
     """Stopped at step 22 (spiking, not yet decided) or 23 (decided, not yet rolled back): the
-    preemption checkpoint is written, and the resumed run rolls back exactly as the uninterrupted one."""
+    preemption checkpoint is written, and the resumed run rolls back exactly as the uninterrupted one.
+    With keep_last=1 the preemption checkpoint must not push out the one the rollback needs."""
     run_dir = tmp_path / "run"
-    trainer = Trainer(spike_config(run_dir, spiky_shards), init_distributed("cpu"))
+    cfg = spike_config(run_dir, spiky_shards, checkpoint__keep_last=keep_last)
+    trainer = Trainer(cfg, init_distributed("cpu"))
     step = trainer.train_step
 
     def train_step():
@@ -205,7 +209,8 @@ def test_preempted_inside_a_spike_resumes_into_the_same_rollback(spiked_run, spi
     finally:
         trainer.close()
     assert (run_dir / "checkpoints" / f"step_{stop_after:08d}.pt").exists()
-    train(spike_config(run_dir, spiky_shards, checkpoint__resume="auto"))
+    assert (run_dir / "checkpoints" / "step_00000020.pt").exists()  # kept for the rollback
+    train(spike_config(run_dir, spiky_shards, checkpoint__resume="auto", checkpoint__keep_last=keep_last))
     assert trained(run_dir) == trained(spiked_run)
     assert list((run_dir / "checkpoints" / "abandoned").glob(f"step_{stop_after:08d}.pt.*"))  # moved aside
 
@@ -222,3 +227,34 @@ def test_a_spike_that_cannot_be_healed_stops_the_run_with_a_clear_error(spiky_sh
         train(spike_config(tmp_path / "run", spiky_shards, **overrides))
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and message in status["error"]
+
+
+def test_rolling_back_to_the_same_checkpoint_again_skips_further(spiky_shards, tmp_path):
+    """skip_batches=1 leaves poison after the first rollback: the second one (to the same checkpoint)
+    must skip 2 batches, not replay the same data into the same spike until max_rollbacks gives up."""
+    run_dir = tmp_path / "run"
+    overrides = {"train__spike_guard__skip_batches": 1, "train__spike_guard__patience": 2}
+    result = train(spike_config(run_dir, spiky_shards, **overrides))
+    assert result["step"] == STEPS
+    events = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "rollback"]
+    assert len(events) >= 2 and all(e["rollback/to_step"] == 20 for e in events)
+    assert [e["rollback/skipped_batches"] for e in events] == list(range(1, len(events) + 1))
+
+
+def test_a_rank_failing_because_another_ranks_watchdog_fired_keeps_the_status_hung(tmp_path, toy_shards, monkeypatch):
+    """The watchdog of one rank writes `hung` and exits; the others' next collective fails. Those
+    must not overwrite the status with `failed` (no requeue) but exit with EXIT_HUNG too."""
+    from clipscale.run_status import write_status
+
+    def fit(self):
+        write_status(self.run_dir, "hung", step=self.step, hung_ranks_reported=[1])  # rank 1's watchdog
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    result = train(tiny_config(tmp_path / "run", toy_shards, train__steps=2))
+    assert result["exit_code"] == EXIT_HUNG
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "hung"
+    monkeypatch.setattr(Trainer, "fit", lambda self: (_ for _ in ()).throw(RuntimeError("a real crash")))
+    with pytest.raises(RuntimeError, match="a real crash"):
+        train(tiny_config(tmp_path / "run", toy_shards, train__steps=2))
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"  # not an old hang

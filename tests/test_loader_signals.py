@@ -148,6 +148,19 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path, toy_shards):
         gone, alive = psutil.wait_procs(workers, timeout=15)
         alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
         assert not alive, [p.pid for p in alive]
+
+        def pipe_commands():
+            found = []
+            for p in psutil.process_iter(["cmdline", "status"]):
+                line = " ".join(p.info["cmdline"] or [])
+                if "sleep 45" in line and (folder in line or line == "sleep 45") and p.info["status"] != "zombie":
+                    found.append(p)
+            return found
+
+        deadline = time.time() + 15  # the pipes' watchers notice the dead reader within a second or two
+        while pipe_commands() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not pipe_commands(), "the shard commands outlived their data worker"
     finally:
         proc.kill()
         for p in psutil.process_iter(["cmdline"]):

@@ -222,3 +222,29 @@ def test_a_stream_that_stalls_is_abandoned_after_the_read_timeout(tmp_path, comm
     assert len(samples) <= 1
     time.sleep(0.2)
     assert not [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[-1:] == ["97"]]
+
+
+@pytest.mark.parametrize("read_timeout", [None, 2.0])
+def test_a_corrupt_pipe_whose_command_keeps_writing_is_an_error_not_a_hang(read_timeout):
+    """`yes` is not a tar and never stops: the reader must not wait for it to exit, and stops it."""
+    import time
+
+    import psutil
+
+    errors = []
+    started = time.monotonic()
+    assert list(iter_raw_samples("pipe:yes clipscale-not-a-tar", errors.append, read_timeout=read_timeout)) == []
+    assert time.monotonic() - started < 15 and len(errors) == 1
+    time.sleep(0.2)
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if "clipscale-not-a-tar" in (p.info["cmdline"] or [])]
+    assert not leftovers
+
+
+def test_a_slow_pipe_that_keeps_delivering_is_not_taken_for_a_stalled_one(tmp_path):
+    """Bytes arriving more slowly than one read chunk per timeout are progress, not a stall."""
+    path = write_tar(tmp_path / "a.tar", tarfile.USTAR_FORMAT, FILES)
+    size = path.stat().st_size
+    slow = f"pipe:for i in $(seq 0 512 {size}); do tail -c +$((i + 1)) {path} | head -c 512; sleep 0.2; done"
+    errors = []
+    samples = list(iter_raw_samples(slow, errors.append, read_timeout=1.0))
+    assert errors == [] and len(samples) == len(list(iter_raw_samples(str(path), errors.append)))

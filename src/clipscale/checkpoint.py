@@ -149,6 +149,7 @@ class CheckpointManager:
         self.is_main = is_main
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
+        self.protected: Path | None = None  # never removed by retention (the spike guard's rollback target)
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             remove_temporaries(self.dir, "step_*")  # what saves killed mid-write left behind
@@ -234,7 +235,7 @@ class CheckpointManager:
         """Remove the oldest checkpoints beyond keep_last, never `keep` (the one just written)."""
         if self.keep_last <= 0:
             return
-        others = [p for p in self.all_checkpoints() if p != keep]
+        others = [p for p in self.all_checkpoints() if p not in (keep, self.protected)]
         for old in others[: max(0, len(others) - (self.keep_last - 1))]:
             try:
                 remove_path(old)

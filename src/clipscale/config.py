@@ -283,8 +283,9 @@ class TrainConfig:
     hang_timeout_s: float | None = 1800
     """A rank that finishes no step for this long writes its stacks to RUN_DIR/hang/ and exits (status hung,
     requeued by clipscale supervise); null: no watchdog."""
-    hang_grace_s: float = 7200
-    """What the watchdog allows the first step, checkpoint saves and loads, and evaluations instead."""
+    hang_grace_s: float = 3000
+    """What the watchdog allows the first step, checkpoint saves and loads, and evaluations instead (keep it
+    below engine.dist_timeout_s, or a collective times out first)."""
     spike_guard: SpikeGuardConfig | None = None
     """Roll back to the latest checkpoint and skip data when the loss spikes, e.g. {factor: 3.0, window: 100,
     patience: 3, skip_batches: 200}; null: off."""

@@ -32,14 +32,16 @@ def append_line(path: Path, record: dict) -> None:
         os.close(fd)
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """Drop records of steps after `step` (work that a resume redoes) from a jsonl file."""
+def truncate_after(path: Path, step: int, keep_events: bool = False) -> None:
+    """Drop records of steps after `step` (work that a resume redoes) from a jsonl file; with
+    `keep_events`, records of events (a rollback) stay: they happened, whatever is redone."""
     if not path.is_file():
         return
     kept = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
+            record = json.loads(line)
+            if record.get("step", 0) <= step or (keep_events and "event" in record):
                 kept.append(line)
         except ValueError:
             continue  # a line torn by a kill
@@ -80,10 +82,11 @@ class MetricsLogger:
             else:
                 self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def resume_at(self, step: int) -> None:
-        """Forget records past `step`: those steps will be trained again."""
+    def resume_at(self, step: int, keep_events: bool = False) -> None:
+        """Forget records past `step`: those steps will be trained again (`keep_events`: but not the
+        events, e.g. an earlier rollback to the same checkpoint)."""
         if self.is_main:
-            truncate_after(self.run_dir / METRICS_FILE, step)
+            truncate_after(self.run_dir / METRICS_FILE, step, keep_events)
             truncate_after(self.run_dir / SAMPLE_KEYS_FILE, step)
 
     def log(self, step: int, metrics: dict, console: bool = True) -> None:

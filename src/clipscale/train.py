@@ -20,7 +20,15 @@ from .checkpoint import CheckpointManager, step_of, torch_save_synced
 from .config import Config, add_config_arguments, load_config, save_config
 from .data.loader import TrainData
 from .data.samples import draft_size
-from .distributed import DistEnv, all_gather_object, broadcast_object, cleanup, init_distributed, world_size
+from .distributed import (
+    DistEnv,
+    all_gather_object,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    world_size,
+)
 from .ema import ModelEMA
 from .engine import build_engine
 from .errors import UserError, run_command
@@ -32,7 +40,7 @@ from .model import count_parameters, create_model, describe_groups
 from .preempt import EXIT_PREEMPTED, PreemptionHandler
 from .run_status import write_status
 from .state import RNG, DataPosition, LRSchedule, Progress, RunMeta, TrainState, seed_everything
-from .watchdog import HangWatchdog
+from .watchdog import EXIT_HUNG, HangWatchdog
 
 log = logging.getLogger("clipscale")
 
@@ -76,6 +84,13 @@ def warn_about_timeouts(cfg: Config) -> None:
             "train.hang_timeout_s=%s >= engine.dist_timeout_s=%s: a rank stuck in a collective fails the run with a "
             "timeout before the hang watchdog can leave its stacks and ask for a requeue",
             hang,
+            collective,
+        )
+    if hang and cfg.train.hang_grace_s >= collective:
+        log.warning(
+            "train.hang_grace_s=%s >= engine.dist_timeout_s=%s: a rank stuck in the first step, a checkpoint or an "
+            "evaluation fails the run with a collective timeout before the watchdog can report it",
+            cfg.train.hang_grace_s,
             collective,
         )
     if read and read >= min(collective, hang or collective):
@@ -148,6 +163,7 @@ class Trainer:
         else:
             self.rng.reseed()
         self.preempt.step_in_progress = self.step + 1  # a signal during set-up stops after the first step
+        self.watchdog.resumed_at(self.step)
 
         self.metrics = MetricsLogger(
             self.run_dir, env.is_main, env.rank, cfg.logging.tensorboard, cfg.logging.sample_keys, console=self._console
@@ -225,6 +241,12 @@ class Trainer:
             return self._save(background)
 
     def _save(self, background: bool) -> Path:
+        # saved in the middle of a spike (a preemption): retention must keep what a rollback needs
+        guard = self.guard
+        if self.env.is_main:
+            spiking = guard is not None and guard.above > 0
+            first = self.step - guard.above + 1 if spiking else 0
+            self.ckpts.protected = self.ckpts.rollback_target(first, self.last_checkpoint) if spiking else None
         train_state = self.state.state_dict()
         suffix = self.engine.checkpoint_suffix
         if background and self.engine.supports_async_save:
@@ -299,6 +321,12 @@ class Trainer:
                 f"{guard.cfg.within_steps} steps; training stopped. Lower optim.lr, raise "
                 f"train.spike_guard.skip_batches, or check the data"
             )
+        with self.watchdog.allow("rollback"):
+            self._rollback_to(loss, spike_step, first_spiking)
+        return self.step
+
+    def _rollback_to(self, loss: float, spike_step: int, first_spiking: int) -> Path:
+        guard = self.guard
         self.ckpts.wait()
         target = self.ckpts.rollback_target(first_spiking, self.last_checkpoint) if self.env.is_main else None
         target = broadcast_object(str(target) if target else None)
@@ -309,12 +337,15 @@ class Trainer:
                 f"{first_spiking} to roll back to; save checkpoints more often (checkpoint.every_n_steps)"
             )
         target = Path(target)
+        # back to the same checkpoint again: skip further, or the same data would spike the same way
+        again = sum(1 for r in guard.rollbacks if r.get("to_step") == step_of(target))
+        skip = guard.cfg.skip_batches * (1 + again)
         record = {
             "step": spike_step,
             "to_step": step_of(target),
             "loss": loss,
             "median": guard.median(),
-            "skipped_batches": guard.cfg.skip_batches,
+            "skipped_batches": skip,
         }
         rollbacks = [*guard.rollbacks, record]
         log.warning(
@@ -326,26 +357,26 @@ class Trainer:
             guard.above,
             spike_step,
             target.name,
-            guard.cfg.skip_batches,
+            skip,
         )
-        with self.watchdog.allow("rollback"):
-            self.data.close()
-            train_state = self.engine.load(target)
-            self.state.load_state_dict(train_state)
-            guard.rollbacks = rollbacks  # the history of rollbacks outlives the restored state
-            guard.after_rollback()
-            if self.env.is_main:
-                self.ckpts.abandon_after(target)
-            self.last_checkpoint = target
-            self.metrics.resume_at(self.step)
-            # the skipped samples count as consumed: recorded before the step that follows them
-            for i in range(guard.cfg.skip_batches):
-                micro = self.data.skip(1)
-                self.metrics.sample_keys(
-                    self.step + 1,
-                    *([x for mb in micro for x in mb[f]] for f in ("keys", "passes", "sources")),
-                    skipped=i,
-                )
+        self.data.close()
+        train_state = self.engine.load(target)
+        self.state.load_state_dict(train_state)
+        guard.rollbacks = rollbacks  # the history of rollbacks outlives the restored state
+        guard.after_rollback()
+        if self.env.is_main:
+            self.ckpts.abandon_after(target)
+        self.last_checkpoint = target
+        self.metrics.resume_at(self.step, keep_events=True)
+        barrier()  # the main rank has cut the logs back before any rank appends to them
+        # the skipped samples count as consumed: recorded before the step that follows them
+        for i in range(skip):
+            micro = self.data.skip(1)
+            self.metrics.sample_keys(
+                self.step + 1,
+                *([x for mb in micro for x in mb[f]] for f in ("keys", "passes", "sources")),
+                skipped=i,
+            )
         self.metrics.log(
             self.step + 1,
             {
@@ -354,12 +385,12 @@ class Trainer:
                 "rollback/to_step": self.step,
                 "rollback/loss": loss,
                 "rollback/median": record["median"],
-                "rollback/skipped_batches": guard.cfg.skip_batches,
+                "rollback/skipped_batches": skip,
                 "rollback/count": len(rollbacks),
             },
         )
         self.write_status("running", checkpoint=str(target))
-        return self.step
+        return target
 
     def preemption(self) -> tuple[str, int | None]:
         """Collective: (the signal, the step it arrived in), of the rank signalled first."""
@@ -506,9 +537,18 @@ def train(cfg: Config) -> dict:
     env = init_distributed(cfg.train.device, cfg.engine.dist_timeout_s)
     setup_logging(env)
     trainer = None
+    started = time.time()
     try:
         trainer = Trainer(cfg, env)
         return trainer.fit()
+    except Exception as exn:
+        if trainer is not None and hung_elsewhere(trainer.run_dir, started):
+            # another rank's watchdog reported a hang and exited; this rank's collective failed with it
+            log.error("%s: another rank was stopped as hung (status.json); exiting with code %d", exn, EXIT_HUNG)
+            return {"step": trainer.step, "preempted": False, "exit_code": EXIT_HUNG}
+        if trainer is not None:
+            trainer.write_status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
+        raise
     except BaseException as exn:
         if trainer is not None:
             trainer.write_status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
@@ -521,6 +561,14 @@ def train(cfg: Config) -> dict:
             trainer.close()
         else:
             cleanup()
+
+
+def hung_elsewhere(run_dir: Path, since: float) -> bool:
+    """Whether a watchdog of this run (another rank's) marked it hung since `since`."""
+    from .run_status import read_status
+
+    status = read_status(run_dir, since=since)
+    return bool(status and status["state"] == "hung")
 
 
 def main(argv: list[str] | None = None) -> int:

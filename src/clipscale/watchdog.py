@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -60,6 +61,11 @@ class HangWatchdog:
         their own; this names them."""
         self._activity = activity
 
+    def resumed_at(self, step: int) -> None:
+        """The step the run resumed from (reports name it); the first step keeps its grace period."""
+        with self._lock:
+            self.step = step
+
     def beat(self, step: int) -> None:
         """Progress: a step finished. The next step gets the normal timeout."""
         with self._lock:
@@ -91,27 +97,35 @@ class HangWatchdog:
                 self._fire(idle, phase, step)
 
     def _fire(self, idle: float, phase: str, step: int) -> None:
-        folder = self.run_dir / HANG_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        report = folder / f"rank{self.rank}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-        with open(report, "w") as f:
-            f.write(
-                f"rank {self.rank} (pid {os.getpid()}): no progress for {idle:.0f} s during {phase} "
-                f"after step {step} (allowed {self._allowance or 0:.0f} s)\n"
-                f"in: {self._activity}\nthe stacks of every thread:\n\n"
-            )
-            f.flush()
-            faulthandler.dump_traceback(file=f, all_threads=True)
-            f.flush()
-            os.fsync(f.fileno())
-        ranks = sorted(
-            {
-                int(p.name.split("-")[0][4:])
-                for p in folder.glob("rank*-*.txt")
-                if p.stat().st_mtime >= time.time() - 2 * idle
-            }
+        """Leave the evidence and exit, whatever fails on the way (a full disk, a stuck run directory:
+        a backstop timer exits even if writing the report blocks)."""
+        backstop = threading.Timer(60.0, os._exit, args=(EXIT_HUNG,))
+        backstop.daemon = True
+        backstop.start()
+        headline = (
+            f"rank {self.rank} (pid {os.getpid()}): no progress for {idle:.0f} s during {phase} "
+            f"after step {step} (allowed {self._allowance or 0:.0f} s)\nin: {self._activity}\n"
         )
+        report = None
         try:
+            print(f"clipscale: {headline}the stacks of every thread:", file=sys.stderr, flush=True)
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            folder = self.run_dir / HANG_DIR
+            folder.mkdir(parents=True, exist_ok=True)
+            report = folder / f"rank{self.rank}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+            with open(report, "w") as f:
+                f.write(f"{headline}the stacks of every thread:\n\n")
+                f.flush()
+                faulthandler.dump_traceback(file=f, all_threads=True)
+                f.flush()
+                os.fsync(f.fileno())
+            ranks = sorted(
+                {
+                    int(p.name.split("-")[0][4:])
+                    for p in folder.glob("rank*-*.txt")
+                    if p.stat().st_mtime >= time.time() - 2 * idle
+                }
+            )
             write_status(
                 self.run_dir,
                 "hung",
@@ -121,10 +135,12 @@ class HangWatchdog:
                 hang_reports=str(folder),
                 **self.status_fields(),
             )
+        except BaseException as exn:  # noqa: BLE001 - the exit below must happen
+            print(f"clipscale: could not write the hang report: {type(exn).__name__}: {exn}", file=sys.stderr)
         finally:
             print(
                 f"clipscale: rank {self.rank} made no progress for {idle:.0f} s during {phase} after step {step}; "
-                f"stacks in {report}; exiting with code {EXIT_HUNG}",
+                f"stacks in {report or 'the log above'}; exiting with code {EXIT_HUNG}",
                 flush=True,
             )
             os._exit(EXIT_HUNG)

@@ -192,7 +192,8 @@ def completed_shard(out: Path, name: str, index: int, opts: BuildOptions, rows: 
         raise DataError(f"{tar} was built with other options; use a new --output folder or delete the old shards")
     if stats.get("bytes") != tar.stat().st_size:
         return None
-    if stats.get("count") != len(rows) or stats.get("rows_sha256") != rows_digest(rows):
+    digest = stats.get("rows_sha256")  # (shards built before it was recorded: by count only)
+    if stats.get("count") != len(rows) or (digest is not None and digest != rows_digest(rows)):
         log.info(
             "%s: its input rows changed since it was built (%s -> %d rows); rebuilding",
             tar.name,

@@ -21,10 +21,8 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from ..proc import die_with_parent
 from .urls import local_path
 
 BLOCK = 512
@@ -207,13 +205,21 @@ class _PipeReader:
     """stdout of a `pipe:` command; a failing command is an OSError at the end of its output."""
 
     OK_STATUS = (0, 141, -13)  # 141 / -SIGPIPE: we closed the pipe before its end on purpose
+    END_WAIT_S = 2.0  # how long a command may take to exit after its output ended
+    # kills the command's group once the reading process is gone (a data worker killed or orphaned
+    # mid-read); a parent-death signal would reach only the shell, not the commands it started
+    WATCH = "while kill -0 {reader} 2>/dev/null; do sleep 1; done; kill -KILL -{group} 2>/dev/null"
 
     def __init__(self, command: str):
         self.command = command
         # its own process group, so that closing early stops the whole pipeline (curl | zcat ...)
-        # and it dies with the reading process (a data worker killed or orphaned mid-read)
-        self.proc = subprocess.Popen(
-            command, shell=True, stdout=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, start_new_session=True)
+        self.watcher = subprocess.Popen(
+            ["sh", "-c", self.WATCH.format(reader=os.getpid(), group=self.proc.pid)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def read(self, n: int = -1) -> bytes:
@@ -222,32 +228,36 @@ class _PipeReader:
             self.check(wait=True)
         return data
 
+    def read1(self, n: int = -1) -> bytes:
+        """What the pipe has now (at least one byte, or the end): a slow command is not a stalled one."""
+        data = self.proc.stdout.read1(n)
+        if not data and n != 0:
+            self.check(wait=True)
+        return data
+
     def check(self, wait: bool = False) -> None:
-        """OSError when the command has ended with a failing status."""
-        status = self.proc.wait() if wait else self.proc.poll()
+        """OSError when the command has ended with a failing status. With `wait`, give it END_WAIT_S
+        to end (its output ended); one that is still running, e.g. writing into a pipe nobody reads
+        after a corrupt member, is not news: close() stops it."""
+        try:
+            status = self.proc.wait(timeout=self.END_WAIT_S) if wait else self.proc.poll()
+        except subprocess.TimeoutExpired:
+            return
         if status is not None and status not in self.OK_STATUS:
             raise OSError(f"pipe command exited with status {status}: {self.command}")
 
     def close(self) -> None:
-        if self.proc.poll() is None:  # closed before its end: stop the pipeline, not only the shell
-            self._stop_pipeline()
+        if self.proc.poll() is None:
+            # closed before its end: SIGKILL the whole pipeline (SIGTERM would not do: commands started by
+            # a data worker inherit its ignored preemption signals, so a SLURM SIGTERM cannot cut a shard
+            # short); the shell is not reaped yet, so its group id cannot have been reused
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.stdout.close()
         self.proc.wait()
-
-    def _stop_pipeline(self, grace_s: float = 1.0) -> None:
-        """SIGTERM the command's process group, SIGKILL what is left after `grace_s`. Commands started
-        by a data worker inherit its ignored preemption signals (a SLURM SIGTERM must not cut a shard
-        short), so SIGTERM alone may not stop them. The shell is not reaped before the SIGKILL, so
-        its group id cannot have been reused."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                break
-            time.sleep(0.01)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.watcher.pid, signal.SIGKILL)
+        self.watcher.wait()
 
 
 class StalledRead(OSError):
@@ -267,13 +277,14 @@ class TimeoutReader:
         self._buffer, self._pos, self._eof = bytearray(), 0, False
         self.stalled: StalledRead | None = None  # set once a read timed out (tarfile may wrap the error)
         self._stop = threading.Event()
+        self._read = getattr(stream, "read1", stream.read)
         self._thread = threading.Thread(target=self._pump, name="shard-reader", daemon=True)
         self._thread.start()
 
     def _pump(self) -> None:
         while not self._stop.is_set():
-            try:
-                chunk = self.stream.read(self.CHUNK)
+            try:  # read1: whatever has arrived, so that a slow stream is not taken for a stalled one
+                chunk = self._read(self.CHUNK)
             except BaseException as exn:  # noqa: BLE001 - handed to the reading side
                 chunk = exn
             while not self._stop.is_set():  # never block for good on a reader that went away
