@@ -455,3 +455,32 @@ def test_use_ema_evaluates_the_average_and_puts_the_trained_weights_back(tmp_pat
         assert "eval/zeroshot_top1" in results
     finally:
         trainer.close()
+
+
+def test_a_teacher_that_takes_other_images_is_refused(tmp_path, toy_shards):
+    spec = json.loads((REPO / "src" / "clipscale" / "configs" / "models" / "clip-tiny.json").read_text())
+    spec["vision_cfg"]["image_size"] = 48
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "clip-tiny-48.json").write_text(json.dumps(spec))
+    cfg = tiny(tmp_path, toy_shards, model__config_dirs=f"[{tmp_path}/models]")
+    from clipscale.model import register_model_configs
+
+    register_model_configs(cfg.model.config_dirs)
+    torch.save(
+        {"state_dict": create_model(cfg.model.__class__(name="clip-tiny-48")).model.state_dict()}, tmp_path / "t.pt"
+    )
+    cfg = tiny(tmp_path, toy_shards, model__config_dirs=f"[{tmp_path}/models]", distill__model="clip-tiny-48",
+               distill__checkpoint=str(tmp_path / "t.pt"))  # fmt: skip
+    with pytest.raises(ConfigError, match="takes other images"):
+        Trainer(cfg, ENV)
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_into_another_grouping_of_parameters(tmp_path, toy_shards):
+    """The moments are loaded by parameter name; the groups are the current config's."""
+    args = ["engine.name=fsdp2", "checkpoint.every_n_steps=2"]
+    run(2, tmp_path / "run", toy_shards, *args, "train.steps=2")
+    run(2, tmp_path / "run", toy_shards, *args, "train.steps=4", "checkpoint.resume=auto", "optim.image_lr=2e-3",
+        "optim.layer_decay=0.8")  # fmt: skip
+    steps = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4]

@@ -88,8 +88,6 @@ class SourceConfig:
 class AugmentConfig:
     scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     """RandomResizedCrop area range (a fraction of the image)."""
-    ratio: list[float] | None = None
-    """RandomResizedCrop aspect-ratio range (null: 3/4 - 4/3)."""
     color_jitter: list[float] | None = None
     """Colour jitter [brightness, contrast, saturation, hue], or [strength] for [s, s, s, s/4]; null: none."""
     color_jitter_prob: float | None = None
@@ -714,10 +712,6 @@ def validate_recipe(cfg: Config) -> None:
         _require(
             len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1,
             f"'data.augment.scale' must be [min, max] with 0 < min <= max <= 1, got {a.scale}",
-        )
-        _require(
-            a.ratio is None or (len(a.ratio) == 2 and 0 < a.ratio[0] <= a.ratio[1]),
-            f"'data.augment.ratio' must be [min, max] with 0 < min <= max, got {a.ratio}",
         )
         _require(
             a.color_jitter is None or (len(a.color_jitter) in (1, 4) and min(a.color_jitter) >= 0),

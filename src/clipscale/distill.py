@@ -52,21 +52,42 @@ class DistillLoss(nn.Module):
         return self.contrastive(image_features, text_features, logit_scale) + self.weight * distill
 
 
+def normalization(transform) -> tuple:
+    """(mean, std) of the Normalize step of a torchvision Compose (None when there is none)."""
+    for step in getattr(transform, "transforms", []):
+        if hasattr(step, "mean") and hasattr(step, "std"):
+            return tuple(map(float, step.mean)), tuple(map(float, step.std))
+    return None
+
+
 class Teacher:
     """The frozen teacher: `teacher(images, texts)` -> its normalised features and temperature."""
 
-    def __init__(self, cfg: Config, student_tokenizer: Callable, device: torch.device, autocast: Callable):
+    def __init__(self, cfg: Config, student, device: torch.device, autocast: Callable):
+        """`student`: the student's ModelBundle (its tokenizer, image size and normalisation must be the teacher's)."""
         from .model import create_model
+
+        student_tokenizer = student.tokenizer
 
         spec = ModelConfig(name=cfg.distill.model, pretrained=cfg.distill.checkpoint, config_dirs=cfg.model.config_dirs)
         bundle = create_model(spec, device=device)
-        same = type(bundle.tokenizer) is type(student_tokenizer) and getattr(
-            bundle.tokenizer, "context_length", None
-        ) == getattr(student_tokenizer, "context_length", None)
-        if not same:
+        probe = ["a photo of a cat, naïvely tokenised: 12 € / 東京"]
+        same_tokens = type(bundle.tokenizer) is type(student_tokenizer) and torch.equal(
+            bundle.tokenizer(probe), student_tokenizer(probe)
+        )
+        if not same_tokens:
             raise ConfigError(
                 f"'distill.model={cfg.distill.model}' tokenizes text otherwise than model.name={cfg.model.name} "
-                "(tokenizer or context length): the teacher reads the student's token ids"
+                "(tokenizer, vocabulary or context length): the teacher reads the student's token ids"
+            )
+        if (bundle.image_size, normalization(bundle.val_transform)) != (
+            student.image_size,
+            normalization(student.val_transform),
+        ):
+            raise ConfigError(
+                f"'distill.model={cfg.distill.model}' takes other images than model.name={cfg.model.name} "
+                f"({bundle.image_size} px, mean/std {normalization(bundle.val_transform)} vs {student.image_size} px, "
+                f"{normalization(student.val_transform)}): the teacher reads the student's preprocessed images"
             )
         self.model, self.autocast = bundle.model.eval(), autocast
         for p in self.model.parameters():

@@ -109,6 +109,11 @@ def load_tower(model: nn.Module, path: str, tower: str) -> int:
     taken), or that tower alone (for the image tower also a bare timm state_dict of its trunk).
     Every weight of the tower must be found with its shape; returns the tensors loaded."""
     key = f"model.pretrained_{tower}"
+    if Path(path).is_dir():
+        raise ConfigError(
+            f"{key}: {path} is a checkpoint folder (FSDP2 or DeepSpeed): write it as one file first with "
+            f"clipscale export --checkpoint {path} --output tower.pt"
+        )
     if not Path(path).is_file():
         raise ConfigError(f"{key}: file not found: {path}")
     try:

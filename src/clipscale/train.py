@@ -31,12 +31,12 @@ from .distributed import (
 )
 from .ema import ModelEMA
 from .engine import build_engine
-from .errors import UserError, run_command
+from .errors import ConfigError, UserError, run_command
 from .grad_cache import forward_backward
 from .guard import SpikeGuard
 from .loss import build_loss
 from .metrics import MetricsLogger
-from .model import count_parameters, create_model, describe_groups
+from .model import count_parameters, create_model, describe_groups, param_groups
 from .preempt import EXIT_PREEMPTED, PreemptionHandler
 from .run_status import write_status
 from .state import RNG, DataPosition, LRSchedule, Progress, RunMeta, TrainState, seed_everything
@@ -127,9 +127,12 @@ class Trainer:
             warn_about_timeouts(cfg)
         seed_everything(cfg.seed)  # identical initial weights on every rank
         self.bundle = create_model(cfg.model, cfg.loss.name, env.device, augment=cfg.data.augment)
+        log.info("parameter groups:\n%s", describe_groups(param_groups(self.bundle.model, cfg.optim)))
         self.engine = build_engine(cfg, self.bundle.model, env)
-        log.info("parameter groups:\n%s", describe_groups(self.engine.optimizer.param_groups))
         self.ema = None
+        if cfg.ema.decay is not None and getattr(self.engine, "stage", 0) == 3:  # (also from a DeepSpeed file)
+            raise ConfigError("'ema.decay' is not supported with DeepSpeed ZeRO-3 (its parameters are partitioned); "
+                              "use engine.name=fsdp2")  # fmt: skip
         if cfg.ema.decay is not None:  # before resuming: the checkpoint restores it
             self.ema = ModelEMA(self.engine.module, cfg.ema.decay, cfg.ema.every_n_steps, cfg.ema.warmup)
             self.engine.ema = self.ema
@@ -138,7 +141,7 @@ class Trainer:
         if cfg.distill.model:
             from .distill import DistillLoss, Teacher
 
-            self.teacher = Teacher(cfg, self.bundle.tokenizer, env.device, self.engine.autocast)
+            self.teacher = Teacher(cfg, self.bundle, env.device, self.engine.autocast)
             self.loss_fn = DistillLoss(self.loss_fn, cfg.distill.weight)
         self.ckpts = CheckpointManager(self.run_dir, cfg.checkpoint, env.is_main)
         draft = draft_size(self.bundle.image_size, cfg.data.augment) if cfg.data.jpeg_draft else None

@@ -40,8 +40,7 @@ def draft_size(image_size: int, augment=None) -> int:
     must be decoded that much larger (data.augment; the default crop keeps 90-100%: image_size)."""
     if augment is None:
         return image_size
-    ratio = augment.ratio or [3 / 4, 4 / 3]
-    stretch = max(math.sqrt(ratio[1]), 1 / math.sqrt(ratio[0]))
+    stretch = math.sqrt(4 / 3)  # open_clip's crop aspect ratios: 3/4 to 4/3
     return math.ceil(image_size * stretch / math.sqrt(augment.scale[0]))
 
 

@@ -188,16 +188,17 @@ class DeepSpeedEngine(Engine):
     def load(self, path: Path) -> dict:
         path = Path(path)
         train_state, old_world = self._check_compatible(path)
-        if self.ema is not None:
-            self.load_ema(path, deepspeed_model_states(path).get("ema"))
         if self.stage >= 1 and old_world != self.env.world_size:
-            return self._load_universal(path, train_state, old_world)
-        loaded, client = self.ds.load_checkpoint(
-            str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
-        )
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load {path}")
-        self.ds.set_gradient_accumulation_boundary(True)
+            self._load_universal(path, train_state, old_world)
+        else:
+            loaded, client = self.ds.load_checkpoint(
+                str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+            )
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load {path}")
+            self.ds.set_gradient_accumulation_boundary(True)
+        if self.ema is not None:  # after the weights: an EMA missing from the checkpoint starts at them
+            self.load_ema(path, deepspeed_model_states(path).get("ema"))
         return train_state
 
     def _load_universal(self, path: Path, train_state: dict, old_world: int) -> dict:

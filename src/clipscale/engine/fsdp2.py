@@ -132,9 +132,13 @@ class FSDP2Engine(Engine):
             check_fits(path, train_state, self.cfg, now, dcp_shapes(path))
             with_ema = self.ema is not None and has_dcp_entry(path, "ema")
             state = self._sharded(ema=with_ema)
+            # the moments by parameter name only: the groups are this run's (their hyperparameters come
+            # from the current config), whatever groups the checkpoint was written with
+            groups = state["optim"]["param_groups"]
+            state["optim"] = {"state": state["optim"]["state"]}
             dcp.load(state, checkpoint_id=str(path))
             set_model_state_dict(self.module, state["model"])
-            set_optimizer_state_dict(self.module, self.optimizer, state["optim"])
+            set_optimizer_state_dict(self.module, self.optimizer, {**state["optim"], "param_groups": groups})
             if self.ema is not None and not with_ema:
                 self.load_ema(path, None)
             return train_state
