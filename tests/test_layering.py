@@ -36,6 +36,8 @@ LAYERS = [
             "towers",
             "ema",
             "distill",
+            "checkpoint_remote",
+            "tracking",
         },
     ),
     ("format/config", {"wds", "config", "config_reference", "prompts"}),

@@ -150,6 +150,11 @@ class CheckpointManager:
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
         self.protected: Path | None = None  # never removed by retention (the spike guard's rollback target)
+        self.mirror = None
+        if self.cfg.remote:
+            from .checkpoint_remote import RemoteMirror
+
+            self.mirror = RemoteMirror(self.cfg.remote, self.keep_last)
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             remove_temporaries(self.dir, "step_*")  # what saves killed mid-write left behind
@@ -224,6 +229,11 @@ class CheckpointManager:
         fsync_dir(self.dir)
         atomic_write_bytes(self.dir / LATEST, (final.name + "\n").encode())
         self._retain(keep=final)
+        if self.mirror is not None:  # (in the background thread too, with checkpoint.async)
+            try:
+                self.mirror.upload(final)
+            except Exception as exn:  # noqa: BLE001 - the local checkpoint stands; say so and go on
+                log.warning("could not mirror %s to %s: %s: %s", final.name, self.cfg.remote, type(exn).__name__, exn)
 
     def all_checkpoints(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -328,6 +338,7 @@ class CheckpointManager:
         return (its path, its train state), or None to start fresh. Under resume=auto a damaged
         checkpoint, or one whose data fail to load, is skipped for the one before it, on every rank
         alike; a checkpoint of another model, or an I/O or memory error, stops the run instead."""
+        self.fetch_remote(resume)
         plan = self.plan_resume(resume) if self.is_main else ([], False)
         candidates, explicit = broadcast_object(([str(p) for p in plan[0]], plan[1]))
         for i, name in enumerate(candidates):
@@ -372,6 +383,21 @@ class CheckpointManager:
                 f"set checkpoint.resume=none to start over (the old ones stay)"
             )
         return None
+
+    def fetch_remote(self, resume: str) -> None:
+        """Collective: under resume=auto with no local checkpoint, bring checkpoint.remote's latest into
+        checkpoints/ (every node's first process downloads, so node-local run directories work too)."""
+        if self.mirror is None or resume != "auto":
+            return
+        name = self.mirror.latest() if self.is_main and not self.all_checkpoints() else None
+        name = broadcast_object(name)
+        if name is None:
+            return
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (self.dir / name).exists():
+            log.info("no checkpoint in %s: downloading %s from %s", self.dir, name, self.cfg.remote)
+            path = self.mirror.download(name, self.dir)
+            atomic_write_bytes(self.dir / LATEST, (path.name + "\n").encode())
+        barrier()
 
     def abandon_after(self, resumed: Path) -> None:
         """Move this run's checkpoints after `resumed` to checkpoints/abandoned/ (a rollback): `latest`,

@@ -241,7 +241,7 @@ def _add_shards_parser(sub) -> None:
         "options. Bad rows are skipped and counted by reason.",
     )
     p.add_argument("--input", "-i", required=True, help="table file or folder of images")
-    p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--output", "-o", required=True, help="output folder, or an object-store URL (s3://bucket/prefix)")
     p.add_argument("--name", default="shard", help="shard file prefix: NAME-000000.tar (default: shard)")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="input rows per shard (default 1000)")
     p.add_argument("--image-col", help="table column with image paths (default filepath or image)")

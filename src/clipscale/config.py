@@ -132,6 +132,12 @@ class DataConfig:
     read_timeout_s: float | None = 600
     """A shard read (local or pipe:) that delivers no bytes for this long is abandoned; its unread samples are
     skipped and counted (unreadable_shard); null: wait forever."""
+    storage_options: Any = None
+    """Options for fsspec when shards are remote (s3://, gs://, https://), e.g. {endpoint_url: http://minio:9000,
+    anon: true} or {profile: research}; null: the standard environment (AWS_ENDPOINT_URL, AWS_PROFILE, ...)."""
+    read_retries: int = 5
+    """A remote read that fails is retried this often (with back-off, at the byte offset where it broke);
+    then the rest of the shard is a counted skip."""
     augment: AugmentConfig | None = None
     """Training augmentation as open_clip's AugmentationCfg, e.g. {scale: [0.4, 1.0], color_jitter: [0.4],
     color_jitter_prob: 0.8, gray_scale_prob: 0.2}; null: the model's default (RandomResizedCrop, scale 0.9-1)."""
@@ -218,6 +224,23 @@ class CheckpointConfig:
     """Write checkpoints in a background thread while training goes on (ddp engine)."""
     save_final: bool = True
     """Save a checkpoint after the last step (a preempted run always saves)."""
+    remote: str | None = None
+    """Mirror every checkpoint to this object-store URL (e.g. s3://bucket/run-x), in the background with
+    checkpoint.async; resume=auto in an empty run directory downloads the remote latest (see Storage)."""
+
+
+@dataclass
+class WandbConfig:
+    project: str = "clipscale"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user; null: your default)."""
+    name: str | None = None
+    """Run name shown in W&B (null: W&B picks one)."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the W&B run."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """offline writes RUN_DIR/wandb/ without network (upload later with `wandb sync`)."""
 
 
 @dataclass
@@ -230,6 +253,8 @@ class LoggingConfig:
     """Every rank appends {step, rank, keys} lines to sample_keys.jsonl."""
     progress: bool = True
     """Show a tqdm progress bar on rank 0."""
+    wandb: WandbConfig | None = None
+    """Also log to Weights & Biases (rank 0): {project, entity, name, tags, mode}; null: off."""
 
 
 @dataclass
@@ -660,6 +685,10 @@ def validate(cfg: Config) -> None:
     )
     _require(cfg.checkpoint.every_n_steps >= 1, "'checkpoint.every_n_steps' must be >= 1")
     _require(cfg.checkpoint.keep_last >= 0, "'checkpoint.keep_last' must be >= 0")
+    _require(
+        cfg.checkpoint.remote is None or "://" in cfg.checkpoint.remote,
+        f"'checkpoint.remote' must be an object-store URL such as s3://bucket/run, got {cfg.checkpoint.remote!r}",
+    )
     _require(cfg.logging.every_n_steps >= 1, "'logging.every_n_steps' must be >= 1")
     _require(bool(cfg.run.dir), "'run.dir' must not be empty")
     cfg.train.preempt_signals = [signal_name(n, "train.preempt_signals") for n in cfg.train.preempt_signals]
@@ -671,6 +700,11 @@ def validate(cfg: Config) -> None:
     _require(
         cfg.data.read_timeout_s is None or cfg.data.read_timeout_s > 0, "'data.read_timeout_s' must be > 0 or null"
     )
+    _require(
+        cfg.data.storage_options is None or isinstance(cfg.data.storage_options, dict),
+        f"'data.storage_options' must be a mapping (e.g. {{endpoint_url: ...}}), got {cfg.data.storage_options!r}",
+    )
+    _require(cfg.data.read_retries >= 0, "'data.read_retries' must be >= 0")
     guard = cfg.train.spike_guard
     if guard is not None:
         _require(guard.factor > 1, f"'train.spike_guard.factor' must be > 1, got {guard.factor}")

@@ -23,7 +23,12 @@ from .state import from_legacy
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file/folder, a run's checkpoints/ folder, or a run directory → the checkpoint."""
+    """A checkpoint file/folder, a run's checkpoints/ folder, or a run directory → the checkpoint; the
+    same in a bucket (s3://bucket/run, .../checkpoints/step_X.pt: downloaded, then checked)."""
+    from .wds.remote import is_remote
+
+    if is_remote(str(path)):
+        path = download_checkpoint(str(path))
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -38,6 +43,31 @@ def find_checkpoint(path: str | Path) -> Path:
     if problem:
         raise CheckpointError(f"{path} is damaged ({problem})")
     return path
+
+
+def download_checkpoint(url: str) -> Path:
+    """A checkpoint in a bucket (checkpoint.remote's layout) into a local cache folder."""
+    import hashlib
+    import tempfile
+
+    from .checkpoint_remote import NAME_RE, RemoteMirror
+
+    url = url.rstrip("/")
+    head, _, last = url.rpartition("/")
+    if NAME_RE.match(last):
+        root, name = head.removesuffix("/checkpoints"), last
+        mirror = RemoteMirror(root)
+    else:
+        root = url.removesuffix("/checkpoints")
+        mirror = RemoteMirror(root)
+        name = mirror.latest()
+        if name is None:
+            raise CheckpointError(f"no checkpoint in {root}/checkpoints (no remote latest)")
+    cache = Path(tempfile.gettempdir()) / "clipscale-checkpoints" / hashlib.sha1(root.encode()).hexdigest()[:12]
+    try:
+        return mirror.download(name, cache)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint {name} in {root}/checkpoints") from None
 
 
 def _deepspeed_state_dict(folder: Path) -> tuple[dict, dict]:

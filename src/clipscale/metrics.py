@@ -67,12 +67,14 @@ class MetricsLogger:
         tensorboard: bool = False,
         sample_keys: bool = False,
         console=None,
+        tracker=None,
     ):
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self.rank = rank
         self.sample_keys_enabled = sample_keys
         self.console = console or log.info
+        self.tracker = tracker if is_main else None  # e.g. tracking.WandbLogger
         self.tb = None
         if is_main and tensorboard:
             try:
@@ -94,6 +96,8 @@ class MetricsLogger:
             return
         record = {"step": step, **metrics}
         append_line(self.run_dir / METRICS_FILE, record)
+        if self.tracker is not None:
+            self.tracker.log(step, metrics)
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -116,6 +120,9 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
 
 def format_metrics(record: dict) -> str:

@@ -169,9 +169,11 @@ class RunMeta:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.saved: dict = {}
+        self.wandb_run_id: str | None = None  # kept across resumes: a requeued job continues the W&B run
 
     def state_dict(self) -> dict:
         return {
+            "wandb_run_id": self.wandb_run_id,
             "config": to_dict(self.cfg),
             "versions": software_versions(),
             "model_name": self.cfg.model.name,
@@ -182,6 +184,7 @@ class RunMeta:
         from .checkpoint import config_changes
 
         self.saved = dict(state)
+        self.wandb_run_id = state.get("wandb_run_id") or self.wandb_run_id
         changes = [
             f"{k}: {a!r} -> {b!r}"
             for k, a, b in config_changes(state.get("config", {}), to_dict(self.cfg))

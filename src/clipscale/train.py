@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointManager, step_of, torch_save_synced
-from .config import Config, add_config_arguments, load_config, save_config
+from .config import Config, add_config_arguments, load_config, save_config, to_dict
 from .data.loader import TrainData
 from .data.samples import draft_size
 from .distributed import (
@@ -169,7 +169,13 @@ class Trainer:
         self.watchdog.resumed_at(self.step)
 
         self.metrics = MetricsLogger(
-            self.run_dir, env.is_main, env.rank, cfg.logging.tensorboard, cfg.logging.sample_keys, console=self._console
+            self.run_dir,
+            env.is_main,
+            env.rank,
+            cfg.logging.tensorboard,
+            cfg.logging.sample_keys,
+            console=self._console,
+            tracker=self._tracker(),
         )
         self.metrics.resume_at(self.step)
         self.global_batch = cfg.data.batch_size * env.world_size * cfg.optim.accum_steps
@@ -188,6 +194,18 @@ class Trainer:
                 "nothing will be evaluated",
                 cfg.eval.every_n_steps,
             )
+
+    def _tracker(self):
+        """The W&B run of logging.wandb (rank 0), continuing the checkpoint's run id after a resume."""
+        spec, meta = self.cfg.logging.wandb, self.state.parts["meta"]
+        if spec is None:
+            return None
+        from .tracking import WandbLogger, new_run_id
+
+        meta.wandb_run_id = broadcast_object(meta.wandb_run_id or new_run_id() if self.env.is_main else None)
+        if not self.env.is_main:
+            return None
+        return WandbLogger(spec, self.run_dir, meta.wandb_run_id, to_dict(self.cfg))
 
     @property
     def step(self) -> int:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from ..config import Config
 from ..distributed import DistEnv, all_gather_object
 from ..preempt import ignore_signals, signals_blocked
+from ..wds.remote import configure as configure_storage
 from .mixture import MixtureSchedule, ScheduleState, weight_units
 from .plan import StreamPlan, StreamPosition
 from .relayout import relayout, remaining_samples
@@ -73,6 +74,8 @@ class TrainData:
         self, cfg: Config, transform: Callable, tokenizer: Callable, env: DistEnv, draft_size: int | None = None
     ):
         self.cfg, self.env, self.tokenizer = cfg, env, tokenizer
+        self.storage = {"storage_options": cfg.data.storage_options, "retries": cfg.data.read_retries}
+        configure_storage(**self.storage)  # remote listings and counts below; the workers get it too
         self.workers = max(1, cfg.data.workers)
         self.num_streams = env.world_size * self.workers
         self.sources: list[Source] = build_sources(cfg, self.num_streams)
@@ -129,6 +132,7 @@ class TrainData:
             cfg.seed,
             cfg.data.max_decode_errors_logged,
             cfg.data.read_timeout_s,
+            self.storage,
         )
         self.loader = DataLoader(
             self.dataset,

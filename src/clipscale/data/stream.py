@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError
+from ..wds.remote import configure as configure_storage
 from ..wds.schema import Skip
 from ..wds.tar import iter_raw_samples
 from .mixture import MixtureSchedule
@@ -201,8 +202,10 @@ class StreamDataset(IterableDataset):
         seed: int,
         max_errors_logged: int = 5,
         read_timeout: float | None = None,
+        storage: dict | None = None,
     ):
         self.sources, self.schedule = sources, schedule
+        self.storage = storage  # remote-read settings, re-applied in each worker (whatever its start method)
         self.rank, self.world_size, self.workers = rank, world_size, max(1, workers_per_rank)
         self.accum_steps, self.first_batch = accum_steps, first_batch
         self.positions, self.decoder, self.tokenizer = positions, decoder, tokenizer
@@ -218,6 +221,8 @@ class StreamDataset(IterableDataset):
         stream = self.rank * self.workers + slot
         if get_worker_info() is not None:
             torch.set_num_threads(1)  # workers decode; the training process owns the cores
+            if self.storage is not None:
+                configure_storage(**self.storage)
         saved = self.positions.get(stream, {})
         readers = [
             SourceStream(

@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import shutil
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -188,15 +190,20 @@ def completed_shard(out: Path, name: str, index: int, opts: BuildOptions, rows: 
         stats = json.loads(sp.read_text())
     except ValueError:
         return None
+    return stats_if_complete(stats, tar.stat().st_size, str(tar), opts, rows)
+
+
+def stats_if_complete(stats: dict, tar_bytes: int | None, tar: str, opts: BuildOptions, rows: list[Row]) -> dict | None:
+    """`stats` when they describe a complete shard of `tar_bytes` bytes built with `opts` from `rows`."""
     if stats.get("options") != opts.fingerprint():
         raise DataError(f"{tar} was built with other options; use a new --output folder or delete the old shards")
-    if stats.get("bytes") != tar.stat().st_size:
+    if stats.get("bytes") != tar_bytes:
         return None
     digest = stats.get("rows_sha256")  # (shards built before it was recorded: by count only)
     if stats.get("count") != len(rows) or (digest is not None and digest != rows_digest(rows)):
         log.info(
             "%s: its input rows changed since it was built (%s -> %d rows); rebuilding",
-            tar.name,
+            tar.rsplit("/", 1)[-1],
             stats.get("count"),
             len(rows),
         )
@@ -212,6 +219,46 @@ def _shard_index(filename: str, name: str) -> int:
     return int(digits) if digits.isdigit() else -1
 
 
+class BucketOutput:
+    """`--output s3://bucket/prefix` (any fsspec URL): shards are written to a local staging folder,
+    uploaded (multipart for large ones: fsspec's put_file), the tar before its stats file, so a shard
+    whose stats are in the bucket is complete; the manifest and stats.json come last."""
+
+    def __init__(self, url: str):
+        from ..wds import remote
+
+        self.url, self.remote = url.rstrip("/"), remote
+        self.fs, self.root = remote.filesystem(self.url)
+        self.staging = Path(tempfile.mkdtemp(prefix="clipscale-build-"))
+        self.sizes = {}
+        if self.fs.exists(self.root):
+            self.sizes = {
+                e["name"].rsplit("/", 1)[-1]: e.get("size") for e in self.fs.ls(self.root, detail=True, refresh=True)
+            }
+
+    def completed(self, name: str, index: int, opts: BuildOptions, rows: list[Row]) -> dict | None:
+        tar, sp = shard_filename(name, index), stats_path(Path("."), name, index).name
+        if tar not in self.sizes or sp not in self.sizes:
+            return None
+        stats = self.remote.read_remote_json(f"{self.url}/{sp}")
+        return stats_if_complete(stats or {}, self.sizes[tar], f"{self.url}/{tar}", opts, rows)
+
+    def stale(self, name: str, n_shards: int) -> list[str]:
+        return sorted(k for k in self.sizes if k.endswith(".tar") and _shard_index(k, name) >= n_shards)
+
+    def publish(self, *names: str) -> None:
+        """Upload these staged files in order, then drop the local copies."""
+        for file in names:
+            local = self.staging / file
+            self.remote.with_retries(
+                f"uploading {file}", lambda p=local, f=file: self.fs.put_file(str(p), f"{self.root}/{f}")
+            )
+            local.unlink()
+
+    def close(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
 def build_shards(
     src: str,
     out_dir: str,
@@ -225,20 +272,34 @@ def build_shards(
 ) -> dict:
     t0 = time.perf_counter()
     rows = load_rows(src, image_col, caption_col, caption_field)
-    out = Path(out_dir)
+    from ..wds.remote import is_remote
+
+    bucket = BucketOutput(out_dir) if is_remote(out_dir) else None
+    try:
+        return _build(src, rows, bucket.staging if bucket else Path(out_dir), bucket, name, opts, workers, progress, t0)
+    finally:
+        if bucket is not None:
+            bucket.close()
+
+
+def _build(src, rows, out: Path, bucket, name, opts, workers, progress, t0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # a killed build leaves its temporary files (shards, per-shard stats, manifest) behind
     remove_temporaries(out, f"{name}-*", MANIFEST_NAME, "stats.json")
     n = opts.samples_per_shard
     n_shards = math.ceil(len(rows) / n)
     shard_rows = [rows[i * n : (i + 1) * n] for i in range(n_shards)]
-    done = {i: s for i in range(n_shards) if (s := completed_shard(out, name, i, opts, shard_rows[i])) is not None}
-    stale = sorted(p.name for p in out.glob(f"{name}-*.tar") if _shard_index(p.name, name) >= n_shards)
+    complete = bucket.completed if bucket else lambda *a: completed_shard(out, *a)
+    done = {i: s for i in range(n_shards) if (s := complete(name, i, opts, shard_rows[i])) is not None}
+    if bucket:
+        stale = bucket.stale(name, n_shards)
+    else:
+        stale = sorted(p.name for p in out.glob(f"{name}-*.tar") if _shard_index(p.name, name) >= n_shards)
     if stale:
         log.warning(
             "%s holds %d shard(s) past the %d this input makes (%s...): an earlier build of a longer input; "
             "they are not in the manifest",
-            out,
+            bucket.url if bucket else out,
             len(stale),
             n_shards,
             stale[0],
@@ -251,15 +312,21 @@ def build_shards(
     bar = tqdm(total=rows_todo, unit="img", desc="shards", disable=not progress, dynamic_ncols=True)
     results = dict(done)
     try:
+
+        def finished(stats: dict) -> None:
+            index = int(stats["file"][-10:-4])
+            results[index] = stats
+            if bucket:  # the tar first: a shard whose stats are in the bucket is complete
+                bucket.publish(stats["file"], stats_path(Path("."), name, index).name)
+            bar.update(stats["count"])
+
         if workers <= 1 or len(todo) <= 1:
             for task in todo:
-                results[task[2]] = build_one_shard(task)
-                bar.update(len(task[3]))
+                finished(build_one_shard(task))
         else:
             with mp.get_context("fork").Pool(workers) as pool:
                 for stats in pool.imap_unordered(build_one_shard, todo):
-                    results[int(stats["file"][-10:-4])] = stats
-                    bar.update(stats["count"])
+                    finished(stats)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -285,4 +352,6 @@ def build_shards(
         "options": asdict(opts),
     }
     atomic_write_bytes(out / "stats.json", (json.dumps(summary, indent=1) + "\n").encode())
+    if bucket:
+        bucket.publish(MANIFEST_NAME, "stats.json")
     return summary

@@ -20,7 +20,8 @@ from typing import Callable
 import braceexpand
 
 from ..errors import DataError
-from .manifest import ShardRecord, index_next_to, read_index
+from .manifest import INDEX_NAMES, ShardRecord, index_next_to, parse_index, read_index
+from .remote import expand_remote_glob, fsspec_reads, has_glob, is_remote, missing_remote, read_remote_json
 from .urls import local_path, shard_name
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def expand(pattern: str, what: str = "data.train_shards") -> list[str]:
     if not pattern or not pattern.strip():
         raise DataError(f"no shards given: set {what} (e.g. /data/cc3m-{{000000..000331}}.tar)")
     urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part.strip()) if u.strip()]
+    if any(is_remote(u) and has_glob(u) for u in urls):  # s3://bucket/prefix/*.tar: one listing
+        urls = [g for u in urls for g in (expand_remote_glob(u) if is_remote(u) and has_glob(u) else [u])]
     if not urls:
         raise DataError(f"{what} '{pattern}' expands to no shards")
     return urls
@@ -64,8 +67,11 @@ def missing_local_shards(urls: list[str]) -> list[str]:
 
 
 def require_shards_exist(urls: list[str], what: str = "shard") -> None:
-    """DataError naming the first missing local shard (and how many more are missing)."""
+    """DataError naming the first missing local or remote shard (and how many more are missing)."""
     missing = missing_local_shards(urls)
+    remote = [u for u in urls if is_remote(u) and fsspec_reads(u)]
+    if remote:
+        missing += missing_remote(remote)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"{what} not found: {missing[0]}{more}")
@@ -118,8 +124,23 @@ class _Counts:
             found = _img2dataset_count(path)
             if found is not None:
                 return found
+        elif is_remote(url) and fsspec_reads(url):
+            folder = url.rsplit("/", 1)[0]
+            if folder not in self.folders:
+                self.folders[folder] = remote_index_next_to(folder)
+            if name in self.folders[folder]:
+                return self.folders[folder][name].samples
         self.counted += 1
         return self.fallback(url)
+
+
+def remote_index_next_to(folder: str) -> dict[str, ShardRecord]:
+    """The records of the first index file next to remote shards (read once per folder), or {}."""
+    for name in INDEX_NAMES:
+        data = read_remote_json(f"{folder}/{name}")
+        if data is not None:
+            return parse_index(data, f"{folder}/{name}")
+    return {}
 
 
 def resolve_shards(

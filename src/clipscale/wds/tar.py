@@ -342,7 +342,11 @@ def open_url(url: str) -> BinaryIO:
     path = local_path(url)
     if path is not None:
         return open(path, "rb")
-    from webdataset.gopen import gopen  # imports torch: only for remote schemes
+    from .remote import RangeReader, fsspec_reads
+
+    if fsspec_reads(url):
+        return RangeReader(url)
+    from webdataset.gopen import gopen  # imports torch: only for schemes fsspec cannot read here
 
     return gopen(url, "rb")
 

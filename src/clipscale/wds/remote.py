@@ -1,0 +1,181 @@
+"""Shards in object stores and on web servers (`s3://`, `gs://`, `https://`, any fsspec protocol).
+
+A shard is read by ranged requests of `CHUNK` bytes. A request that fails (a dropped connection,
+a reset, a timeout) is retried with back-off at the same byte offset, so no sample is lost or
+read twice (webdataset's gopen restarts a broken `curl` from the beginning or gives up: its
+issue 473); after `read_retries` failures in a row the read raises and the rest of the shard is a
+counted skip. Credentials and endpoints come from the standard environment (`AWS_ENDPOINT_URL`,
+`AWS_PROFILE`, `AWS_ACCESS_KEY_ID`, ...) and from `data.storage_options`, passed to fsspec as is.
+
+The options are set once per process (`configure`): DataLoader workers fork with them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+_settings = {"storage_options": {}, "retries": 5, "backoff_s": 0.5}
+GLOB_CHARS = "*?["
+
+
+def configure(storage_options: dict | None = None, retries: int = 5, backoff_s: float = 0.5) -> None:
+    """Storage options and retries for every remote read of this process (and its future workers)."""
+    _settings.update(storage_options=dict(storage_options or {}), retries=retries, backoff_s=backoff_s)
+    _filesystems.clear()
+
+
+def is_remote(url: str) -> bool:
+    """A URL with a scheme fsspec reads (not a local path, `file:` or `pipe:`)."""
+    scheme = urlparse(url).scheme
+    return len(scheme) > 1 and scheme not in ("file", "pipe")
+
+
+_filesystems: dict = {}
+
+
+def fsspec_reads(url: str) -> bool:
+    """Whether fsspec has a working implementation of the URL's protocol in this environment."""
+    if not is_remote(url):
+        return False
+    from fsspec.registry import get_filesystem_class
+
+    try:
+        get_filesystem_class(urlparse(url).scheme)
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path) of a remote URL; one filesystem per protocol and process."""
+    import fsspec
+
+    protocol = urlparse(url).scheme
+    if protocol not in _filesystems:
+        try:
+            _filesystems[protocol] = fsspec.filesystem(protocol, **_settings["storage_options"])
+        except ImportError as exn:
+            from ..errors import DataError
+
+            extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol)
+            hint = f": pip install 'clipscale[{extra}]'" if extra else ""
+            raise DataError(f"cannot read {protocol}:// URLs ({exn}){hint}") from None
+    fs = _filesystems[protocol]
+    return fs, fs._strip_protocol(url)
+
+
+def with_retries(what: str, call, retries: int | None = None):
+    """call() retried with exponential back-off on OSError-like failures; the last one is raised."""
+    retries = _settings["retries"] if retries is None else retries
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except (FileNotFoundError, PermissionError, TypeError, ValueError, AttributeError):
+            raise  # no such object, no access, or a wrong storage option: asking again will not help
+        except Exception as exn:  # noqa: BLE001 - botocore, aiohttp and OS errors alike
+            if attempt == retries:
+                raise OSError(f"{what}: failed {retries + 1} times: {type(exn).__name__}: {exn}") from None
+            delay = _settings["backoff_s"] * 2**attempt
+            log.warning("%s: %s: %s; retrying in %.1f s", what, type(exn).__name__, exn, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class RangeReader:
+    """A read-only stream over a remote object by ranged requests, resuming at the byte offset."""
+
+    CHUNK = 8 << 20
+
+    def __init__(self, url: str, chunk: int | None = None):
+        self.url = url
+        self.fs, self.path = filesystem(url)
+        self.chunk = chunk or self.CHUNK
+        self.size = int(with_retries(f"size of {url}", lambda: self.fs.size(self.path)))
+        self.pos = 0  # offset of the next byte not yet fetched
+        self.buffer, self.buffer_pos = b"", 0
+        self.resumed = 0  # requests that were retried (a broken connection continued at its offset)
+
+    def _fetch(self) -> bool:
+        if self.pos >= self.size:
+            return False
+        start, end = self.pos, min(self.pos + self.chunk, self.size)
+        attempts = []
+
+        def request():
+            attempts.append(1)
+            data = self.fs.cat_file(self.path, start=start, end=end)
+            if len(data) != end - start:
+                raise OSError(f"short read: {len(data)} of {end - start} bytes")
+            return data
+
+        self.buffer = with_retries(f"{self.url} at byte {start}", request)
+        self.resumed += len(attempts) - 1
+        self.buffer_pos, self.pos = 0, end
+        return True
+
+    def read1(self, n: int = -1) -> bytes:
+        """What is buffered (fetching the next range when nothing is): at least one byte, or the end."""
+        if self.buffer_pos >= len(self.buffer) and not self._fetch():
+            return b""
+        end = len(self.buffer) if n < 0 else min(len(self.buffer), self.buffer_pos + n)
+        out = self.buffer[self.buffer_pos : end]
+        self.buffer_pos = end
+        return out
+
+    def read(self, n: int = -1) -> bytes:
+        parts, wanted = [], n
+        while wanted != 0:
+            part = self.read1(wanted)
+            if not part:
+                break
+            parts.append(part)
+            if wanted > 0:
+                wanted -= len(part)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self.buffer = b""
+
+
+def expand_remote_glob(url: str) -> list[str]:
+    """`s3://bucket/prefix/*.tar` -> the matching objects, sorted (one listing)."""
+    fs, path = filesystem(url)
+    protocol = urlparse(url).scheme
+    found = sorted(with_retries(f"listing {url}", lambda: fs.glob(path)))
+    return [f"{protocol}://{p}" for p in found]
+
+
+def missing_remote(urls: list[str]) -> list[str]:
+    """The remote URLs whose object does not exist (one listing per folder)."""
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        by_folder.setdefault(url.rsplit("/", 1)[0], []).append(url)
+    missing = []
+    for folder, entries in by_folder.items():
+        fs, path = filesystem(folder)
+        try:
+            names = with_retries(f"listing {folder}", lambda fs=fs, path=path: fs.ls(path, detail=False))
+            listed = {p.rsplit("/", 1)[-1] for p in names}
+        except FileNotFoundError:
+            listed = set()
+        missing.extend(u for u in entries if u.rsplit("/", 1)[-1] not in listed)
+    return missing
+
+
+def read_remote_json(url: str):
+    """A JSON object (a manifest, sizes.json, img2dataset stats), or None when it does not exist."""
+    fs, path = filesystem(url)
+    try:
+        data = with_retries(f"reading {url}", lambda: fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    return json.loads(data)
+
+
+def has_glob(url: str) -> bool:
+    return any(c in url for c in GLOB_CHARS)

@@ -1,0 +1,223 @@
+"""Shards in an object store: a real S3-compatible server (moto's, on 127.0.0.1, started here),
+reads that survive a connection cut mid-shard, globs and remote manifests, and training from s3://."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from s3_helpers import CuttingProxy, S3Server
+
+from clipscale.errors import DataError
+from clipscale.metrics import read_jsonl
+from clipscale.wds import remote
+from clipscale.wds.shardlist import resolve_shards
+from clipscale.wds.tar import iter_raw_samples
+
+from process_helpers import ENV, command
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server()
+    yield server
+    server.stop()
+    remote.configure()
+
+
+@pytest.fixture(scope="module")
+def bucket_shards(s3, toy_shards):
+    folder = os.path.dirname(toy_shards)
+    url = s3.upload_folder(folder, "data", "toy")
+    return folder, url
+
+
+def samples(url):
+    errors = []
+    out = list(iter_raw_samples(url, errors.append))
+    assert errors == []
+    return out
+
+
+def test_a_remote_shard_reads_as_the_local_file(s3, bucket_shards):
+    folder, url = bucket_shards
+    remote.configure()  # the standard environment (AWS_ENDPOINT_URL) and nothing else
+    assert samples(f"{url}/toy-000001.tar") == [
+        {**s, "__url__": f"{url}/toy-000001.tar"} for s in samples(f"{folder}/toy-000001.tar")
+    ]
+
+
+def test_a_connection_cut_mid_shard_continues_at_the_byte_offset(s3, bucket_shards):
+    folder, url = bucket_shards
+    proxy = CuttingProxy(s3.port, cut_after=3000, cuts=3)
+    try:
+        # no retries below ours: the cut reaches clipscale's reader, which asks again from its offset
+        remote.configure(
+            {"endpoint_url": proxy.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}},
+            retries=5,
+            backoff_s=0.01,
+        )
+        remote.filesystem(url)[0].retries = 1  # nor s3fs's own retry loop
+        reader = remote.RangeReader(f"{url}/toy-000002.tar", chunk=8192)
+        data = reader.read()
+        assert data == open(f"{folder}/toy-000002.tar", "rb").read()
+        assert proxy.cut >= 1 and reader.resumed >= 1
+    finally:
+        proxy.close()
+        remote.configure()
+
+
+def test_a_read_that_keeps_failing_ends_the_shard_as_a_counted_error(s3, bucket_shards):
+    _, url = bucket_shards
+    proxy = CuttingProxy(s3.port, cut_after=3000, cuts=1000)
+    try:
+        remote.configure(
+            {"endpoint_url": proxy.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}},
+            retries=2,
+            backoff_s=0.01,
+        )
+        remote.filesystem(url)[0].retries = 1
+        errors = []
+        list(iter_raw_samples(f"{url}/toy-000003.tar", errors.append))
+        assert len(errors) == 1 and "failed 3 times" in str(errors[0])
+    finally:
+        proxy.close()
+        remote.configure()
+
+
+def test_globs_and_counts_from_the_remote_manifest(s3, bucket_shards, caplog):
+    folder, url = bucket_shards
+    remote.configure()
+    shards = resolve_shards(f"{url}/*.tar")
+    local = resolve_shards(f"{folder}/toy-{{000000..000003}}.tar")
+    assert [s.url.rsplit("/", 1)[-1] for s in shards] == [s.url.rsplit("/", 1)[-1] for s in local]
+    assert [s.samples for s in shards] == [s.samples for s in local]
+    assert "counted by reading them" not in caplog.text  # from manifest.json next to them
+
+
+def test_a_missing_remote_shard_is_one_line(s3, bucket_shards):
+    _, url = bucket_shards
+    remote.configure()
+    with pytest.raises(DataError, match=r"shard not found: s3://data/toy/toy-000004.tar \(and 5 more\)"):
+        resolve_shards(f"{url}/toy-{{000000..000009}}.tar")
+
+
+@pytest.mark.slow
+def test_two_ranks_train_from_the_bucket_through_cut_connections_as_from_local_files(s3, bucket_shards, tmp_path):
+    folder, url = bucket_shards
+    proxy = CuttingProxy(s3.port, cut_after=5000, cuts=4)
+    try:
+        runs = {}
+        for name, shards, env in [
+            ("local", f"{folder}/toy-{{000000..000003}}.tar", ENV),
+            ("s3", f"{url}/toy-{{000000..000003}}.tar", {**ENV, **s3.env, "AWS_ENDPOINT_URL": proxy.endpoint}),
+        ]:
+            cmd = command(2, tmp_path / name, shards, "train.steps=6", "data.read_retries=8")
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[name] = {(r["step"], r["rank"]): r["keys"] for r in read_jsonl(tmp_path / name / "sample_keys.jsonl")}
+        assert runs["s3"] == runs["local"] and len(runs["local"]) == 12
+        assert proxy.cut >= 1  # connections were cut while the shards were read
+        status = json.loads((tmp_path / "s3" / "status.json").read_text())
+        assert status["state"] == "finished"
+    finally:
+        proxy.close()
+
+
+# --------------------------------------------------------------------------- checkpoints in the bucket
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_checkpoints_mirror_to_the_bucket_and_resume_in_an_empty_run_directory(s3, toy_shards, tmp_path):
+    from clipscale.checkpoint_remote import RemoteMirror
+    from clipscale.train import train
+
+    from helpers import tiny_config
+
+    s3.client().create_bucket(Bucket="ckpt")
+    remote.configure()
+    common = {"checkpoint__every_n_steps": 2, "checkpoint__keep_last": 2, "checkpoint__remote": "s3://ckpt/run1"}
+    train(tiny_config(tmp_path / "first", toy_shards, train__steps=4, **common))
+    shutil.copytree(tmp_path / "first", tmp_path / "here")  # the same machine: resumes from its own disk
+    train(tiny_config(tmp_path / "here", toy_shards, train__steps=6, checkpoint__resume="auto",
+                      checkpoint__every_n_steps=2))  # fmt: skip
+    mirror = RemoteMirror("s3://ckpt/run1", keep_last=2)
+    assert mirror.latest() == "step_00000004.pt"
+    listed = {p.rsplit("/", 1)[-1] for p in remote.filesystem("s3://ckpt/run1")[0].ls("ckpt/run1/checkpoints")}
+    assert listed == {"latest", "step_00000002.pt", "step_00000002.pt.sha256", "step_00000004.pt",
+                      "step_00000004.pt.sha256"}  # fmt: skip
+
+    # another machine: an empty run directory, the same command
+    train(tiny_config(tmp_path / "elsewhere", toy_shards, train__steps=6, checkpoint__resume="auto", **common))
+    assert (tmp_path / "elsewhere" / "checkpoints" / "step_00000004.pt").exists()
+    assert losses(tmp_path / "elsewhere") == {s: v for s, v in losses(tmp_path / "here").items() if s > 4}  # bitwise
+    assert mirror.latest() == "step_00000006.pt"
+    listed = {p.rsplit("/", 1)[-1] for p in remote.filesystem("s3://ckpt/run1")[0].ls("ckpt/run1/checkpoints")}
+    assert "step_00000002.pt" not in listed  # remote retention follows keep_last
+    from clipscale.export import consolidated_weights
+
+    from_bucket, info = consolidated_weights("s3://ckpt/run1")  # export / eval --checkpoint s3://...
+    local, _ = consolidated_weights(tmp_path / "elsewhere")
+    assert info["step"] == 6 and all(torch.equal(from_bucket[k], local[k]) for k in local)
+
+
+def test_an_interrupted_upload_leaves_the_remote_latest_usable(s3, toy_shards, tmp_path):
+    from clipscale.checkpoint import checksum_problem
+    from clipscale.checkpoint_remote import RemoteMirror
+    from clipscale.train import train
+
+    from helpers import tiny_config
+
+    s3.client().create_bucket(Bucket="ckpt2")
+    remote.configure()
+    train(tiny_config(tmp_path / "run", toy_shards, train__steps=2, checkpoint__every_n_steps=2,
+                      checkpoint__remote="s3://ckpt2/r"))  # fmt: skip
+    local = tmp_path / "run" / "checkpoints"
+    newer = local / "step_00000009.pt"
+    newer.write_bytes((local / "step_00000002.pt").read_bytes() * 2)  # a bigger upload, cut mid-way
+    (local / "step_00000009.pt.sha256").write_text("{}")
+    proxy = CuttingProxy(s3.port, cut_after=0, cuts=10**6)
+    try:
+        remote.configure({"endpoint_url": proxy.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}}, 1, 0.01)
+        remote.filesystem("s3://ckpt2/r")[0].retries = 1
+        with pytest.raises(OSError):
+            RemoteMirror("s3://ckpt2/r").upload(newer)
+    finally:
+        proxy.close()
+        remote.configure()
+    mirror = RemoteMirror("s3://ckpt2/r")
+    assert mirror.latest() == "step_00000002.pt"
+    fetched = mirror.download("step_00000002.pt", tmp_path / "fresh")
+    assert checksum_problem(fetched) is None
+
+
+# --------------------------------------------------------------------------- building shards into the bucket
+
+
+def test_shards_built_into_the_bucket_are_byte_identical_and_a_rerun_reuses_them(s3, tmp_path):
+    from test_shards_build import build_files, pattern_image, write_csv
+
+    from clipscale.shards.build import BuildOptions, build_shards
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(10):
+        pattern_image(30, 20, i).save(d / f"{i}.png")
+    write_csv(d / "pairs.csv", [(f"{i}.png", f"image {i}".encode()) for i in range(10)])
+    s3.client().create_bucket(Bucket="builds")
+    remote.configure()
+    opts = BuildOptions(samples_per_shard=4)
+    build_shards(str(d / "pairs.csv"), str(tmp_path / "local"), "k", opts, progress=False)
+    first = build_shards(str(d / "pairs.csv"), "s3://builds/set1", "k", opts, progress=False)
+    fs, _ = remote.filesystem("s3://builds/set1")
+    fs.get("builds/set1/", str(tmp_path / "fetched") + "/", recursive=True)
+    assert first["shards_reused"] == 0
+    assert build_files(tmp_path / "fetched") == build_files(tmp_path / "local")
+    again = build_shards(str(d / "pairs.csv"), "s3://builds/set1", "k", opts, progress=False)
+    assert again["shards_reused"] == 3  # complete shards are detected in the bucket
+    assert resolve_shards("s3://builds/set1/*.tar")[0].samples == 4  # and train from there, counted by its manifest
