@@ -1,6 +1,7 @@
 """Shards in an object store: a real S3-compatible server (moto's, on 127.0.0.1, started here),
 reads that survive a connection cut mid-shard, globs and remote manifests, and training from s3://."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,42 +50,35 @@ def test_a_remote_shard_reads_as_the_local_file(s3, bucket_shards):
     ]
 
 
-def test_a_connection_cut_mid_shard_continues_at_the_byte_offset(s3, bucket_shards):
-    folder, url = bucket_shards
-    proxy = CuttingProxy(s3.port, cut_after=3000, cuts=3)
+@contextlib.contextmanager
+def through_cuts(s3, url, cuts, retries):
+    """Reads of `url` go through a proxy that cuts `cuts` responses after 3,000 bytes, with no retries
+    below clipscale's (neither botocore's nor s3fs's): the cuts reach clipscale's reader."""
+    proxy = CuttingProxy(s3.port, cut_after=3000, cuts=cuts)
     try:
-        # no retries below ours: the cut reaches clipscale's reader, which asks again from its offset
-        remote.configure(
-            {"endpoint_url": proxy.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}},
-            retries=5,
-            backoff_s=0.01,
-        )
-        remote.filesystem(url)[0].retries = 1  # nor s3fs's own retry loop
-        reader = remote.RangeReader(f"{url}/toy-000002.tar", chunk=8192)
-        data = reader.read()
-        assert data == open(f"{folder}/toy-000002.tar", "rb").read()
-        assert proxy.cut >= 1 and reader.resumed >= 1
+        options = {"endpoint_url": proxy.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}}
+        remote.configure(options, retries=retries, backoff_s=0.01)
+        remote.filesystem(url)[0].retries = 1
+        yield proxy
     finally:
         proxy.close()
         remote.configure()
+
+
+def test_a_connection_cut_mid_shard_continues_at_the_byte_offset(s3, bucket_shards):
+    folder, url = bucket_shards
+    with through_cuts(s3, url, cuts=3, retries=5) as proxy:
+        reader = remote.RangeReader(f"{url}/toy-000002.tar", chunk=8192)
+        assert reader.read() == open(f"{folder}/toy-000002.tar", "rb").read()
+        assert proxy.cut >= 1 and reader.resumed >= 1  # asked again from its offset
 
 
 def test_a_read_that_keeps_failing_ends_the_shard_as_a_counted_error(s3, bucket_shards):
     _, url = bucket_shards
-    proxy = CuttingProxy(s3.port, cut_after=3000, cuts=1000)
-    try:
-        remote.configure(
-            {"endpoint_url": proxy.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}},
-            retries=2,
-            backoff_s=0.01,
-        )
-        remote.filesystem(url)[0].retries = 1
+    with through_cuts(s3, url, cuts=1000, retries=2):
         errors = []
         list(iter_raw_samples(f"{url}/toy-000003.tar", errors.append))
         assert len(errors) == 1 and "failed 3 times" in str(errors[0])
-    finally:
-        proxy.close()
-        remote.configure()
 
 
 def test_globs_and_counts_from_the_remote_manifest(s3, bucket_shards, caplog):
@@ -183,10 +177,14 @@ def test_an_interrupted_upload_leaves_the_remote_latest_usable(s3, toy_shards, t
     (local / "step_00000009.pt.sha256").write_text("{}")
     proxy = CuttingProxy(s3.port, cut_after=0, cuts=10**6)
     try:
-        remote.configure({"endpoint_url": proxy.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}}, 1, 0.01)
-        remote.filesystem("s3://ckpt2/r")[0].retries = 1
+        remote.configure(retries=1, backoff_s=0.01)
+        cut = RemoteMirror(
+            "s3://ckpt2/r",
+            storage_options={"endpoint_url": proxy.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}},
+        )
+        cut._fs()[0].retries = 1
         with pytest.raises(OSError):
-            RemoteMirror("s3://ckpt2/r").upload(newer)
+            cut.upload(newer)
     finally:
         proxy.close()
         remote.configure()
@@ -221,3 +219,73 @@ def test_shards_built_into_the_bucket_are_byte_identical_and_a_rerun_reuses_them
     again = build_shards(str(d / "pairs.csv"), "s3://builds/set1", "k", opts, progress=False)
     assert again["shards_reused"] == 3  # complete shards are detected in the bucket
     assert resolve_shards("s3://builds/set1/*.tar")[0].samples == 4  # and train from there, counted by its manifest
+
+
+def _read_in_child(url):
+    return len(list(iter_raw_samples(url, lambda e: (_ for _ in ()).throw(e))))
+
+
+def test_a_forked_worker_reads_with_its_own_filesystem(s3, bucket_shards):
+    """s3fs's event loop does not survive a fork: the parent's listing must not poison the workers."""
+    import multiprocessing as mp
+
+    _, url = bucket_shards
+    remote.configure()
+    shards = resolve_shards(f"{url}/*.tar")  # the parent made a filesystem
+    with mp.get_context("fork").Pool(2) as pool:
+        counts = pool.map(_read_in_child, [s.url for s in shards])
+    assert counts == [s.samples for s in shards]
+
+
+@pytest.fixture
+def web_shards(toy_shards):
+    """The toy shards on a web server that lists no folders and ignores Range requests."""
+    import functools
+    import http.server
+    import threading
+
+    class NoListing(http.server.SimpleHTTPRequestHandler):
+        def list_directory(self, path):
+            self.send_error(403, "no listing")
+
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(NoListing, directory=os.path.dirname(toy_shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_shards_on_a_web_server_without_listing_or_ranges(web_shards, toy_shards):
+    remote.configure()
+    shards = resolve_shards(f"{web_shards}/toy-{{000000..000003}}.tar")  # counts from its manifest.json
+    local = resolve_shards(toy_shards)
+    assert [s.samples for s in shards] == [s.samples for s in local]
+    reader = remote.RangeReader(f"{web_shards}/toy-000001.tar", chunk=4096)
+    assert reader.read() == open(os.path.join(os.path.dirname(toy_shards), "toy-000001.tar"), "rb").read()
+    assert not remote.has_glob(f"{web_shards}/toy-000001.tar?X-Amz-Signature=abc")
+
+
+def test_checkpoints_use_their_own_storage_options(s3):
+    from clipscale.checkpoint_remote import RemoteMirror
+
+    remote.configure({"anon": True})  # a public data bucket
+    try:
+        fs, _ = RemoteMirror("s3://ckpt/x", storage_options={})._fs()
+        assert not fs.anon and remote.filesystem("s3://data/x")[0].anon
+    finally:
+        remote.configure()
+
+
+def test_img2dataset_stats_next_to_remote_shards_count_them(s3, tmp_path, caplog):
+    from test_shards_build import make_img2dataset_layout
+
+    folder = tmp_path / "i2d"
+    make_img2dataset_layout(folder, shards=2, per_shard=5)
+    url = s3.upload_folder(folder, "i2d", "set")
+    remote.configure()
+    shards = resolve_shards(f"{url}/{{00000..00001}}.tar")
+    assert [s.samples for s in shards] == [s.samples for s in resolve_shards(f"{folder}/{{00000..00001}}.tar")]
+    assert "counted by reading them" not in caplog.text  # from the stats objects, without reading the shards

@@ -45,8 +45,8 @@ def offline_runs(run_dir: Path) -> dict:
                 runs.setdefault(run_id, {})
             elif kind == "history":
                 row = {i.key or "/".join(i.nested_key): i.value_json for i in record.history.item}
-                if "_step" in row:
-                    runs[run_id].setdefault(int(row["_step"]), {}).update(row)
+                if "train/step" in row:
+                    runs[run_id].setdefault(int(float(row["train/step"])), {}).update(row)
     return runs
 
 

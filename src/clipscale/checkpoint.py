@@ -142,11 +142,14 @@ def incompatibility(
 class CheckpointManager:
     """Save/find checkpoints of one run directory. Only the main rank touches the files."""
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig | None = None, is_main: bool = True):
+    def __init__(
+        self, run_dir: str | Path, cfg: CheckpointConfig | None = None, is_main: bool = True, local_main: bool = True
+    ):
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg = cfg or CheckpointConfig()
         self.keep_last = self.cfg.keep_last
         self.is_main = is_main
+        self.local_main = local_main  # the first process of its node (downloads the remote latest)
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
         self.protected: Path | None = None  # never removed by retention (the spike guard's rollback target)
@@ -154,7 +157,7 @@ class CheckpointManager:
         if self.cfg.remote:
             from .checkpoint_remote import RemoteMirror
 
-            self.mirror = RemoteMirror(self.cfg.remote, self.keep_last)
+            self.mirror = RemoteMirror(self.cfg.remote, self.keep_last, self.cfg.storage_options or {})
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             remove_temporaries(self.dir, "step_*")  # what saves killed mid-write left behind
@@ -231,7 +234,7 @@ class CheckpointManager:
         self._retain(keep=final)
         if self.mirror is not None:  # (in the background thread too, with checkpoint.async)
             try:
-                self.mirror.upload(final)
+                self.mirror.upload(final, protected=self.protected)
             except Exception as exn:  # noqa: BLE001 - the local checkpoint stands; say so and go on
                 log.warning("could not mirror %s to %s: %s: %s", final.name, self.cfg.remote, type(exn).__name__, exn)
 
@@ -386,18 +389,33 @@ class CheckpointManager:
 
     def fetch_remote(self, resume: str) -> None:
         """Collective: under resume=auto with no local checkpoint, bring checkpoint.remote's latest into
-        checkpoints/ (every node's first process downloads, so node-local run directories work too)."""
+        checkpoints/: the main rank first, then the first process of every node that does not see it
+        (node-local run directories). A failure anywhere stops every rank with the same error."""
         if self.mirror is None or resume != "auto":
             return
-        name = self.mirror.latest() if self.is_main and not self.all_checkpoints() else None
-        name = broadcast_object(name)
-        if name is None:
-            return
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (self.dir / name).exists():
-            log.info("no checkpoint in %s: downloading %s from %s", self.dir, name, self.cfg.remote)
-            path = self.mirror.download(name, self.dir)
-            atomic_write_bytes(self.dir / LATEST, (path.name + "\n").encode())
-        barrier()
+        found: tuple[str | None, str | None] = (None, None)
+        if self.is_main and not self.all_checkpoints():
+            try:
+                found = (self.mirror.latest(), None)
+            except Exception as exn:  # noqa: BLE001 - every rank must hear of it
+                found = (None, f"{type(exn).__name__}: {exn}")
+        name, error = broadcast_object(found)
+        if error is None and name is not None:
+            for turn in ("main", "others"):
+                mine = self.is_main if turn == "main" else (self.local_main and not self.is_main)
+                error = None
+                if mine and not (self.dir / name).exists():
+                    try:
+                        log.info("no checkpoint in %s: downloading %s from %s", self.dir, name, self.cfg.remote)
+                        path = self.mirror.download(name, self.dir)
+                        atomic_write_bytes(self.dir / LATEST, (path.name + "\n").encode())
+                    except Exception as exn:  # noqa: BLE001
+                        error = f"{type(exn).__name__}: {exn}"
+                error = next((e for e in all_gather_object(error) if e), None)
+                if error:
+                    break
+        if error:
+            raise CheckpointError(f"cannot bring the latest checkpoint from {self.cfg.remote}: {error}"[:600])
 
     def abandon_after(self, resumed: Path) -> None:
         """Move this run's checkpoints after `resumed` to checkpoints/abandoned/ (a rollback): `latest`,

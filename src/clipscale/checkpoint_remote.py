@@ -25,14 +25,15 @@ NAME_RE = re.compile(r"^step_(\d{8,})(\.pt)?$")
 
 
 class RemoteMirror:
-    def __init__(self, url: str, keep_last: int = 0):
+    def __init__(self, url: str, keep_last: int = 0, storage_options: dict | None = None):
         self.url, self.keep_last = url.rstrip("/"), keep_last
+        self.storage_options = storage_options or {}  # checkpoint.storage_options, not the data's
 
     def _fs(self):
-        fs, root = remote.filesystem(self.url)
+        fs, root = remote.filesystem(self.url, self.storage_options)
         return fs, root.rstrip("/") + "/checkpoints"
 
-    def upload(self, local: Path) -> None:
+    def upload(self, local: Path, protected: Path | None = None) -> None:
         """Mirror one published checkpoint (file or folder) and its checksum, then move `latest`."""
         fs, root = self._fs()
         name = local.name
@@ -51,15 +52,15 @@ class RemoteMirror:
             f"moving {self.url} latest", lambda: fs.pipe_file(f"{root}/{LATEST}", (name + "\n").encode())
         )
         log.info("mirrored %s to %s/checkpoints/", name, self.url)
-        self._retain(fs, root, keep=name)
+        self._retain(fs, root, keep={name, protected.name if protected is not None else name})
 
-    def _retain(self, fs, root: str, keep: str) -> None:
+    def _retain(self, fs, root: str, keep: set[str]) -> None:
         if self.keep_last <= 0:
             return
         names = sorted(
             {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False, refresh=True)} if fs.exists(root) else set()
         )
-        steps = sorted((n for n in names if NAME_RE.match(n) and n != keep), key=lambda n: int(NAME_RE.match(n)[1]))
+        steps = sorted((n for n in names if NAME_RE.match(n) and n not in keep), key=lambda n: int(NAME_RE.match(n)[1]))
         for old in steps[: max(0, len(steps) - (self.keep_last - 1))]:
             try:
                 fs.rm(f"{root}/{old}", recursive=True)

@@ -227,6 +227,9 @@ class CheckpointConfig:
     remote: str | None = None
     """Mirror every checkpoint to this object-store URL (e.g. s3://bucket/run-x), in the background with
     checkpoint.async; resume=auto in an empty run directory downloads the remote latest (see Storage)."""
+    storage_options: Any = None
+    """fsspec options for checkpoint.remote (null: the standard environment, AWS_ENDPOINT_URL, AWS_PROFILE, ...);
+    data.storage_options do not apply to checkpoints."""
 
 
 @dataclass
@@ -685,6 +688,10 @@ def validate(cfg: Config) -> None:
     )
     _require(cfg.checkpoint.every_n_steps >= 1, "'checkpoint.every_n_steps' must be >= 1")
     _require(cfg.checkpoint.keep_last >= 0, "'checkpoint.keep_last' must be >= 0")
+    _require(
+        cfg.checkpoint.storage_options is None or isinstance(cfg.checkpoint.storage_options, dict),
+        f"'checkpoint.storage_options' must be a mapping, got {cfg.checkpoint.storage_options!r}",
+    )
     _require(
         cfg.checkpoint.remote is None or "://" in cfg.checkpoint.remote,
         f"'checkpoint.remote' must be an object-store URL such as s3://bucket/run, got {cfg.checkpoint.remote!r}",

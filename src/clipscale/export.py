@@ -9,6 +9,7 @@ the model-states file. The result loads with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -63,7 +64,8 @@ def download_checkpoint(url: str) -> Path:
         name = mirror.latest()
         if name is None:
             raise CheckpointError(f"no checkpoint in {root}/checkpoints (no remote latest)")
-    cache = Path(tempfile.gettempdir()) / "clipscale-checkpoints" / hashlib.sha1(root.encode()).hexdigest()[:12]
+    user_cache = Path(tempfile.gettempdir()) / f"clipscale-checkpoints-{os.getuid()}"  # not shared between users
+    cache = user_cache / hashlib.sha1(root.encode()).hexdigest()[:12]
     try:
         return mirror.download(name, cache)
     except FileNotFoundError:

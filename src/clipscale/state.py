@@ -18,6 +18,7 @@ import logging
 import platform
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -174,6 +175,7 @@ class RunMeta:
     def state_dict(self) -> dict:
         return {
             "wandb_run_id": self.wandb_run_id,
+            "run_dir": str(Path(self.cfg.run.dir).resolve()),
             "config": to_dict(self.cfg),
             "versions": software_versions(),
             "model_name": self.cfg.model.name,
@@ -184,7 +186,8 @@ class RunMeta:
         from .checkpoint import config_changes
 
         self.saved = dict(state)
-        self.wandb_run_id = state.get("wandb_run_id") or self.wandb_run_id
+        if state.get("run_dir") == str(Path(self.cfg.run.dir).resolve()):  # not another run's W&B run
+            self.wandb_run_id = state.get("wandb_run_id") or self.wandb_run_id
         changes = [
             f"{k}: {a!r} -> {b!r}"
             for k, a, b in config_changes(state.get("config", {}), to_dict(self.cfg))

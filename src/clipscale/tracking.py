@@ -39,12 +39,16 @@ class WandbLogger:
             config=config,
             settings=wandb.Settings(silent=True, console="off"),
         )
+        # the training step is a metric of its own: steps replayed after a resume are logged again (W&B
+        # drops rows whose own step is not above its last one)
+        self.run.define_metric("train/step")
+        self.run.define_metric("*", step_metric="train/step")
         log.info("W&B run %s (%s) in %s", run_id, spec.mode, run_dir / "wandb")
 
     def log(self, step: int, metrics: dict) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if scalars:
-            self.run.log(scalars, step=step)
+            self.run.log({**scalars, "train/step": step})
 
     def close(self) -> None:
         self.run.finish()

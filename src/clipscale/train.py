@@ -143,7 +143,7 @@ class Trainer:
 
             self.teacher = Teacher(cfg, self.bundle, env.device, self.engine.autocast)
             self.loss_fn = DistillLoss(self.loss_fn, cfg.distill.weight)
-        self.ckpts = CheckpointManager(self.run_dir, cfg.checkpoint, env.is_main)
+        self.ckpts = CheckpointManager(self.run_dir, cfg.checkpoint, env.is_main, local_main=env.local_rank == 0)
         draft = draft_size(self.bundle.image_size, cfg.data.augment) if cfg.data.jpeg_draft else None
         self.data = TrainData(cfg, self.bundle.train_transform, self.bundle.tokenizer, env, draft_size=draft)
         self.rng = RNG(env, cfg.seed, self.progress)

@@ -244,7 +244,11 @@ class BucketOutput:
         return stats_if_complete(stats or {}, self.sizes[tar], f"{self.url}/{tar}", opts, rows)
 
     def stale(self, name: str, n_shards: int) -> list[str]:
-        return sorted(k for k in self.sizes if k.endswith(".tar") and _shard_index(k, name) >= n_shards)
+        return sorted(
+            k
+            for k in self.sizes
+            if k.startswith(f"{name}-") and k.endswith(".tar") and _shard_index(k, name) >= n_shards
+        )
 
     def publish(self, *names: str) -> None:
         """Upload these staged files in order, then drop the local copies."""

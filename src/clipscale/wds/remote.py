@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from urllib.parse import urlparse
 
@@ -51,21 +52,25 @@ def fsspec_reads(url: str) -> bool:
     return True
 
 
-def filesystem(url: str):
-    """(fsspec filesystem, path) of a remote URL; one filesystem per protocol and process."""
+def filesystem(url: str, storage_options: dict | None = None):
+    """(fsspec filesystem, path) of a remote URL: one filesystem per protocol, options and process (a
+    forked DataLoader or build worker makes its own: s3fs's event loop does not survive a fork).
+    `storage_options`: these instead of the data's (checkpoints have their own)."""
     import fsspec
 
     protocol = urlparse(url).scheme
-    if protocol not in _filesystems:
+    options = _settings["storage_options"] if storage_options is None else storage_options
+    key = (os.getpid(), protocol, json.dumps(options, sort_keys=True, default=str))
+    if key not in _filesystems:
         try:
-            _filesystems[protocol] = fsspec.filesystem(protocol, **_settings["storage_options"])
+            _filesystems[key] = fsspec.filesystem(protocol, **options)
         except ImportError as exn:
             from ..errors import DataError
 
             extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol)
             hint = f": pip install 'clipscale[{extra}]'" if extra else ""
             raise DataError(f"cannot read {protocol}:// URLs ({exn}){hint}") from None
-    fs = _filesystems[protocol]
+    fs = _filesystems[key]
     return fs, fs._strip_protocol(url)
 
 
@@ -109,6 +114,8 @@ class RangeReader:
         def request():
             attempts.append(1)
             data = self.fs.cat_file(self.path, start=start, end=end)
+            if len(data) == self.size and end - start != self.size:
+                data = data[start:end]  # a server that ignores Range sent the whole object
             if len(data) != end - start:
                 raise OSError(f"short read: {len(data)} of {end - start} bytes")
             return data
@@ -145,15 +152,18 @@ class RangeReader:
 def expand_remote_glob(url: str) -> list[str]:
     """`s3://bucket/prefix/*.tar` -> the matching objects, sorted (one listing)."""
     fs, path = filesystem(url)
-    protocol = urlparse(url).scheme
     found = sorted(with_retries(f"listing {url}", lambda: fs.glob(path)))
-    return [f"{protocol}://{p}" for p in found]
+    return [fs.unstrip_protocol(p) for p in found]
 
 
 def missing_remote(urls: list[str]) -> list[str]:
-    """The remote URLs whose object does not exist (one listing per folder)."""
+    """The remote URLs whose object does not exist: one listing per folder; where a folder cannot be
+    listed (no permission) or lists nothing, each object is asked for. Web servers (http, https)
+    are not asked: most do not list, and a HEAD per shard would be as slow as reading them."""
     by_folder: dict[str, list[str]] = {}
     for url in urls:
+        if urlparse(url).scheme in ("http", "https"):
+            continue
         by_folder.setdefault(url.rsplit("/", 1)[0], []).append(url)
     missing = []
     for folder, entries in by_folder.items():
@@ -161,10 +171,21 @@ def missing_remote(urls: list[str]) -> list[str]:
         try:
             names = with_retries(f"listing {folder}", lambda fs=fs, path=path: fs.ls(path, detail=False))
             listed = {p.rsplit("/", 1)[-1] for p in names}
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             listed = set()
+        if not listed:
+            missing.extend(u for u in entries if not _exists(u))
+            continue
         missing.extend(u for u in entries if u.rsplit("/", 1)[-1] not in listed)
     return missing
+
+
+def _exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    try:
+        return bool(with_retries(f"looking for {url}", lambda: fs.exists(path)))
+    except PermissionError:
+        return True  # cannot tell: reading it will say
 
 
 def read_remote_json(url: str):
@@ -178,4 +199,5 @@ def read_remote_json(url: str):
 
 
 def has_glob(url: str) -> bool:
-    return any(c in url for c in GLOB_CHARS)
+    """A glob pattern (not for web URLs, whose `?` starts a query string)."""
+    return urlparse(url).scheme not in ("http", "https") and any(c in url for c in GLOB_CHARS)

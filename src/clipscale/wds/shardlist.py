@@ -105,7 +105,14 @@ class _Counts:
     folder), else img2dataset stats, else `fallback` (counting by reading)."""
 
     def __init__(self, manifest: str | None, fallback: Callable[[str], int]):
-        self.explicit: dict[str, ShardRecord] = read_index(manifest) if manifest else {}
+        self.explicit: dict[str, ShardRecord] = {}
+        if manifest and is_remote(manifest):
+            data = read_remote_json(manifest)
+            if data is None:
+                raise DataError(f"manifest not found: {manifest}")
+            self.explicit = parse_index(data, manifest)
+        elif manifest:
+            self.explicit = read_index(manifest)
         self.folders: dict[str, dict[str, ShardRecord]] = {}
         self.fallback = fallback
         self.counted = 0
@@ -130,6 +137,9 @@ class _Counts:
                 self.folders[folder] = remote_index_next_to(folder)
             if name in self.folders[folder]:
                 return self.folders[folder][name].samples
+            stats = read_remote_json(url[: -len(".tar")] + "_stats.json") if url.endswith(".tar") else None
+            if isinstance(stats, dict) and "successes" in stats:  # img2dataset: one small request, not the shard
+                return int(stats["successes"])
         self.counted += 1
         return self.fallback(url)
 
