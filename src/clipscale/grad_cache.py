@@ -19,11 +19,11 @@ import contextlib
 
 import torch
 
+from .distill import TEACHER_KEYS
 from .engine.base import Engine
 
 FEATURES = ("image_features", "text_features")
 SCALARS = ("logit_scale", "logit_bias")
-TEACHER_KEYS = ("teacher_image_features", "teacher_text_features", "teacher_logit_scale")  # (distill.py)
 
 
 def loss_inputs(loss_fn, out: dict) -> list[torch.Tensor]:

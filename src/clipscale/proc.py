@@ -1,8 +1,9 @@
 """Tie a process's life to its parent's (Linux prctl PR_SET_PDEATHSIG).
 
-Used by DataLoader workers (an orphaned worker stuck in a read or ignoring SIGTERM never reaches
-torch's own parent check) and by `pipe:` shard commands (a hung `aws s3 cp` of a dead worker
-would otherwise run on forever). Elsewhere than Linux it does nothing."""
+Used by DataLoader workers: an orphaned worker stuck in a read or ignoring SIGTERM never reaches
+torch's own parent check. (`pipe:` shard commands are not covered by it: the signal reaches only
+the shell, so wds/tar.py kills their process group through a watcher.) Elsewhere than Linux it
+does nothing."""
 
 from __future__ import annotations
 
