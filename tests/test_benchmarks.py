@@ -1,5 +1,6 @@
 """The benchmark scripts are run by hand (figures in BENCHMARKS.md); these tests keep the parts
-that could silently go wrong working: log parsing, shard patterns, and the GPU script on CPU."""
+that could silently go wrong working: log parsing, shard patterns, the GPU script on CPU, and the
+start-up benchmark (with a small shard list)."""
 
 import re
 import subprocess
@@ -66,3 +67,12 @@ def test_gpu_benchmark_runs_on_cpu_as_a_smoke_test():
     assert flops and float(flops[1].replace(",", "")) > 0
     losses = re.findall(r"^\s+256 \| (full|local|chunked)\s+\|\s+nan \|\s+([\d.]+)$", proc.stdout, re.M)
     assert [r[0] for r in losses] == ["full", "local", "chunked"]
+
+
+def test_startup_benchmark_reads_the_trainers_start_up_line(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--shards", "40", "--dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert re.search(r"start-up with 40 shards: [\d.]+ s; with 4 shards", proc.stdout)
+    assert re.search(r"model build \(trainer's log\): [\d.]+ s; data set-up with 40 shards", proc.stdout)
+    assert len(list((tmp_path / "many-40").glob("laion-*.tar"))) == 40

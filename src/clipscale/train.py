@@ -112,6 +112,8 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self.preempt = PreemptionHandler(cfg.train.preempt_signals)  # before DataLoader workers fork
         self.progress = Progress()
+        self.started = time.perf_counter()
+        self.setup_seconds: dict[str, float] = {}  # model, data: logged with the first step ("start-up:")
         # set-up, resume and the first step run under the watchdog's grace period (see watchdog.py)
         self.watchdog = HangWatchdog(
             self.run_dir, env.rank, cfg.train.hang_timeout_s, cfg.train.hang_grace_s, self._status_fields
@@ -126,9 +128,11 @@ class Trainer:
         if env.is_main:
             warn_about_timeouts(cfg)
         seed_everything(cfg.seed)  # identical initial weights on every rank
+        t0 = time.perf_counter()
         self.bundle = create_model(cfg.model, cfg.loss.name, env.device, augment=cfg.data.augment)
         log.info("parameter groups:\n%s", describe_groups(param_groups(self.bundle.model, cfg.optim)))
         self.engine = build_engine(cfg, self.bundle.model, env)
+        self.setup_seconds["model"] = time.perf_counter() - t0
         self.ema = None
         if cfg.ema.decay is not None and getattr(self.engine, "stage", 0) == 3:  # (also from a DeepSpeed file)
             raise ConfigError("'ema.decay' is not supported with DeepSpeed ZeRO-3 (its parameters are partitioned); "
@@ -145,7 +149,9 @@ class Trainer:
             self.loss_fn = DistillLoss(self.loss_fn, cfg.distill.weight)
         self.ckpts = CheckpointManager(self.run_dir, cfg.checkpoint, env.is_main, local_main=env.local_rank == 0)
         draft = draft_size(self.bundle.image_size, cfg.data.augment) if cfg.data.jpeg_draft else None
+        t0 = time.perf_counter()
         self.data = TrainData(cfg, self.bundle.train_transform, self.bundle.tokenizer, env, draft_size=draft)
+        self.setup_seconds["data"] = time.perf_counter() - t0
         self.rng = RNG(env, cfg.seed, self.progress)
         self.guard = SpikeGuard(cfg.train.spike_guard) if cfg.train.spike_guard else None
         self.state = TrainState(
@@ -455,6 +461,8 @@ class Trainer:
         while self.step < total:
             self.preempt.step_in_progress = self.step + 1
             last_loss, stop, stats, wait, micro = self.train_step()
+            if self.setup_seconds:
+                self.log_startup(wait)
             self.watchdog.beat(self.step)
             window.add(wait)
             spiked = self.guard is not None and self.guard.spiked(last_loss)
@@ -517,6 +525,18 @@ class Trainer:
             "preempted": bool(preempted),
             "exit_code": EXIT_PREEMPTED if preempted else 0,
         }
+
+    def log_startup(self, wait: float) -> None:
+        """Once, after this process's first step: where its start-up went (benchmarks/startup.py reads it)."""
+        took, self.setup_seconds = self.setup_seconds, {}
+        log.info(
+            "start-up: %.2f s from the trainer's start to the end of its first step (model %.2f s, data %.2f s, "
+            "first batch wait %.2f s)",
+            time.perf_counter() - self.started,
+            took["model"],
+            took["data"],
+            wait,
+        )
 
     def log_step(self, loss: float, stats: dict, window: Window) -> None:
         elapsed = time.perf_counter() - window.start

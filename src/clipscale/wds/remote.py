@@ -32,6 +32,8 @@ def configure(storage_options: dict | None = None, retries: int = 5, backoff_s: 
 
 def is_remote(url: str) -> bool:
     """A URL with a scheme fsspec reads (not a local path, `file:` or `pipe:`)."""
+    if ":" not in url:  # no scheme: a local path (231,000 of them must not each go through urlparse)
+        return False
     scheme = urlparse(url).scheme
     return len(scheme) > 1 and scheme not in ("file", "pipe")
 

@@ -118,10 +118,10 @@ class _Counts:
         self.counted = 0
 
     def __call__(self, url: str) -> int:
-        name = shard_name(url)
+        path = local_path(url)
+        name = os.path.basename(path) if path is not None else shard_name(url)  # (shard_name, parsing once)
         if name in self.explicit:
             return self.explicit[name].samples
-        path = local_path(url)
         if path is not None:
             folder = os.path.dirname(path) or "."
             if folder not in self.folders:
