@@ -8,6 +8,10 @@ of a real job holds after all_gather.
 
     python benchmarks/loss_memory.py                      # B = 4k, 16k, 64k; d = 512; world 8
     python benchmarks/loss_memory.py --exact-131k         # + the exact B = 131,072 (d = 128) single-process run
+
+The exact run is set against its matmul limit, measured in the same run: the four B x B x d
+products the chunked loss cannot avoid (forward: logits; backward: logits again, p @ k, p.T @ q),
+tile by tile with nothing else, at the tile size the loss uses on this device and at 4096.
 """
 
 from __future__ import annotations
@@ -49,12 +53,33 @@ def simulated_rank0(batch: int, dim: int, world: int, device="cpu"):
     return img, txt, scale, SimulatedGather()
 
 
+def matmul_limit(batch: int, dim: int, tile: int) -> dict:
+    """Seconds of the chunked loss's four B x B x d tile products alone (its floor on this machine)."""
+    import torch
+
+    q, k = torch.randn(batch, dim), torch.randn(batch, dim)
+    dq, dk = torch.zeros(batch, dim), torch.zeros(batch, dim)
+    buf = torch.empty(tile * tile)
+    t0 = time.perf_counter()
+    for r0 in range(0, batch, tile):
+        for c0 in range(0, batch, tile):
+            qr, kc = q[r0 : r0 + tile], k[c0 : c0 + tile]
+            logits = buf[: qr.shape[0] * kc.shape[0]].view(qr.shape[0], kc.shape[0])
+            torch.mm(qr, kc.T, out=logits)  # forward
+            torch.mm(qr, kc.T, out=logits)  # backward: recomputed
+            dq[r0 : r0 + tile].addmm_(logits, kc)
+            dk[c0 : c0 + tile].addmm_(logits.T, qr)
+    return {"loss": float("nan"), "seconds": time.perf_counter() - t0, "peak_bytes": 0}
+
+
 def measure(impl: str, batch: int, dim: int, world: int, chunk: int) -> dict:
     """Run inside the child process: one forward+backward of rank 0's loss."""
     import torch
 
     from clipscale.loss import ClipLoss
 
+    if impl == "matmul":
+        return matmul_limit(batch, dim, chunk)
     torch.manual_seed(0)
     img, txt, scale, gather = simulated_rank0(batch, dim, world)
     loss_fn = ClipLoss(impl, chunk_size=chunk, gather=gather)
@@ -140,10 +165,19 @@ def main() -> None:
             f"\nexact single-process batch B={batch}, d={dim} (world 1): full logits alone need "
             f"{batch * batch * 4 / 1e9:.0f} GB"
         )
+        from clipscale.loss import CPU_TILE
+
+        results = {}
         for impl in ("full", "chunked"):
-            res = run_child(impl, batch, dim, 1, args.chunk, args.mem_cap_gib, args.timeout * 4)
+            results[impl] = res = run_child(impl, batch, dim, 1, args.chunk, args.mem_cap_gib, args.timeout * 4)
             extra = f"  loss {res['loss']:.4f}" if "loss" in res else ""
             print(f"  {impl:>8}: {fmt(res)}{extra}", flush=True)
+        for tile in (min(args.chunk, CPU_TILE), 4096):
+            res = run_child("matmul", batch, dim, 1, tile, args.mem_cap_gib, args.timeout * 4)
+            line = f"  matmul limit, {tile}-wide tiles: {res.get('seconds', float('nan')):8.1f} s"
+            if "seconds" in res and "seconds" in results["chunked"]:
+                line += f"  (chunked loss = {res['seconds'] / results['chunked']['seconds']:.2f} of it)"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

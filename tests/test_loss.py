@@ -19,3 +19,31 @@ def test_perfect_and_swapped_pairs():
     assert ClipLoss()(feats, feats, scale).item() < 1e-6
     swapped = feats[[1, 0, 3, 2]]
     assert ClipLoss()(feats, swapped, scale).item() == pytest.approx(100.0, rel=1e-4)
+
+
+def _open_clip_reference(img, txt, scale):
+    import open_clip.loss as ocl
+
+    i, t, s = (x.clone().requires_grad_(True) for x in (img, txt, scale))
+    loss = ocl.ClipLoss()(i, t, s)
+    loss.backward()
+    return loss.detach(), i.grad, t.grad, s.grad
+
+
+@pytest.mark.parametrize("scale", [14.3, 100.0])
+@pytest.mark.parametrize("chunk", [7, 512, 4096])
+def test_chunked_loss_is_exact_in_float64(chunk, scale):
+    """Loss and every gradient equal open_clip's to float64 rounding, with ragged tiles (B = 1100 is
+    not a multiple of 7 or of the 512-row CPU tile) and at the largest logit scale, where logits
+    span 200 (the online max keeps exp() finite and rows that lose to far larger ones exact)."""
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(1100, 16, generator=g, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(img + 0.5 * torch.randn(1100, 16, generator=g, dtype=torch.float64), dim=-1)
+    txt[:50] = -img[:50]  # positives at -scale: their rows' and columns' maxima are far from the tile's
+    s = torch.tensor(scale, dtype=torch.float64)
+    expected = _open_clip_reference(img, txt, s)
+    i, t, s2 = img.clone().requires_grad_(True), txt.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    loss = ClipLoss("chunked", chunk_size=chunk)(i, t, s2)
+    loss.backward()
+    for got, want in zip((loss.detach(), i.grad, t.grad, s2.grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
