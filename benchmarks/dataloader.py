@@ -1,17 +1,21 @@
 """The clipscale data pipeline against its practical limit, and the data wait of a training run.
 
 bare loop   one process: decode the shards' JPEG bytes (already in memory) with PIL and resize
-            to the model's input size, nothing else. Measured with a full decode (what
-            open_clip_train's `wds.decode("pilrgb")` does) and with the JPEG draft decode
-            (what clipscale does when the shards are larger than the model input).
+            the whole image to the model's input size with PIL's bicubic filter, nothing else.
+            With a full decode (what open_clip_train's `wds.decode("pilrgb")` does) and with the
+            JPEG draft decode.
 clipscale   `TrainData`, the loader training uses: read tars, deterministic shuffle, decode,
-            open_clip's train transform, tokenize, batch, stream positions, and the uint8 ->
-            normalised float conversion of `to_device` (on the CPU here); with 0 workers (in
-            the measuring process), 1 and 2 DataLoader workers. Per-worker rate = rate / workers.
+            the train transform's random crop, tokenize, batch, stream positions, up to the uint8
+            batch a GPU run copies to the device (`--convert` also times the float conversion
+            on the CPU); with 1 and 2 DataLoader workers (0 = in the measuring process), with
+            data.fast_crop on (the default) and off (open_clip's PIL transform). Per-worker rate =
+            rate / workers; with 2 workers on 2 cores the consuming process shares the cores.
+pixels      how far fast_crop's pixels are from PIL's for the same crops (--pixels).
 data wait   fraction of step time the training loop waits for data, from metrics.jsonl of a
             short `clipscale demo` run (the demo config: 2 processes, 1 worker each).
 
-  python benchmarks/dataloader.py [--samples 2048] [--model clip-tiny] [--demo-steps 100] [--stages]
+  python benchmarks/dataloader.py                               # 224 px (ViT-B-32), 320x256 and 512x384 JPEGs
+  python benchmarks/dataloader.py --model clip-tiny --sizes 320x256 --workers 0,1,2 --demo-steps 100 --stages
 """
 
 from __future__ import annotations
@@ -59,9 +63,11 @@ def bare_loop(jpegs: list[bytes], size: int, draft: bool) -> float:
     return len(jpegs) / (time.perf_counter() - t0)
 
 
-def pipeline(pattern: str, model: str, workers: int, batch: int, n: int, draft: bool, convert: bool = True) -> float:
+def pipeline(
+    pattern: str, model: str, workers: int, batch: int, n: int, draft: bool, convert: bool = True, fast: bool = True
+) -> float:
     """samples/s of TrainData after its first batch (workers started, buffers primed), up to the
-    model's float input on the CPU."""
+    uint8 batch (or, with `convert`, the model's float input on the CPU)."""
     import torch
 
     from clipscale.config import load_config
@@ -77,16 +83,12 @@ def pipeline(pattern: str, model: str, workers: int, batch: int, n: int, draft: 
             f"data.workers={workers}",
             f"data.batch_size={batch}",
             "data.shuffle_buffer=1000",
+            f"data.fast_crop={str(fast).lower()}",
         ],
     )
     bundle = create_model(cfg.model)
     data = TrainData(
-        cfg,
-        bundle.train_transform,
-        bundle.tokenizer,
-        init_distributed("cpu"),
-        None,
-        bundle.image_size if draft else None,
+        cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"), bundle.image_size if draft else None
     )
     try:
         data.next()
@@ -165,14 +167,46 @@ def demo_data_wait(steps: int, run_dir: Path) -> tuple[float, float]:
     return statistics.median(r["data_wait"] for r in rows), statistics.median(r["samples_per_s"] for r in rows)
 
 
+def pixel_difference(jpegs: list[bytes], model: str) -> str:
+    """fast_crop's pixels against PIL's (open_clip's transform) for the same crop boxes."""
+    import random
+
+    import numpy as np
+
+    from clipscale.config import load_config
+    from clipscale.data.crop import FastCrop, crop_box
+    from clipscale.data.samples import split_to_tensor_tail
+    from clipscale.model import create_model
+
+    tf = create_model(load_config(None, [f"model.name={model}"]).model).train_transform
+    crop = FastCrop.from_transform(split_to_tensor_tail(tf)[0], dct=False)
+    diffs = []
+    for seed, data in enumerate(jpegs[:200]):
+        random.seed(seed)
+        fast = crop(data, random).astype(int)
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        random.seed(seed)
+        top, left, h, w = crop_box(*img.size, crop.scale, crop.ratio, random)
+        box = (left, top, left + w, top + h)
+        pil = np.asarray(
+            img.resize(crop.size[::-1], Image.BICUBIC if crop.mode == "bicubic" else Image.BILINEAR, box=box)
+        )
+        diffs.append(np.abs(fast - pil.astype(int)))
+    d = np.stack(diffs)
+    share, over_one = np.mean(d > 0), np.mean(d > 1)
+    return f"max {d.max()} levels, mean {d.mean():.4f}, {share:.2%} of values differ, {over_one:.3%} by more than 1"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=2048, help="samples timed per measurement")
-    ap.add_argument("--model", default="clip-tiny", help="its input size and tokenizer are used")
+    ap.add_argument("--model", default="ViT-B-32", help="its input size and tokenizer are used")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--width", type=int, default=320)
-    ap.add_argument("--height", type=int, default=256)
-    ap.add_argument("--demo-steps", type=int, default=100, help="0 = skip the data-wait run")
+    ap.add_argument("--sizes", default="320x256,512x384", help="JPEG sizes (WxH) of the shards, one table each")
+    ap.add_argument("--workers", default="1,2", help="DataLoader workers to measure (0 = in process)")
+    ap.add_argument("--convert", action="store_true", help="also time the float conversion on the CPU")
+    ap.add_argument("--pixels", action="store_true", help="print fast_crop's difference to PIL's pixels")
+    ap.add_argument("--demo-steps", type=int, default=0, help="> 0: also the data wait of a short demo run")
     ap.add_argument("--stages", action="store_true", help="also time each step of the pipeline per sample")
     ap.add_argument("--workdir", default=str(ROOT / ".bench" / "dataloader"))
     args = ap.parse_args()
@@ -181,45 +215,39 @@ def main() -> None:
     from clipscale.model import create_model
 
     work = Path(args.workdir)
-    n_images = max(args.samples * 2, 2048)
-    table = make_images(work / f"images-{args.width}x{args.height}", n_images, (args.width, args.height), tinted=True)
-    shards = build_shards(table, work / f"shards-{args.width}x{args.height}", 128)
-    pattern = shard_pattern(shards)
     size = create_model(load_config(None, [f"model.name={args.model}"]).model).image_size
-    jpegs = read_jpegs(shards, args.samples)
-    print(
-        f"{len(shards)} shards of {args.width}x{args.height} JPEGs; model {args.model} (input {size}px), "
-        f"batch {args.batch_size}, {args.samples} samples per figure"
-    )
-
-    bare_full = max(bare_loop(jpegs, size, draft=False) for _ in range(2))
-    bare_draft = max(bare_loop(jpegs, size, draft=True) for _ in range(2))
-    print(f"bare PIL decode + resize, full decode   : {bare_full:8.1f} samples/s (1 process; OpenCLIP's decode)")
-    print(
-        f"bare PIL decode + resize, draft decode  : {bare_draft:8.1f} samples/s "
-        "(1 process; the scale clipscale decodes at)"
-    )
-    for workers in (0, 1, 2):
-        rate = pipeline(pattern, args.model, workers, args.batch_size, args.samples, draft=True)
-        per = rate / max(1, workers)
-        where = "in process" if workers == 0 else f"{workers} worker(s)"
+    workers = [int(w) for w in args.workers.split(",")]
+    for dims in args.sizes.split(","):
+        width, height = (int(x) for x in dims.split("x"))
+        n_images = max(args.samples * 2, 4096)
+        table = make_images(work / f"images-{width}x{height}", n_images, (width, height), tinted=True)
+        shards = build_shards(table, work / f"shards-{width}x{height}", 128)
+        pattern = shard_pattern(shards)
+        jpegs = read_jpegs(shards, args.samples)
         print(
-            f"clipscale TrainData, {where:12s}   : {rate:8.1f} samples/s = {per:7.1f} per worker "
-            f"= {per / bare_full:5.0%} of the full-decode loop, {per / bare_draft:5.0%} of the draft loop"
+            f"\n{len(shards)} shards of {width}x{height} JPEGs; model {args.model} (input {size}px), "
+            f"batch {args.batch_size}, {args.samples} samples per figure"
         )
-    rate = pipeline(pattern, args.model, 1, args.batch_size, args.samples, draft=True, convert=False)
-    print(
-        f"clipscale TrainData, 1 worker, uint8 batches as sent (float conversion on the GPU): {rate:8.1f} "
-        f"samples/s = {rate / bare_full:5.0%} of the full-decode loop, {rate / bare_draft:5.0%} of the draft loop"
-    )
-    rate = pipeline(pattern, args.model, 1, args.batch_size, args.samples, draft=False)
-    print(
-        f"clipscale TrainData, 1 worker, data.jpeg_draft=false: {rate:8.1f} samples/s "
-        f"= {rate / bare_full:5.0%} of the full-decode loop"
-    )
-
-    if args.stages:
-        stages(shards, args.model, args.samples)
+        bare_full = max(bare_loop(jpegs, size, draft=False) for _ in range(2))
+        bare_draft = max(bare_loop(jpegs, size, draft=True) for _ in range(2))
+        print(f"  bare PIL decode + bicubic resize, full decode : {bare_full:8.1f} samples/s (1 process)")
+        print(f"  bare PIL decode + bicubic resize, draft decode: {bare_draft:8.1f} samples/s (1 process)")
+        print(f"  {'clipscale TrainData':32s} {'samples/s':>10s} {'per worker':>10s} {'vs full-decode loop':>20s}")
+        for n_workers in workers:
+            for fast in (True, False):
+                runs = [(False, "uint8 batches")] + ([(True, "float on CPU")] if args.convert else [])
+                for convert, what in runs:
+                    rate = pipeline(pattern, args.model, n_workers, args.batch_size, args.samples, True, convert, fast)
+                    per = rate / max(1, n_workers)
+                    label = f"{n_workers} worker(s), fast_crop={'on' if fast else 'off'}, {what}"
+                    print(f"  {label:32s} {rate:10.1f} {per:10.1f} {per / bare_full:19.0%}", flush=True)
+        if args.pixels:
+            print(
+                f"  fast_crop vs PIL pixels (same crops, {min(200, len(jpegs))} images): "
+                + pixel_difference(jpegs, args.model)
+            )
+        if args.stages:
+            stages(shards, args.model, args.samples)
     if args.demo_steps:
         wait, sps = demo_data_wait(args.demo_steps, work / "demo")
         print(

@@ -56,16 +56,25 @@ def refuse_decompression_bomb(width: int, height: int) -> None:
         )
 
 
-def decode_jpeg_fast(data: bytes, draft_size: int | None = None) -> np.ndarray | None:
-    """HxWx3 uint8 as PIL would decode it, or None where only PIL should decide."""
+def jpeg_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that simplejpeg decodes exactly as PIL would (YCbCr or gray), else
+    None; raises PIL's DecompressionBombError for one too large to decode."""
     if simplejpeg is None or not data.startswith(_JPEG_SOI):
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in _FAST_COLORSPACES:
-            return None
-        refuse_decompression_bomb(width, height)
-        scale = pil_draft_scale(width, height, draft_size) if draft_size else 1
+    except ValueError:
+        return None
+    if colorspace not in _FAST_COLORSPACES:
+        return None
+    refuse_decompression_bomb(width, height)
+    return width, height
+
+
+def decode_jpeg_scaled(data: bytes, width: int, height: int, scale: int = 1) -> np.ndarray | None:
+    """HxWx3 uint8 at 1/scale (1, 2, 4, 8) as PIL would decode it, or None where only PIL should
+    decide (damaged, or only a libjpeg warning)."""
+    try:
         return simplejpeg.decode_jpeg(
             data,
             "RGB",
@@ -74,8 +83,18 @@ def decode_jpeg_fast(data: bytes, draft_size: int | None = None) -> np.ndarray |
             min_factor=scale,
             strict=True,
         )
-    except ValueError:  # damaged, or only a libjpeg warning: PIL's verdict counts
+    except ValueError:
         return None
+
+
+def decode_jpeg_fast(data: bytes, draft_size: int | None = None) -> np.ndarray | None:
+    """HxWx3 uint8 as PIL would decode it (at PIL's draft scale for `draft_size`), or None where
+    only PIL should decide."""
+    size = jpeg_header(data)
+    if size is None:
+        return None
+    scale = pil_draft_scale(*size, draft_size) if draft_size else 1
+    return decode_jpeg_scaled(data, *size, scale)
 
 
 def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:

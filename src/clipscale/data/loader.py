@@ -83,7 +83,12 @@ class TrainData:
         self.micro_batches = env.world_size * cfg.optim.accum_steps
         self.num_samples = cfg.data.train_num_samples or epoch_samples(self.sources)
         self.decoder = SampleDecoder(
-            transform, cfg.data.image_keys, cfg.data.caption_key, cfg.data.caption_json_field, draft_size
+            transform,
+            cfg.data.image_keys,
+            cfg.data.caption_key,
+            cfg.data.caption_json_field,
+            draft_size,
+            fast_crop=cfg.data.fast_crop,
         )
         self.skipped_before: dict[str, int] = {}  # skip counts of streams a relayout retired
         self._iter = None
