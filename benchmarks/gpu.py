@@ -13,7 +13,11 @@ recomputation) x steps / (seconds x peak dense TFLOPS of the device, --peak-tflo
 one rank of a simulated world (full / local / chunked); on CPU it gives the time only (peak memory
 from RSS: benchmarks/loss_memory.py).
 
+`--exact-loss B` times the exact chunked CLIP loss of one process over a batch of B (d = 512),
+forward + backward, against its matmul limit (the four B x B x d products alone, same tiles).
+
     python benchmarks/gpu.py [--models ViT-B-32,ViT-B-16] [--batch-size 256] [--variants base,compile,ckpt]
+    python benchmarks/gpu.py --models '' --exact-loss 1048576      # the loss alone, B = 1,048,576
     python benchmarks/gpu.py --device cpu --models clip-tiny --batch-size 8 --steps 2   # smoke test
 """
 
@@ -155,6 +159,37 @@ def loss_memory(device: torch.device, world: int, dim: int, chunk: int, batches:
                 img = txt = scale = gather = None
 
 
+def exact_loss(device: torch.device, batch: int, dim: int, chunk: int) -> None:
+    """One process, world size 1: the chunked loss over the whole batch, and its matmul floor."""
+    import torch.nn.functional as F
+    from loss_memory import tile_products
+
+    from clipscale.loss import ClipLoss, _tile_size
+
+    img = F.normalize(torch.randn(batch, dim, device=device), dim=-1).requires_grad_(True)
+    txt = F.normalize(torch.randn(batch, dim, device=device), dim=-1).requires_grad_(True)
+    scale = torch.tensor(100.0, device=device, requires_grad=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    sync(device)
+    t0 = time.perf_counter()
+    ClipLoss("chunked", chunk_size=chunk)(img, txt, scale).backward()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
+    tile = _tile_size(chunk, device)
+    sync(device)
+    t0 = time.perf_counter()
+    tile_products(img.detach(), txt.detach(), tile)
+    sync(device)
+    floor = time.perf_counter() - t0
+    print(
+        f"exact chunked loss, B={batch:,}, d={dim}, tile {tile}: {seconds:.1f} s forward + backward, "
+        f"peak {peak:.2f} GiB; matmul limit {floor:.1f} s ({floor / seconds:.2f} of it)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="ViT-B-32,ViT-B-16")
@@ -168,6 +203,8 @@ def main() -> None:
     ap.add_argument("--loss-memory", action="store_true")
     ap.add_argument("--loss-world", type=int, default=8)
     ap.add_argument("--loss-batches", default="16384,65536,262144", help="global batches for --loss-memory")
+    ap.add_argument("--exact-loss", type=int, help="B: time the exact single-process chunked loss (d = 512)")
+    ap.add_argument("--exact-loss-chunk", type=int, default=8192)
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -188,7 +225,7 @@ def main() -> None:
         f"{args.steps} steps after {args.warmup} warm-up; peak {peak or '?'} TFLOPS"
     )
     print(f"{'model':10} | {'variant':13} | {'samples/s':>9} | {'step ms':>8} | {'MFU':>6} | {'peak GiB':>8}")
-    for model_name in args.models.split(","):
+    for model_name in filter(None, args.models.split(",")):
         flops = model_flops(model_name, args.batch_size, device, autocast)
         for variant in args.variants.split(","):
             try:
@@ -205,6 +242,8 @@ def main() -> None:
         print(f"{model_name}: {flops / 1e9:,.1f} GFLOP per step of {args.batch_size} (forward + backward)")
     if args.loss_memory:
         loss_memory(device, args.loss_world, 512, 4096, [int(b) for b in args.loss_batches.split(",")])
+    if args.exact_loss:
+        exact_loss(device, args.exact_loss, 512, args.exact_loss_chunk)
 
 
 if __name__ == "__main__":

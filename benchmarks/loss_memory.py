@@ -53,22 +53,29 @@ def simulated_rank0(batch: int, dim: int, world: int, device="cpu"):
     return img, txt, scale, SimulatedGather()
 
 
-def matmul_limit(batch: int, dim: int, tile: int) -> dict:
-    """Seconds of the chunked loss's four B x B x d tile products alone (its floor on this machine)."""
+def tile_products(q, k, tile: int) -> None:
+    """The chunked loss's four B x B x d products, tile by tile, and nothing else (forward: logits;
+    backward: logits again, p @ k, p.T @ q): its floor on this machine."""
     import torch
 
-    q, k = torch.randn(batch, dim), torch.randn(batch, dim)
-    dq, dk = torch.zeros(batch, dim), torch.zeros(batch, dim)
-    buf = torch.empty(tile * tile)
-    t0 = time.perf_counter()
+    batch = q.shape[0]
+    dq, dk, buf = torch.zeros_like(q), torch.zeros_like(k), q.new_empty(tile * tile)
     for r0 in range(0, batch, tile):
         for c0 in range(0, batch, tile):
             qr, kc = q[r0 : r0 + tile], k[c0 : c0 + tile]
             logits = buf[: qr.shape[0] * kc.shape[0]].view(qr.shape[0], kc.shape[0])
-            torch.mm(qr, kc.T, out=logits)  # forward
-            torch.mm(qr, kc.T, out=logits)  # backward: recomputed
+            torch.mm(qr, kc.T, out=logits)
+            torch.mm(qr, kc.T, out=logits)
             dq[r0 : r0 + tile].addmm_(logits, kc)
             dk[c0 : c0 + tile].addmm_(logits.T, qr)
+
+
+def matmul_limit(batch: int, dim: int, tile: int) -> dict:
+    import torch
+
+    q, k = torch.randn(batch, dim), torch.randn(batch, dim)
+    t0 = time.perf_counter()
+    tile_products(q, k, tile)
     return {"loss": float("nan"), "seconds": time.perf_counter() - t0, "peak_bytes": 0}
 
 

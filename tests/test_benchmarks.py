@@ -58,6 +58,10 @@ def test_gpu_benchmark_runs_on_cpu_as_a_smoke_test():
         "4",
         "--loss-batches",
         "256",
+        "--exact-loss",
+        "300",
+        "--exact-loss-chunk",
+        "128",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,6 +71,7 @@ def test_gpu_benchmark_runs_on_cpu_as_a_smoke_test():
     assert flops and float(flops[1].replace(",", "")) > 0
     losses = re.findall(r"^\s+256 \| (full|local|chunked)\s+\|\s+nan \|\s+([\d.]+)$", proc.stdout, re.M)
     assert [r[0] for r in losses] == ["full", "local", "chunked"]
+    assert re.search(r"exact chunked loss, B=300, d=512, tile 128: [\d.]+ s .* matmul limit [\d.]+ s", proc.stdout)
 
 
 def test_startup_benchmark_reads_the_trainers_start_up_line(tmp_path):
