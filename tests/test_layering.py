@@ -40,7 +40,7 @@ LAYERS = [
             "tracking",
         },
     ),
-    ("format/config", {"wds", "config", "config_reference", "prompts"}),
+    ("format/config", {"wds", "config", "config_reference", "prompts", "checkpoint_names"}),
     ("utilities", {"__init__", "errors", "fsutil", "distributed", "run_status", "proc"}),
 ]
 NEVER = [

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -29,20 +28,13 @@ from typing import Callable
 
 import torch
 
+from .checkpoint_names import CHECKSUM_SUFFIX, LATEST, NAME_RE, checkpoint_name
 from .config import CheckpointConfig
 from .distributed import all_gather_object, barrier, broadcast_object
 from .errors import CheckpointError, CheckpointMismatch
 from .fsutil import atomic_write_bytes, fsync_dir, remove_path, remove_temporaries, sha256_file, temp_path
 
 log = logging.getLogger(__name__)
-
-LATEST = "latest"
-CHECKSUM_SUFFIX = ".sha256"
-NAME_RE = re.compile(r"^step_(\d{8,})(\.pt)?$")
-
-
-def checkpoint_name(step: int, suffix: str = ".pt") -> str:
-    return f"step_{step:08d}{suffix}"
 
 
 def step_of(path: Path) -> int:

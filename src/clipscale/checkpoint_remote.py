@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
+from .checkpoint_names import CHECKSUM_SUFFIX, LATEST, NAME_RE
 from .wds import remote
 
 log = logging.getLogger(__name__)
-LATEST = "latest"
-CHECKSUM_SUFFIX = ".sha256"
-NAME_RE = re.compile(r"^step_(\d{8,})(\.pt)?$")
 
 
 class RemoteMirror:

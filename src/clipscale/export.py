@@ -51,7 +51,8 @@ def download_checkpoint(url: str) -> Path:
     import hashlib
     import tempfile
 
-    from .checkpoint_remote import NAME_RE, RemoteMirror
+    from .checkpoint_names import NAME_RE
+    from .checkpoint_remote import RemoteMirror
 
     url = url.rstrip("/")
     head, _, last = url.rpartition("/")
