@@ -160,7 +160,8 @@ def loss_memory(device: torch.device, world: int, dim: int, chunk: int, batches:
 
 
 def exact_loss(device: torch.device, batch: int, dim: int, chunk: int) -> None:
-    """One process, world size 1: the chunked loss over the whole batch, and its matmul floor."""
+    """One process, world size 1: the chunked loss over the whole batch, and its matmul floor, in
+    plain float32 (TF32 off, as training runs the loss: TF32's 10-bit mantissa is not exact)."""
     import torch.nn.functional as F
     from loss_memory import tile_products
 
@@ -170,6 +171,7 @@ def exact_loss(device: torch.device, batch: int, dim: int, chunk: int) -> None:
     txt = F.normalize(torch.randn(batch, dim, device=device), dim=-1).requires_grad_(True)
     scale = torch.tensor(100.0, device=device, requires_grad=True)
     if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # main() turns it on for the model figures
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     sync(device)

@@ -47,3 +47,26 @@ def test_chunked_loss_is_exact_in_float64(chunk, scale):
     loss.backward()
     for got, want in zip((loss.detach(), i.grad, t.grad, s2.grad), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+def test_chunked_loss_with_half_precision_features_and_a_one_element_scale():
+    """The running sums stay float32 (a float16 sum of 70,000 equal terms would overflow), and a
+    [1]-shaped or float64 scale works with any feature dtype; gradients come back in each input's dtype."""
+    q, k = torch.ones(2, 8, dtype=torch.float16), torch.ones(70_000, 8, dtype=torch.float16)
+    from clipscale.loss import _ChunkedRowCE
+
+    got = _ChunkedRowCE.apply(q, k, torch.tensor(1.0), 0, 4096)
+    assert got.item() == pytest.approx(math.log(70_000), rel=1e-3)
+    for dtype, scale in (
+        (torch.bfloat16, torch.tensor([10.0])),
+        (torch.float32, torch.tensor(10.0, dtype=torch.float64)),
+    ):
+        g = torch.Generator().manual_seed(0)
+        img = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=-1).to(dtype).requires_grad_(True)
+        txt = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=-1).to(dtype).requires_grad_(True)
+        s = scale.clone().requires_grad_(True)
+        loss = ClipLoss("chunked", chunk_size=64)(img, txt, s)
+        loss.backward()
+        ref = ClipLoss("full")(img.detach().double(), txt.detach().double(), s.detach().double())
+        assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
+        assert img.grad.dtype == txt.grad.dtype == dtype and s.grad.dtype == s.dtype and s.grad.shape == s.shape

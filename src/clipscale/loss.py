@@ -125,9 +125,10 @@ class Gather:
 # --------------------------------------------------------------------------- chunked CLIP
 
 
-# Tiles of 512 x 512 float32 (1 MB) stay in a CPU core's L2 cache between the ~8 passes over each
-# tile (matmul, max, exp, sums); 4096-wide tiles stream 64 MB per pass through memory and allocate
-# it afresh each time (page faults): the whole loss ran at 3.9x its matmul time then, ~1.4x now.
+# Tiles of 512 x 512 float32 (two 1 MB buffers) stay in a CPU core's L2/L3 caches between the ~8
+# passes over each tile (matmul, max, exp, sums); 4096-wide tiles streamed 64 MB per pass through
+# memory and allocated it afresh each time (page faults): the loss ran at 6.3x its matmul limit
+# then (687 s at B = 131,072), 1.5x now (150 s; 256- to 1024-wide tiles measure the same).
 # A GPU has no such cache to fit and pays per kernel launch, so it keeps the configured chunk.
 CPU_TILE = 512
 
@@ -144,9 +145,9 @@ def _tiles(n: int, size: int):
 class _TileBuffers:
     """Two reusable tile buffers: the loss allocates nothing per tile."""
 
-    def __init__(self, like: torch.Tensor, size: int):
-        self.a = like.new_empty(size * size)
-        self.b = like.new_empty(size * size)
+    def __init__(self, like: torch.Tensor, rows: int, cols: int):
+        self.a = like.new_empty(rows * cols)
+        self.b = like.new_empty(rows * cols)
 
     def views(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = rows * cols
@@ -155,11 +156,13 @@ class _TileBuffers:
 
 class _OnlineLogSumExp:
     """logsumexp along one dimension of a matrix seen tile by tile: a running max and a running
-    sum of exp(x - max), rescaled when the max grows (exact; one exponential per element)."""
+    sum of exp(x - max), rescaled when the max grows (exact; one exponential per element). The
+    running values are at least float32: a float16 sum of up to N ones overflows past 65,504."""
 
     def __init__(self, n: int, like: torch.Tensor):
-        self.max = torch.full((n,), float("-inf"), dtype=like.dtype, device=like.device)
-        self.sum = torch.zeros(n, dtype=like.dtype, device=like.device)
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        self.max = torch.full((n,), float("-inf"), dtype=dtype, device=like.device)
+        self.sum = torch.zeros(n, dtype=dtype, device=like.device)
 
     def update(self, tile: torch.Tensor, dim: int, lo: int, hi: int, scratch: torch.Tensor) -> None:
         old, total = self.max[lo:hi], self.sum[lo:hi]
@@ -182,7 +185,7 @@ class _ChunkedRowCE(torch.autograd.Function):
     def forward(ctx, q, k, scale, offset: int, chunk: int):
         n, N = q.shape[0], k.shape[0]
         tile = _tile_size(chunk, q.device)
-        bufs, qs = _TileBuffers(q, tile), q * scale
+        bufs, qs = _TileBuffers(q, min(tile, n), min(tile, N)), q * scale.to(q.dtype)
         lse = _OnlineLogSumExp(n, q)
         for r0, r1 in _tiles(n, tile):
             for c0, c1 in _tiles(N, tile):
@@ -190,7 +193,7 @@ class _ChunkedRowCE(torch.autograd.Function):
                 torch.mm(qs[r0:r1], k[c0:c1].T, out=logits)
                 lse.update(logits, 1, r0, r1, scratch)
         row = lse.result()
-        pos = (q * k[offset : offset + n]).sum(1) * scale
+        pos = (q * k[offset : offset + n]).sum(1) * scale.to(q.dtype)
         ctx.save_for_backward(q, k, scale, row)
         ctx.offset, ctx.chunk = offset, chunk
         return (row - pos).mean()
@@ -200,7 +203,8 @@ class _ChunkedRowCE(torch.autograd.Function):
         q, k, scale, row = ctx.saved_tensors
         n, N, offset = q.shape[0], k.shape[0], ctx.offset
         tile = _tile_size(ctx.chunk, q.device)
-        bufs, qs = _TileBuffers(q, tile), q * scale
+        scale_dtype, scale = scale.dtype, scale.to(q.dtype)
+        bufs, qs = _TileBuffers(q, min(tile, n), min(tile, N)), q * scale
         pk, pq = torch.zeros_like(q), torch.zeros_like(k)  # p @ k and p.T @ q
         for r0, r1 in _tiles(n, tile):
             for c0, c1 in _tiles(N, tile):
@@ -215,7 +219,7 @@ class _ChunkedRowCE(torch.autograd.Function):
         dk = pq.mul_(coef * scale)
         dk[offset : offset + n] -= q * (coef * scale)
         dscale = ((q * pk).sum() - (q * kpos).sum()) * coef
-        return dq, dk, dscale.reshape(scale.shape), None, None
+        return dq, dk, dscale.to(scale_dtype).reshape(scale.shape), None, None
 
 
 class _ChunkedSymmetricCE(torch.autograd.Function):
@@ -227,7 +231,7 @@ class _ChunkedSymmetricCE(torch.autograd.Function):
     def forward(ctx, img, txt, scale, chunk: int):
         B = img.shape[0]
         tile = _tile_size(chunk, img.device)
-        bufs, imgs = _TileBuffers(img, tile), img * scale
+        bufs, imgs = _TileBuffers(img, min(tile, B), min(tile, B)), img * scale.to(img.dtype)
         rows, cols = _OnlineLogSumExp(B, img), _OnlineLogSumExp(B, img)
         for r0, r1 in _tiles(B, tile):
             for c0, c1 in _tiles(B, tile):
@@ -236,7 +240,7 @@ class _ChunkedSymmetricCE(torch.autograd.Function):
                 rows.update(logits, 1, r0, r1, scratch)
                 cols.update(logits, 0, c0, c1, scratch)
         row, col = rows.result(), cols.result()
-        pos = (img * txt).sum(1) * scale
+        pos = (img * txt).sum(1) * scale.to(img.dtype)
         ctx.save_for_backward(img, txt, scale, row, col)
         ctx.chunk = chunk
         return ((row - pos).mean() + (col - pos).mean()) / 2
@@ -246,7 +250,8 @@ class _ChunkedSymmetricCE(torch.autograd.Function):
         img, txt, scale, row, col = ctx.saved_tensors
         B = img.shape[0]
         tile = _tile_size(ctx.chunk, img.device)
-        bufs, imgs = _TileBuffers(img, tile), img * scale
+        scale_dtype, scale = scale.dtype, scale.to(img.dtype)
+        bufs, imgs = _TileBuffers(img, min(tile, B), min(tile, B)), img * scale
         dt, di = torch.zeros_like(img), torch.zeros_like(txt)  # d @ txt and d.T @ img, unscaled
         for r0, r1 in _tiles(B, tile):
             for c0, c1 in _tiles(B, tile):
@@ -260,7 +265,7 @@ class _ChunkedSymmetricCE(torch.autograd.Function):
         dimg = (dt.mul_(half) - txt * (2 * half)).mul_(scale)
         dtxt = (di.mul_(half) - img * (2 * half)).mul_(scale)
         dscale = (img * dt).sum() - (img * txt).sum() * (2 * half)
-        return dimg, dtxt, dscale.reshape(scale.shape), None
+        return dimg, dtxt, dscale.to(scale_dtype).reshape(scale.shape), None
 
 
 # --------------------------------------------------------------------------- CLIP loss

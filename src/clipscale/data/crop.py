@@ -1,5 +1,5 @@
 """open_clip's training crop (RandomResizedCrop to the model's input) from encoded bytes to uint8
-pixels without PIL: ~2x the samples per worker at a 224-px input.
+pixels without PIL: 1.7-1.9x the samples per worker at a 224-px input.
 
 What a PIL transform spends per 320x256 JPEG here: decode 0.50 ms, bicubic resize 0.67 ms, crop
 parameters from torch's RNG (~10 small torch calls) 0.07-0.1 ms, PIL <-> numpy copies 0.1 ms. This
@@ -7,10 +7,10 @@ path decodes with libjpeg-turbo straight into an array (simplejpeg, 0.41 ms), dr
 with Python's `random` by torchvision's own algorithm (the same distribution of boxes: area
 fraction uniform in `scale`, log aspect ratio uniform in `ratio`, 10 tries, then the centre
 crop), and resizes with torch's uint8 antialiased kernels (0.16 ms), whose filters are PIL's:
-pixels differ from PIL's by at most a few levels (benchmarks/dataloader.py --pixels prints the
-difference). Where the crop is at least 2, 4 or 8 times the output in both sides, libjpeg decodes
-at that reduced DCT scale (decode and resize do less work; PIL's draft does this only against the
-whole image, this against the crop actually drawn).
+pixels differ from torchvision's crop-then-resize by at most 2 levels (benchmarks/dataloader.py
+--pixels prints the difference). Where the crop is at least 2, 4 or 8 times the output in both
+sides, libjpeg decodes at that reduced DCT scale (decode and resize do less work; PIL's draft
+does this only against the whole image, this against the crop actually drawn).
 """
 
 from __future__ import annotations
@@ -63,8 +63,11 @@ def resize_uint8(array: np.ndarray, size: tuple[int, int], mode: str) -> np.ndar
 
 
 class FastCrop:
-    """bytes -> the model's uint8 HxWx3 crop, as the RandomResizedCrop it was made from, or None for
-    a transform it does not reproduce (then the PIL transform runs as before)."""
+    """bytes -> the model's uint8 HxWx3 crop, drawn as the RandomResizedCrop it was made from draws
+    (`from_transform` gives None for a transform it does not reproduce: the PIL transform runs).
+
+    `cut` decodes and cuts the box (what can fail there is the file: a counted skip), `finish`
+    resizes it and runs the transform's other PIL steps (what fails there is a bug: it raises)."""
 
     def __init__(self, size: tuple[int, int], scale, ratio, mode: str, dct: bool, pil_steps: list[Callable]):
         self.size, self.scale, self.ratio, self.mode, self.dct = size, scale, ratio, mode, dct
@@ -90,7 +93,11 @@ class FastCrop:
         rest = [s for s in steps[1:] if not _is_rgb_conversion(s)]
         return cls(tuple(crop.size), tuple(crop.scale), tuple(crop.ratio), _MODES[interpolation], dct, rest)
 
-    def __call__(self, data: bytes, rng: random.Random) -> np.ndarray:
+    def __call__(self, data: bytes, rng: random.Random) -> np.ndarray | Image.Image:
+        return self.finish(self.cut(data, rng))
+
+    def cut(self, data: bytes, rng: random.Random) -> np.ndarray:
+        """The decoded crop box (a view), at a reduced DCT scale where the box allows."""
         size, array, s = jpeg_header(data), None, 1
         if size is not None:
             top, left, h, w = crop_box(*size, self.scale, self.ratio, rng)
@@ -105,13 +112,18 @@ class FastCrop:
         if s > 1:  # the same box on the scaled image (within one scaled pixel)
             top, left = round(top / s), round(left / s)
             h, w = min(round(h / s), array.shape[0] - top), min(round(w / s), array.shape[1] - left)
-        out = resize_uint8(array[top : top + h, left : left + w], self.size, self.mode)
+        return array[top : top + h, left : left + w]
+
+    def finish(self, box: np.ndarray) -> np.ndarray | Image.Image:
+        """The box at the model's input size, after the transform's other PIL steps (an image whose
+        mode is not RGB then: the caller's per-sample tail handles it)."""
+        out = resize_uint8(box, self.size, self.mode)
         if self.pil_steps:
             img = Image.fromarray(out, "RGB")
             for step in self.pil_steps:
                 img = step(img)
             if img.mode != "RGB":
-                return img  # e.g. a transform ending in mode "L": the per-sample tail handles it
+                return img
             out = np.asarray(img)
         return out
 
