@@ -30,7 +30,7 @@ def _open_clip_reference(img, txt, scale):
     return loss.detach(), i.grad, t.grad, s.grad
 
 
-@pytest.mark.parametrize("scale", [14.3, 100.0])
+@pytest.mark.parametrize("scale", [14.3, 100.0, 400.0])
 @pytest.mark.parametrize("chunk", [7, 512, 4096])
 def test_chunked_loss_is_exact_in_float64(chunk, scale):
     """Loss and every gradient equal open_clip's to float64 rounding, with ragged tiles (B = 1100 is
@@ -70,3 +70,37 @@ def test_chunked_loss_with_half_precision_features_and_a_one_element_scale():
         ref = ClipLoss("full")(img.detach().double(), txt.detach().double(), s.detach().double())
         assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
         assert img.grad.dtype == txt.grad.dtype == dtype and s.grad.dtype == s.dtype and s.grad.shape == s.shape
+
+
+def test_float32_tiles_out_of_range_for_a_shared_exponential_take_the_two_exponential_path(monkeypatch):
+    """At logit scale 100 with some positives at -100, tiles whose column maxima (forward) or column
+    log-sum-exps (backward) lie far below the tile's rows' take one exponential per direction; the
+    rest share one. Both stay within float32 rounding of open_clip's float64 loss and gradients
+    (sharing everywhere gives -inf and NaN here)."""
+    from clipscale import loss as loss_module
+
+    calls = {"separate": 0}
+    update = loss_module._OnlineLogSumExp.update
+
+    def counted(self, *args):
+        calls["separate"] += 1
+        return update(self, *args)
+
+    monkeypatch.setattr(loss_module._OnlineLogSumExp, "update", counted)
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(32, generator=g, dtype=torch.float64)
+    img = torch.nn.functional.normalize(
+        v + 0.15 * v.norm() * torch.randn(1500, 32, generator=g, dtype=torch.float64), dim=-1
+    )
+    txt = torch.nn.functional.normalize(img + 0.2 * torch.randn(1500, 32, generator=g, dtype=torch.float64), dim=-1)
+    txt[:40] = -img[:40]  # columns whose every logit is near -100 while their tile's max is near +100
+    s = torch.tensor(100.0, dtype=torch.float64)
+    expected = _open_clip_reference(img, txt, s)
+    i, t = img.float().requires_grad_(True), txt.float().requires_grad_(True)
+    s32 = s.float().requires_grad_(True)
+    loss = ClipLoss("chunked", chunk_size=4096)(i, t, s32)
+    loss.backward()
+    tiles = 3 * 3  # 1500 rows and columns in 512-wide CPU tiles
+    assert 0 < calls["separate"] < 2 * tiles  # some tiles took the separate path, not all
+    for got, want in zip((loss.detach(), i.grad, t.grad, s32.grad), expected):
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
