@@ -127,6 +127,21 @@ def moments(engine_args, world, run_dir, checkpoint):
     return run_distributed(_moments_after_load, world, run_dir, engine_args, checkpoint)[0]
 
 
+@pytest.fixture(scope="module")
+def reference_moments(saved_runs, tmp_path_factory):
+    """The moments each saved checkpoint holds, read back at the world size that wrote it: once
+    per engine, not once per case (the matrix has 10 cases over 4 engines)."""
+    cache = {}
+
+    def get(source):
+        if source not in cache:
+            checkpoint = CheckpointManager(saved_runs[source], is_main=False).latest()
+            cache[source] = moments(ENGINES[source], 2, tmp_path_factory.mktemp(f"ref-{source}"), checkpoint)
+        return cache[source]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "source, target, world",
@@ -143,10 +158,11 @@ def moments(engine_args, world, run_dir, checkpoint):
         ("ddp", "ddp", 3),
     ],
 )
-def test_resume_at_another_world_size_carries_moments_and_data(tmp_path, saved_runs, shards, source, target, world):
+def test_resume_at_another_world_size_carries_moments_and_data(
+    tmp_path, saved_runs, reference_moments, shards, source, target, world
+):
     checkpoint = CheckpointManager(saved_runs[source], is_main=False).latest()
-    # the moments the checkpoint holds, read back at the world size that wrote it
-    reference = moments(ENGINES[source], 2, tmp_path / "ref", checkpoint)
+    reference = reference_moments(source)
     resumed = moments(ENGINES[target], world, tmp_path / "new", checkpoint)
     assert resumed.keys() == reference.keys() and len(reference) > 50
     for name, state in reference.items():
