@@ -18,3 +18,23 @@ def toy_shards(tmp_path_factory):
     from helpers import make_shards
 
     return make_shards(tmp_path_factory.mktemp("toy"), n_shards=4, per_shard=16)
+
+
+@pytest.fixture(scope="session")
+def curve_shards(tmp_path_factory):
+    """8 shards x 16 pairs: what the engines are trained on to compare their loss curves."""
+    from helpers import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("curve_shards"), n_shards=8, per_shard=16)
+
+
+@pytest.fixture(scope="session")
+def ddp_curves(tmp_path_factory, curve_shards):
+    """DDP's loss curves, the reference of every other engine: plain, and with accumulation +
+    gradient checkpointing (2 processes, process_helpers.CURVE); run once per session."""
+    from process_helpers import CURVE, CURVE_ACCUM, losses, run
+
+    root = tmp_path_factory.mktemp("ddp_curves")
+    run(2, root / "plain", curve_shards, *CURVE)
+    run(2, root / "accum", curve_shards, *CURVE, *CURVE_ACCUM)
+    return {"plain": losses(root / "plain"), "accum": losses(root / "accum")}

@@ -107,6 +107,19 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
 
 
+# The loss curve every engine is compared on against DDP (tests/test_fsdp2.py, tests/test_deepspeed.py;
+# DDP's own curves are the session fixture `ddp_curves` in conftest.py).
+CURVE_STEPS = 20
+CURVE = [
+    f"train.steps={CURVE_STEPS}",
+    "checkpoint.every_n_steps=1000",
+    "logging.sample_keys=false",
+    "data.batch_size=8",
+    "data.workers=1",
+]
+CURVE_ACCUM = ["optim.accum_steps=2", "model.grad_checkpointing=true"]
+
+
 def keys(run_dir):
     return {(r["step"], r["rank"]): r["keys"] for r in read_jsonl(run_dir / "sample_keys.jsonl")}
 

@@ -11,31 +11,13 @@ from clipscale.engine.ds_config import build_ds_config
 from clipscale.errors import ConfigError
 from clipscale.metrics import read_jsonl
 
-from helpers import make_shards, run_cli
-from process_helpers import COMMON, ENV, kill_and_resume, losses, run
-
-CURVE_STEPS = 20
-CURVE = [
-    f"train.steps={CURVE_STEPS}",
-    "checkpoint.every_n_steps=1000",
-    "logging.sample_keys=false",
-    "data.batch_size=8",
-    "data.workers=1",
-]
+from helpers import run_cli
+from process_helpers import COMMON, CURVE, CURVE_STEPS, ENV, kill_and_resume, losses, run
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("ds_shards"), n_shards=8, per_shard=16)
-
-
-@pytest.fixture(scope="module")
-def ddp_curves(tmp_path_factory, shards):
-    """DDP's loss curves, the reference: plain and with accumulation + gradient checkpointing."""
-    root = tmp_path_factory.mktemp("ddp")
-    run(2, root / "plain", shards, *CURVE)
-    run(2, root / "accum", shards, *CURVE, "optim.accum_steps=2", "model.grad_checkpointing=true")
-    return {"plain": losses(root / "plain"), "accum": losses(root / "accum")}
+def shards(curve_shards):
+    return curve_shards
 
 
 def assert_tracks(ddp: dict, ds: dict) -> None:

@@ -8,17 +8,9 @@ from clipscale.checkpoint import CheckpointManager
 from clipscale.metrics import read_jsonl
 
 from distributed_helpers import run_distributed
-from helpers import make_shards, tiny_config
-from process_helpers import kill_and_resume, losses, run
+from helpers import tiny_config
+from process_helpers import CURVE, CURVE_ACCUM, CURVE_STEPS, kill_and_resume, losses, run
 
-CURVE_STEPS = 20
-CURVE = [
-    f"train.steps={CURVE_STEPS}",
-    "checkpoint.every_n_steps=1000",
-    "logging.sample_keys=false",
-    "data.batch_size=8",
-    "data.workers=1",
-]
 ENGINES = {
     "ddp": ["engine.name=ddp"],
     "fsdp2": ["engine.name=fsdp2"],
@@ -28,18 +20,16 @@ ENGINES = {
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("fsdp_shards"), n_shards=8, per_shard=16)
+def shards(curve_shards):
+    return curve_shards
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "extra", [[], ["optim.accum_steps=2", "model.grad_checkpointing=true"]], ids=["plain", "accum"]
-)
-def test_fsdp2_losses_equal_ddp(tmp_path, shards, extra):
-    run(2, tmp_path / "ddp", shards, *CURVE, *extra)
+@pytest.mark.parametrize("curve", ["plain", "accum"])
+def test_fsdp2_losses_equal_ddp(tmp_path, shards, ddp_curves, curve):
+    extra = CURVE_ACCUM if curve == "accum" else []
     run(2, tmp_path / "fsdp2", shards, *CURVE, *extra, "engine.name=fsdp2")
-    ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp2")
+    ddp, fsdp = ddp_curves[curve], losses(tmp_path / "fsdp2")
     assert sorted(fsdp) == list(range(1, CURVE_STEPS + 1))
     worst = max(abs(fsdp[s] - ddp[s]) for s in fsdp)
     assert worst <= 1e-5, worst
