@@ -44,7 +44,9 @@ def test_a_signalled_launch_ends_in_one_line_with_the_shell_code(tmp_path):
     proc, ready = launch(tmp_path, "wait")
     deadline = time.time() + 120
     while not ready.exists():
-        assert proc.poll() is None and time.time() < deadline
+        if proc.poll() is not None or time.time() > deadline:  # say why: the launch's own output
+            proc.kill()
+            raise AssertionError(f"the worker never started (code {proc.poll()}):\n{proc.communicate()[0][-3000:]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
