@@ -38,3 +38,19 @@ def ddp_curves(tmp_path_factory, curve_shards):
     run(2, root / "plain", curve_shards, *CURVE)
     run(2, root / "accum", curve_shards, *CURVE, *CURVE_ACCUM)
     return {"plain": losses(root / "plain"), "accum": losses(root / "accum")}
+
+
+@pytest.fixture(autouse=True)
+def no_watching_hang_watchdog_is_left_behind():
+    """A test that leaves a Trainer's hang watchdog watching would have it kill pytest itself
+    (os._exit) half an hour later, in whatever test runs then: fail the test that left it."""
+    import threading
+
+    yield
+    left = []
+    for thread in threading.enumerate():
+        dog = getattr(getattr(thread, "_target", None), "__self__", None)
+        if thread.name == "clipscale-hang-watchdog" and dog is not None and dog._allowance is not None:
+            dog.stop()
+            left.append(dog._phase)
+    assert not left, f"a hang watchdog was left watching ({left}): close the Trainer (`with Trainer(...)`)"

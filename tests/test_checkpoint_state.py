@@ -36,7 +36,7 @@ def test_a_rollback_moves_later_checkpoints_aside_and_keeps_the_new_ones(tmp_pat
     )
     trainer = Trainer(tiny_config(run, toy_shards, train__steps=8, checkpoint__resume="auto", **common), ENV)
     assert trainer.step == 5  # auto picks this history's newest, not the abandoned step 6
-    trainer.data.close()
+    trainer.close()
 
 
 def test_changed_learning_rate_and_weight_decay_on_resume_take_effect(tmp_path, toy_shards):
@@ -61,6 +61,7 @@ def test_changed_learning_rate_and_weight_decay_on_resume_take_effect(tmp_path, 
     trainer.fit()
     lrs = {r["step"]: r["lr"] for r in read_jsonl(run / "metrics.jsonl") if "lr" in r}
     assert lrs[1] == lrs[2] == 1e-3 and lrs[3] == lrs[4] == 5e-4
+    trainer.close()
 
 
 def test_a_newest_checkpoint_that_fails_to_load_is_skipped_under_auto(tmp_path, toy_shards, capfd):
@@ -74,18 +75,17 @@ def test_a_newest_checkpoint_that_fails_to_load_is_skipped_under_auto(tmp_path, 
     trainer = Trainer(tiny_config(run, toy_shards, train__steps=6, checkpoint__resume="auto"), ENV)
     assert trainer.step == 2
     assert "step_00000004.pt could not be loaded" in capfd.readouterr().err
-    trainer.data.close()
+    trainer.close()
     with pytest.raises(CheckpointError, match="cannot load"):
         Trainer(tiny_config(tmp_path / "other", toy_shards, checkpoint__resume=str(bad)), ENV)
     assert (run / "checkpoints" / "abandoned").is_dir()  # the damaged newest one was moved aside, not deleted
 
 
 def test_starting_the_data_loader_leaves_the_global_rng_alone(tmp_path, toy_shards):
-    trainer = Trainer(tiny_config(tmp_path, toy_shards, data__workers=2), ENV)
-    before = torch.get_rng_state()
-    trainer.data.next()
-    assert torch.equal(torch.get_rng_state(), before)
-    trainer.data.close()
+    with Trainer(tiny_config(tmp_path, toy_shards, data__workers=2), ENV) as trainer:
+        before = torch.get_rng_state()
+        trainer.data.next()
+        assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_an_explicit_resume_path_applies_once_then_the_run_continues_from_its_own_newest(tmp_path, toy_shards):
@@ -97,7 +97,7 @@ def test_an_explicit_resume_path_applies_once_then_the_run_continues_from_its_ow
     train(tiny_config(run, toy_shards, train__steps=4, **common))  # resumes from the other run's step 2
     trainer = Trainer(tiny_config(run, toy_shards, train__steps=6, **common), ENV)  # the same command, requeued
     assert trainer.step == 4 and names(run) == ["step_00000004.pt"]
-    trainer.data.close()
+    trainer.close()
 
 
 def test_resume_from_an_empty_checkpoints_folder_starts_fresh(tmp_path, toy_shards):
@@ -106,7 +106,7 @@ def test_resume_from_an_empty_checkpoints_folder_starts_fresh(tmp_path, toy_shar
         tiny_config(tmp_path / "run", toy_shards, checkpoint__resume=str(tmp_path / "old" / "checkpoints")), ENV
     )
     assert trainer.step == 0
-    trainer.data.close()
+    trainer.close()
 
 
 def test_the_current_config_wins_also_over_an_old_optimizer_without_group_tags():

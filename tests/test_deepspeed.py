@@ -200,17 +200,16 @@ def test_non_finite_step_is_skipped_and_weights_untouched(tmp_path, toy_shards, 
     from helpers import tiny_config
 
     env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
+    cfg = tiny_config(tmp_path, toy_shards, train__steps=1, engine__name="deepspeed", engine__zero_stage=stage)
     try:
-        trainer = Trainer(
-            tiny_config(tmp_path, toy_shards, train__steps=1, engine__name="deepspeed", engine__zero_stage=stage), env
-        )
-        trainer.fit()
-        before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
-        trainer.loss_fn = NaNOnCalls(trainer.loss_fn, {1})
-        trainer.cfg.train.steps = 2
-        trainer.fit()
-        assert trainer.progress.nonfinite_total == 1
-        for k, v in trainer.engine.module.state_dict().items():
-            assert torch.equal(v, before[k]), k
+        with Trainer(cfg, env) as trainer:
+            trainer.fit()
+            before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
+            trainer.loss_fn = NaNOnCalls(trainer.loss_fn, {1})
+            trainer.cfg.train.steps = 2
+            trainer.fit()
+            assert trainer.progress.nonfinite_total == 1
+            for k, v in trainer.engine.module.state_dict().items():
+                assert torch.equal(v, before[k]), k
     finally:
         cleanup()

@@ -214,7 +214,7 @@ def test_the_trainer_crops_fast_unless_disabled(tmp_path, toy_shards):
     from clipscale.train import Trainer
 
     env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
-    on = Trainer(tiny_config(tmp_path / "on", toy_shards, train__steps=1), env)
-    off = Trainer(tiny_config(tmp_path / "off", toy_shards, train__steps=1, data__fast_crop="false"), env)
-    assert on.data.dataset.decoder._crop is not None and on.data.dataset.decoder._crop.dct
-    assert off.data.dataset.decoder._crop is None
+    with Trainer(tiny_config(tmp_path / "on", toy_shards, train__steps=1), env) as on:
+        assert on.data.dataset.decoder._crop is not None and on.data.dataset.decoder._crop.dct
+    with Trainer(tiny_config(tmp_path / "off", toy_shards, train__steps=1, data__fast_crop="false"), env) as off:
+        assert off.data.dataset.decoder._crop is None

@@ -95,10 +95,10 @@ def test_trainer_decodes_with_draft_at_the_model_input_size_unless_disabled(tmp_
     from clipscale.train import Trainer
 
     env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
-    on = Trainer(tiny_config(tmp_path / "on", toy_shards, train__steps=1), env)
-    off = Trainer(tiny_config(tmp_path / "off", toy_shards, train__steps=1, data__jpeg_draft="false"), env)
-    assert on.data.dataset.decoder.draft_size == on.bundle.image_size == 32
-    assert off.data.dataset.decoder.draft_size is None
+    with Trainer(tiny_config(tmp_path / "on", toy_shards, train__steps=1), env) as on:
+        assert on.data.dataset.decoder.draft_size == on.bundle.image_size == 32
+    with Trainer(tiny_config(tmp_path / "off", toy_shards, train__steps=1, data__jpeg_draft="false"), env) as off:
+        assert off.data.dataset.decoder.draft_size is None
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -58,6 +59,34 @@ def test_watchdog_leaves_every_threads_stacks_and_exits_when_no_step_finishes(tm
         9,
     )
     assert f"exiting with code {EXIT_HUNG}" in out
+
+
+AFTER_FIT = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[3])
+    from clipscale.distributed import init_distributed
+    from clipscale.train import Trainer
+    from clipscale.watchdog import HangWatchdog
+    from helpers import tiny_config
+    built = HangWatchdog(sys.argv[1], rank=0, timeout_s=0.5, grace_s=0.5)
+    built.idle()  # what Trainer.__init__ leaves: a Trainer that nobody fits
+    cfg = tiny_config(sys.argv[1], sys.argv[2], train__steps=2, train__hang_timeout_s=3.0, train__hang_grace_s=120)
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    trainer.fit()  # returns; the trainer is neither closed nor dropped, as in a notebook
+    time.sleep(7.0)  # more than twice the timeout
+    print("alive", flush=True)
+""")
+
+
+def test_a_trainer_whose_fit_returned_never_stops_the_process_later(tmp_path, toy_shards):
+    proc = subprocess.run(
+        [sys.executable, "-c", AFTER_FIT, str(tmp_path / "run"), toy_shards, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc.stdout + proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "hang").exists()
 
 
 # --------------------------------------------------------------------------- stalled reads

@@ -167,17 +167,19 @@ def test_nan_steps_are_skipped_counted_then_abort(tmp_path, toy_shards):
     from clipscale.train import Trainer, TrainingDiverged
 
     env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
-    trainer = Trainer(tiny_config(tmp_path / "a", toy_shards, train__steps=6, train__max_nonfinite_steps=3), env)
-    trainer.loss_fn = NaNOnCalls(trainer.loss_fn, {2, 3})
-    summary = trainer.fit()
-    assert summary["step"] == 6 and trainer.progress.nonfinite_total == 2
+    with Trainer(tiny_config(tmp_path / "a", toy_shards, train__steps=6, train__max_nonfinite_steps=3), env) as trainer:
+        trainer.loss_fn = NaNOnCalls(trainer.loss_fn, {2, 3})
+        summary = trainer.fit()
+        assert summary["step"] == 6 and trainer.progress.nonfinite_total == 2
     records = {r["step"]: r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")}
     assert records[6]["skipped_steps"] == 2 and records[3]["loss"] == "nan"
-    trainer2 = Trainer(tiny_config(tmp_path / "b", toy_shards, train__steps=8, train__max_nonfinite_steps=3), env)
-    trainer2.loss_fn = NaNOnCalls(trainer2.loss_fn, {2, 3, 4})
-    with pytest.raises(TrainingDiverged, match="not finite for 3 consecutive steps"):
-        trainer2.fit()
-    assert trainer2.step == 4
+    with Trainer(
+        tiny_config(tmp_path / "b", toy_shards, train__steps=8, train__max_nonfinite_steps=3), env
+    ) as trainer2:
+        trainer2.loss_fn = NaNOnCalls(trainer2.loss_fn, {2, 3, 4})
+        with pytest.raises(TrainingDiverged, match="not finite for 3 consecutive steps"):
+            trainer2.fit()
+        assert trainer2.step == 4
 
 
 def test_skipped_step_leaves_weights_untouched(tmp_path, toy_shards):
@@ -185,15 +187,15 @@ def test_skipped_step_leaves_weights_untouched(tmp_path, toy_shards):
     from clipscale.train import Trainer
 
     env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
-    trainer = Trainer(tiny_config(tmp_path, toy_shards, train__steps=2), env)
-    trainer.loss_fn = NaNOnCalls(trainer.loss_fn, {2})
-    trainer.cfg.train.steps = 1
-    trainer.fit()
-    after_one = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
-    trainer.cfg.train.steps = 2
-    trainer.fit()
-    for k, v in trainer.engine.module.state_dict().items():
-        assert torch.equal(v, after_one[k]), k
+    with Trainer(tiny_config(tmp_path, toy_shards, train__steps=2), env) as trainer:
+        trainer.loss_fn = NaNOnCalls(trainer.loss_fn, {2})
+        trainer.cfg.train.steps = 1
+        trainer.fit()
+        after_one = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
+        trainer.cfg.train.steps = 2
+        trainer.fit()
+        for k, v in trainer.engine.module.state_dict().items():
+            assert torch.equal(v, after_one[k]), k
 
 
 def test_incompatible_checkpoint_lists_the_differences(tmp_path, toy_shards):

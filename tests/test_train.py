@@ -49,15 +49,15 @@ def test_resume_continues_at_the_right_step_with_identical_state(tmp_path, toy_s
     saved = torch.load(step3, weights_only=True)
     cfg = tiny_config(part, toy_shards, **common, checkpoint__resume=str(step3))
     env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
-    trainer = Trainer(cfg, env)
-    assert trainer.step == 3
-    live = trainer.engine.full_optimizer_state()  # parameter name -> exp_avg, exp_avg_sq, step
-    assert live.keys() == saved["optimizer"]["state"].keys() and len(live) > 50
-    for name, st in saved["optimizer"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(live[name][k], v), (name, k)
-    assert trainer.engine.scheduler.last_epoch == 3
-    trainer.fit()
+    with Trainer(cfg, env) as trainer:
+        assert trainer.step == 3
+        live = trainer.engine.full_optimizer_state()  # parameter name -> exp_avg, exp_avg_sq, step
+        assert live.keys() == saved["optimizer"]["state"].keys() and len(live) > 50
+        for name, st in saved["optimizer"]["state"].items():
+            for k, v in st.items():
+                assert torch.equal(live[name][k], v), (name, k)
+        assert trainer.engine.scheduler.last_epoch == 3
+        trainer.fit()
     a, b = losses(full), losses(part)
     assert sorted(b) == [4, 5, 6]
     assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]  # exact continuation

@@ -123,6 +123,13 @@ class Trainer:
         except BaseException:
             self.close()
             raise
+        self.watchdog.idle()  # until fit(): a built Trainer nobody runs must not stop the process later
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _set_up(self, cfg: Config, env: DistEnv) -> None:
         if env.is_main:
@@ -426,6 +433,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
+        self.watchdog.watch("first step")
+        try:
+            return self._fit()
+        finally:
+            self.watchdog.idle()  # the loop is over: nothing to watch once fit() has returned
+
+    def _fit(self) -> dict:
         cfg, env, total = self.cfg, self.env, self.cfg.train.steps
         log.info(
             "model %s (%.2fM params) | %d process(es) on %s | engine %s | global batch %d (%d x %d ranks x %d "

@@ -11,6 +11,9 @@ requeues a hung run a bounded number of times.
 
 The first step (start-up, compilation, the first data), checkpoint saves and loads, and
 evaluations are allowed `train.hang_grace_s` instead: they may legitimately take long.
+
+Outside set-up, `fit()` and shutdown the watchdog is idle: a Trainer built in a notebook or a test,
+or one whose `fit()` has returned, must never stop the Python process that holds it minutes later.
 """
 
 from __future__ import annotations
@@ -61,6 +64,16 @@ class HangWatchdog:
         their own; this names them."""
         self._activity = activity
 
+    def watch(self, phase: str) -> None:
+        """Start watching (again) from now: `phase` gets the grace period until the next beat."""
+        with self._lock:
+            self._last, self._allowance, self._phase, self._activity = time.monotonic(), self.grace_s, phase, phase
+
+    def idle(self) -> None:
+        """Nothing to watch until the next `watch` (set-up done, or `fit()` returned)."""
+        with self._lock:
+            self._allowance, self._phase, self._activity = None, "idle", "idle"
+
     def resumed_at(self, step: int) -> None:
         """The step the run resumed from (reports name it); the first step keeps its grace period."""
         with self._lock:
@@ -87,6 +100,7 @@ class HangWatchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        self.idle()
 
     # ------------------------------------------------------------------ the thread
     def _watch(self) -> None:
