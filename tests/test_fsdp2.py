@@ -1,6 +1,8 @@
 """FSDP2 against DDP, exact resume, and resuming at another world size on every engine with the
 optimizer moments carried over (gloo, CPU, real processes)."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from clipscale.metrics import read_jsonl
 
 from distributed_helpers import run_distributed
 from helpers import tiny_config
-from process_helpers import CURVE, CURVE_ACCUM, CURVE_STEPS, kill_and_resume, losses, run
+from process_helpers import COMMON, CURVE, CURVE_ACCUM, CURVE_STEPS, kill_and_resume, losses, run
 
 ENGINES = {
     "ddp": ["engine.name=ddp"],
@@ -72,6 +74,8 @@ def test_fsdp2_evaluates_like_ddp_and_exports_for_open_clip(tmp_path, shards):
 # --------------------------------------------------------------------------- another world size
 
 RESUME_STEPS = 6  # the first run saves at step 3 (128 samples = 4 steps of 32: mid-epoch)
+SAVED_RUN = ["train.steps=3", "data.batch_size=16", "data.workers=1", "checkpoint.every_n_steps=3",
+             "logging.sample_keys=true"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +84,7 @@ def saved_runs(tmp_path_factory, shards):
     root = tmp_path_factory.mktemp("saved")
     out = {}
     for name, args in ENGINES.items():
-        run(
-            2,
-            root / name,
-            shards,
-            *args,
-            "train.steps=3",
-            "data.batch_size=16",
-            "data.workers=1",
-            "checkpoint.every_n_steps=3",
-            "logging.sample_keys=true",
-        )
+        run(2, root / name, shards, *args, *SAVED_RUN)
         out[name] = root / name
     return out
 
@@ -132,6 +126,26 @@ def reference_moments(saved_runs, tmp_path_factory):
     return get
 
 
+def _resume_and_train(rank, world, run_dir, shards, overrides):
+    """The command a requeued job runs, at this world size, in one launch: the moments right after
+    the resume (what the checkpoint carried over), then the rest of the run."""
+    import multiprocessing
+    import os
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # DeepSpeed insists
+    multiprocessing.set_start_method("fork", force=True)  # DataLoader workers as under torchrun (this is spawned)
+    from clipscale.config import load_config
+    from clipscale.distributed import init_distributed
+    from clipscale.train import Trainer
+
+    cfg = load_config(None, [f"run.dir={run_dir}", f"data.train_shards={shards}", *COMMON, *overrides])
+    with Trainer(cfg, init_distributed("cpu", 600)) as trainer:
+        moments = {name: {k: torch.as_tensor(v).clone() for k, v in state.items()}
+                   for name, state in trainer.engine.full_optimizer_state().items()}  # fmt: skip
+        trainer.fit()  # (steps the live moments in place)
+    return moments if rank == 0 else None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "source, target, world",
@@ -151,30 +165,16 @@ def reference_moments(saved_runs, tmp_path_factory):
 def test_resume_at_another_world_size_carries_moments_and_data(
     tmp_path, saved_runs, reference_moments, shards, source, target, world
 ):
-    checkpoint = CheckpointManager(saved_runs[source], is_main=False).latest()
     reference = reference_moments(source)
-    resumed = moments(ENGINES[target], world, tmp_path / "new", checkpoint)
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_runs[source], run_dir)
+    overrides = [*ENGINES[target], f"train.steps={RESUME_STEPS}", *SAVED_RUN[1:], "checkpoint.resume=auto"]
+    resumed = run_distributed(_resume_and_train, world, run_dir, shards, overrides)[0]
     assert resumed.keys() == reference.keys() and len(reference) > 50
     for name, state in reference.items():
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(resumed[name][key].reshape(-1), state[key].reshape(-1)), (name, key)
-    # and the run continues there, with every sample of the started epoch once
-    run_dir = tmp_path / "run"
-    import shutil
-
-    shutil.copytree(saved_runs[source], run_dir)
-    run(
-        world,
-        run_dir,
-        shards,
-        *ENGINES[target],
-        f"train.steps={RESUME_STEPS}",
-        "data.batch_size=16",
-        "data.workers=1",
-        "checkpoint.every_n_steps=3",
-        "logging.sample_keys=true",
-        "checkpoint.resume=auto",
-    )
+    # and the run continued there, with every sample of the started epoch once
     records = read_jsonl(run_dir / "sample_keys.jsonl")
     assert sorted({r["step"] for r in records}) == list(range(1, RESUME_STEPS + 1))
     epoch0 = [k for r in records for k, p in zip(r["keys"], r["passes"]) if p == 0]

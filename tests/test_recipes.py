@@ -238,8 +238,9 @@ def test_ema_follows_the_formula_and_is_what_use_ema_evaluates(tmp_path, toy_sha
 def test_ema_resumes_bitwise_and_exports_to_open_clip(tmp_path, toy_shards, engine):
     args = ["ema.decay=0.9", "ema.warmup=false", "checkpoint.every_n_steps=3", "train.steps=6", f"engine.name={engine}"]
     run(2, tmp_path / "full", toy_shards, *args)
-    run(2, tmp_path / "part", toy_shards, *args[:-2], "train.steps=3", f"engine.name={engine}")
-    run(2, tmp_path / "part", toy_shards, *args, "checkpoint.resume=auto")
+    step3 = tmp_path / "full" / "checkpoints" / ("step_00000003" + (".pt" if engine == "ddp" else ""))
+    run(2, tmp_path / "part", toy_shards, *args, f"checkpoint.resume={step3}")  # as if stopped there
+    assert [r["step"] for r in read_jsonl(tmp_path / "part" / "metrics.jsonl") if "loss" in r] == [4, 5, 6]
     full, _ = consolidated_weights(tmp_path / "full", ema=True)
     resumed, _ = consolidated_weights(tmp_path / "part", ema=True)
     trained, _ = consolidated_weights(tmp_path / "full")

@@ -264,7 +264,7 @@ def test_a_frozen_rank_is_caught_by_the_watchdog_and_the_run_requeued(cluster, s
     """SIGSTOP one rank: the other waits in its all-reduce until the watchdog reports its stacks and
     exits with EXIT_HUNG; supervise requeues; the requeued job resumes and finishes."""
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    steps, timeout = 40, 20
+    steps, timeout = 30, 12
     job = submit(
         cluster,
         "train.sbatch",
