@@ -26,11 +26,16 @@ slurm:
 demo: install
 	$(BIN)/clipscale demo $(DEMO_ARGS)
 
+# pytest-xdist: one worker per core (at most 4); a test file stays on one worker, so its module
+# fixtures (the local SLURM cluster, saved runs) are built once. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= auto --maxprocesses=4
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install slurm
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # ruff (settings in pyproject.toml): lint and format check; `make format` applies both fixes
 lint: install

@@ -20,24 +20,44 @@ def toy_shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("toy"), n_shards=4, per_shard=16)
 
 
+def once_per_run(tmp_path_factory, name, make):
+    """`make(folder)`'s result, computed once for the whole pytest run: under pytest-xdist the
+    workers share it through a lock in their common temporary folder instead of each paying."""
+    import pickle
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.pickle"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            done.write_bytes(pickle.dumps(make(folder)))
+        return pickle.loads(done.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def curve_shards(tmp_path_factory):
     """8 shards x 16 pairs: what the engines are trained on to compare their loss curves."""
     from helpers import make_shards
 
-    return make_shards(tmp_path_factory.mktemp("curve_shards"), n_shards=8, per_shard=16)
+    return once_per_run(tmp_path_factory, "curve_shards", lambda out: make_shards(out, n_shards=8, per_shard=16))
 
 
 @pytest.fixture(scope="session")
 def ddp_curves(tmp_path_factory, curve_shards):
     """DDP's loss curves, the reference of every other engine: plain, and with accumulation +
-    gradient checkpointing (2 processes, process_helpers.CURVE); run once per session."""
+    gradient checkpointing (2 processes, process_helpers.CURVE); run once per test run."""
     from process_helpers import CURVE, CURVE_ACCUM, losses, run
 
-    root = tmp_path_factory.mktemp("ddp_curves")
-    run(2, root / "plain", curve_shards, *CURVE)
-    run(2, root / "accum", curve_shards, *CURVE, *CURVE_ACCUM)
-    return {"plain": losses(root / "plain"), "accum": losses(root / "accum")}
+    def make(root):
+        run(2, root / "plain", curve_shards, *CURVE)
+        run(2, root / "accum", curve_shards, *CURVE, *CURVE_ACCUM)
+        return {"plain": losses(root / "plain"), "accum": losses(root / "accum")}
+
+    return once_per_run(tmp_path_factory, "ddp_curves", make)
 
 
 @pytest.fixture(autouse=True)
