@@ -1,5 +1,6 @@
 import io
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -85,8 +86,11 @@ def test_ranks_split_the_set(toy_shards, bundle):
 def test_order_depends_on_seed_and_epoch(toy_shards):
     shards = resolve_shards(toy_shards)
 
-    def keys(seed, data_pass_start):
+    def keys(seed, data_pass_start, pickled=False):
         plan = StreamPlan(shards, seed=seed, num_streams=1, block_shards=2, shuffle_buffer=8)
+        if pickled:  # what a spawned or forkserver DataLoader worker receives
+            plan.share(0, 0)  # a filled cache must not travel
+            plan = pickle.loads(pickle.dumps(plan))
         out = []
         for sample, _ in iter_source(plan, 0, StreamPosition(), lambda u, e: None):
             out.append((sample["__pass__"], sample["__key__"]))
@@ -96,7 +100,7 @@ def test_order_depends_on_seed_and_epoch(toy_shards):
 
     a0, a0_again, b0 = keys(0, 0), keys(0, 0), keys(1, 0)
     a1 = keys(0, 1)
-    assert a0 == a0_again
+    assert a0 == a0_again == keys(0, 0, pickled=True)
     assert a0 != b0
     assert a0 != a1 and sorted(a0) == sorted(a1)
 

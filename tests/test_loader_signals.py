@@ -9,6 +9,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from clipscale.data.loader import TrainData
 from clipscale.distributed import init_distributed
 from clipscale.model import create_model
@@ -38,6 +40,19 @@ def test_a_loader_left_open_does_not_hang_interpreter_exit(tmp_path, toy_shards)
     script = SCRIPT.format(tests=str(REPO / "tests"), run=str(tmp_path / "run"), shards=toy_shards)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("default", ["spawn", "forkserver"])
+def test_workers_start_whatever_the_interpreters_default_start_method(tmp_path, toy_shards, default):
+    """Python 3.14 made forkserver the default; the loader asks for fork where it exists, and its
+    dataset pickles anyway (a platform without fork starts its workers by spawn)."""
+    script = "import multiprocessing\n" + f"multiprocessing.set_start_method({default!r}, force=True)\n"
+    script += SCRIPT.format(tests=str(REPO / "tests"), run=str(tmp_path / "run"), shards=toy_shards)
+    script += "print(data.loader.multiprocessing_context.get_start_method(), flush=True)\n"
+    script += "import pickle; print(type(pickle.loads(pickle.dumps(data.dataset))).__name__)\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["done", "fork", "StreamDataset"], proc.stdout
 
 
 def test_workers_survive_sigterm_and_the_stream_goes_on(tmp_path, toy_shards):

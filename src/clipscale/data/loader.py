@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import multiprocessing
 import signal
 import threading
 import time
@@ -61,6 +62,13 @@ def _sum_skipped(positions) -> dict[str, int]:
     for pos in positions:
         total.update(pos.skipped)
     return dict(total)
+
+
+def worker_start_method(workers: int) -> str | None:
+    """fork where the platform has it: workers start at once with the parent's imports and state,
+    whatever the interpreter's default (Python 3.14 made it forkserver, which re-imports torch and
+    open_clip in every worker and pickles the dataset)."""
+    return "fork" if workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
 
 
 class TrainData:
@@ -143,6 +151,7 @@ class TrainData:
             self.dataset,
             batch_size=None,
             num_workers=cfg.data.workers,
+            multiprocessing_context=worker_start_method(cfg.data.workers),
             prefetch_factor=cfg.data.prefetch_factor if cfg.data.workers > 0 else None,
             pin_memory=env.device.type == "cuda",
             worker_init_fn=functools.partial(ignore_signals, tuple(cfg.train.preempt_signals)),

@@ -131,8 +131,19 @@ class StreamPlan:
         if len(self.leftovers) != num_streams:
             raise ValueError("one leftover list per stream is required")
         self._fingerprint: str | None = None
+        self._cache()
+
+    def _cache(self) -> None:
         self._order = lru_cache(maxsize=4)(self._make_order)
         self._blocks = lru_cache(maxsize=8)(self._make_blocks)
+
+    def __getstate__(self) -> dict:
+        """Picklable (DataLoader workers started by spawn or forkserver): the caches are rebuilt there."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_order", "_blocks")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache()
 
     @property
     def num_shards(self) -> int:
