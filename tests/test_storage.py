@@ -73,6 +73,18 @@ def test_a_connection_cut_mid_shard_continues_at_the_byte_offset(s3, bucket_shar
         assert proxy.cut >= 1 and reader.resumed >= 1  # asked again from its offset
 
 
+def test_an_object_replaced_before_a_retry_ends_the_shard_instead_of_splicing_two_versions(s3, bucket_shards):
+    folder, url = bucket_shards
+    first, second = (open(f"{folder}/toy-00000{i}.tar", "rb").read() for i in (1, 2))
+    s3.client().put_object(Bucket="data", Key="changing/replaced.tar", Body=first)
+    with through_cuts(s3, url, cuts=1, retries=3) as proxy:
+        reader = remote.RangeReader("s3://data/changing/replaced.tar", chunk=8192)
+        s3.client().put_object(Bucket="data", Key="changing/replaced.tar", Body=second)  # while it is read
+        with pytest.raises(remote.ObjectChanged, match="was replaced while it was read"):
+            reader.read()
+        assert proxy.cut == 1  # the first request was cut; its retry found another object
+
+
 def test_a_read_that_keeps_failing_ends_the_shard_as_a_counted_error(s3, bucket_shards):
     _, url = bucket_shards
     with through_cuts(s3, url, cuts=1000, retries=2):

@@ -82,8 +82,8 @@ def with_retries(what: str, call, retries: int | None = None):
     for attempt in range(retries + 1):
         try:
             return call()
-        except (FileNotFoundError, PermissionError, TypeError, ValueError, AttributeError):
-            raise  # no such object, no access, or a wrong storage option: asking again will not help
+        except (FileNotFoundError, PermissionError, ObjectChanged, TypeError, ValueError, AttributeError):
+            raise  # no such object, no access, a replaced object, a wrong storage option: asking again will not help
         except Exception as exn:  # noqa: BLE001 - botocore, aiohttp and OS errors alike
             if attempt == retries:
                 raise OSError(f"{what}: failed {retries + 1} times: {type(exn).__name__}: {exn}") from None
@@ -93,8 +93,25 @@ def with_retries(what: str, call, retries: int | None = None):
     raise AssertionError("unreachable")
 
 
+class ObjectChanged(OSError):
+    """The object was replaced while it was read: the bytes still to come would not continue the
+    ones already read, so the rest of the shard is an error (counted), not spliced from two versions."""
+
+
+def object_version(info: dict) -> str | None:
+    """What names this version of an object in an fsspec `info()`: the ETag (S3, HTTP), GCS's
+    generation, else the modification time; None where the store says nothing of the kind."""
+    for key in ("ETag", "etag", "generation", "md5Hash", "LastModified", "last_modified", "mtime"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return None
+
+
 class RangeReader:
-    """A read-only stream over a remote object by ranged requests, resuming at the byte offset."""
+    """A read-only stream over a remote object by ranged requests, resuming at the byte offset.
+
+    A retried request first asks whether the object is still the version whose first bytes were
+    read (its ETag); a replaced object ends the shard with ObjectChanged."""
 
     CHUNK = 8 << 20
 
@@ -102,7 +119,8 @@ class RangeReader:
         self.url = url
         self.fs, self.path = filesystem(url)
         self.chunk = chunk or self.CHUNK
-        self.size = int(with_retries(f"size of {url}", lambda: self.fs.size(self.path)))
+        info = with_retries(f"size of {url}", lambda: self.fs.info(self.path))
+        self.size, self.version = int(info["size"]), object_version(info)
         self.pos = 0  # offset of the next byte not yet fetched
         self.buffer, self.buffer_pos = b"", 0
         self.resumed = 0  # requests that were retried (a broken connection continued at its offset)
@@ -115,6 +133,8 @@ class RangeReader:
 
         def request():
             attempts.append(1)
+            if len(attempts) > 1:
+                self._check_version()
             data = self.fs.cat_file(self.path, start=start, end=end)
             if len(data) == self.size and end - start != self.size:
                 data = data[start:end]  # a server that ignores Range sent the whole object
@@ -126,6 +146,18 @@ class RangeReader:
         self.resumed += len(attempts) - 1
         self.buffer_pos, self.pos = 0, end
         return True
+
+    def _check_version(self) -> None:
+        """Before a retry continues at its offset: the same object, or ObjectChanged."""
+        if self.version is None:
+            return
+        self.fs.invalidate_cache(self.path)
+        now = object_version(self.fs.info(self.path))
+        if now != self.version:
+            raise ObjectChanged(
+                f"{self.url} was replaced while it was read (version {self.version} -> {now}): "
+                f"the rest of the shard after byte {self.pos} is skipped"
+            )
 
     def read1(self, n: int = -1) -> bytes:
         """What is buffered (fetching the next range when nothing is): at least one byte, or the end."""
