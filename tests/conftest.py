@@ -24,6 +24,7 @@ def once_per_run(tmp_path_factory, name, make):
     """`make(folder)`'s result, computed once for the whole pytest run: under pytest-xdist the
     workers share it through a lock in their common temporary folder instead of each paying."""
     import pickle
+    import shutil
 
     from filelock import FileLock
 
@@ -33,7 +34,8 @@ def once_per_run(tmp_path_factory, name, make):
     folder, done = root / f"shared-{name}", root / f"shared-{name}.pickle"
     with FileLock(str(root / f"shared-{name}.lock")):
         if not done.exists():
-            folder.mkdir(exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed here left half-made
+            folder.mkdir()
             done.write_bytes(pickle.dumps(make(folder)))
         return pickle.loads(done.read_bytes())
 

@@ -169,7 +169,7 @@ def test_resume_at_another_world_size_carries_moments_and_data(
     run_dir = tmp_path / "run"
     shutil.copytree(saved_runs[source], run_dir)
     overrides = [*ENGINES[target], f"train.steps={RESUME_STEPS}", *SAVED_RUN[1:], "checkpoint.resume=auto"]
-    resumed = run_distributed(_resume_and_train, world, run_dir, shards, overrides)[0]
+    resumed = run_distributed(_resume_and_train, world, run_dir, shards, overrides, timeout=600)[0]
     assert resumed.keys() == reference.keys() and len(reference) > 50
     for name, state in reference.items():
         for key in ("exp_avg", "exp_avg_sq"):

@@ -41,7 +41,7 @@ from .config import EvalConfig
 from .data.jpeg import decode_image
 from .distributed import all_gather_object, rank, world_size
 from .errors import DataError, UserError
-from .preempt import ignore_signals, signals_blocked
+from .preempt import ignore_signals, signals_blocked, worker_start_method
 from .prompts import builtin_classes, builtin_templates
 from .wds.schema import IMAGE_FILE_SUFFIXES, captions_of, image_bytes, label_of
 from .wds.shardlist import expand, require_shards_exist
@@ -246,7 +246,7 @@ def shielded_loader(dataset: Dataset, signals: Sequence[str] = (), **kwargs) -> 
     they fork with the signals blocked, so no signal can reach them before they ignore it."""
     workers = kwargs.get("num_workers", 0)
     init = functools.partial(ignore_signals, tuple(signals)) if workers and signals else None
-    loader = DataLoader(dataset, worker_init_fn=init, **kwargs)
+    loader = DataLoader(dataset, worker_init_fn=init, multiprocessing_context=worker_start_method(workers), **kwargs)
     with signals_blocked(signals if workers else ()):
         iterator = iter(loader)
     yield from iterator

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 
 from .proc import die_with_parent
@@ -86,3 +87,10 @@ class PreemptionHandler:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+
+
+def worker_start_method(workers: int) -> str | None:
+    """fork on Linux: workers start at once with the parent's imports and state, whatever the
+    interpreter's default (Python 3.14 made it forkserver, which re-imports torch and open_clip in
+    every worker and pickles the dataset). Elsewhere (macOS: fork is unsafe) the platform's default."""
+    return "fork" if workers > 0 and sys.platform.startswith("linux") else None

@@ -597,16 +597,19 @@ def train(cfg: Config) -> dict:
         trainer = Trainer(cfg, env)
         return trainer.fit()
     except Exception as exn:
-        if trainer is not None and hung_elsewhere(trainer.run_dir, started):
-            # another rank's watchdog reported a hang and exited; this rank's collective failed with it
-            log.error("%s: another rank was stopped as hung (status.json); exiting with code %d", exn, EXIT_HUNG)
-            return {"step": trainer.step, "preempted": False, "exit_code": EXIT_HUNG}
-        if trainer is not None:
+        if trainer is None:
+            raise
+        with trainer.watchdog.allow("failure"):  # a stuck file system here must not hang the job
+            if hung_elsewhere(trainer.run_dir, started):
+                # another rank's watchdog reported a hang and exited; this rank's collective failed with it
+                log.error("%s: another rank was stopped as hung (status.json); exiting with code %d", exn, EXIT_HUNG)
+                return {"step": trainer.step, "preempted": False, "exit_code": EXIT_HUNG}
             trainer.write_status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
         raise
     except BaseException as exn:
         if trainer is not None:
-            trainer.write_status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
+            with trainer.watchdog.allow("failure"):
+                trainer.write_status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
         raise
     finally:
         if trainer is not None:

@@ -105,9 +105,10 @@ class HangWatchdog:
     # ------------------------------------------------------------------ the thread
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
-            with self._lock:
+            with self._lock:  # decided under the lock: an idle() or beat() just now wins
                 idle, allowance, phase, step = time.monotonic() - self._last, self._allowance, self._phase, self.step
-            if allowance and idle > allowance:
+                fire = bool(allowance) and idle > allowance and not self._stop.is_set()
+            if fire:
                 self._fire(idle, phase, step)
 
     def _fire(self, idle: float, phase: str, step: int) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
-import multiprocessing
 import signal
 import threading
 import time
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from ..config import Config
 from ..distributed import DistEnv, all_gather_object
-from ..preempt import ignore_signals, signals_blocked
+from ..preempt import ignore_signals, signals_blocked, worker_start_method
 from ..wds.remote import configure as configure_storage
 from .mixture import MixtureSchedule, ScheduleState, weight_units
 from .plan import StreamPlan, StreamPosition
@@ -62,13 +61,6 @@ def _sum_skipped(positions) -> dict[str, int]:
     for pos in positions:
         total.update(pos.skipped)
     return dict(total)
-
-
-def worker_start_method(workers: int) -> str | None:
-    """fork where the platform has it: workers start at once with the parent's imports and state,
-    whatever the interpreter's default (Python 3.14 made it forkserver, which re-imports torch and
-    open_clip in every worker and pickles the dataset)."""
-    return "fork" if workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
 
 
 class TrainData:

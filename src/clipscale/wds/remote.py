@@ -99,9 +99,12 @@ class ObjectChanged(OSError):
 
 
 def object_version(info: dict) -> str | None:
-    """What names this version of an object in an fsspec `info()`: the ETag (S3, HTTP), GCS's
-    generation, else the modification time; None where the store says nothing of the kind."""
-    for key in ("ETag", "etag", "generation", "md5Hash", "LastModified", "last_modified", "mtime"):
+    """What names this version of an object's bytes in an fsspec `info()`: a version id or GCS's
+    generation (an etag there also changes with metadata), else the ETag (S3, HTTP), a checksum,
+    the modification time; None where the store says nothing of the kind."""
+    keys = ("generation", "VersionId", "version_id", "ETag", "etag", "Content-MD5", "md5Hash", "Digest",
+            "LastModified", "Last-Modified", "last_modified", "mtime")  # fmt: skip
+    for key in keys:
         if info.get(key) is not None:
             return str(info[key])
     return None
@@ -119,6 +122,7 @@ class RangeReader:
         self.url = url
         self.fs, self.path = filesystem(url)
         self.chunk = chunk or self.CHUNK
+        self.fs.invalidate_cache(self.path)  # the version of now, not of a listing made at start-up
         info = with_retries(f"size of {url}", lambda: self.fs.info(self.path))
         self.size, self.version = int(info["size"]), object_version(info)
         self.pos = 0  # offset of the next byte not yet fetched
@@ -152,8 +156,11 @@ class RangeReader:
         if self.version is None:
             return
         self.fs.invalidate_cache(self.path)
-        now = object_version(self.fs.info(self.path))
-        if now != self.version:
+        try:
+            now = object_version(self.fs.info(self.path))
+        except FileNotFoundError as exn:  # fsspec's HTTP info says so for a failed request too: ask again
+            raise ConnectionError(f"asking for the version of {self.url} failed: {exn}") from None
+        if now is not None and now != self.version:
             raise ObjectChanged(
                 f"{self.url} was replaced while it was read (version {self.version} -> {now}): "
                 f"the rest of the shard after byte {self.pos} is skipped"
