@@ -72,7 +72,7 @@ def no_watching_hang_watchdog_is_left_behind():
     left = []
     for thread in threading.enumerate():
         dog = getattr(getattr(thread, "_target", None), "__self__", None)
-        if thread.name == "clipscale-hang-watchdog" and dog is not None and dog._allowance is not None:
+        if thread.name == "clipscale-hang-watchdog" and dog is not None and dog.watching:
+            left.append(dog.watching)
             dog.stop()
-            left.append(dog._phase)
     assert not left, f"a hang watchdog was left watching ({left}): close the Trainer (`with Trainer(...)`)"

@@ -129,11 +129,9 @@ def reference_moments(saved_runs, tmp_path_factory):
 def _resume_and_train(rank, world, run_dir, shards, overrides):
     """The command a requeued job runs, at this world size, in one launch: the moments right after
     the resume (what the checkpoint carried over), then the rest of the run."""
-    import multiprocessing
     import os
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # DeepSpeed insists
-    multiprocessing.set_start_method("fork", force=True)  # DataLoader workers as under torchrun (this is spawned)
     from clipscale.config import load_config
     from clipscale.distributed import init_distributed
     from clipscale.train import Trainer

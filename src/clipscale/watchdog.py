@@ -74,6 +74,12 @@ class HangWatchdog:
         with self._lock:
             self._allowance, self._phase, self._activity = None, "idle", "idle"
 
+    @property
+    def watching(self) -> str | None:
+        """The phase being watched now (None: idle or stopped)."""
+        with self._lock:
+            return None if self._allowance is None else self._phase
+
     def resumed_at(self, step: int) -> None:
         """The step the run resumed from (reports name it); the first step keeps its grace period."""
         with self._lock:

@@ -122,8 +122,7 @@ class RangeReader:
         self.url = url
         self.fs, self.path = filesystem(url)
         self.chunk = chunk or self.CHUNK
-        self.fs.invalidate_cache(self.path)  # the version of now, not of a listing made at start-up
-        info = with_retries(f"size of {url}", lambda: self.fs.info(self.path))
+        info = with_retries(f"size of {url}", self._info_now)
         self.size, self.version = int(info["size"]), object_version(info)
         self.pos = 0  # offset of the next byte not yet fetched
         self.buffer, self.buffer_pos = b"", 0
@@ -151,13 +150,17 @@ class RangeReader:
         self.buffer_pos, self.pos = 0, end
         return True
 
+    def _info_now(self) -> dict:
+        """The object's size and version as they are now, not as a listing cached at start-up saw them."""
+        self.fs.invalidate_cache(self.path)
+        return self.fs.info(self.path)
+
     def _check_version(self) -> None:
         """Before a retry continues at its offset: the same object, or ObjectChanged."""
         if self.version is None:
             return
-        self.fs.invalidate_cache(self.path)
         try:
-            now = object_version(self.fs.info(self.path))
+            now = object_version(self._info_now())
         except FileNotFoundError as exn:  # fsspec's HTTP info says so for a failed request too: ask again
             raise ConnectionError(f"asking for the version of {self.url} failed: {exn}") from None
         if now is not None and now != self.version:
