@@ -11,9 +11,11 @@ $(BIN)/python:
 
 # Re-install when the dependency list changes. torch comes from PyPI (do not pin the local
 # CPU wheel: no torchvision works with it here).
+# DeepSpeed's CPU ops are compiled here, once, not inside the first DeepSpeed job (or test).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python tools/build_deepspeed_ops.py
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,7 +48,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# the config reference (docs/config.md and the README's table) from the dataclasses' docstrings
+# the config reference (docs/config.md) from the config sections' field docstrings
 docs: install
 	$(BIN)/clipscale config --write-docs
 

@@ -70,9 +70,9 @@ def pipeline(
     uint8 batch (or, with `convert`, the model's float input on the CPU)."""
     import torch
 
-    from clipscale.config import load_config
+    from clipscale.config import BatchLayout, load_config
     from clipscale.data.loader import TrainData
-    from clipscale.distributed import init_distributed
+    from clipscale.job.distributed import init_distributed
     from clipscale.model import create_model
 
     cfg = load_config(
@@ -87,9 +87,10 @@ def pipeline(
         ],
     )
     bundle = create_model(cfg.model)
-    data = TrainData(
-        cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"), bundle.image_size if draft else None
-    )
+    env = init_distributed("cpu")
+    layout = BatchLayout.of(cfg.data, cfg.optim, env.world_size)
+    draft_size = bundle.image_size if draft else None
+    data = TrainData(cfg.data, layout, env, cfg.seed, bundle.train_transform, bundle.tokenizer, draft_size)
     try:
         data.next()
         t0, seen = time.perf_counter(), 0

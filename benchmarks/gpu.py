@@ -54,7 +54,8 @@ def sync(device: torch.device) -> None:
 def build(model_name: str, device: torch.device, variant: str):
     from clipscale.config import load_config
     from clipscale.loss import ClipLoss
-    from clipscale.model import build_optimizer, create_model
+    from clipscale.model import create_model
+    from clipscale.optim import Optimization
 
     cfg = load_config(
         None, [f"model.name={model_name}", f"model.grad_checkpointing={variant == 'ckpt'}", "optim.fused=true"]
@@ -63,7 +64,7 @@ def build(model_name: str, device: torch.device, variant: str):
     model = bundle.model
     if variant == "channels_last":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg, device)
+    optimizer = Optimization(cfg.optim, cfg.schedule, cfg.train.steps).optimizer(model, device)
     runner = torch.compile(model) if variant == "compile" else model
     context = getattr(bundle.model, "context_length", None) or bundle.model.text.context_length
     return model, runner, optimizer, ClipLoss("full"), bundle.image_size, context

@@ -68,11 +68,11 @@ def child(args) -> None:
     import torch
 
     from clipscale.config import load_config
-    from clipscale.distributed import init_distributed
     from clipscale.engine import build_engine
-    from clipscale.grad_cache import forward_backward
+    from clipscale.job.distributed import init_distributed
     from clipscale.loss import build_loss
     from clipscale.model import create_model
+    from clipscale.train.grad_cache import forward_backward
 
     engine_name = args.engine
     overrides = [
@@ -97,7 +97,7 @@ def child(args) -> None:
     base_rss = psutil.Process().memory_info().rss
     bundle = create_model(cfg.model, cfg.loss.name, env.device)
     engine = build_engine(cfg, bundle.model, env)
-    loss_fn = build_loss(cfg)
+    loss_fn = build_loss(cfg.loss)
     size = bundle.model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     texts = bundle.tokenizer([f"a photo of thing number {i}" for i in range(args.batch)])

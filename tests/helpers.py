@@ -104,3 +104,23 @@ def run_cli(*args, env=None, timeout=600, check=True) -> subprocess.CompletedPro
     if check and proc.returncode != 0:
         raise AssertionError(f"clipscale {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def make_train_data(cfg, transform, tokenizer, env, draft_size=None):
+    """TrainData as the Trainer builds it: the data section, the batch layout, the seed, the signals."""
+    from clipscale.config import BatchLayout
+    from clipscale.data.loader import TrainData
+
+    layout = BatchLayout.of(cfg.data, cfg.optim, env.world_size)
+    return TrainData(
+        cfg.data, layout, env, cfg.seed, transform, tokenizer, draft_size, tuple(cfg.train.preempt_signals)
+    )
+
+
+def optimizer_of(model, cfg, device="cpu"):
+    """The AdamW an engine builds for `model` under `cfg`."""
+    import torch
+
+    from clipscale.optim import Optimization
+
+    return Optimization(cfg.optim, cfg.schedule, cfg.train.steps).optimizer(model, torch.device(device))

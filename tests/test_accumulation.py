@@ -10,12 +10,12 @@ K, B, WORLD = 4, 3, 2
 
 
 def make(loss_name, impl, grad_ckpt, world, rank=0):
+    from clipscale.checkpoint.state import seed_everything
     from clipscale.config import load_config
-    from clipscale.distributed import DistEnv
     from clipscale.engine import build_engine
+    from clipscale.job.distributed import DistEnv
     from clipscale.loss import build_loss
     from clipscale.model import create_model
-    from clipscale.state import seed_everything
 
     cfg = load_config(
         None,
@@ -31,7 +31,7 @@ def make(loss_name, impl, grad_ckpt, world, rank=0):
     seed_everything(0)
     bundle = create_model(cfg.model, cfg.loss.name)
     env = DistEnv(rank, world, 0, torch.device("cpu"), "gloo" if world > 1 else None, "test")
-    return build_engine(cfg, bundle.model, env), build_loss(cfg), bundle.tokenizer
+    return build_engine(cfg, bundle.model, env), build_loss(cfg.loss), bundle.tokenizer
 
 
 def whole_batch(tokenizer):
@@ -48,7 +48,7 @@ def grads_of(module):
 
 
 def accumulate_worker(rank, world, loss_name, impl, grad_ckpt):
-    from clipscale.grad_cache import forward_backward
+    from clipscale.train.grad_cache import forward_backward
 
     engine, loss_fn, tok = make(loss_name, impl, grad_ckpt, world, rank)
     images, tokens = whole_batch(tok)
@@ -100,13 +100,13 @@ def test_feature_cache_replays_the_rng_so_random_layers_get_whole_batch_gradient
     its cached encode drew: the gradients are those of the loss computed over the cached features."""
     import json
 
+    from clipscale.checkpoint.state import seed_everything
     from clipscale.config import load_config
-    from clipscale.distributed import DistEnv
     from clipscale.engine import build_engine
-    from clipscale.grad_cache import forward_backward
+    from clipscale.job.distributed import DistEnv
     from clipscale.loss import build_loss
     from clipscale.model import create_model
-    from clipscale.state import seed_everything
+    from clipscale.train.grad_cache import forward_backward
 
     spec = json.loads((__import__("clipscale.model", fromlist=["x"]).BUNDLED_CONFIGS / "clip-tiny.json").read_text())
     spec["vision_cfg"]["patch_dropout"] = 0.5
@@ -132,13 +132,13 @@ def test_feature_cache_replays_the_rng_so_random_layers_get_whole_batch_gradient
     images, tokens = whole_batch(create_model(cfg.model, cfg.loss.name).tokenizer)
     micro = [{"images": images[j * B : (j + 1) * B], "texts": tokens[j * B : (j + 1) * B]} for j in range(K)]
     torch.manual_seed(123)
-    forward_backward(engine, build_loss(cfg), micro)
+    forward_backward(engine, build_loss(cfg.loss), micro)
     cached = grads_of(engine.module)
     # reference: each micro-batch encoded once, in the same order from the same RNG, with grad
     ref_engine = fresh()
     torch.manual_seed(123)
     outs = [ref_engine.forward(mb["images"], mb["texts"]) for mb in micro]
-    loss = build_loss(cfg)(
+    loss = build_loss(cfg.loss)(
         torch.cat([o["image_features"] for o in outs]),
         torch.cat([o["text_features"] for o in outs]),
         outs[-1]["logit_scale"],

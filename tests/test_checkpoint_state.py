@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from clipscale.checkpoint import CheckpointManager
-from clipscale.distributed import DistEnv
 from clipscale.errors import CheckpointError
+from clipscale.job.distributed import DistEnv
 from clipscale.metrics import read_jsonl
 from clipscale.train import Trainer, train
 
@@ -111,12 +111,12 @@ def test_resume_from_an_empty_checkpoints_folder_starts_fresh(tmp_path, toy_shar
 
 def test_the_current_config_wins_also_over_an_old_optimizer_without_group_tags():
     from clipscale.config import load_config
-    from clipscale.model import apply_hyperparameters
+    from clipscale.optim import apply_hyperparameters
 
     weights, gains = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
     old = torch.optim.AdamW(
         [{"params": [weights], "weight_decay": 0.2}, {"params": [gains], "weight_decay": 0.0}], lr=1e-3, foreach=False
     )
-    apply_hyperparameters(old, load_config(None, ["optim.weight_decay=0.05", "optim.lr=3e-4"]))
+    apply_hyperparameters(old, load_config(None, ["optim.weight_decay=0.05", "optim.lr=3e-4"]).optim)
     assert [g["weight_decay"] for g in old.param_groups] == [0.05, 0.0]
     assert [g["group"] for g in old.param_groups] == ["decay", "no_decay"] and old.param_groups[0]["lr"] == 3e-4

@@ -1,6 +1,7 @@
 """Checkpoints written by an earlier clipscale (tests/data/legacy/, made at 60ee967 by
 tests/data/make_legacy_checkpoints.py) still resume, export and evaluate with today's code."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def test_a_legacy_checkpoint_resumes_where_it_stopped(tmp_path, legacy_shards, f
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["ddp", "fsdp2", "zero2"])
-def test_a_legacy_checkpoint_exports_for_open_clip(tmp_path, legacy_shards, fmt):
+def test_a_legacy_checkpoint_exports_for_open_clip_and_evaluates(tmp_path, legacy_shards, fmt):
     import open_clip
     import torch
 
@@ -75,3 +76,8 @@ def test_a_legacy_checkpoint_exports_for_open_clip(tmp_path, legacy_shards, fmt)
     register_model_configs()
     model = open_clip.create_model_and_transforms("clip-fixture", pretrained=str(tmp_path / "model.pt"))[0]
     assert model.logit_scale.dim() == 0 and torch.isfinite(model.logit_scale)
+    first = legacy_shards.replace("{000000..000001}", "000000")
+    run_cli("eval", "--checkpoint", str(run_dir), "--retrieval", first, "--workers", "0",
+            "--config-dir", str(DATA / "models"), "--output", str(tmp_path / "eval.json"))  # fmt: skip
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["step"] == 2 and record["eval/retrieval_images"] == 8

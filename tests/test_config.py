@@ -83,9 +83,8 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    import torch
 
-    from clipscale.engine.ds_config import build_ds_config
+    from clipscale.engine.ds_config import zero_stage
 
     from helpers import REPO
 
@@ -96,7 +95,7 @@ def test_every_shipped_config_loads():
         load_config(str(p))
     for stage, p in enumerate(deepspeed_files, start=1):  # DeepSpeed pass-through files, validated
         cfg = load_config(None, ["engine.name=deepspeed", f"engine.deepspeed_config={p}"])
-        assert build_ds_config(cfg, 8, torch.device("cpu"))["zero_optimization"]["stage"] == stage
+        assert zero_stage(cfg.engine) == stage
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
@@ -152,3 +151,86 @@ def test_bad_sources_fail_with_one_clear_line(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [SOURCES, *overrides])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- checks at load
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.name=ViT-B-23"], "unknown model 'model.name=ViT-B-23' (did you mean 'ViT-B-32'"),
+        (["model.name=RN50", "model.patch_dropout=0.5"], "'model.patch_dropout' needs an open_clip ViT image tower"),
+        (["model.pretrained=/nowhere/weights.pt"], "'model.pretrained': file not found: /nowhere/weights.pt"),
+        (["model.pretrained_text=/nowhere/text.pt"], "model.pretrained_text: file not found: /nowhere/text.pt"),
+        (["model.config_dirs=[/nowhere]"], "'model.config_dirs': /nowhere is not a directory"),
+        (["model.lock_image=true", "model.lock_text=true"], "leave no parameter to train but the temperature"),
+        (
+            ["loss.name=siglip", "loss.impl=chunked"],
+            "'loss.impl' must be one of auto, gather, ring for loss.name=siglip",
+        ),
+        (["loss.chunk_size=0"], "'loss.chunk_size' must be >= 1"),
+        (
+            ["loss.name=siglip", "distill.model=clip-tiny", "distill.checkpoint=/x.pt"],
+            "'distill' works with loss.name=clip",
+        ),
+        (["distill.model=clip-tiny", "distill.checkpoint=/nowhere/t.pt"], "'distill.checkpoint': file not found"),
+        (
+            ["engine.name=deepspeed", "engine.deepspeed_config={zero_optimization: {stage: 3}}", "ema.decay=0.999"],
+            "'ema.decay' is not supported with DeepSpeed ZeRO-3",
+        ),  # fmt: skip
+    ],
+)
+def test_what_the_config_alone_can_tell_is_found_at_load(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_checks_at_load_need_no_torch(tmp_path):
+    """`clipscale config` answers a misspelt model name in one line, without loading torch."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom clipscale.config import load_config\nfrom clipscale.errors import ConfigError\n"
+        "try:\n    load_config(None, ['model.name=ViT-B-23', 'loss.name=siglip'])\nexcept ConfigError as e:\n"
+        "    print(e)\nprint(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "unknown model 'model.name=ViT-B-23'" in out and out.strip().endswith("[]")
+
+
+def test_a_renamed_key_keeps_working_with_one_line_naming_the_new_one(monkeypatch, tmp_path, caplog):
+    from clipscale.config import load
+
+    monkeypatch.setitem(load.RENAMED, "train.total_steps", "train.steps")  # (a rename as a release would add)
+    path = write(tmp_path, "train:\n  total_steps: 7\n")
+    with caplog.at_level("WARNING", logger="clipscale"):
+        assert load_config(path).train.steps == 7
+        assert load_config(None, ["train.total_steps=9"]).train.steps == 9
+    said = [r.getMessage() for r in caplog.records]
+    assert any("'train.total_steps' is now called 'train.steps'" in m for m in said), said
+    with pytest.raises(ConfigError, match="sets both 'train.total_steps' and its new name 'train.steps'"):
+        load_config(write(tmp_path, "train:\n  total_steps: 7\n  steps: 8\n"))
+
+
+def test_a_removed_key_says_why():
+    with pytest.raises(
+        ConfigError, match=r"'data.augment.ratio' was removed: open_clip's RandomResizedCrop ignores it"
+    ):
+        load_config(None, ["data.augment.ratio=[0.75,1.33]"])
+
+
+def test_every_registered_loss_builds_and_checks_its_settings():
+    import torch
+
+    from clipscale.config.losses import LOSSES
+    from clipscale.loss import build_loss
+
+    for name, spec in LOSSES.items():
+        for impl in ("auto", *spec.impls):
+            cfg = load_config(None, [f"loss.name={name}", f"loss.impl={impl}"])
+            loss = build_loss(cfg.loss)
+            assert isinstance(loss, torch.nn.Module) and loss.impl == (spec.impls[0] if impl == "auto" else impl)
+            assert getattr(loss, "uses_bias", False) == spec.uses_bias

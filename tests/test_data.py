@@ -10,13 +10,13 @@ from PIL import Image
 from clipscale.data.loader import TrainData
 from clipscale.data.plan import StreamPlan, StreamPosition
 from clipscale.data.stream import iter_source
-from clipscale.distributed import DistEnv
 from clipscale.errors import DataError
+from clipscale.job.distributed import DistEnv
 from clipscale.model import create_model
 from clipscale.shards import write_shards
 from clipscale.wds.shardlist import resolve_shards
 
-from helpers import color_samples, make_shards, tiny_config
+from helpers import color_samples, make_shards, make_train_data, tiny_config
 
 CPU = torch.device("cpu")
 
@@ -46,7 +46,7 @@ def test_round_trip_keys_images_captions(tmp_path, bundle):
     cfg = tiny_config(
         tmp_path / "run", str(tmp_path / "rt-{000000..000002}.tar"), data__batch_size=4, data__shuffle="false"
     )
-    data = TrainData(cfg, identity_transform, bundle.tokenizer, env())
+    data = make_train_data(cfg, identity_transform, bundle.tokenizer, env())
     got = {}
     for batch in collect(data, 6):
         for key, img, tokens in zip(batch["keys"], batch["images"], batch["texts"]):
@@ -61,7 +61,7 @@ def test_round_trip_keys_images_captions(tmp_path, bundle):
 
 def test_two_workers_see_disjoint_samples_covering_the_set(toy_shards, bundle):
     cfg = tiny_config("/tmp/unused", toy_shards, data__workers=2, data__batch_size=8)
-    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env())
+    data = make_train_data(cfg, bundle.train_transform, bundle.tokenizer, env())
     by_stream = {}
     for batch in collect(data, 8):  # 64 samples = one pass
         assert set(batch["passes"]) == {0}
@@ -77,7 +77,7 @@ def test_ranks_split_the_set(toy_shards, bundle):
     cfg = tiny_config("/tmp/unused", toy_shards, data__workers=1, data__batch_size=8)
     keys = []
     for rank in range(2):
-        data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env(rank, 2))
+        data = make_train_data(cfg, bundle.train_transform, bundle.tokenizer, env(rank, 2))
         keys.append([k for b in collect(data, 4) for k in b["keys"]])
     assert not set(keys[0]) & set(keys[1])
     assert len(set(keys[0]) | set(keys[1])) == 64
@@ -118,7 +118,7 @@ def corrupt_shards(tmp_path):
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path, bundle):
     cfg = tiny_config(tmp_path / "run", corrupt_shards(tmp_path), data__batch_size=6, data__shuffle="false")
-    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env())
+    data = make_train_data(cfg, bundle.train_transform, bundle.tokenizer, env())
     batch = data.next()[0]
     assert len(batch["keys"]) == 6
     assert not {"s000002", "s000005", "s000007", "s000008"} & set(batch["keys"])
@@ -156,7 +156,7 @@ def test_pipe_urls_are_read(tmp_path, bundle):
     pattern = make_shards(tmp_path, n_shards=2, per_shard=8)
     pipe = "::".join(f"pipe:cat {tmp_path}/toy-00000{i}.tar" for i in range(2))
     cfg = tiny_config(tmp_path / "run", pipe, data__batch_size=8, data__manifest=str(tmp_path / "manifest.json"))
-    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env())
+    data = make_train_data(cfg, bundle.train_transform, bundle.tokenizer, env())
     keys = [k for b in collect(data, 2) for k in b["keys"]]
     assert len(set(keys)) == 16
     assert pattern.endswith(".tar")
@@ -170,7 +170,7 @@ def test_truncated_tar_ends_its_shard_with_a_count(tmp_path, bundle):
     cfg = tiny_config(
         tmp_path / "run", str(tmp_path / "toy-{000000..000001}.tar"), data__batch_size=4, data__shuffle="false"
     )
-    td = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env())
+    td = make_train_data(cfg, bundle.train_transform, bundle.tokenizer, env())
     keys = [k for b in collect(td, 4) for k in b["keys"]]
     assert len(keys) == 16  # the rest came from the next pass
     assert td.skipped().get("unreadable_shard", 0) >= 1
@@ -222,7 +222,7 @@ def test_a_stream_whose_shards_yield_nothing_gives_up_instead_of_spinning(tmp_pa
     manifest = {"shards": [{"file": f"hollow-{i:06d}.tar", "samples": 50} for i in range(3)]}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     cfg = tiny_config(tmp_path / "run", str(tmp_path / "hollow-{000000..000002}.tar"), data__batch_size=4)
-    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, env())
+    data = make_train_data(cfg, bundle.train_transform, bundle.tokenizer, env())
     t0 = time.perf_counter()
     with pytest.raises(DataError, match=r"unusable \(\{'unreadable_shard'"):
         data.next()

@@ -1,5 +1,6 @@
 """DeepSpeed engine: ZeRO 0-3 against DDP, kill/resume, export, bad settings (2 processes, gloo, CPU)."""
 
+import json
 import subprocess
 import sys
 
@@ -7,7 +8,6 @@ import pytest
 import torch
 
 from clipscale.config import load_config
-from clipscale.engine.ds_config import build_ds_config
 from clipscale.errors import ConfigError
 from clipscale.metrics import read_jsonl
 
@@ -60,7 +60,7 @@ def test_zero_kill_and_resume_is_identical(tmp_path, shards, stage):
 LIVE_EMBEDDINGS = """
 import sys, torch
 from clipscale.config import load_config
-from clipscale.distributed import init_distributed
+from clipscale.job.distributed import init_distributed
 from clipscale.train import Trainer
 cfg = load_config(None, sys.argv[2:])
 trainer = Trainer(cfg, init_distributed("cpu"))  # resumes the ZeRO-3 checkpoint: partitioned weights
@@ -123,6 +123,15 @@ def test_export_of_a_zero3_checkpoint_loads_in_open_clip_with_the_same_embedding
 # ---------------------------------------------------------------- settings (no processes)
 
 
+def build_ds_config(cfg, world_size, device, user=None):
+    """The DeepSpeed config the engine builds for `cfg` at `world_size` ranks."""
+    from clipscale.config import BatchLayout
+    from clipscale.engine.base import EngineSpec
+    from clipscale.engine.ds_config import build_ds_config as build
+
+    return build(EngineSpec.of(cfg, BatchLayout.of(cfg.data, cfg.optim, world_size)), device, user=user)
+
+
 def ds_cfg(**overrides):
     items = ["engine.name=deepspeed", "data.batch_size=16", "optim.accum_steps=2", "data.train_shards=x.tar"]
     items += [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
@@ -163,6 +172,16 @@ def test_bad_settings_fail_with_one_line(user, message):
     with pytest.raises(ConfigError) as err:
         build_ds_config(ds_cfg(model__precision="fp32"), 2, torch.device("cpu"), user=user)
     assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as err:  # and already when the config is loaded, before anything runs
+        ds_cfg(model__precision="fp32", engine__deepspeed_config=json.dumps(user))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_global_batch_that_contradicts_the_world_size_is_found_when_the_engine_starts():
+    cfg = ds_cfg(engine__deepspeed_config=json.dumps({"train_batch_size": 64}))  # 16 x 2 accum x 2 ranks: fits
+    assert build_ds_config(cfg, 2, torch.device("cpu"))["train_batch_size"] == 64
+    with pytest.raises(ConfigError, match="train_batch_size=64, which clipscale derives from"):
+        build_ds_config(cfg, 4, torch.device("cpu"))
 
 
 def test_stage_conflict_between_key_and_file():
@@ -194,7 +213,7 @@ def test_bad_settings_stop_the_cli_at_start_up(tmp_path, toy_shards):
 def test_non_finite_step_is_skipped_and_weights_untouched(tmp_path, toy_shards, stage):
     from test_resume import NaNOnCalls
 
-    from clipscale.distributed import DistEnv, cleanup
+    from clipscale.job.distributed import DistEnv, cleanup
     from clipscale.train import Trainer
 
     from helpers import tiny_config

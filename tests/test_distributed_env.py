@@ -1,6 +1,6 @@
 import pytest
 
-from clipscale.distributed import DistributedEnvError, detect_launch, expand_hostlist
+from clipscale.job.distributed import DistributedEnvError, detect_launch, expand_hostlist
 
 
 def test_no_launcher_is_one_process():

@@ -72,7 +72,7 @@ def test_a_perfect_model_scores_100_percent_on_an_image_folder(tmp_path):
 
 
 def digit_test_shards(tmp_path):
-    from clipscale.demo_data import load_digits_split, test_samples
+    from clipscale.demo.data import load_digits_split, test_samples
 
     _, test = load_digits_split()
     write_shards(test_samples(test, 32, 0), tmp_path, "digits-test", 1000)

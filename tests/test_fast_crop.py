@@ -210,7 +210,7 @@ def test_a_decompression_bomb_is_refused(monkeypatch, vit_bundles):
 
 
 def test_the_trainer_crops_fast_unless_disabled(tmp_path, toy_shards):
-    from clipscale.distributed import DistEnv
+    from clipscale.job.distributed import DistEnv
     from clipscale.train import Trainer
 
     env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")

@@ -11,7 +11,7 @@ from torchvision import transforms as T
 
 from clipscale.data.jpeg import decode_image
 from clipscale.data.samples import SampleDecoder, split_to_tensor_tail
-from clipscale.distributed import DistEnv
+from clipscale.job.distributed import DistEnv
 from clipscale.model import create_model
 
 from helpers import tiny_config

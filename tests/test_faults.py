@@ -12,11 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from clipscale.distributed import init_distributed
+from clipscale.job.distributed import init_distributed
+from clipscale.job.watchdog import EXIT_HUNG
 from clipscale.metrics import read_jsonl
 from clipscale.shards import write_shards
 from clipscale.train import Trainer, TrainingDiverged, train
-from clipscale.watchdog import EXIT_HUNG
 
 from helpers import COLORS, color_samples, make_shards, tiny_config
 
@@ -24,7 +24,7 @@ from helpers import COLORS, color_samples, make_shards, tiny_config
 
 WATCHED = textwrap.dedent("""
     import sys, threading, time
-    from clipscale.watchdog import HangWatchdog
+    from clipscale.job.watchdog import HangWatchdog
     dog = HangWatchdog(sys.argv[1], rank=3, timeout_s=1.0, grace_s=30.0, status_fields=lambda: {"total_steps": 9})
     time.sleep(2.0)  # the first step: the grace period applies
     dog.beat(1)
@@ -64,9 +64,9 @@ def test_watchdog_leaves_every_threads_stacks_and_exits_when_no_step_finishes(tm
 AFTER_FIT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[3])
-    from clipscale.distributed import init_distributed
+    from clipscale.job.distributed import init_distributed
     from clipscale.train import Trainer
-    from clipscale.watchdog import HangWatchdog
+    from clipscale.job.watchdog import HangWatchdog
     from helpers import tiny_config
     built = HangWatchdog(sys.argv[1], rank=0, timeout_s=0.5, grace_s=0.5)
     built.idle()  # what Trainer.__init__ leaves: a Trainer that nobody fits
@@ -273,7 +273,7 @@ def test_rolling_back_to_the_same_checkpoint_again_skips_further(spiky_shards, t
 def test_a_rank_failing_because_another_ranks_watchdog_fired_keeps_the_status_hung(tmp_path, toy_shards, monkeypatch):
     """The watchdog of one rank writes `hung` and exits; the others' next collective fails. Those
     must not overwrite the status with `failed` (no requeue) but exit with EXIT_HUNG too."""
-    from clipscale.run_status import write_status
+    from clipscale.job.status import write_status
 
     def fit(self):
         write_status(self.run_dir, "hung", step=self.step, hung_ranks_reported=[1])  # rank 1's watchdog

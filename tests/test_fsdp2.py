@@ -94,10 +94,10 @@ def _moments_after_load(rank, world, run_dir, engine_args, checkpoint):
     import os
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # DeepSpeed insists
-    from clipscale.distributed import init_distributed
+    from clipscale.checkpoint.state import seed_everything
     from clipscale.engine import build_engine
+    from clipscale.job.distributed import init_distributed
     from clipscale.model import create_model
-    from clipscale.state import seed_everything
 
     cfg = tiny_config(run_dir, "unused", **{a.split("=")[0].replace(".", "__"): a.split("=")[1] for a in engine_args})
     env = init_distributed("cpu", 600)
@@ -133,7 +133,7 @@ def _resume_and_train(rank, world, run_dir, shards, overrides):
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # DeepSpeed insists
     from clipscale.config import load_config
-    from clipscale.distributed import init_distributed
+    from clipscale.job.distributed import init_distributed
     from clipscale.train import Trainer
 
     cfg = load_config(None, [f"run.dir={run_dir}", f"data.train_shards={shards}", *COMMON, *overrides])

@@ -7,8 +7,8 @@ import sys
 import textwrap
 import time
 
-from clipscale.preempt import EXIT_PREEMPTED
-from clipscale.watchdog import EXIT_HUNG
+from clipscale.job.preempt import EXIT_PREEMPTED
+from clipscale.job.watchdog import EXIT_HUNG
 
 WORKER = textwrap.dedent("""
     import signal, sys, time

@@ -14,42 +14,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "clipscale"
 
 # Top to bottom; a module may import its own layer or a lower one (never a higher one).
 LAYERS = [
-    ("entry points", {"__main__", "cli", "demo", "demo_report", "supervise", "launch"}),
-    ("train/eval", {"train", "evaluate", "export"}),
-    (
-        "engine/loss/model/data",
-        {
-            "engine",
-            "grad_cache",
-            "state",
-            "loss",
-            "model",
-            "data",
-            "shards",
-            "checkpoint",
-            "metrics",
-            "schedule",
-            "preempt",
-            "watchdog",
-            "guard",
-            "demo_data",
-            "towers",
-            "ema",
-            "distill",
-            "checkpoint_remote",
-            "tracking",
-        },
-    ),
-    ("format/config", {"wds", "config", "config_reference", "prompts", "checkpoint_names"}),
-    ("utilities", {"__init__", "errors", "fsutil", "distributed", "run_status", "proc"}),
+    ("entry points", {"__main__", "cli", "demo", "launch"}),
+    ("trainer", {"train"}),
+    ("evaluation", {"evaluate"}),  # below the trainer: evaluating a checkpoint never loads the trainer
+    ("components", {"engine", "checkpoint", "loss", "data", "shards"}),
+    ("model", {"model", "optim"}),
+    ("format/config", {"wds", "config"}),
+    ("job and utilities", {"__init__", "job", "metrics", "errors", "fsutil"}),
 ]
 NEVER = [
     ("data", "shards"),
     ("shards", "data"),
     ("wds", "config"),
-    ("wds", "config_reference"),
-    ("wds", "prompts"),
-    ("wds", "distributed"),
+    ("wds", "job"),
 ]  # the format knows nothing of the run
 
 
@@ -163,7 +140,7 @@ import sys
 import clipscale.shards, clipscale.shards.build, clipscale.shards.scan, clipscale.shards.verify
 import clipscale.shards.inspect, clipscale.shards.sources
 import clipscale.wds.tar, clipscale.wds.schema, clipscale.wds.shardlist, clipscale.wds.manifest
-import clipscale.config, clipscale.config_reference, clipscale.supervise, clipscale.run_status, clipscale.cli
+import clipscale.config, clipscale.config.reference, clipscale.job.supervise, clipscale.job.status, clipscale.cli
 heavy = sorted(m for m in ("torch", "webdataset", "open_clip", "deepspeed") if m in sys.modules)
 print(",".join(heavy) or "none")
 """
@@ -172,3 +149,28 @@ print(",".join(heavy) or "none")
 def test_shard_tools_and_the_format_load_no_torch():
     out = subprocess.run([sys.executable, "-c", TORCH_FREE], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "none", out.stdout + out.stderr
+
+
+CHECK_LAYOUT = PACKAGE.parents[1] / "tools" / "check_layout.py"
+
+
+def test_the_package_keeps_its_shape():
+    """At most 18 entries under src/clipscale, no file over 600 lines, no function over 60 (counts printed)."""
+    out = subprocess.run([sys.executable, str(CHECK_LAYOUT)], capture_output=True, text=True)
+    print(out.stdout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "entries under src/clipscale:" in out.stdout and out.stdout.strip().endswith("OK")
+
+
+def test_the_shape_check_sees_too_many_entries_long_files_and_long_functions(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for i in range(19):
+        (pkg / f"m{i}.py").write_text("x = 1\n")
+    body = "".join(f"    y{i} = {i}\n" for i in range(61))
+    (pkg / "long.py").write_text("def long():\n" + body + "\n" * 600)
+    out = subprocess.run([sys.executable, str(CHECK_LAYOUT), "--package", str(pkg)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "entries under src/clipscale: 20 (limit 18)" in out.stdout
+    assert "files over 600 lines: 1" in out.stdout and "long.py: long (62)" in out.stdout

@@ -11,22 +11,20 @@ import time
 
 import pytest
 
-from clipscale.data.loader import TrainData
-from clipscale.distributed import init_distributed
+from clipscale.job.distributed import init_distributed
 from clipscale.model import create_model
 
-from helpers import REPO, tiny_config
+from helpers import REPO, make_train_data, tiny_config
 
 SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from helpers import tiny_config
-    from clipscale.data.loader import TrainData
-    from clipscale.distributed import init_distributed
+    from helpers import make_train_data, tiny_config
+    from clipscale.job.distributed import init_distributed
     from clipscale.model import create_model
     cfg = tiny_config({run!r}, {shards!r}, data__workers=2)
     bundle = create_model(cfg.model)
-    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"), None)
+    data = make_train_data(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"))
     batch = data.next()
     try:
         raise RuntimeError("a traceback that keeps frames (and the loader) alive")
@@ -60,7 +58,7 @@ def test_workers_survive_sigterm_and_the_stream_goes_on(tmp_path, toy_shards):
 
     cfg = tiny_config(tmp_path / "run", toy_shards, data__workers=2, data__batch_size=4)
     bundle = create_model(cfg.model)
-    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"), None)
+    data = make_train_data(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"))
     before = {p.pid for p in psutil.Process(os.getpid()).children()}
     try:
         data.next()
@@ -86,7 +84,7 @@ def test_a_sigterm_before_the_workers_ignore_it_does_not_kill_them(tmp_path, toy
     import psutil
 
     from clipscale.data import loader as loader_module
-    from clipscale.preempt import ignore_signals
+    from clipscale.job.preempt import ignore_signals
 
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -99,7 +97,7 @@ def test_a_sigterm_before_the_workers_ignore_it_does_not_kill_them(tmp_path, toy
     monkeypatch.setattr(loader_module, "ignore_signals", slow_init)
     cfg = tiny_config(tmp_path / "run", toy_shards, data__workers=2, data__batch_size=4)
     bundle = create_model(cfg.model)
-    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"), None)
+    data = make_train_data(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"))
     signalled = []
 
     def signal_workers_in_init():
@@ -126,13 +124,12 @@ def test_a_sigterm_before_the_workers_ignore_it_does_not_kill_them(tmp_path, toy
 ORPHAN_PARENT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from helpers import tiny_config
-    from clipscale.data.loader import TrainData
-    from clipscale.distributed import init_distributed
+    from helpers import make_train_data, tiny_config
+    from clipscale.job.distributed import init_distributed
     from clipscale.model import create_model
     cfg = tiny_config({run!r}, {shards!r}, data__workers=2, data__manifest={manifest!r}, data__read_timeout_s="null")
     bundle = create_model(cfg.model)
-    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"), None)
+    data = make_train_data(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"))
     print("reading", flush=True)
     data.next()  # the workers block in a read that takes minutes
 """)

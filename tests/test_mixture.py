@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from clipscale.config import BatchLayout
 from clipscale.data.mixture import MixtureSchedule, ScheduleState
 
 
@@ -24,7 +25,7 @@ from clipscale.data.mixture import MixtureSchedule, ScheduleState
 def test_every_batch_holds_each_share_to_one_sample(weights, batch, world, accum, workers):
     micro = world * accum
     batch = batch * micro
-    sched = MixtureSchedule(weights, batch // micro, world, accum, workers)
+    sched = MixtureSchedule(weights, BatchLayout(batch // micro, world, accum, workers))
     share = [w / sum(weights) for w in weights]
     total = [0] * len(weights)
     for step in range(400):
@@ -48,7 +49,7 @@ def test_every_batch_holds_each_share_to_one_sample(weights, batch, world, accum
 def test_every_stream_draws_every_source_at_its_weight(weights, batch, world, accum, workers):
     """Per-stream fairness: the streams' draws of each source stay within a few samples of each
     other (a fixed rotation aliased with the worker round-robin: one stream never drew a source)."""
-    sched = MixtureSchedule(weights, batch, world, accum, workers)
+    sched = MixtureSchedule(weights, BatchLayout(batch, world, accum, workers))
     draws = {}
     for step in range(2000):
         streams = sched.stream_of_micro(step)
@@ -62,10 +63,10 @@ def test_every_stream_draws_every_source_at_its_weight(weights, batch, world, ac
 
 
 def test_a_schedule_continues_exactly_from_a_saved_state():
-    a = MixtureSchedule([0.6, 0.3, 0.1], 10, 5, 1, 2)
+    a = MixtureSchedule([0.6, 0.3, 0.1], BatchLayout(10, 5, 1, 2))
     full = [a.batch_counts(t) for t in range(300)]
     saved = ScheduleState.from_state(a.state_at(137).to_state())
-    b = MixtureSchedule([0.6, 0.3, 0.1], 10, 5, 1, 2, origin=saved)
+    b = MixtureSchedule([0.6, 0.3, 0.1], BatchLayout(10, 5, 1, 2), origin=saved)
     assert [b.batch_counts(t) for t in range(137, 300)] == full[137:]
     random_order = random.Random(0).sample(range(137, 300), 40)
     assert [b.batch_counts(t) for t in random_order] == [full[t] for t in random_order]
@@ -74,7 +75,7 @@ def test_a_schedule_continues_exactly_from_a_saved_state():
 
 
 def test_weights_are_normalised_and_tiny_weights_still_get_samples():
-    sched = MixtureSchedule([1e-6, 1.0], 100)
+    sched = MixtureSchedule([1e-6, 1.0], BatchLayout(100, 1, 1, 1))
     small = sum(sched.batch_counts(t)[0] for t in range(20_000))
     assert math.isclose(small, 20_000 * 100 * 1e-6 / (1 + 1e-6), abs_tol=2)
 
@@ -96,7 +97,7 @@ def test_random_mixtures_keep_batches_streams_and_totals_exact(seed):
             rng.choice([1, 2, 3]),
             rng.randint(1, 4),
         )
-        sched = MixtureSchedule(weights, b, world, accum, workers)
+        sched = MixtureSchedule(weights, BatchLayout(b, world, accum, workers))
         share = [w / sum(weights) for w in weights]
         batch = b * world * accum
         totals, draws, made = [0] * k, {}, {}

@@ -112,7 +112,7 @@ def test_worker_killed_on_one_node_both_nodes_restart_and_resume(tmp_path, shard
 
 
 def read_jsonl_status(run_dir):
-    from clipscale.run_status import read_status
+    from clipscale.job.status import read_status
 
     status = read_status(run_dir)
     assert status is not None, f"no status.json in {run_dir}"

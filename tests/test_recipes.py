@@ -12,17 +12,17 @@ import pytest
 import torch
 from open_clip.loss import DistillClipLoss
 
+from clipscale.checkpoint.export import consolidated_weights
 from clipscale.config import load_config
-from clipscale.distill import DistillLoss
-from clipscale.distributed import DistEnv
 from clipscale.errors import ConfigError
-from clipscale.export import consolidated_weights
+from clipscale.job.distributed import DistEnv
 from clipscale.loss import ClipLoss
+from clipscale.loss.distill import DistillLoss
 from clipscale.metrics import read_jsonl
-from clipscale.model import build_optimizer, create_model, to_open_clip_layout
+from clipscale.model import create_model, to_open_clip_layout
 from clipscale.train import Trainer, train
 
-from helpers import REPO, tiny_config
+from helpers import REPO, optimizer_of, tiny_config
 from process_helpers import run
 
 ENV = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")  # one process, no process group
@@ -52,7 +52,7 @@ def visual(state: dict) -> dict:
 def optimizer_numel(run_dir: Path) -> int:
     """Elements of AdamW state (exp_avg + exp_avg_sq) in the newest checkpoint of a run."""
     from clipscale.checkpoint import CheckpointManager
-    from clipscale.engine.formats import full_state
+    from clipscale.checkpoint.formats import full_state
 
     _, optim, _ = full_state(CheckpointManager(run_dir, is_main=False).latest())
     return sum(v.numel() for s in optim["state"].values() for k, v in s.items() if k != "step")
@@ -93,7 +93,7 @@ def test_locked_towers_get_no_gradient_no_state_no_decay(tmp_path, toy_shards):
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "visual.proj" in trained and "visual.conv1.weight" not in trained  # the last group unlocked
     assert "visual.transformer.resblocks.0.attn.in_proj_weight" not in trained
-    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = optimizer_of(model, cfg)
     in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert all(id(p) not in in_groups for p in model.parameters() if not p.requires_grad)
 
@@ -175,7 +175,7 @@ def test_per_tower_and_layer_decay_groups_get_the_documented_lr(tmp_path, toy_sh
         optim__layer_decay=0.5,
     )
     model = create_model(cfg.model).model
-    groups = {g["group"]: g for g in build_optimizer(model, cfg, torch.device("cpu")).param_groups}
+    groups = {g["group"]: g for g in optimizer_of(model, cfg).param_groups}
     names = {id(p): n for n, p in model.named_parameters()}
     members = {key: {names[id(p)] for p in g["params"]} for key, g in groups.items()}
     # clip-tiny: 3 image blocks, 2 text blocks
@@ -209,16 +209,28 @@ def test_resume_rederives_group_lrs_from_the_current_config(tmp_path, toy_shards
 
 
 def test_layer_decay_on_a_tower_without_numbered_blocks_is_an_error(tmp_path, toy_shards):
-    cfg = tiny(tmp_path, toy_shards, model__name="RN50", optim__layer_decay=0.75)
+    with pytest.raises(ConfigError, match="RN50's image tower is a ResNet: set optim.layer_decay=null"):
+        tiny(tmp_path, toy_shards, model__name="RN50", optim__layer_decay=0.75)  # found at load, from its config
+    tiny(tmp_path, toy_shards, model__name="RN50", optim__layer_decay=0.75, model__lock_image="true")  # not trained
+
+    from clipscale.optim import trained_tower_layers
+
+    class Staged(torch.nn.Module):  # a tower of stages (ConvNeXt), known only once the model is built
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.ModuleDict({"stages": torch.nn.ModuleList([torch.nn.Linear(2, 2)])})
+            self.transformer = torch.nn.ModuleDict({"resblocks": torch.nn.ModuleList([torch.nn.Linear(2, 2)])})
+
     with pytest.raises(ConfigError, match="needs a image tower of numbered transformer blocks"):
-        build_optimizer(create_model(cfg.model).model, cfg, torch.device("cpu"))
+        trained_tower_layers(Staged(), 0.75)
+    assert trained_tower_layers(Staged(), None) == {"image": 0, "text": 1}
 
 
 # --------------------------------------------------------------------------- EMA
 
 
 def test_ema_follows_the_formula_and_is_what_use_ema_evaluates(tmp_path, toy_shards):
-    from clipscale.ema import ModelEMA
+    from clipscale.engine.ema import ModelEMA
 
     model = torch.nn.Linear(2, 2)
     ema = ModelEMA(model, decay=0.9, every_n_steps=2, warmup=True)
@@ -399,7 +411,15 @@ def test_there_are_the_five_recipes():
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_each_recipe_resolves_and_runs_two_steps_with_a_tiny_model(tmp_path, toy_shards, recipe):
-    cfg = load_config(str(recipe), [f"run.dir={tmp_path}/x"])  # resolves as written
+    import yaml
+
+    files = []  # the files a recipe names that are the user's own (a pretrained tower): one line at load
+    if (yaml.safe_load(recipe.read_text()).get("model") or {}).get("pretrained_image"):
+        with pytest.raises(ConfigError, match=r"^model.pretrained_image: file not found: /models/"):
+            load_config(str(recipe), [f"run.dir={tmp_path}/x"])
+        save_tiny_model(tmp_path / "tower.pt", seed=1)
+        files.append(f"model.pretrained_image={tmp_path}/tower.pt")
+    cfg = load_config(str(recipe), [f"run.dir={tmp_path}/x", *files])  # resolves as written
     assert cfg.train.steps > 1000 and cfg.data.batch_size >= 1
     small = [
         f"data.train_shards={toy_shards}",
@@ -421,10 +441,8 @@ def test_each_recipe_resolves_and_runs_two_steps_with_a_tiny_model(tmp_path, toy
         "eval.retrieval=null",
         "logging.progress=false",
         "logging.every_n_steps=1",
+        *files,
     ]
-    if cfg.model.pretrained_image:
-        save_tiny_model(tmp_path / "tower.pt", seed=1)
-        small.append(f"model.pretrained_image={tmp_path}/tower.pt")
     if cfg.distill.model:
         save_tiny_model(tmp_path / "teacher.pt", seed=2)
         small += ["distill.model=clip-tiny", f"distill.checkpoint={tmp_path}/teacher.pt"]

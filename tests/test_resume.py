@@ -12,8 +12,8 @@ import torch
 
 from clipscale.checkpoint import CheckpointManager, checksum_path
 from clipscale.errors import CheckpointError
+from clipscale.job.preempt import EXIT_PREEMPTED
 from clipscale.metrics import read_jsonl
-from clipscale.preempt import EXIT_PREEMPTED
 
 from helpers import tiny_config
 from process_helpers import COMMON, ENV, STEPS, kill_and_resume, logged_steps, losses, run, start, wait_for
@@ -127,7 +127,7 @@ def test_kill_during_checkpoint_write_keeps_previous_and_corruption_falls_back(t
     newest.write_bytes(bytes(data))
     assert ckpts.latest().name == f"step_{STEPS - 2:08d}.pt"
     with pytest.raises(CheckpointError, match="is damaged"):
-        ckpts.resolve(str(newest))
+        ckpts.plan_resume(str(newest))
     (run_dir / "checkpoints" / "latest").write_text("garbage\n")
     assert ckpts.latest().name == f"step_{STEPS - 2:08d}.pt"
     assert checksum_path(newest).is_file()
@@ -163,7 +163,7 @@ class NaNOnCalls(torch.nn.Module):
 
 
 def test_nan_steps_are_skipped_counted_then_abort(tmp_path, toy_shards):
-    from clipscale.distributed import DistEnv
+    from clipscale.job.distributed import DistEnv
     from clipscale.train import Trainer, TrainingDiverged
 
     env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
@@ -183,7 +183,7 @@ def test_nan_steps_are_skipped_counted_then_abort(tmp_path, toy_shards):
 
 
 def test_skipped_step_leaves_weights_untouched(tmp_path, toy_shards):
-    from clipscale.distributed import DistEnv
+    from clipscale.job.distributed import DistEnv
     from clipscale.train import Trainer
 
     env = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")

@@ -340,17 +340,18 @@ def make_img2dataset_layout(root: Path, shards=2, per_shard=5):
 def test_img2dataset_layout_trains_and_indexes(tmp_path):
     import torch
 
-    from clipscale.data.loader import TrainData
-    from clipscale.distributed import DistEnv
+    from clipscale.job.distributed import DistEnv
     from clipscale.model import create_model
 
-    from helpers import tiny_config
+    from helpers import make_train_data, tiny_config
 
     root = tmp_path / "i2d"
     make_img2dataset_layout(root)
     cfg = tiny_config(tmp_path / "run", str(root / "{00000..00001}.tar"), data__batch_size=5, data__shuffle="false")
     bundle = create_model(cfg.model)
-    data = TrainData(cfg, bundle.train_transform, bundle.tokenizer, DistEnv(0, 1, 0, torch.device("cpu"), None, "none"))
+    data = make_train_data(
+        cfg, bundle.train_transform, bundle.tokenizer, DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
+    )
     assert data.sources[0].samples == 10  # from _stats.json, no manifest needed
     keys = [k for _ in range(2) for k in data.next()[0]["keys"]]
     assert sorted(keys) == [f"0000{s}000{i}" for s in range(2) for i in range(5)]

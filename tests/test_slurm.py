@@ -12,8 +12,8 @@ import time
 import pytest
 
 from clipscale.checkpoint import CheckpointManager
+from clipscale.job.watchdog import EXIT_HUNG
 from clipscale.metrics import read_jsonl
-from clipscale.watchdog import EXIT_HUNG
 
 from helpers import REPO, make_shards
 from process_helpers import logged_steps

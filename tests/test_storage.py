@@ -140,7 +140,7 @@ def losses(run_dir):
 
 
 def test_checkpoints_mirror_to_the_bucket_and_resume_in_an_empty_run_directory(s3, toy_shards, tmp_path):
-    from clipscale.checkpoint_remote import RemoteMirror
+    from clipscale.checkpoint.remote import RemoteMirror
     from clipscale.train import train
 
     from helpers import tiny_config
@@ -165,7 +165,7 @@ def test_checkpoints_mirror_to_the_bucket_and_resume_in_an_empty_run_directory(s
     assert mirror.latest() == "step_00000006.pt"
     listed = {p.rsplit("/", 1)[-1] for p in remote.filesystem("s3://ckpt/run1")[0].ls("ckpt/run1/checkpoints")}
     assert "step_00000002.pt" not in listed  # remote retention follows keep_last
-    from clipscale.export import consolidated_weights
+    from clipscale.checkpoint.export import consolidated_weights
 
     from_bucket, info = consolidated_weights("s3://ckpt/run1")  # export / eval --checkpoint s3://...
     local, _ = consolidated_weights(tmp_path / "elsewhere")
@@ -174,7 +174,7 @@ def test_checkpoints_mirror_to_the_bucket_and_resume_in_an_empty_run_directory(s
 
 def test_an_interrupted_upload_leaves_the_remote_latest_usable(s3, toy_shards, tmp_path):
     from clipscale.checkpoint import checksum_problem
-    from clipscale.checkpoint_remote import RemoteMirror
+    from clipscale.checkpoint.remote import RemoteMirror
     from clipscale.train import train
 
     from helpers import tiny_config
@@ -281,7 +281,7 @@ def test_shards_on_a_web_server_without_listing_or_ranges(web_shards, toy_shards
 
 
 def test_checkpoints_use_their_own_storage_options(s3):
-    from clipscale.checkpoint_remote import RemoteMirror
+    from clipscale.checkpoint.remote import RemoteMirror
 
     remote.configure({"anon": True})  # a public data bucket
     try:

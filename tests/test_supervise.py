@@ -13,14 +13,14 @@ import time
 
 import pytest
 
-from clipscale.preempt import EXIT_PREEMPTED
-from clipscale.run_status import read_status, write_status
-from clipscale.supervise import should_requeue, slurm_job_key
-from clipscale.watchdog import EXIT_HUNG
+from clipscale.job.preempt import EXIT_PREEMPTED
+from clipscale.job.status import read_status, write_status
+from clipscale.job.supervise import should_requeue, slurm_job_key
+from clipscale.job.watchdog import EXIT_HUNG
 
 STEP = textwrap.dedent("""
     import signal, sys, time
-    from clipscale.run_status import write_status
+    from clipscale.job.status import write_status
     run_dir, mode = sys.argv[1], sys.argv[2]
     def stop(signum, frame):
         if mode != "die_silently":

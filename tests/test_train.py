@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clipscale.checkpoint import CheckpointManager
-from clipscale.distributed import DistEnv
+from clipscale.job.distributed import DistEnv
 from clipscale.metrics import read_jsonl
 from clipscale.model import BUNDLED_CONFIGS
 from clipscale.train import Trainer, train
@@ -119,3 +119,8 @@ def test_module_entry_point_and_tensorboard(tmp_path, toy_shards):
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    # where the start-up went: the whole counts from the trainer's start, so it holds the model and data set-up
+    import re
+
+    took = re.search(r"start-up: ([\d.]+) s .*\(model ([\d.]+) s, data ([\d.]+) s", proc.stderr)
+    assert took and float(took[1]) >= float(took[2]) + float(took[3]), proc.stderr[-2000:]

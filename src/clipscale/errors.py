@@ -29,6 +29,10 @@ class CheckpointMismatch(CheckpointError):
     """A readable checkpoint of another model or setting (resuming an older one would not help)."""
 
 
+class TrainingDiverged(UserError):
+    """The loss stayed non-finite for train.max_nonfinite_steps consecutive steps, or kept spiking."""
+
+
 def run_command(command: Callable[[], int]) -> int:
     """The exit code of `command()`; a UserError is one line on stderr and code 2, Ctrl-C code 130."""
     try:

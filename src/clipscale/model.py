@@ -1,4 +1,5 @@
-"""The model: open_clip's factory, our small configs, gradient checkpointing, parameter groups.
+"""The model: open_clip's factory, our small configs, gradient checkpointing, and the two towers (which
+parameter belongs to which, their layer numbers, locking them for LiT, loading one from its own file).
 
 clipscale keeps open_clip's module and state_dict layout, so any checkpoint we write loads
 with `open_clip.create_model_and_transforms(name, pretrained=path)`.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +19,12 @@ import open_clip
 import torch
 from torch import nn
 
-from .config import AugmentConfig, Config, ModelConfig, to_dict
+from .config import AugmentConfig, ModelConfig, to_dict
+from .config.losses import loss_spec
 from .errors import ConfigError
-from .towers import count_layers, layer_id, load_tower, lock_towers, tower_of
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs" / "models"
 MAX_LOGIT_SCALE = math.log(100.0)
-FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 _registered: set[str] = set()
 
 
@@ -77,8 +78,9 @@ def create_model(
     device: str | torch.device = "cpu",
     augment: AugmentConfig | None = None,
 ) -> ModelBundle:
-    """Build an open_clip model + transforms + tokenizer from the model section of the config
-    (and the training augmentation of data.augment); load single towers and lock them as asked."""
+    """Build an open_clip model + transforms + tokenizer from the model section of the config (checked
+    at load: config/validate.py), what the loss needs of it (the registry's model_init), and the
+    training augmentation of data.augment; load single towers and lock them as asked."""
     register_model_configs(mcfg.config_dirs)
     if mcfg.name not in open_clip.list_models():
         import difflib
@@ -86,33 +88,20 @@ def create_model(
         close = difflib.get_close_matches(mcfg.name, open_clip.list_models(), n=3, cutoff=0.5)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise ConfigError(f"unknown model 'model.name={mcfg.name}'{hint}; see `clipscale models`")
-    kwargs = {}
     cfg = open_clip.get_model_config(mcfg.name) or {}
-    if loss_name == "siglip" and "init_logit_bias" not in cfg:
-        # SigLIP needs a learnable bias; the paper's initialisation (t' = log 10, b = -10).
-        kwargs.update(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+    needs = loss_spec(loss_name).model_init  # e.g. SigLIP's bias, unless the model config initialises it
+    kwargs = dict(needs) if not any(k in cfg for k in needs) else {}
     if mcfg.patch_dropout:
         kwargs["force_patch_dropout"] = mcfg.patch_dropout
     if mcfg.context_length:
         kwargs["force_context_length"] = mcfg.context_length
-    pretrained = mcfg.pretrained
-    if (
-        pretrained
-        and (Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"))
-        and not Path(pretrained).is_file()
-    ):
-        raise ConfigError(f"'model.pretrained': file not found: {pretrained}")
     with _quiet_open_clip(), warnings.catch_warnings():
         # open_clip 3.x lists colour jitter and grayscale as "unused" although it applies them
         warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
         model, train_tf, val_tf = open_clip.create_model_and_transforms(
-            mcfg.name, pretrained=pretrained, device=device, output_dict=True, aug_cfg=augmentation(augment), **kwargs
-        )
-    if mcfg.patch_dropout and not hasattr(getattr(model, "visual", None), "patch_dropout"):
-        raise ConfigError(
-            f"'model.patch_dropout' needs an open_clip ViT image tower; {mcfg.name}'s is "
-            f"{type(getattr(model, 'visual', None)).__name__}"
-        )
+            mcfg.name, pretrained=mcfg.pretrained, device=device, output_dict=True, aug_cfg=augmentation(augment),
+            **kwargs,
+        )  # fmt: skip
     for tower, path in (("image", mcfg.pretrained_image), ("text", mcfg.pretrained_text)):
         if path:
             load_tower(model, path, tower)
@@ -185,148 +174,6 @@ def fit_scalar_shapes(state: dict, shapes: dict) -> dict:
     return out
 
 
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Gains, biases (all 1-D), embeddings and the temperature are not decayed."""
-    return param.ndim < 2 or "embedding" in name or "logit_scale" in name or "logit_bias" in name
-
-
-@dataclass(frozen=True)
-class GroupKey:
-    """What sets a parameter group's lr and weight decay: its tower, whether it decays, its layer."""
-
-    tower: str  # image | text | shared (temperature, bias)
-    decay: bool
-    layer: int | None = None  # with optim.layer_decay
-    layers: int = 0  # blocks of its tower
-
-    @property
-    def name(self) -> str:
-        if self.tower == "all":
-            return "decay" if self.decay else "no_decay"
-        layer = f"/layer{self.layer:02d}" if self.layer is not None else ""
-        return f"{self.tower}{layer}/{'decay' if self.decay else 'no_decay'}"
-
-
-PER_TOWER = ("image_lr", "text_lr", "image_weight_decay", "text_weight_decay", "layer_decay")
-
-
-def splits_towers(o) -> bool:
-    """Groups per tower only when a per-tower or per-layer setting asks for them (else the two groups
-    of decayed and not decayed parameters, as every clipscale checkpoint before them had)."""
-    return any(getattr(o, k) is not None for k in PER_TOWER)
-
-
-def group_key(name: str, param: torch.Tensor, layers: dict[str, int], o) -> GroupKey:
-    decays = not no_weight_decay(name, param)
-    if not splits_towers(o):
-        return GroupKey("all", decays)
-    tower = tower_of(name)
-    if o.layer_decay is None or tower == "shared":
-        return GroupKey(tower, decays)
-    return GroupKey(tower, decays, layer_id(name, layers[tower]), layers[tower])
-
-
-def group_hyperparameters(key: GroupKey, o) -> tuple[float, float]:
-    """(peak lr, weight decay) of a group under the optimizer settings `o` (the current config)."""
-    lr = {"image": o.image_lr, "text": o.text_lr}.get(key.tower)
-    lr = o.lr if lr is None else lr
-    if key.layer is not None and o.layer_decay is not None:
-        lr *= o.layer_decay ** (key.layers + 1 - key.layer)
-    wd = {"image": o.image_weight_decay, "text": o.text_weight_decay}.get(key.tower)
-    wd = o.weight_decay if wd is None else wd
-    return lr, (wd if key.decay else 0.0)
-
-
-def trained_tower_layers(model: nn.Module, layer_decay: float | None) -> dict[str, int]:
-    """{tower: blocks}; with layer decay every tower that trains must have numbered blocks."""
-    names: dict[str, list[str]] = {"image": [], "text": []}
-    trained: set[str] = set()
-    for name, p in model.named_parameters():
-        tower = tower_of(name)
-        if tower in names:
-            names[tower].append(name)
-            if p.requires_grad:
-                trained.add(tower)
-    layers = {tower: count_layers(n) for tower, n in names.items()}
-    if layer_decay is not None:
-        for tower in sorted(trained):
-            if layers[tower] == 0:
-                raise ConfigError(
-                    f"'optim.layer_decay' needs a {tower} tower of numbered transformer blocks; this model's "
-                    f"{tower} tower has none (e.g. a ResNet or ConvNeXt): set optim.layer_decay=null"
-                )
-    return layers
-
-
-def param_groups(model: nn.Module, optim_cfg) -> list[dict]:
-    """One AdamW group per (tower, decay or not, layer with optim.layer_decay), each tagged with its
-    key so a resume can re-derive lr and weight decay from the current config. Frozen parameters
-    (locked towers) are in no group: no optimizer state, no weight decay."""
-    layers = trained_tower_layers(model, optim_cfg.layer_decay)
-    groups: dict[GroupKey, list] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault(group_key(name, p, layers, optim_cfg), []).append(p)
-    out = []
-    for key in sorted(groups, key=lambda k: (k.tower, -1 if k.layer is None else k.layer, not k.decay)):  # decay first
-        lr, wd = group_hyperparameters(key, optim_cfg)
-        out.append(
-            {
-                "params": groups[key],
-                "lr": lr,
-                "weight_decay": wd,
-                "group": key.name,
-                "tower": key.tower,
-                "decay": key.decay,
-                "layer": key.layer,
-                "layers": key.layers,
-            }
-        )
-    return out
-
-
-def describe_groups(groups: list[dict]) -> str:
-    """The parameter groups as a table for the start-up log."""
-    rows = [("group", "tensors", "parameters", "lr", "weight_decay")]
-    for g in groups:
-        numel = sum(getattr(p, "ds_numel", p.numel()) for p in g["params"])
-        rows.append((g["group"], str(len(g["params"])), f"{numel:,}", f"{g['lr']:.4g}", f"{g['weight_decay']:.4g}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
-
-
-def _key_of_group(group: dict) -> GroupKey:
-    """The key of a saved or current group; checkpoints of clipscale <= 0.3 had two groups only
-    ("decay" and "no_decay", tagged or told apart by their weight decay)."""
-    if "tower" in group:
-        return GroupKey(group["tower"], bool(group["decay"]), group.get("layer"), int(group.get("layers") or 0))
-    no_decay = group.get("group") == "no_decay" or ("group" not in group and group.get("weight_decay") == 0)
-    return GroupKey("all", not no_decay)
-
-
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: Config) -> None:
-    """Set every parameter group's lr, weight decay, betas and eps from the config: after a resume
-    the current config wins over the values the checkpoint's optimizer state carried."""
-    o = cfg.optim
-    for group in optimizer.param_groups:
-        key = _key_of_group(group)
-        group["group"] = key.name
-        group["lr"], group["weight_decay"] = group_hyperparameters(key, o)
-        group["initial_lr"] = group["lr"]
-        group["betas"] = (o.beta1, o.beta2)
-        group["eps"] = o.eps
-        for flag in ("fused", "foreach", "capturable"):  # how this run steps, not how the saved one did
-            if flag in optimizer.defaults:
-                group[flag] = optimizer.defaults[flag]
-
-
-def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    o = cfg.optim
-    # torch's default on CPU is a Python loop over tensors (8x slower than the fused kernel here)
-    fused = bool(o.fused and device.type in FUSED_ADAMW_DEVICES)
-    return torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
-
-
 @torch.no_grad()
 def clamp_logit_scale(model: nn.Module) -> None:
     """Keep the learnable temperature at most 100 (ln 100 = 4.6052), as CLIP does."""
@@ -337,3 +184,131 @@ def clamp_logit_scale(model: nn.Module) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions
+
+
+# --------------------------------------------------------------------------- the two towers
+
+SHARED = ("logit_scale", "logit_bias")
+TOWERS = ("image", "text")
+_BLOCK = re.compile(r"(?:^|\.)(?:resblocks|blocks|layers|layer)\.(\d+)\.")
+_STAGED = re.compile(r"(?:^|\.)(?:stages|layer\d)\.")  # ConvNeXt / ResNet stages: no single block order
+_EMBEDDING = re.compile(
+    r"(?:^|\.)(?:conv1|class_embedding|positional_embedding|ln_pre|patch_embed|cls_token|pos_embed|"
+    r"token_embedding|embeddings|reg_token)(?:\.|$)"
+)
+
+
+def tower_of(name: str) -> str:
+    """'image', 'text' or 'shared' (the temperature and bias) for a parameter name of the model."""
+    name = name.removeprefix("module.").removeprefix("_orig_mod.")
+    if name in SHARED:
+        return "shared"
+    return "image" if name.startswith("visual.") else "text"
+
+
+def count_layers(names: list[str]) -> int:
+    """Transformer blocks of one tower (0 when its blocks cannot be numbered)."""
+    if any(_STAGED.search(n) for n in names):
+        return 0
+    ids = {int(m.group(1)) for n in names if (m := _BLOCK.search(n))}
+    return max(ids) + 1 if ids else 0
+
+
+def layer_id(name: str, layers: int) -> int:
+    """EVA-style layer number within a tower of `layers` blocks: embeddings 0, block i -> i + 1,
+    everything after the blocks (final norm, projection, head) layers + 1."""
+    if _EMBEDDING.search(name):
+        return 0
+    match = _BLOCK.search(name)
+    return int(match.group(1)) + 1 if match else layers + 1
+
+
+def tower_layers(model: nn.Module) -> dict[str, int]:
+    """{tower: number of blocks} of the model's towers."""
+    names: dict[str, list[str]] = {t: [] for t in TOWERS}
+    for name, _ in model.named_parameters():
+        tower = tower_of(name)
+        if tower in names:
+            names[tower].append(name)
+    return {tower: count_layers(n) for tower, n in names.items()}
+
+
+# --------------------------------------------------------------------------- locking (LiT)
+
+
+def lock_towers(model: nn.Module, mcfg) -> None:
+    """model.lock_image / model.lock_text: open_clip's own tower locks (requires_grad off, and for
+    the image tower optionally frozen BatchNorm statistics)."""
+    if mcfg.lock_image:
+        model.lock_image_tower(
+            unlocked_groups=mcfg.lock_image_unlocked_groups, freeze_bn_stats=mcfg.lock_image_freeze_bn_stats
+        )
+    if mcfg.lock_text:
+        if not hasattr(model, "lock_text_tower"):
+            raise ConfigError(f"model.lock_text: {type(model).__name__} has no lockable text tower")
+        try:
+            model.lock_text_tower(
+                unlocked_layers=mcfg.lock_text_unlocked_layers, freeze_layer_norm=mcfg.lock_text_freeze_layer_norm
+            )
+        except (AssertionError, NotImplementedError) as exn:
+            raise ConfigError(f"model.lock_text: {exn or 'not supported by this text tower'}") from None
+    if not any(p.requires_grad for n, p in model.named_parameters() if tower_of(n) != "shared"):
+        raise ConfigError("model.lock_image and model.lock_text leave no parameter to train but the temperature")
+
+
+# --------------------------------------------------------------------------- one tower from a file
+
+
+def _unwrap(state) -> dict:
+    """The tensor dict of an open_clip, clipscale or timm checkpoint file."""
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise ValueError("no state_dict of tensors in it")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items() if torch.is_tensor(v)}
+
+
+def _tower_keys(state: dict, tower: str) -> dict:
+    """The entries of `state` that belong to `tower`, named as the tower's own module names them."""
+    if tower == "image":
+        return {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+    return {k: v for k, v in state.items() if tower_of(k) == "text"}
+
+
+def load_tower(model: nn.Module, path: str, tower: str) -> int:
+    """Load one tower's weights from `path`: a whole open_clip / clipscale model (its tower part is
+    taken), or that tower alone (for the image tower also a bare timm state_dict of its trunk).
+    Every weight of the tower must be found with its shape; returns the tensors loaded."""
+    key = f"model.pretrained_{tower}"  # (that it is a file was checked at load: config/validate.py)
+    try:
+        state = _unwrap(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    except Exception as exn:  # noqa: BLE001 - a pickle, zip or format error: one line
+        raise ConfigError(
+            f"{key}: cannot read {path}: {type(exn).__name__}: {str(exn).splitlines()[0][:200]}"
+        ) from None
+    if tower == "image":
+        target: nn.Module = model.visual
+        own = _tower_keys(state, "image") or state
+        trunk = getattr(model.visual, "trunk", None)
+        if trunk is not None and not any(k.startswith("trunk.") for k in own):
+            target = trunk  # a timm model's own state_dict
+    else:
+        own = _tower_keys(state, "text")
+        target = model
+    expected = {k: v for k, v in target.state_dict().items() if target is not model or tower_of(k) == "text"}
+    missing = sorted(set(expected) - set(own))
+    wrong = sorted(k for k in expected if k in own and tuple(own[k].shape) != tuple(expected[k].shape))
+    if missing or wrong:
+        detail = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else "") + (
+            f"{'; ' if missing else ''}{len(wrong)} of another shape (e.g. {wrong[0]}: "
+            f"{tuple(own[wrong[0]].shape)} vs {tuple(expected[wrong[0]].shape)})"
+            if wrong
+            else ""
+        )
+        raise ConfigError(f"{key}: {path} does not fit this model's {tower} tower: {detail}")
+    with torch.no_grad():
+        for name, tensor in target.state_dict().items():
+            if name in expected:
+                tensor.copy_(own[name].to(tensor.dtype))
+    return len(expected)

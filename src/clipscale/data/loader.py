@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import Config
-from ..distributed import DistEnv, all_gather_object
-from ..preempt import ignore_signals, signals_blocked, worker_start_method
+from ..config import BatchLayout, DataConfig
+from ..job.distributed import DistEnv, all_gather_object
+from ..job.preempt import ignore_signals, signals_blocked, worker_start_method
 from ..wds.remote import configure as configure_storage
 from .mixture import MixtureSchedule, ScheduleState, weight_units
 from .plan import StreamPlan, StreamPosition
@@ -71,24 +71,35 @@ class TrainData:
     which fixes their stream and their mixture."""
 
     def __init__(
-        self, cfg: Config, transform: Callable, tokenizer: Callable, env: DistEnv, draft_size: int | None = None
+        self,
+        data_cfg: DataConfig,
+        layout: BatchLayout,
+        env: DistEnv,
+        seed: int,
+        transform: Callable,
+        tokenizer: Callable,
+        draft_size: int | None = None,
+        signals: tuple[str, ...] = (),
     ):
-        self.cfg, self.env, self.tokenizer = cfg, env, tokenizer
-        self.storage = {"storage_options": cfg.data.storage_options, "retries": cfg.data.read_retries}
+        """`data_cfg`: the data section; `seed`: the run's (the data order); `signals`: the preemption
+        signals the DataLoader workers must ignore (the training process handles them)."""
+        self.cfg, self.layout, self.env, self.seed, self.tokenizer = data_cfg, layout, env, seed, tokenizer
+        self.signals = tuple(signals)
+        self.storage = {"storage_options": data_cfg.storage_options, "retries": data_cfg.read_retries}
         configure_storage(**self.storage)  # remote listings and counts below; the workers get it too
-        self.workers = max(1, cfg.data.workers)
-        self.num_streams = env.world_size * self.workers
-        self.sources: list[Source] = build_sources(cfg, self.num_streams)
-        self.global_batch = cfg.data.batch_size * env.world_size * cfg.optim.accum_steps
-        self.micro_batches = env.world_size * cfg.optim.accum_steps
-        self.num_samples = cfg.data.train_num_samples or epoch_samples(self.sources)
+        self.workers = layout.workers
+        self.num_streams = layout.streams
+        self.sources: list[Source] = build_sources(data_cfg, seed, self.num_streams)
+        self.global_batch = layout.global_batch
+        self.micro_batches = layout.micro_batches
+        self.num_samples = data_cfg.train_num_samples or epoch_samples(self.sources)
         self.decoder = SampleDecoder(
             transform,
-            cfg.data.image_keys,
-            cfg.data.caption_key,
-            cfg.data.caption_json_field,
+            data_cfg.image_keys,
+            data_cfg.caption_key,
+            data_cfg.caption_json_field,
             draft_size,
-            fast_crop=cfg.data.fast_crop,
+            fast_crop=data_cfg.fast_crop,
         )
         self.skipped_before: dict[str, int] = {}  # skip counts of streams a relayout retired
         self._iter = None
@@ -108,19 +119,18 @@ class TrainData:
         them (after a loss-spike rollback): their samples count as consumed. Returns each skipped
         micro-batch's {keys, sources, passes}."""
         skipped = []
-        for _ in range(global_batches * self.cfg.optim.accum_steps):
+        for _ in range(global_batches * self.layout.accum_steps):
             batch, _ = self.next()
             skipped.append({k: batch[k] for k in ("keys", "sources", "passes")})
         return skipped
 
     def _start(self, step: int, positions: dict[int, dict[str, StreamPosition]], origin) -> None:
-        cfg, env = self.cfg, self.env
+        cfg, env, layout = self.cfg, self.env, self.layout
         self.step = step
-        self.batches = step * cfg.optim.accum_steps  # micro-batches this rank has consumed (from step 0)
+        self.batches = step * layout.accum_steps  # micro-batches this rank has consumed (from step 0)
         weights = [s.weight for s in self.sources]
-        layout = (cfg.data.batch_size, env.world_size, cfg.optim.accum_steps, self.workers)
-        self.schedule = MixtureSchedule(weights, *layout, origin=origin)  # for checkpoints and metrics
-        stream_schedule = MixtureSchedule(weights, *layout, origin=origin)  # the streams' own copy
+        self.schedule = MixtureSchedule(weights, layout, origin=origin)  # for checkpoints and metrics
+        stream_schedule = MixtureSchedule(weights, layout, origin=origin)  # the streams' own copy
         first = env.rank * self.workers
         self.positions = {s: positions.get(s, {}) for s in range(first, first + self.workers)}
         self.dataset = StreamDataset(
@@ -129,27 +139,27 @@ class TrainData:
             env.rank,
             env.world_size,
             self.workers,
-            cfg.optim.accum_steps,
+            layout.accum_steps,
             self.batches,
             dict(self.positions),
             self.decoder,
             self.tokenizer,
-            cfg.seed,
-            cfg.data.max_decode_errors_logged,
-            cfg.data.read_timeout_s,
+            self.seed,
+            cfg.max_decode_errors_logged,
+            cfg.read_timeout_s,
             self.storage,
         )
         self.loader = DataLoader(
             self.dataset,
             batch_size=None,
-            num_workers=cfg.data.workers,
-            multiprocessing_context=worker_start_method(cfg.data.workers),
-            prefetch_factor=cfg.data.prefetch_factor if cfg.data.workers > 0 else None,
+            num_workers=cfg.workers,
+            multiprocessing_context=worker_start_method(cfg.workers),
+            prefetch_factor=cfg.prefetch_factor if cfg.workers > 0 else None,
             pin_memory=env.device.type == "cuda",
-            worker_init_fn=functools.partial(ignore_signals, tuple(cfg.train.preempt_signals)),
+            worker_init_fn=functools.partial(ignore_signals, self.signals),
             # its own generator: creating the iterator must not draw from the global RNG (a resumed run
             # with dropout would otherwise see other random numbers than the run it continues)
-            generator=torch.Generator().manual_seed(cfg.seed + env.rank),
+            generator=torch.Generator().manual_seed(self.seed + env.rank),
         )
 
     # ------------------------------------------------------------------ resume
@@ -259,7 +269,7 @@ class TrainData:
         if self._iter is None:
             # the workers fork here: with the preemption signals blocked until they ignore them, so a
             # signal that arrives meanwhile cannot kill a worker (it waits, then reaches this process)
-            with signals_blocked(self.cfg.train.preempt_signals):
+            with signals_blocked(self.signals):
                 self._iter = iter(self.loader)
             _WORKERS.extend(getattr(self._iter, "_workers", []))
         t0 = time.perf_counter()
@@ -271,7 +281,7 @@ class TrainData:
             )
         self.positions[batch["stream"]] = batch.pop("positions")
         self.batches += 1
-        self.step = self.batches // self.cfg.optim.accum_steps
+        self.step = self.batches // self.layout.accum_steps
         return batch, wait
 
     def to_device(self, batch: dict, device) -> dict:

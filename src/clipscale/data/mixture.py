@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..config.layout import BatchLayout
+
 UNITS = 10**12  # weights as integer parts of UNITS: exact, drift-free credit arithmetic
 
 
@@ -76,22 +78,16 @@ class ScheduleState:
 class MixtureSchedule:
     """Per-source sample counts of every global batch and micro-batch."""
 
-    def __init__(
-        self,
-        weights: list[float],
-        batch_size: int,
-        world_size: int = 1,
-        accum_steps: int = 1,
-        workers: int = 1,
-        origin: ScheduleState | None = None,
-    ):
+    def __init__(self, weights: list[float], layout: BatchLayout, origin: ScheduleState | None = None):
         self.units = weight_units(weights)
         self.unit = sum(self.units)  # credits count samples in 1/unit
-        self.batch_size, self.world_size, self.accum_steps = batch_size, world_size, accum_steps
-        self.workers = max(1, workers)
-        self.micro_batches = world_size * accum_steps
-        self.global_batch = batch_size * self.micro_batches
-        self.num_streams = world_size * self.workers
+        self.layout = layout
+        batch_size, world_size = layout.per_rank_batch, layout.world_size
+        self.batch_size, self.world_size, self.accum_steps = batch_size, world_size, layout.accum_steps
+        self.workers = layout.workers
+        self.micro_batches = layout.micro_batches
+        self.global_batch = layout.global_batch
+        self.num_streams = layout.streams
         k = len(weights)
         origin = origin.copy() if origin is not None else ScheduleState(0, [0] * k)
         if len(origin.credits) != k:  # a new schedule: every source starts even

@@ -7,15 +7,16 @@ many of its epochs `train.steps` covers - with a warning for a source that would
 
 from __future__ import annotations
 
-from ..config import Config
+from ..config import BatchLayout, Config
 from .sources import build_sources, epoch_samples
 
 
 def plan_report(cfg: Config, world_size: int = 1) -> dict:
     """The figures `clipscale data plan` prints, as a mapping (also its --json output)."""
-    workers = max(1, cfg.data.workers)
-    sources = build_sources(cfg, world_size * workers)
-    batch = cfg.data.batch_size * world_size * cfg.optim.accum_steps
+    layout = BatchLayout.of(cfg.data, cfg.optim, world_size)
+    workers = layout.workers
+    sources = build_sources(cfg.data, cfg.seed, layout.streams)
+    batch = layout.global_batch
     total_weight = sum(s.weight for s in sources)
     rows = []
     for s in sources:

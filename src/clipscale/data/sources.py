@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config, SourceConfig
+from ..config import DataConfig, SourceConfig
 from ..errors import DataError
 from ..wds.shardlist import resolve_shards
 from .plan import StreamPlan
@@ -25,28 +25,27 @@ class Source:
         return self.plan.total_samples
 
 
-def source_configs(cfg: Config) -> list[tuple[str, SourceConfig]]:
+def source_configs(d: DataConfig) -> list[tuple[str, SourceConfig]]:
     """(where in the config, source) for every source; data.train_shards is one source named 'train'."""
-    if cfg.data.sources:
-        return [(f"data.sources.{i}.shards", src) for i, src in enumerate(cfg.data.sources)]
-    return [("data.train_shards", SourceConfig(DEFAULT_NAME, cfg.data.train_shards, manifest=cfg.data.manifest))]
+    if d.sources:
+        return [(f"data.sources.{i}.shards", src) for i, src in enumerate(d.sources)]
+    return [("data.train_shards", SourceConfig(DEFAULT_NAME, d.train_shards, manifest=d.manifest))]
 
 
-def plan_for(cfg: Config, name: str, shards, num_streams: int) -> StreamPlan:
-    d = cfg.data
+def plan_for(d: DataConfig, seed: int, name: str, shards, num_streams: int) -> StreamPlan:
     try:
-        return StreamPlan(shards, cfg.seed, num_streams, d.shuffle, d.shuffle_block_shards, d.shuffle_buffer, name)
+        return StreamPlan(shards, seed, num_streams, d.shuffle, d.shuffle_block_shards, d.shuffle_buffer, name)
     except ValueError as exn:
         raise DataError(f"data source {name!r}: {exn}") from None
 
 
-def build_sources(cfg: Config, num_streams: int) -> list[Source]:
+def build_sources(d: DataConfig, seed: int, num_streams: int) -> list[Source]:
     """Every source resolved (shards, counts) and planned. Weights: `weight` as given; with
     `repeat` (or neither), repeat x the source's samples: each sample `repeat` times (once) per
     mixture epoch."""
     out = []
-    for where, src in source_configs(cfg):
-        plan = plan_for(cfg, src.name, resolve_shards(src.shards, src.manifest, what=where), num_streams)
+    for where, src in source_configs(d):
+        plan = plan_for(d, seed, src.name, resolve_shards(src.shards, src.manifest, what=where), num_streams)
         if src.weight is not None:
             out.append(Source(src.name, plan, src.weight))
         else:

@@ -1,29 +1,28 @@
-"""Training engines behind one small interface (see engine/base.py): DDP, FSDP2 and DeepSpeed."""
+"""Training engines behind one small interface (base.py): DDP, FSDP2 and DeepSpeed, and the EMA of
+the weights that lives with each engine's sharding (ema.py)."""
 
 from __future__ import annotations
 
-from ..config import Config
-from ..distributed import DistEnv
-from ..errors import ConfigError
-from .base import Engine
+from ..config import BatchLayout, Config
+from ..job.distributed import DistEnv
+from .base import Engine, EngineSpec
 
 
-def build_engine(cfg: Config, model, env: DistEnv) -> Engine:
+def build_engine(cfg: Config, model, env: DistEnv, layout: BatchLayout | None = None) -> Engine:
+    """The engine engine.name names, with what it takes of `cfg` (EngineSpec.of)."""
+    layout = layout or BatchLayout.of(cfg.data, cfg.optim, env.world_size)
+    spec = EngineSpec.of(cfg, layout)
     if cfg.engine.name == "ddp":
         from .ddp import DDPEngine
 
-        return DDPEngine(model, cfg, env)
+        return DDPEngine(model, spec, env)
     if cfg.engine.name == "fsdp2":
         from .fsdp2 import FSDP2Engine
 
-        return FSDP2Engine(model, cfg, env)
-    try:
-        from .deepspeed import DeepSpeedEngine
-    except ImportError as exn:
-        raise ConfigError(
-            f"engine.name=deepspeed is unavailable ({exn}); install it with: pip install 'clipscale[deepspeed]'"
-        ) from None
-    return DeepSpeedEngine(model, cfg, env)
+        return FSDP2Engine(model, spec, env)
+    from .deepspeed import DeepSpeedEngine  # (installed: checked at load, config/validate.py)
+
+    return DeepSpeedEngine(model, spec, env)
 
 
-__all__ = ["Engine", "build_engine"]
+__all__ = ["Engine", "EngineSpec", "build_engine"]

@@ -1,22 +1,56 @@
-"""The engine interface: everything train.py needs from DDP or DeepSpeed, nothing more.
+"""The engine interface: everything the trainer needs from DDP, FSDP2 or DeepSpeed, nothing more.
 
-An engine owns the wrapped model, the optimizer, the LR schedule and mixed precision.
-train.py only calls these methods, so it has no engine-specific branches.
+An engine owns the wrapped model, the optimizer, the LR schedule and mixed precision. The trainer
+only calls these methods, so it has no engine-specific branches. What an engine takes from the
+config is one EngineSpec: its own section, the optimization, the model's precision and compilation,
+and the batch layout.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ContextManager
 
 import torch
 from torch import nn
 
-from ..config import Config
-from ..distributed import DistEnv
+from ..config import BatchLayout, Config, EngineConfig
+from ..job.distributed import DistEnv
+from ..model import fit_scalar_shapes, to_open_clip_layout
+from ..optim import Optimization
+
+
+@dataclass
+class EngineSpec:
+    """What an engine takes from the config and the run, gathered once (EngineSpec.of)."""
+
+    engine: EngineConfig
+    optimization: Optimization
+    precision: str
+    """model.precision: the autocast dtype (and DeepSpeed's / FSDP2's mixed precision)."""
+    compile: bool
+    """model.compile: torch.compile the wrapped model."""
+    layout: BatchLayout
+    identity: dict
+    """This run's model and loss name ({"model": {"name"}, "loss": {"name"}}): a checkpoint of another
+    model is refused with one line."""
+    scratch_dir: Path
+    """Where a checkpoint is converted before loading (DeepSpeed's universal checkpoint)."""
+
+    @classmethod
+    def of(cls, cfg: Config, layout: BatchLayout) -> EngineSpec:
+        return cls(
+            engine=cfg.engine,
+            optimization=Optimization(cfg.optim, cfg.schedule, cfg.train.steps),
+            precision=cfg.model.precision,
+            compile=cfg.model.compile,
+            layout=layout,
+            identity={"model": {"name": cfg.model.name}, "loss": {"name": cfg.loss.name}},
+            scratch_dir=Path(cfg.run.dir) / "checkpoints",
+        )
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -26,30 +60,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _shape_only(state: dict) -> dict:
-    """Shape-only stand-ins for weights; a 1-element tensor counts as a scalar (open_clip stores the
-    temperature 0-d, clipscale trains it as a 1-element vector)."""
-
-    def meta(shape) -> torch.Tensor:
-        shape = tuple(shape)
-        return torch.empty(() if math.prod(shape) == 1 else shape, device="meta")
-
-    return {k: meta(v.shape if hasattr(v, "shape") else v) for k, v in state.items()}
-
-
-def check_fits(path, train_state: dict, cfg: Config, now: dict, saved: dict) -> None:
-    """CheckpointError (one line) when the checkpoint's model is not this run's: other weights, shapes,
-    model name, loss or embedding size. `now` and `saved` map names to tensors or shapes."""
-    from ..checkpoint import incompatibility
-    from ..config import to_dict
-    from ..errors import CheckpointMismatch
-
-    saved_config = (train_state.get("meta") or {}).get("config")
-    problem = incompatibility(str(path), saved_config, to_dict(cfg), _shape_only(now), _shape_only(saved))
-    if problem:
-        raise CheckpointMismatch(problem)
 
 
 def optimizer_state_by_name(optim_state: dict) -> dict:
@@ -66,11 +76,11 @@ class Engine(abc.ABC):
     module: nn.Module
     device: torch.device
     env: DistEnv
-    cfg: Config
+    spec: EngineSpec
 
     # ------------------------------------------------------------------ compute
     def autocast(self) -> ContextManager:
-        dtype = autocast_dtype(self.cfg.model.precision, self.device)
+        dtype = autocast_dtype(self.spec.precision, self.device)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
@@ -105,9 +115,10 @@ class Engine(abc.ABC):
         """Current learning rate of optim.lr (per-tower and per-layer groups are scaled from it)."""
         group = self.optimizer.param_groups[0]
         initial = group.get("initial_lr")
-        if not initial or initial == self.cfg.optim.lr:
+        base = self.spec.optimization.optim.lr
+        if not initial or initial == base:
             return float(group["lr"])
-        return float(group["lr"] / initial * self.cfg.optim.lr)
+        return float(group["lr"] / initial * base)
 
     ema = None  # an ema.ModelEMA of `module` when ema.decay is set (the trainer attaches it)
 
@@ -124,8 +135,6 @@ class Engine(abc.ABC):
             )
             self.ema.reset()
             return
-        from ..model import fit_scalar_shapes
-
         self.ema.load_state_dict(fit_scalar_shapes(ema_state, {k: v.shape for k, v in self.ema.shadow.items()}))
 
     def logit_scale(self) -> float:
@@ -144,20 +153,12 @@ class Engine(abc.ABC):
     def restart_schedule(self, step: int) -> None:
         """The current config's hyperparameters and LR schedule, positioned at `step` (after a resume:
         a changed optim.lr, weight decay or schedule.* applies from the next step on)."""
-        from ..model import apply_hyperparameters
-        from ..schedule import build_scheduler
-
-        apply_hyperparameters(self.optimizer, self.cfg)
-        self.scheduler = build_scheduler(
-            self.optimizer, self.cfg.schedule, self.cfg.train.steps, self.cfg.optim.lr, step=step
-        )
+        self.scheduler = self.spec.optimization.restart(self.optimizer, step)
 
     def ema_state(self) -> dict | None:
         """The EMA weights to store (open_clip layout, whole tensors), or None without EMA."""
         if self.ema is None:
             return None
-        from ..model import to_open_clip_layout
-
         return to_open_clip_layout(self.ema.state_dict())
 
     # ------------------------------------------------------------------ state

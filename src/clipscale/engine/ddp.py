@@ -17,13 +17,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import torch_save_synced
-from ..config import Config
-from ..distributed import DistEnv
-from ..model import build_optimizer, clamp_logit_scale, fit_scalar_shapes, to_open_clip_layout
-from ..schedule import build_scheduler
-from .base import Engine, check_fits, optimizer_state_by_name
-from .formats import full_state
+from ..checkpoint.compat import check_fits
+from ..checkpoint.files import load_checkpoint_file, torch_save_synced
+from ..checkpoint.formats import full_state, read_ema
+from ..job.distributed import DistEnv
+from ..model import clamp_logit_scale, fit_scalar_shapes, to_open_clip_layout
+from .base import Engine, EngineSpec, optimizer_state_by_name
 
 FULL = StateDictOptions(full_state_dict=True)
 
@@ -49,8 +48,8 @@ def _no_buffer_sync() -> dict:
 
 
 class DDPEngine(Engine):
-    def __init__(self, model: nn.Module, cfg: Config, env: DistEnv):
-        self.cfg, self.env, self.device = cfg, env, env.device
+    def __init__(self, model: nn.Module, spec: EngineSpec, env: DistEnv):
+        self.spec, self.env, self.device = spec, env, env.device
         self.module = model.to(self.device)
         if env.world_size > 1:
             self.wrapped = DistributedDataParallel(
@@ -61,10 +60,10 @@ class DDPEngine(Engine):
             )
         else:
             self.wrapped = self.module
-        self.runner = torch.compile(self.wrapped) if cfg.model.compile else self.wrapped
-        self.optimizer = build_optimizer(self.module, cfg, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.steps, cfg.optim.lr)
-        fp16 = cfg.model.precision == "fp16"
+        self.runner = torch.compile(self.wrapped) if spec.compile else self.wrapped
+        self.optimizer = spec.optimization.optimizer(self.module, self.device)
+        self.scheduler = spec.optimization.scheduler(self.optimizer)
+        fp16 = spec.precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16) if fp16 else None
 
     # ------------------------------------------------------------------ compute
@@ -77,7 +76,7 @@ class DDPEngine(Engine):
         return self.wrapped.no_sync() if isinstance(self.wrapped, DistributedDataParallel) else contextlib.nullcontext()
 
     def optimizer_step(self) -> dict:
-        clip = self.cfg.optim.grad_clip_norm
+        clip = self.spec.optimization.clip_norm
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -126,19 +125,15 @@ class DDPEngine(Engine):
         """A DDP checkpoint file or an FSDP2 checkpoint folder, of any world size."""
         model_state, optim_state, train_state = full_state(path)
         now = self.module.state_dict()
-        check_fits(path, train_state, self.cfg, now, model_state)
+        check_fits(path, train_state, self.spec.identity, now, model_state)
         self.module.load_state_dict(fit_scalar_shapes(model_state, {k: v.shape for k, v in now.items()}))
         if optim_state is not None:
             set_optimizer_state_dict(self.module, self.optimizer, optim_state, options=FULL)
         else:
             self._load_legacy_optimizer(path)
         if self.ema is not None:
-            from .formats import read_ema
-
             self.load_ema(path, read_ema(path))
         if self.scaler is not None:
-            from ..checkpoint import load_checkpoint_file
-
             scaler = load_checkpoint_file(path).get("scaler") if Path(path).is_file() else None
             if scaler:
                 self.scaler.load_state_dict(scaler)
@@ -146,8 +141,6 @@ class DDPEngine(Engine):
 
     def _load_legacy_optimizer(self, path: Path) -> None:
         """clipscale <= 0.1 files hold torch's index-keyed optimizer state (same model, same groups)."""
-        from ..checkpoint import load_checkpoint_file
-
         legacy = load_checkpoint_file(path).get("optimizer") if Path(path).is_file() else None
         if not legacy:
             return

@@ -30,16 +30,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import Config
-from ..distributed import DistEnv, barrier, broadcast_object, ensure_process_group
+from ..checkpoint.compat import check_fits
+from ..checkpoint.formats import DS_TAG as TAG
+from ..checkpoint.formats import deepspeed_model_states
+from ..checkpoint.state import from_legacy
 from ..errors import CheckpointError, CheckpointMismatch
 from ..fsutil import remove_path
-from ..model import MAX_LOGIT_SCALE, param_groups
-from ..schedule import build_scheduler
-from ..state import from_legacy
-from .base import Engine, check_fits
-from .ds_checkpoint import DS_TAG as TAG
-from .ds_checkpoint import deepspeed_model_states
+from ..job.distributed import DistEnv, barrier, broadcast_object, ensure_process_group
+from ..model import MAX_LOGIT_SCALE
+from .base import Engine, EngineSpec
 from .ds_config import build_ds_config
 
 log = logging.getLogger(__name__)
@@ -66,25 +65,25 @@ def _shape(p: torch.Tensor) -> tuple:
 class DeepSpeedEngine(Engine):
     checkpoint_suffix = ""  # checkpoints are folders; saved synchronously (no snapshot())
 
-    def __init__(self, model: nn.Module, cfg: Config, env: DistEnv):
+    def __init__(self, model: nn.Module, spec: EngineSpec, env: DistEnv):
         import deepspeed
 
-        self.cfg, self.env, self.device = cfg, env, env.device
-        self.ds_config = build_ds_config(cfg, env.world_size, env.device)
+        self.spec, self.env, self.device = spec, env, env.device
+        self.ds_config = build_ds_config(spec, env.device)
         self.stage = self.ds_config["zero_optimization"]["stage"]
         ensure_process_group(env)
         _forget_stale_groups()
         deepspeed.init_distributed(
             dist_backend="nccl" if env.device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(seconds=cfg.engine.dist_timeout_s),
+            timeout=datetime.timedelta(seconds=spec.engine.dist_timeout_s),
         )
         self.module = model.to(self.device)
         self.ds, _, _, _ = deepspeed.initialize(
-            model=self.module, config=self.ds_config, model_parameters=param_groups(self.module, cfg.optim)
+            model=self.module, config=self.ds_config, model_parameters=spec.optimization.param_groups(self.module)
         )
         self.base_optimizer = self.ds.basic_optimizer
         self.optimizer = self.base_optimizer  # its param groups hold the learning rate
-        self.scheduler = build_scheduler(self.base_optimizer, cfg.schedule, cfg.train.steps, cfg.optim.lr)
+        self.scheduler = spec.optimization.scheduler(self.base_optimizer)
         self.ds.set_gradient_accumulation_boundary(True)
         self.runner = self.ds
 
@@ -177,7 +176,7 @@ class DeepSpeedEngine(Engine):
         if not saved:
             saved = {k: tuple(v.shape) for k, v in (meta.get("module") or {}).items()}
         now = {n: _shape(p) for n, p in self.module.named_parameters()}
-        check_fits(path, train_state, self.cfg, now, saved)
+        check_fits(path, train_state, self.spec.identity, now, saved)
         stage = meta.get("zero_stage", 0)
         if stage != self.stage:
             raise CheckpointMismatch(
@@ -209,7 +208,7 @@ class DeepSpeedEngine(Engine):
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         token = broadcast_object(uuid.uuid4().hex[:8])  # this attempt's: no stale status file can answer
-        universal = Path(self.cfg.run.dir) / "checkpoints" / f".{path.name}.tmp.universal-{token}"
+        universal = self.spec.scratch_dir / f".{path.name}.tmp.universal-{token}"
         status = universal.with_name(universal.name + ".status")
         if self.env.is_main:
             remove_path(universal)

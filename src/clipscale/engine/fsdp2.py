@@ -30,13 +30,20 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..checkpoint import torch_save_synced
-from ..config import Config
-from ..distributed import DistEnv, broadcast_object, ensure_process_group
-from ..model import build_optimizer, clamp_logit_scale, fit_scalar_shapes
-from ..schedule import build_scheduler
-from .base import Engine, autocast_dtype, check_fits, optimizer_state_by_name
-from .formats import DCP_TRAIN_STATE, checkpoint_format, dcp_shapes, full_state, has_dcp_entry, read_train_state
+from ..checkpoint.compat import check_fits
+from ..checkpoint.files import torch_save_synced
+from ..checkpoint.formats import (
+    DCP_TRAIN_STATE,
+    checkpoint_format,
+    dcp_shapes,
+    full_state,
+    has_dcp_entry,
+    read_ema,
+    read_train_state,
+)
+from ..job.distributed import DistEnv, broadcast_object, ensure_process_group
+from ..model import clamp_logit_scale, fit_scalar_shapes
+from .base import Engine, EngineSpec, autocast_dtype, optimizer_state_by_name
 
 FULL = StateDictOptions(full_state_dict=True)
 log = logging.getLogger(__name__)
@@ -57,17 +64,17 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 class FSDP2Engine(Engine):
     checkpoint_suffix = ""  # a folder of DCP shards
 
-    def __init__(self, model: nn.Module, cfg: Config, env: DistEnv):
+    def __init__(self, model: nn.Module, spec: EngineSpec, env: DistEnv):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-        self.cfg, self.env, self.device = cfg, env, env.device
+        self.spec, self.env, self.device = spec, env, env.device
         ensure_process_group(env)
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
         # transformer blocks compute in the low precision (parameters cast for the forward, gradients
         # reduced in fp32); the rest (embeddings, projections, the temperature) stays fp32 under autocast,
         # as with DDP: a bf16 logit_scale would round ln(100) to 4.594
-        dtype = autocast_dtype(cfg.model.precision, self.device)
+        dtype = autocast_dtype(spec.precision, self.device)
         blocks_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
         self.module = model.to(self.device)
         for block in transformer_blocks(self.module):
@@ -76,9 +83,9 @@ class FSDP2Engine(Engine):
         for method in FORWARD_METHODS:
             if hasattr(self.module, method):
                 register_fsdp_forward_method(self.module, method)
-        self.runner = torch.compile(self.module) if cfg.model.compile else self.module
-        self.optimizer = build_optimizer(self.module, cfg, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.steps, cfg.optim.lr)
+        self.runner = torch.compile(self.module) if spec.compile else self.module
+        self.optimizer = spec.optimization.optimizer(self.module, self.device)
+        self.scheduler = spec.optimization.scheduler(self.optimizer)
 
     # ------------------------------------------------------------------ compute
     def backward(self, loss):
@@ -93,7 +100,7 @@ class FSDP2Engine(Engine):
             self.module.set_requires_gradient_sync(True)
 
     def optimizer_step(self) -> dict:
-        clip = self.cfg.optim.grad_clip_norm
+        clip = self.spec.optimization.clip_norm
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -129,7 +136,7 @@ class FSDP2Engine(Engine):
         now = {k: v.shape for k, v in get_model_state_dict(self.module, options=StateDictOptions()).items()}
         if checkpoint_format(path) == "fsdp2":
             train_state = read_train_state(path)
-            check_fits(path, train_state, self.cfg, now, dcp_shapes(path))
+            check_fits(path, train_state, self.spec.identity, now, dcp_shapes(path))
             with_ema = self.ema is not None and has_dcp_entry(path, "ema")
             state = self._sharded(ema=with_ema)
             # the moments by parameter name only: the groups are this run's (their hyperparameters come
@@ -145,7 +152,7 @@ class FSDP2Engine(Engine):
         # a whole state (a DDP file): read by the first rank only and broadcast, shard by shard
         model_state, optim_state, train_state = full_state(path, weights=self.env.is_main)
         if self.env.is_main:
-            check_fits(path, train_state, self.cfg, now, model_state)
+            check_fits(path, train_state, self.spec.identity, now, model_state)
             model_state = fit_scalar_shapes(model_state, now)
         broadcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(self.module, model_state, options=broadcast)
@@ -164,8 +171,6 @@ class FSDP2Engine(Engine):
     def _load_whole_ema(self, path: Path) -> None:
         """The EMA of a whole-state (DDP) checkpoint: read on the first rank, scattered as shards."""
         from torch.distributed.tensor import distribute_tensor
-
-        from .formats import read_ema
 
         whole = read_ema(path) if self.env.is_main else None
         present = broadcast_object(whole is not None)

@@ -311,43 +311,16 @@ def _build(src, rows, out: Path, bucket, name, opts, workers, progress, t0) -> d
     todo = [(str(out), name, i, shard_rows[i], opts) for i in range(n_shards) if i not in done]
     rows_todo = sum(len(t[3]) for t in todo)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=rows_todo, unit="img", desc="shards", disable=not progress, dynamic_ncols=True)
     results = dict(done)
-    try:
-
-        def finished(stats: dict) -> None:
-            index = int(stats["file"][-10:-4])
-            results[index] = stats
-            if bucket:  # the tar first: a shard whose stats are in the bucket is complete
-                bucket.publish(stats["file"], stats_path(Path("."), name, index).name)
-            bar.update(stats["count"])
-
-        if workers <= 1 or len(todo) <= 1:
-            for task in todo:
-                finished(build_one_shard(task))
-        else:
-            with mp.get_context("fork").Pool(workers) as pool:
-                for stats in pool.imap_unordered(build_one_shard, todo):
-                    finished(stats)
-    finally:
-        bar.close()
+    _write_shards(todo, rows_todo, workers, progress, bucket, name, results)
     seconds = time.perf_counter() - t0
     ordered = [results[i] for i in range(n_shards)]
     write_manifest(out, [ShardRecord(s["file"], s["samples"], s["bytes"], s["sha256"]) for s in ordered])
-    skipped: Counter = Counter()
-    examples: dict[str, list] = {}
-    for s in ordered:
-        skipped.update(s["skipped"])
-        for reason, ex in s["examples"].items():
-            examples.setdefault(reason, []).extend(ex[: EXAMPLES_KEPT - len(examples.get(reason, []))])
     summary = {
         "input": str(src),
         "read": len(rows),
         "written": sum(s["samples"] for s in ordered),
-        "skipped": dict(sorted(skipped.items())),
-        "examples": examples,
+        **_skips(ordered),
         "shards": n_shards,
         "shards_reused": len(done),
         "seconds": seconds,
@@ -359,3 +332,39 @@ def _build(src, rows, out: Path, bucket, name, opts, workers, progress, t0) -> d
     if bucket:
         bucket.publish(MANIFEST_NAME, "stats.json")
     return summary
+
+
+def _write_shards(todo: list, rows_todo: int, workers: int, progress: bool, bucket, name: str, results: dict) -> None:
+    """Build the shards of `todo` (in `workers` processes), recording each one's stats in `results`."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=rows_todo, unit="img", desc="shards", disable=not progress, dynamic_ncols=True)
+
+    def finished(stats: dict) -> None:
+        index = int(stats["file"][-10:-4])
+        results[index] = stats
+        if bucket:  # the tar first: a shard whose stats are in the bucket is complete
+            bucket.publish(stats["file"], stats_path(Path("."), name, index).name)
+        bar.update(stats["count"])
+
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for task in todo:
+                finished(build_one_shard(task))
+        else:
+            with mp.get_context("fork").Pool(workers) as pool:
+                for stats in pool.imap_unordered(build_one_shard, todo):
+                    finished(stats)
+    finally:
+        bar.close()
+
+
+def _skips(ordered: list[dict]) -> dict:
+    """{"skipped": counts by reason, "examples": the first few of each} over every shard's stats."""
+    skipped: Counter = Counter()
+    examples: dict[str, list] = {}
+    for s in ordered:
+        skipped.update(s["skipped"])
+        for reason, ex in s["examples"].items():
+            examples.setdefault(reason, []).extend(ex[: EXAMPLES_KEPT - len(examples.get(reason, []))])
+    return {"skipped": dict(sorted(skipped.items())), "examples": examples}

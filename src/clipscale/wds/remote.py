@@ -65,7 +65,9 @@ def filesystem(url: str, storage_options: dict | None = None):
     key = (os.getpid(), protocol, json.dumps(options, sort_keys=True, default=str))
     if key not in _filesystems:
         try:
-            _filesystems[key] = fsspec.filesystem(protocol, **options)
+            # not fsspec's instance cache: it would hand back a filesystem made before configure() (or
+            # before the environment changed, e.g. AWS_ENDPOINT_URL), with its old endpoint
+            _filesystems[key] = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
         except ImportError as exn:
             from ..errors import DataError
 

@@ -1,0 +1,390 @@
+"""Checkpoints on disk: when to save, atomic writes, checksums, retention, and resuming.
+
+Layout of a run directory:
+    checkpoints/step_00001000.pt          one checkpoint per saved step (a file for DDP, a folder for
+                                          FSDP2 and DeepSpeed: formats.py says what is inside)
+    checkpoints/step_00001000.pt.sha256   sha256 of every file of that checkpoint (JSON)
+    checkpoints/latest                    the name of the newest complete checkpoint
+    checkpoints/abandoned/                checkpoints after the one a run resumed from (a rollback)
+
+Saving: write under a temporary name (every file fsync'ed), write the checksums, rename into
+place, then move `latest`; retention removes the oldest beyond `keep_last`, never the one just
+written. A kill at any moment leaves the previous checkpoint intact and pointed at. Loading
+(`resume: auto`): the checkpoint `latest` names, else the newest; one that is damaged or fails to
+load is skipped with a warning in favour of the one before it. Resuming from a checkpoint older
+than the newest (a rollback) moves the later ones to `abandoned/`: they belong to a future this
+run will not have, and must neither be resumed from nor count against `keep_last`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..config import CheckpointConfig
+from ..errors import CheckpointError, CheckpointMismatch
+from ..fsutil import atomic_write_bytes, fsync_dir, remove_path, remove_temporaries, temp_path
+from ..job.distributed import all_gather_object, barrier, broadcast_object
+from .files import checksum_path, checksum_problem, checksums, fsync_tree, step_of, torch_save_synced
+from .names import FORMS, LATEST, NAME_RE, checkpoint_name, checkpoints_folder, is_checkpoint_folder
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointManager:
+    """The checkpoints of one run directory: when to save (every checkpoint.every_n_steps, never while
+    the loss spikes, at the end), what to keep (retention, the rollback target), what to resume from.
+    Only the main rank touches the files."""
+
+    def __init__(
+        self, run_dir: str | Path, cfg: CheckpointConfig | None = None, is_main: bool = True, local_main: bool = True
+    ):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.cfg = cfg or CheckpointConfig()
+        self.current: Path | None = None  # the newest checkpoint of this run (saved, or resumed from)
+        self.last_saved = -1  # the step `current` holds (-1: none yet)
+        self._due = False  # a checkpoint came due (it waits while the loss spikes)
+        self.keep_last = self.cfg.keep_last
+        self.is_main = is_main
+        self.local_main = local_main  # the first process of its node (downloads the remote latest)
+        self._pending: threading.Thread | None = None
+        self._pending_error: BaseException | None = None
+        self.protected: Path | None = None  # never removed by retention (the spike guard's rollback target)
+        self.mirror = None
+        if self.cfg.remote:
+            from .remote import RemoteMirror
+
+            self.mirror = RemoteMirror(self.cfg.remote, self.keep_last, self.cfg.storage_options or {})
+        if is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            remove_temporaries(self.dir, "step_*")  # what saves killed mid-write left behind
+
+    @classmethod
+    def reader(cls, folder: Path) -> CheckpointManager:
+        """A read-only manager of any folder of step checkpoints (another run's, a copy)."""
+        manager = cls(Path(folder).parent, is_main=False)
+        manager.dir = Path(folder)
+        return manager
+
+    def path_for(self, step: int, suffix: str = ".pt") -> Path:
+        """Where the checkpoint of `step` lives (once published)."""
+        return self.dir / checkpoint_name(step, suffix)
+
+    @staticmethod
+    def step_of(path: Path) -> int:
+        return step_of(path)
+
+    # ---------------------------------------------------------------- when
+    def due(self, step: int, total: int, spiking: bool = False) -> bool:
+        """A checkpoint after this step, during the run: every checkpoint.every_n_steps, and one that
+        came due while the loss was spiking as soon as it stops (the checkpoint a rollback goes back
+        to must come from before a spike)."""
+        self._due = self._due or (step % self.cfg.every_n_steps == 0 and step < total)
+        return self._due and not spiking and step < total
+
+    def due_at_end(self, step: int, preempted: bool) -> bool:
+        """A checkpoint as the run stops: always when preempted, else the final one (save_final),
+        unless this step was just saved."""
+        return preempted or (self.cfg.save_final and self.last_saved != step)
+
+    def _holds(self, path: Path | None, step: int) -> None:
+        """`path` (of `step`) is now this run's newest checkpoint."""
+        self.current, self.last_saved, self._due = path, step, False
+
+    # ---------------------------------------------------------------- the engine's checkpoint
+    def save_engine(self, step: int, engine, train_state: dict, background: bool, spike_start: int | None) -> Path:
+        """Collective: the engine's model and optimizer and the train state at `step`. In the background
+        (checkpoint.async, DDP engine) the main rank writes a CPU snapshot while training goes on.
+        Saved in the middle of a spike (a preemption), retention keeps what a rollback needs: the
+        newest checkpoint from before `spike_start`."""
+        if self.is_main:
+            self.protected = self.rollback_target(spike_start, self.current) if spike_start is not None else None
+        suffix = engine.checkpoint_suffix
+        if background and engine.supports_async_save:
+            snap = engine.snapshot(train_state)
+            path = self.path_for(step, suffix)
+            if self.is_main:
+                self.save_async(step, lambda tmp: torch_save_synced(snap, tmp), suffix)
+            log.info("saving checkpoint %s in the background", path)
+        else:
+            path = self.save(step, lambda tmp: engine.save(tmp, train_state), suffix)
+            log.info("saved checkpoint %s", path)
+        self._holds(path, step)
+        return path
+
+    def restore(self, engine, target: Path) -> dict:
+        """Collective: load `target` into the engine (a rollback); this run's later checkpoints go to
+        abandoned/. Returns the train state saved with it."""
+        self.wait()
+        train_state = engine.load(target)
+        if self.is_main:
+            self.abandon_after(target)
+        self._holds(target, step_of(target))
+        return train_state
+
+    # ---------------------------------------------------------------- writing
+    def save(self, step: int, write: Callable[[Path], None], suffix: str = ".pt") -> Path:
+        """Collective: `write(tmp)` on every rank, then the main rank checksums the result,
+        renames it into place and moves `latest`."""
+        self.wait()
+        final = self.path_for(step, suffix)
+        tmp = temp_path(final)
+        if self.is_main:
+            remove_path(tmp)
+        barrier()
+        write(tmp)
+        if tmp.is_dir():  # each rank makes the files it wrote durable (other nodes' writes included)
+            fsync_tree(tmp)
+        barrier()
+        if self.is_main:
+            self._publish(tmp, final)
+        barrier()
+        return final
+
+    def save_async(self, step: int, write: Callable[[Path], None], suffix: str = ".pt") -> Path:
+        """Main rank only, no collectives: write + publish in a background thread (the caller
+        hands over a snapshot that training will not modify). Waits for the previous one first."""
+        self.wait()
+        final = self.path_for(step, suffix)
+        tmp = temp_path(final)
+
+        def run():
+            try:
+                remove_path(tmp)
+                write(tmp)
+                self._publish(tmp, final)
+            except BaseException as exn:  # reported by the next wait()
+                self._pending_error = exn
+
+        self._pending = threading.Thread(target=run, name=f"checkpoint-{step}", daemon=False)
+        self._pending.start()
+        return final
+
+    def wait(self) -> None:
+        """Block until a background save has finished; raise if it failed."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._pending_error is not None:
+            exn, self._pending_error = self._pending_error, None
+            raise CheckpointError(f"background checkpoint save failed: {type(exn).__name__}: {exn}")
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        if tmp.is_dir():  # DeepSpeed / DCP wrote the files: make them durable before the rename
+            fsync_tree(tmp)
+        atomic_write_bytes(checksum_path(final), (json.dumps(checksums(tmp), indent=1) + "\n").encode())
+        remove_path(final)
+        os.replace(tmp, final)
+        fsync_dir(self.dir)
+        atomic_write_bytes(self.dir / LATEST, (final.name + "\n").encode())
+        self._retain(keep=final)
+        if self.mirror is not None:  # (in the background thread too, with checkpoint.async)
+            try:
+                self.mirror.upload(final, protected=self.protected)
+            except Exception as exn:  # noqa: BLE001 - the local checkpoint stands; say so and go on
+                log.warning("could not mirror %s to %s: %s: %s", final.name, self.cfg.remote, type(exn).__name__, exn)
+
+    def all_checkpoints(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        found = [p for p in self.dir.iterdir() if NAME_RE.match(p.name)]
+        return sorted(found, key=step_of)
+
+    def _retain(self, keep: Path) -> None:
+        """Remove the oldest checkpoints beyond keep_last, never `keep` (the one just written)."""
+        if self.keep_last <= 0:
+            return
+        others = [p for p in self.all_checkpoints() if p not in (keep, self.protected)]
+        for old in others[: max(0, len(others) - (self.keep_last - 1))]:
+            try:
+                remove_path(old)
+                remove_path(checksum_path(old))
+            except OSError as e:
+                log.warning("could not remove old checkpoint %s: %s", old, e)
+
+    # ---------------------------------------------------------------- finding
+    def candidates(self) -> list[Path]:
+        """Checkpoints to try, best first: the one `latest` names, then newest to oldest."""
+        found = list(reversed(self.all_checkpoints()))
+        pointer = self.dir / LATEST
+        if pointer.is_file():
+            name = pointer.read_text(errors="replace").strip()
+            target = self.dir / name
+            if NAME_RE.match(name) and target.exists():
+                found.remove(target)
+                found.insert(0, target)
+            else:
+                log.warning(
+                    "checkpoints/latest names %r, which is not a checkpoint here; "
+                    "trying the newest checkpoints instead",
+                    name[:80],
+                )
+        return found
+
+    def latest(self) -> Path | None:
+        """The newest intact checkpoint (damaged ones are skipped with a warning)."""
+        for path in self.candidates():
+            problem = checksum_problem(path)
+            if problem is None:
+                return path
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path.name, problem)
+        return None
+
+    def rollback_target(self, before_step: int, also: Path | None = None) -> Path | None:
+        """The newest intact checkpoint from before `before_step` (the first step of a loss spike):
+        this run's own, else `also` (the checkpoint the run resumed from, maybe another run's)."""
+        found = [p for p in self.candidates() if 0 <= step_of(p) < before_step]
+        if also is not None and also not in found and 0 <= step_of(also) < before_step:
+            found.append(also)
+        for path in sorted(found, key=step_of, reverse=True):
+            problem = checksum_problem(path)
+            if problem is None:
+                return path
+            log.warning("checkpoint %s is damaged (%s); trying an older one", path.name, problem)
+        return None
+
+    # ---------------------------------------------------------------- resuming
+    RESUMED_FROM = "resumed_from"  # the checkpoint.resume path this run directory already applied
+
+    def plan_resume(self, resume: str) -> tuple[list[Path], bool]:
+        """(checkpoints to try in order, whether `resume` named exactly one). `resume` is none, auto
+        or any path form (find.py): a run or checkpoints folder or its `latest` means that run's
+        newest, falling back to older ones. A path this run directory already resumed from (the same
+        command, requeued) means this run's own newest (else every requeue would start over)."""
+        if resume in ("", "none", None):
+            return [], False
+        if resume == "auto":
+            return self.candidates(), False
+        path = Path(resume)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint.resume: no checkpoint at {resume}: expected {FORMS}")
+        marker = self.dir / self.RESUMED_FROM
+        if marker.is_file() and marker.read_text().strip() == str(path.resolve()) and self.all_checkpoints():
+            log.info(
+                "checkpoint.resume=%s was applied before in this run directory; continuing from its newest checkpoint",
+                resume,
+            )
+            return self.candidates(), False
+        folder = checkpoints_folder(path)
+        if folder is not None:
+            return CheckpointManager.reader(folder).candidates(), False
+        if path.is_dir() and not is_checkpoint_folder(path):
+            raise CheckpointError(f"checkpoint.resume: {path} holds no checkpoint: expected {FORMS}")
+        problem = checksum_problem(path)
+        if problem:
+            raise CheckpointError(f"checkpoint.resume: {path} is damaged ({problem})")
+        return [path], True
+
+    def load(self, engine, resume: str) -> tuple[Path, dict] | None:
+        """Collective: restore the engine from the checkpoint `resume` says (none | auto | a path) and
+        return (its path, its train state), or None to start fresh. Under resume=auto a damaged
+        checkpoint, or one whose data fail to load, is skipped for the one before it, on every rank
+        alike; a checkpoint of another model, or an I/O or memory error, stops the run instead."""
+        self.fetch_remote(resume)
+        plan = self.plan_resume(resume) if self.is_main else ([], False)
+        candidates, explicit = broadcast_object(([str(p) for p in plan[0]], plan[1]))
+        for i, name in enumerate(candidates):
+            path = Path(name)
+            problem = checksum_problem(path) if self.is_main and not explicit else None  # one at a time
+            problem = broadcast_object(problem)
+            if problem:
+                log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path.name, problem)
+                continue
+            train_state, error = None, None
+            try:
+                train_state = engine.load(path)
+            except CheckpointMismatch as exn:  # another model: no older checkpoint is better
+                error = ("mismatch", str(exn))
+            except (OSError, MemoryError) as exn:  # the storage or the machine, not the checkpoint
+                error = ("stop", f"cannot load {path}: {type(exn).__name__}: {exn}")
+            except Exception as exn:  # noqa: BLE001 - a damaged or incomplete checkpoint
+                error = ("skip", f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}")
+            reports = [e for e in all_gather_object(error) if e]
+            for kind, text in reports:
+                if kind == "mismatch":
+                    raise CheckpointMismatch(text)
+                if kind == "stop":
+                    raise CheckpointError(text[:600])
+            if not reports:
+                if self.is_main:
+                    self.abandon_after(path)
+                    if resume != "auto":
+                        atomic_write_bytes(self.dir / self.RESUMED_FROM, (str(Path(resume).resolve()) + "\n").encode())
+                self._holds(path, step_of(path))
+                return path, train_state
+            if explicit:
+                raise CheckpointError(f"checkpoint.resume: cannot load {path}: {reports[0][1]}"[:600])
+            log.warning(
+                "checkpoint %s could not be loaded (%s)%s",
+                path.name,
+                reports[0][1][:300],
+                "; falling back to the previous one" if i + 1 < len(candidates) else "",
+            )
+        if candidates:
+            raise CheckpointError(
+                f"none of the {len(candidates)} checkpoint(s) in {self.dir} could be loaded; "
+                f"set checkpoint.resume=none to start over (the old ones stay)"
+            )
+        return None
+
+    def fetch_remote(self, resume: str) -> None:
+        """Collective: under resume=auto with no local checkpoint, bring checkpoint.remote's latest into
+        checkpoints/: the main rank first, then the first process of every node that does not see it
+        (node-local run directories). A failure anywhere stops every rank with the same error."""
+        if self.mirror is None or resume != "auto":
+            return
+        found: tuple[str | None, str | None] = (None, None)
+        if self.is_main and not self.all_checkpoints():
+            try:
+                found = (self.mirror.latest(), None)
+            except Exception as exn:  # noqa: BLE001 - every rank must hear of it
+                found = (None, f"{type(exn).__name__}: {exn}")
+        name, error = broadcast_object(found)
+        if error is None and name is not None:
+            for turn in ("main", "others"):
+                mine = self.is_main if turn == "main" else (self.local_main and not self.is_main)
+                error = None
+                if mine and not (self.dir / name).exists():
+                    try:
+                        log.info("no checkpoint in %s: downloading %s from %s", self.dir, name, self.cfg.remote)
+                        path = self.mirror.download(name, self.dir)
+                        atomic_write_bytes(self.dir / LATEST, (path.name + "\n").encode())
+                    except Exception as exn:  # noqa: BLE001
+                        error = f"{type(exn).__name__}: {exn}"
+                error = next((e for e in all_gather_object(error) if e), None)
+                if error:
+                    break
+        if error:
+            raise CheckpointError(f"cannot bring the latest checkpoint from {self.cfg.remote}: {error}"[:600])
+
+    def abandon_after(self, resumed: Path) -> None:
+        """Move this run's checkpoints after `resumed` to checkpoints/abandoned/ (a rollback): `latest`,
+        resume=auto and retention then only see the checkpoints of the history this run continues."""
+        step = step_of(resumed)
+        if step < 0:
+            return
+        later = [p for p in self.all_checkpoints() if step_of(p) > step]
+        if not later:
+            return
+        aside = self.dir / "abandoned"
+        aside.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path in later:
+            for item in (path, checksum_path(path)):
+                if item.exists():
+                    os.replace(item, aside / f"{item.name}.{stamp}")
+        if resumed.parent.resolve() == self.dir.resolve():
+            atomic_write_bytes(self.dir / LATEST, (resumed.name + "\n").encode())
+        log.warning(
+            "resumed from %s, older than the newest checkpoint of %s: moved %d later checkpoint(s) (%s) to %s",
+            resumed.name,
+            self.dir,
+            len(later),
+            ", ".join(p.name for p in later),
+            aside,
+        )

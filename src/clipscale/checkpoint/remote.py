@@ -1,0 +1,101 @@
+"""checkpoint.remote: every published checkpoint mirrored to an object store, for a requeued job that
+lands on a machine with an empty run directory.
+
+Upload order makes the remote `latest` trustworthy (OpenCLIP's `--remote-sync` can point
+`--resume latest` at a checkpoint still being copied): the checkpoint's objects, then its
+checksum file, and only then `latest`; a job killed mid-upload leaves the previous `latest`
+naming a complete checkpoint. Remote retention follows checkpoint.keep_last. Downloads are
+verified against the checksum file before anything is loaded (checkpoint.checksum_problem).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from ..wds import remote
+from .names import CHECKSUM_SUFFIX, LATEST, NAME_RE
+
+log = logging.getLogger(__name__)
+
+
+class RemoteMirror:
+    def __init__(self, url: str, keep_last: int = 0, storage_options: dict | None = None):
+        self.url, self.keep_last = url.rstrip("/"), keep_last
+        self.storage_options = storage_options or {}  # checkpoint.storage_options, not the data's
+
+    def _fs(self):
+        fs, root = remote.filesystem(self.url, self.storage_options)
+        return fs, root.rstrip("/") + "/checkpoints"
+
+    def upload(self, local: Path, protected: Path | None = None) -> None:
+        """Mirror one published checkpoint (file or folder) and its checksum, then move `latest`."""
+        fs, root = self._fs()
+        name = local.name
+        target = f"{root}/{name}"
+        if local.is_dir():
+            for path in sorted(p for p in local.rglob("*") if p.is_file()):
+                rel = path.relative_to(local).as_posix()
+                remote.with_retries(
+                    f"uploading {name}/{rel}", lambda p=path, r=rel: fs.put_file(str(p), f"{target}/{r}")
+                )
+        else:
+            remote.with_retries(f"uploading {name}", lambda: fs.put_file(str(local), target))
+        sums = local.with_name(name + CHECKSUM_SUFFIX)
+        remote.with_retries(f"uploading {sums.name}", lambda: fs.put_file(str(sums), target + CHECKSUM_SUFFIX))
+        remote.with_retries(
+            f"moving {self.url} latest", lambda: fs.pipe_file(f"{root}/{LATEST}", (name + "\n").encode())
+        )
+        log.info("mirrored %s to %s/checkpoints/", name, self.url)
+        self._retain(fs, root, keep={name, protected.name if protected is not None else name})
+
+    def _retain(self, fs, root: str, keep: set[str]) -> None:
+        if self.keep_last <= 0:
+            return
+        names = sorted(
+            {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False, refresh=True)} if fs.exists(root) else set()
+        )
+        steps = sorted((n for n in names if NAME_RE.match(n) and n not in keep), key=lambda n: int(NAME_RE.match(n)[1]))
+        for old in steps[: max(0, len(steps) - (self.keep_last - 1))]:
+            try:
+                fs.rm(f"{root}/{old}", recursive=True)
+                if f"{old}{CHECKSUM_SUFFIX}" in names:
+                    fs.rm(f"{root}/{old}{CHECKSUM_SUFFIX}")
+            except OSError as exn:
+                log.warning("could not remove the remote checkpoint %s: %s", old, exn)
+
+    def latest(self) -> str | None:
+        """The name the remote `latest` holds (a complete checkpoint), or None."""
+        fs, root = self._fs()
+        try:
+            return (
+                remote.with_retries(f"reading {self.url} latest", lambda: fs.cat_file(f"{root}/{LATEST}"))
+                .decode()
+                .strip()
+            )
+        except FileNotFoundError:
+            return None
+
+    def download(self, name: str, local_dir: Path) -> Path:
+        """The checkpoint `name` and its checksum into `local_dir` (a temporary name, then renamed)."""
+        fs, root = self._fs()
+        local_dir.mkdir(parents=True, exist_ok=True)
+        final = local_dir / name
+        tmp = local_dir / f".{name}.download-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        source = f"{root}/{name}"
+        if fs.isdir(source):
+            for path in fs.find(source):
+                rel = path[len(source) + 1 :]
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                remote.with_retries(f"downloading {name}/{rel}", lambda p=path, r=rel: fs.get_file(p, str(tmp / r)))
+        else:
+            remote.with_retries(f"downloading {name}", lambda: fs.get_file(source, str(tmp)))
+        sums = local_dir / (name + CHECKSUM_SUFFIX)
+        remote.with_retries(f"downloading {sums.name}", lambda: fs.get_file(source + CHECKSUM_SUFFIX, str(sums)))
+        if final.exists():
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.replace(tmp, final)
+        return final

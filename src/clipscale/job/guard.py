@@ -1,0 +1,149 @@
+"""The loss-spike guard: notice a spike, pick the checkpoint to roll back to, decide what to skip.
+
+Large-batch contrastive training sometimes spikes (OpenCLIP issue 556); PaLM's remedy is to
+restart from a checkpoint before the spike and skip the data window that led into it. The guard
+keeps the median of the last `window` global losses; when the loss exceeds `factor` x that median
+for `patience` consecutive steps, it plans a rollback: the newest intact checkpoint from before the
+first spiking step, and `skip_batches` global batches of data to consume without training on them
+(their samples count as consumed, so resume and re-layout stay exact); twice as many when it rolls
+back to the same checkpoint again. More than `max_rollbacks` rollbacks within `within_steps` steps,
+or no checkpoint to go back to, stop the run with a clear error. The trainer carries the plan out.
+
+The decision uses the global loss, the same number on every rank: every rank plans the same
+rollback at the same step with no extra collective but the target's broadcast. The guard's window
+is part of the checkpoint, so a resumed run decides exactly as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import TrainingDiverged
+from .distributed import broadcast_object
+
+MIN_HISTORY = 5  # losses needed before a median means anything
+
+
+@dataclass
+class Rollback:
+    """What the trainer does about a spike: restore `target`, consume `skip` global batches."""
+
+    target: Path
+    skip: int
+    record: dict  # {"step", "to_step", "loss", "median", "skipped_batches"}: the status and metrics keep it
+    history: list  # every rollback of the run, this one included (restoring the target forgets the later ones)
+
+    def event(self, restored_step: int, count: int) -> dict:
+        """The metrics.jsonl record of the rollback (logged at the step that follows the skipped data)."""
+        return {
+            "event": "rollback",
+            "rollback/from_step": self.record["step"],
+            "rollback/to_step": restored_step,
+            "rollback/loss": self.record["loss"],
+            "rollback/median": self.record["median"],
+            "rollback/skipped_batches": self.skip,
+            "rollback/count": count,
+        }
+
+
+class SpikeGuard:
+    """`cfg`: train.spike_guard (None: the guard is off and never fires)."""
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+        self.history: deque[float] = deque(maxlen=cfg.window if cfg else 1)
+        self.above = 0  # consecutive steps above the threshold
+        self.last_loss = float("nan")
+        self.rollbacks: list[dict] = []  # the records of every rollback of the run
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg is not None
+
+    # ------------------------------------------------------------------ detect
+    def spiked(self, loss: float) -> bool:
+        """Record this step's loss; True when the run should roll back now. Non-finite losses are
+        not judged here (those steps are skipped, train.max_nonfinite_steps)."""
+        if not self.enabled or not math.isfinite(loss):
+            return False
+        self.last_loss = loss
+        if len(self.history) >= MIN_HISTORY and loss > self.cfg.factor * statistics.median(self.history):
+            self.above += 1
+            return self.due()
+        self.above = 0
+        self.history.append(loss)  # a spiking loss does not raise the median it is judged against
+        return False
+
+    def due(self) -> bool:
+        """A rollback is due (also right after a resume from a checkpoint saved at the deciding step)."""
+        return self.enabled and self.above >= self.cfg.patience
+
+    @property
+    def spiking(self) -> bool:
+        """The loss is above the threshold now: no checkpoint may be saved (it must come from before)."""
+        return self.above > 0
+
+    def spike_start(self, step: int) -> int | None:
+        """The first step of the spike in progress at `step` (None when there is none): the checkpoint
+        to roll back to must come from before it."""
+        return step - self.above + 1 if self.spiking else None
+
+    def median(self) -> float:
+        return statistics.median(self.history) if self.history else float("nan")
+
+    def recent_rollbacks(self, step: int) -> int:
+        return sum(1 for r in self.rollbacks if step - r["step"] < self.cfg.within_steps)
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, step: int, loss: float, ckpts, also: Path | None, is_main: bool) -> Rollback:
+        """Collective: the rollback for a spike decided at `step`. `ckpts` finds the target (the
+        checkpoint manager's rollback_target, on the main rank; broadcast); `also`: the checkpoint this
+        run resumed from (maybe another run's). TrainingDiverged when the run must stop instead."""
+        first = self.spike_start(step)
+        recent = self.recent_rollbacks(step)
+        if recent >= self.cfg.max_rollbacks:
+            raise TrainingDiverged(
+                f"the loss spiked again at step {step} ({loss:.4g}, {self.cfg.factor} x the median "
+                f"{self.median():.4g} exceeded for {self.above} steps) after {recent} rollback(s) within "
+                f"{self.cfg.within_steps} steps; training stopped. Lower optim.lr, raise "
+                f"train.spike_guard.skip_batches, or check the data"
+            )
+        target = ckpts.rollback_target(first, also) if is_main else None
+        target = broadcast_object(str(target) if target else None)
+        if target is None:
+            raise TrainingDiverged(
+                f"the loss spiked at step {step} ({loss:.4g} > {self.cfg.factor} x the median "
+                f"{self.median():.4g} for {self.above} steps) and there is no checkpoint from before step "
+                f"{first} to roll back to; save checkpoints more often (checkpoint.every_n_steps)"
+            )
+        target = Path(target)
+        to_step = ckpts.step_of(target)
+        again = sum(1 for r in self.rollbacks if r.get("to_step") == to_step)  # the same data would spike again
+        skip = self.cfg.skip_batches * (1 + again)
+        record = {"step": step, "to_step": to_step, "loss": loss, "median": self.median(), "skipped_batches": skip}
+        return Rollback(target, skip, record, [*self.rollbacks, record])
+
+    def rolled_back(self, rollback: Rollback) -> None:
+        """After the trainer restored the target (which restored this guard's state from before the
+        spike): the history of rollbacks outlives the restored state."""
+        self.rollbacks = list(rollback.history)
+        self.above = 0
+
+    # ------------------------------------------------------------------ Stateful
+    def state_dict(self) -> dict:
+        return {
+            "history": list(self.history),
+            "above": self.above,
+            "last_loss": self.last_loss,
+            "rollbacks": list(self.rollbacks),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = deque((float(x) for x in state.get("history", [])), maxlen=self.history.maxlen)
+        self.above = int(state.get("above", 0))
+        self.last_loss = float(state.get("last_loss", float("nan")))
+        self.rollbacks = list(state.get("rollbacks", []))

@@ -1,0 +1,120 @@
+"""Running one training job on this rank: logging, the process group, the Trainer, and what a
+failure leaves behind (status.json says failed, or hung when another rank's watchdog stopped it).
+
+`clipscale train --config X.yaml [key=value ...]` and
+`torchrun --nproc_per_node=N -m clipscale.train --config X.yaml [key=value ...]` both end here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ..config import Config, add_config_arguments, load_config
+from ..errors import run_command
+from ..job.distributed import DistEnv, cleanup, init_distributed
+from ..job.status import read_status
+from ..job.watchdog import EXIT_HUNG
+from .trainer import Trainer
+
+log = logging.getLogger("clipscale")
+
+
+def setup_logging(env: DistEnv) -> None:
+    """clipscale's messages at INFO on rank 0 (WARNING elsewhere); other libraries at WARNING."""
+    counts = [
+        f"requeue{env.requeue_count}" if env.requeue_count else "",
+        f"restart{env.restart_count}" if env.restart_count else "",
+    ]
+    prefix = "[" + " ".join([f"rank{env.rank}", *filter(None, counts)]) + "]"
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"%(asctime)s {prefix} %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    logging.getLogger("clipscale").setLevel(logging.INFO if env.is_main else logging.WARNING)
+
+
+def warn_about_timeouts(cfg: Config) -> None:
+    """The timeouts work in order: a stalled read is abandoned, then a hung rank is stopped by the
+    watchdog, and only then do collectives time out. Out of order, the later one never gets to act."""
+    collective, hang, read = cfg.engine.dist_timeout_s, cfg.train.hang_timeout_s, cfg.data.read_timeout_s
+    if hang and hang >= collective:
+        log.warning(
+            "train.hang_timeout_s=%s >= engine.dist_timeout_s=%s: a rank stuck in a collective fails the run with a "
+            "timeout before the hang watchdog can leave its stacks and ask for a requeue",
+            hang,
+            collective,
+        )
+    if hang and cfg.train.hang_grace_s >= collective:
+        log.warning(
+            "train.hang_grace_s=%s >= engine.dist_timeout_s=%s: a rank stuck in the first step, a checkpoint or an "
+            "evaluation fails the run with a collective timeout before the watchdog can report it",
+            cfg.train.hang_grace_s,
+            collective,
+        )
+    if read and read >= min(collective, hang or collective):
+        log.warning(
+            "data.read_timeout_s=%s is not below train.hang_timeout_s / engine.dist_timeout_s: a stalled shard "
+            "read stops the run instead of costing one shard",
+            read,
+        )
+
+
+def train(cfg: Config) -> dict:
+    env = init_distributed(cfg.train.device, cfg.engine.dist_timeout_s)
+    setup_logging(env)
+    if env.is_main:
+        warn_about_timeouts(cfg)
+    trainer = None
+    started = time.time()
+    try:
+        trainer = Trainer(cfg, env)
+        return trainer.fit()
+    except Exception as exn:
+        if trainer is None:
+            raise
+        with trainer.watchdog.allow("failure"):  # a stuck file system here must not hang the job
+            if hung_elsewhere(trainer.run_dir, started):
+                # another rank's watchdog reported a hang and exited; this rank's collective failed with it
+                log.error("%s: another rank was stopped as hung (status.json); exiting with code %d", exn, EXIT_HUNG)
+                return {"step": trainer.step, "preempted": False, "exit_code": EXIT_HUNG}
+            trainer.write_status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
+        raise
+    except BaseException as exn:
+        if trainer is not None:
+            with trainer.watchdog.allow("failure"):
+                trainer.write_status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
+        raise
+    finally:
+        if trainer is not None:
+            with trainer.watchdog.allow("shutdown"):
+                trainer.data.close()
+                cleanup()
+            trainer.close()
+        else:
+            cleanup()
+
+
+def hung_elsewhere(run_dir: Path, since: float) -> bool:
+    """Whether a watchdog of this run (another rank's) marked it hung since `since`."""
+    status = read_status(run_dir, since=since)
+    return bool(status and status["state"] == "hung")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `python -m clipscale.train` / torchrun: the same as `clipscale train`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m clipscale.train", description="Train a CLIP model.")
+    add_config_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return run_command(lambda: train(load_config(args.config, args.overrides))["exit_code"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

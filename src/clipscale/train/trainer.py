@@ -1,0 +1,392 @@
+"""One training run, read top to bottom: build the components, resume, the loop, finish.
+
+The loop only orders its components:
+    data       TrainData: this rank's micro-batches and their exact position (data/loader.py)
+    engine     DDP, FSDP2 or DeepSpeed: forward, backward, optimizer step, its checkpoint (engine/)
+    ckpts      CheckpointManager: when to save, what to keep, what to resume from (checkpoint/)
+    guard      SpikeGuard: notices a loss spike and plans the rollback (job/guard.py)
+    evaluator  Evaluator: zero-shot and retrieval, when due (evaluate/)
+    tracker    StepTracker: metrics, progress, the samples of every step (train/tracker.py)
+and beside it the job's life: preemption signals and the hang watchdog (job/). Everything a
+component takes from the config is its own section and the batch layout, computed once here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import CheckpointManager
+from ..checkpoint.state import RNG, DataPosition, LRSchedule, Progress, RunMeta, TrainState, seed_everything
+from ..config import BatchLayout, Config, save_config, to_dict
+from ..data.loader import TrainData
+from ..data.samples import draft_size
+from ..engine import build_engine
+from ..engine.ema import ModelEMA
+from ..errors import TrainingDiverged
+from ..job.distributed import DistEnv, all_gather_object, barrier, broadcast_object
+from ..job.guard import SpikeGuard
+from ..job.preempt import EXIT_PREEMPTED, PreemptionHandler
+from ..job.status import write_status
+from ..job.watchdog import HangWatchdog
+from ..loss import build_loss
+from ..model import count_parameters, create_model
+from ..optim import describe_groups, param_groups
+from .grad_cache import forward_backward, global_loss_and_stop
+from .tracker import StepTracker
+
+log = logging.getLogger("clipscale")
+
+
+@dataclass
+class StepResult:
+    loss: float  # the global loss (mean over ranks)
+    stop: bool  # a rank was signalled: checkpoint and stop
+    stats: dict  # the engine's: grad_norm, skipped
+    wait: float  # seconds waiting for data
+    micro: list  # the micro-batches (their keys, sources, passes)
+
+
+class Trainer:
+    """One run on this rank. A context manager: `close()` stops what runs beside the loop."""
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.started = time.perf_counter()
+        self.cfg, self.env = cfg, env
+        self.layout = BatchLayout.of(cfg.data, cfg.optim, env.world_size)
+        self.run_dir = Path(cfg.run.dir)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.preempt = PreemptionHandler(cfg.train.preempt_signals)  # before DataLoader workers fork
+        self.progress = Progress()
+        self.nonfinite_run = 0  # consecutive skipped steps
+        self.last_loss = float("nan")
+        # set-up, resume and the first step run under the watchdog's grace period (job/watchdog.py)
+        self.watchdog = HangWatchdog(
+            self.run_dir, env.rank, cfg.train.hang_timeout_s, cfg.train.hang_grace_s, self._status_fields
+        )
+        self.data = None
+        try:
+            self._build()
+            self._resume()
+        except BaseException:
+            self.close()
+            raise
+        self.watchdog.idle()  # until fit(): a built Trainer nobody runs must not stop the process later
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @property
+    def total(self) -> int:
+        """train.steps: the run ends after this optimizer step."""
+        return self.cfg.train.steps
+
+    # ------------------------------------------------------------------ set up
+    def _build(self) -> None:
+        cfg, env = self.cfg, self.env
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        t0 = time.perf_counter()
+        self.bundle = create_model(cfg.model, cfg.loss.name, env.device, augment=cfg.data.augment)
+        log.info("parameter groups:\n%s", describe_groups(param_groups(self.bundle.model, cfg.optim)))
+        self.engine = build_engine(cfg, self.bundle.model, env, self.layout)
+        self.setup_seconds = {"model": time.perf_counter() - t0}
+        self.ema = self._ema()
+        self.loss_fn, self.teacher = self._objective()
+        self.ckpts = CheckpointManager(self.run_dir, cfg.checkpoint, env.is_main, local_main=env.local_rank == 0)
+        t0 = time.perf_counter()
+        draft = draft_size(self.bundle.image_size, cfg.data.augment) if cfg.data.jpeg_draft else None
+        self.data = TrainData(
+            cfg.data, self.layout, env, cfg.seed, self.bundle.train_transform, self.bundle.tokenizer, draft,
+            signals=tuple(cfg.train.preempt_signals),
+        )  # fmt: skip
+        self.setup_seconds["data"] = time.perf_counter() - t0
+        self.guard = SpikeGuard(cfg.train.spike_guard)
+        self.rng = RNG(env, cfg.seed, self.progress)
+        self.state = TrainState(
+            progress=self.progress,
+            schedule=LRSchedule(self.engine),
+            data=DataPosition(self.data, self.progress),
+            rng=self.rng,
+            meta=RunMeta(cfg, env),
+            **({"guard": self.guard} if self.guard.enabled else {}),
+        )
+
+    def _ema(self) -> ModelEMA | None:
+        """The EMA of the weights (ema.decay), attached before resuming: the checkpoint restores it."""
+        e = self.cfg.ema
+        if e.decay is None:
+            return None
+        self.engine.ema = ModelEMA(self.engine.module, e.decay, e.every_n_steps, e.warmup)
+        return self.engine.ema
+
+    def _objective(self):
+        """(the loss, the distillation teacher or None)."""
+        loss_fn = build_loss(self.cfg.loss)
+        if not self.cfg.distill.model:
+            return loss_fn, None
+        from ..loss.distill import DistillLoss, Teacher
+
+        teacher = Teacher(self.cfg.distill, self.cfg.model, self.bundle, self.env.device, self.engine.autocast)
+        return DistillLoss(loss_fn, self.cfg.distill.weight), teacher
+
+    def _resume(self) -> None:
+        """Collective: the checkpoint checkpoint.resume names (if any), then what reports from this step."""
+        loaded = self.ckpts.load(self.engine, self.cfg.checkpoint.resume)
+        if loaded is not None:
+            path, saved = loaded
+            self.state.load_state_dict(saved)
+            log.info("resumed from %s at step %d", path, self.step)
+        else:
+            self.rng.reseed()
+        self.preempt.step_in_progress = self.step + 1  # a signal during set-up stops after the first step
+        self.watchdog.resumed_at(self.step)
+        self.tracker = StepTracker(self.run_dir, self.cfg.logging, self.env, self._wandb(), self.layout.global_batch)
+        self.tracker.started, self.tracker.setup_seconds = self.started, self.setup_seconds
+        self.tracker.resume_at(self.step)
+        self.evaluator = self._evaluator()
+
+    def _wandb(self):
+        """The W&B run of logging.wandb (rank 0), continuing the checkpoint's run id after a resume."""
+        spec, meta = self.cfg.logging.wandb, self.state.parts["meta"]
+        if spec is None:
+            return None
+        from ..metrics import WandbLogger, new_run_id
+
+        meta.wandb_run_id = broadcast_object(meta.wandb_run_id or new_run_id() if self.env.is_main else None)
+        if not self.env.is_main:
+            return None
+        return WandbLogger(spec, self.run_dir, meta.wandb_run_id, to_dict(self.cfg))
+
+    def _evaluator(self):
+        """Collective: the evaluation sets, read now (their errors show at start-up, not hours later)."""
+        spec = self.cfg.eval
+        if not (spec.zeroshot or spec.retrieval):
+            if spec.every_n_steps:
+                log.warning(
+                    "eval.every_n_steps=%d, but no evaluation set is given (eval.zeroshot, eval.retrieval): "
+                    "nothing will be evaluated",
+                    spec.every_n_steps,
+                )
+            return None
+        from ..evaluate import Evaluator
+
+        b = self.bundle
+        return Evaluator(spec, b.val_transform, b.tokenizer, self.env.device, self.cfg.train.preempt_signals)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        self.watchdog.watch("first step")
+        try:
+            return self._fit()
+        finally:
+            self.watchdog.idle()  # the loop is over: nothing to watch once fit() has returned
+
+    def _fit(self) -> dict:
+        log.info(self.describe())
+        self.write_status("running")
+        self.tracker.start(self.step, self.total)
+        if self.guard.due():  # saved (preempted) at the step that decided it: roll back first
+            self.roll_back(self.guard.last_loss)
+        stop = None
+        while self.step < self.total and stop is None:
+            self.preempt.step_in_progress = self.step + 1
+            result = self.train_step()
+            self.last_loss = result.loss
+            self.watchdog.beat(self.step)
+            self.tracker.stepped(self.step, result.wait)
+            if self.guard.spiked(result.loss) and not result.stop:  # when stopping, the checkpoint keeps the verdict
+                self.roll_back(result.loss)
+                continue
+            last = result.stop or self.step == self.total
+            self.tracker.step(self.step, result.loss, result.micro, last, functools.partial(self.record, result))
+            if result.stop:
+                stop = self.preemption()
+                break
+            if self.ckpts.due(self.step, self.total, spiking=self.guard.spiking):
+                self.save(background=self.cfg.checkpoint.async_save)
+            if self.evaluator is not None and self.evaluator.due(self.step):
+                self.tracker.window.pause(self.evaluate()["eval/seconds"])  # not training time
+        return self.finish(stop)
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over this rank's accum_steps micro-batches."""
+        doing = self.watchdog.doing
+        doing("waiting for data")
+        micro, wait = [], 0.0
+        for _ in range(self.layout.accum_steps):
+            batch, w = self.data.next()
+            micro.append(self.data.to_device(batch, self.engine.device))
+            wait += w
+        self.engine.module.train()
+        doing("forward/backward (feature all-gathers, gradient all-reduce or reduce-scatter)")
+        loss = forward_backward(self.engine, self.loss_fn, micro, self.teacher)
+        doing("all-reduce of the loss and the stop flag")
+        global_loss, stop = global_loss_and_stop(loss, self.preempt.requested)
+        doing("optimizer step")
+        if math.isfinite(global_loss):
+            stats = self.engine.optimizer_step()
+        else:
+            self.engine.skip_optimizer_step()
+            stats = {"grad_norm": float("nan"), "skipped": True}
+        self.progress.step += 1
+        if self.ema is not None and not stats["skipped"]:
+            self.ema.update(self.step)
+        self.count_nonfinite(stats)
+        return StepResult(global_loss, stop, stats, wait, micro)
+
+    def count_nonfinite(self, stats: dict) -> None:
+        """A skipped step (non-finite loss or gradients) is counted; too many in a row stop the run."""
+        if not stats["skipped"]:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_run += 1
+        self.progress.nonfinite_total += 1
+        run, total = self.nonfinite_run, self.progress.nonfinite_total
+        log.warning("step %d skipped: non-finite loss or gradients (%d in a row, %d in total)", self.step, run, total)
+        if run >= self.cfg.train.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"the loss or gradients were not finite for {run} consecutive steps (up to step {self.step}); "
+                f"training stopped. Lower optim.lr, check the data, or resume from an earlier checkpoint"
+            )
+
+    def roll_back(self, loss: float) -> None:
+        """Collective: the loss spiked (every rank sees the same global loss, so every rank is here at
+        the same step): restore the checkpoint the guard picks, consume the data it says to skip, go on."""
+        self.ckpts.wait()
+        plan = self.guard.plan(self.step, loss, self.ckpts, self.ckpts.current, self.env.is_main)
+        log.warning(
+            "loss spike: %.4g > %.3g x the median %.4g for %d steps (to step %d): rolling back to %s and skipping "
+            "%d global batches of data",
+            loss, self.guard.cfg.factor, plan.record["median"], self.guard.above, self.step, plan.target.name,
+            plan.skip,
+        )  # fmt: skip
+        with self.watchdog.allow("rollback"):
+            self.data.close()
+            self.state.load_state_dict(self.ckpts.restore(self.engine, plan.target))
+            self.guard.rolled_back(plan)
+            if self.evaluator is not None:
+                self.evaluator.last_step = self.step
+            self.tracker.resume_at(self.step, keep_events=True)
+            barrier()  # the main rank has cut the logs back before any rank appends to them
+            for i in range(plan.skip):  # consumed: recorded before the step that follows them
+                self.tracker.skipped(self.step + 1, i, self.data.skip(1))
+            self.tracker.log(self.step + 1, plan.event(self.step, len(self.guard.rollbacks)))
+            self.write_status("running", checkpoint=str(plan.target))
+
+    def save(self, background: bool = False) -> Path:
+        """Collective: the engine's model and optimizer, and the train state."""
+        with self.watchdog.allow("checkpoint"):
+            train_state = self.state.state_dict()
+            spike_start = self.guard.spike_start(self.step)
+            return self.ckpts.save_engine(self.step, self.engine, train_state, background, spike_start)
+
+    def evaluate(self) -> dict:
+        """Collective: zero-shot / retrieval numbers into metrics.jsonl (the model is left as it was)."""
+        t0 = time.perf_counter()
+        with self.watchdog.allow("evaluation"), self.ema.swapped_in() if self.cfg.eval.use_ema else nullcontext():
+            results = self.evaluator.run(self.engine.module, self.engine.autocast)
+        results["eval/seconds"] = time.perf_counter() - t0
+        self.tracker.log(self.step, results)
+        self.evaluator.last_step = self.step
+        return results
+
+    def preemption(self) -> tuple[str, int | None]:
+        """Collective: (the signal, the step it arrived in), of the rank signalled first."""
+        received = [r for r in all_gather_object((self.preempt.received, self.preempt.received_during)) if r[0]]
+        signal, during = min(received, key=lambda r: r[1]) if received else ("unknown signal", None)
+        log.warning(
+            "preemption requested (%s during step %s): saving at step %d and exiting with code %d",
+            signal, during, self.step, EXIT_PREEMPTED,
+        )  # fmt: skip
+        return signal, during
+
+    def finish(self, stop: tuple[str, int | None] | None) -> dict:
+        """The last checkpoint and evaluation, the final status; the run's result."""
+        preempted, signal_step = stop or (None, None)
+        if self.ckpts.due_at_end(self.step, preempted=bool(preempted)):
+            self.save()
+        with self.watchdog.allow("checkpoint"):
+            self.ckpts.wait()
+        if self.evaluator is not None and self.evaluator.due_at_end(self.step, preempted=bool(preempted)):
+            self.evaluate()
+        self.tracker.close()
+        skipped = self.data.skipped()
+        if skipped:
+            log.warning("skipped samples on rank %d: %s", self.env.rank, skipped)
+        self.write_status(
+            "preempted" if preempted else "finished",
+            checkpoint=str(self.ckpts.current) if self.ckpts.current else None,
+            **({"signal": preempted, "signal_step": signal_step} if preempted else {}),
+        )
+        return {
+            "step": self.step,
+            "loss": self.last_loss,
+            "run_dir": str(self.run_dir),
+            "preempted": bool(preempted),
+            "exit_code": EXIT_PREEMPTED if preempted else 0,
+        }
+
+    # ------------------------------------------------------------------ reporting
+    def record(self, result: StepResult, rates: dict) -> dict:
+        """The metrics record of a logged step."""
+        return {
+            "epoch": (self.step * self.layout.global_batch) // self.data.num_samples,
+            "loss": result.loss,
+            "lr": self.engine.lr(),
+            "logit_scale": self.engine.logit_scale(),
+            "grad_norm": float(result.stats["grad_norm"]),
+            "global_batch": self.layout.global_batch,
+            "samples_per_s": rates["samples_per_s"],
+            "data_wait": rates["data_wait"],
+            "gather_frac": self.loss_fn.gather.timer.pop() / rates["seconds"],
+            "skipped_samples": sum(self.data.skipped().values()),
+            "skipped_steps": self.progress.nonfinite_total,
+            **self.data.source_metrics(),
+        }
+
+    def describe(self) -> str:
+        cfg, env = self.cfg, self.env
+        return (
+            f"model {cfg.model.name} ({count_parameters(self.engine.module) / 1e6:.2f}M params) | {env.world_size} "
+            f"process(es) on {env.device} | engine {cfg.engine.name} | {self.layout.describe()} | "
+            f"{self.data.num_samples} samples per epoch | steps {self.step} -> {self.total}"
+        )
+
+    def _status_fields(self) -> dict:
+        fields = {
+            "total_steps": self.total,
+            "world_size": self.env.world_size,
+            "restart_count": self.env.restart_count,
+            "requeue_count": self.env.requeue_count,
+        }
+        guard = getattr(self, "guard", None)
+        if guard is not None and guard.rollbacks:
+            fields["rollbacks"] = guard.rollbacks[-20:]
+        return fields
+
+    def write_status(self, state: str, **fields) -> None:
+        """RUN_DIR/status.json: running | finished | preempted | failed | hung (read by job scripts to
+        decide on requeue)."""
+        if self.env.is_main:
+            write_status(self.run_dir, state, step=self.step, **self._status_fields(), **fields)
+
+    def close(self) -> None:
+        """Stop what runs beside the loop: DataLoader workers, signal handlers, the watchdog."""
+        if self.data is not None:
+            self.data.close()
+        self.preempt.restore()
+        self.watchdog.stop()
