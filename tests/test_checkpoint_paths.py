@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from s3_helpers import S3Server
 
+from clipscale.checkpoint import locate
 from clipscale.cli import main
 from clipscale.wds import remote
 
@@ -124,6 +125,29 @@ def test_resume_takes_the_same_forms(runs, tmp_path):
         assert exact == (form == "step")  # a folder's newest may fall back to an older one
     with pytest.raises(CheckpointError, match="no checkpoint at .*nothing: expected a step file or folder"):
         manager.plan_resume(str(tmp_path / "nothing"))
+    (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)  # a run that never saved: not a fresh start
+    with pytest.raises(CheckpointError, match="no checkpoint in .*empty-run/checkpoints"):
+        manager.plan_resume(str(tmp_path / "empty-run"))
+    pointer = tmp_path / "pointing" / "checkpoints"
+    shutil.copytree(LEGACY / "ddp", pointer)
+    (pointer / "step_00000002.pt").unlink()  # the pointer names a checkpoint that is gone: say so
+    for use in (lambda: manager.plan_resume(str(pointer / "latest")), lambda: locate(pointer / "latest")):
+        with pytest.raises(CheckpointError, match="latest names 'step_00000002.pt', which is not a checkpoint"):
+            use()
+
+
+def test_a_requeued_job_continues_its_own_run_when_the_checkpoint_it_started_from_is_gone(runs, tmp_path):
+    from clipscale.checkpoint import CheckpointManager
+
+    source = tmp_path / "source"
+    shutil.copytree(runs / "ddp", source)
+    manager = CheckpointManager(tmp_path / "finetune")
+    named = str(source / "checkpoints" / "step_00000002.pt")
+    manager.dir.joinpath(manager.RESUMED_FROM).write_text(str(Path(named).resolve()) + "\n")  # applied before
+    shutil.copy(LEGACY / "ddp" / "step_00000002.pt", manager.path_for(5))  # this run saved step 5
+    shutil.rmtree(source)  # the scratch purge took the source
+    candidates, _ = manager.plan_resume(named)
+    assert [p.name for p in candidates] == ["step_00000005.pt"]
 
 
 def test_eval_knows_the_model_configs_the_checkpoint_was_trained_with(tmp_path, eval_shards, capsys):
@@ -139,6 +163,10 @@ def test_eval_knows_the_model_configs_the_checkpoint_was_trained_with(tmp_path, 
     code, _, stderr = cli(capsys, "eval", "--checkpoint", str(tmp_path / "run"), "--retrieval", eval_shards,
                           "--workers", "0", "--output", str(tmp_path / "e.json"))  # fmt: skip
     assert code == 0, stderr
-    shutil.rmtree(folder)  # moved away (in a new process: open_clip's registry is per process): one line says so
+    shutil.move(folder, tmp_path / "moved")  # (in new processes: open_clip's registry is per process)
     proc = run_cli("eval", "--checkpoint", str(tmp_path / "run"), "--retrieval", eval_shards, check=False)
     assert proc.returncode == 2 and "unknown model 'model.name=clip-fixture'" in proc.stderr.splitlines()[-1]
+    assert "no longer exist" in proc.stderr and "--config-dir" in proc.stderr
+    proc = run_cli("eval", "--checkpoint", str(tmp_path / "run"), "--retrieval", eval_shards,
+                   "--config-dir", str(tmp_path / "moved"), "--workers", "0")  # fmt: skip
+    assert "retrieval_images" in proc.stdout

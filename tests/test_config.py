@@ -234,3 +234,24 @@ def test_every_registered_loss_builds_and_checks_its_settings():
             loss = build_loss(cfg.loss)
             assert isinstance(loss, torch.nn.Module) and loss.impl == (spec.impls[0] if impl == "auto" else impl)
             assert getattr(loss, "uses_bias", False) == spec.uses_bias
+
+
+def test_what_open_clip_allows_is_not_refused_at_load():
+    # a timm image tower keeps its head trainable when locked: locking both towers leaves something to train
+    load_config(None, ["model.name=convnext_base", "model.lock_image=true", "model.lock_text=true"])
+    load_config(None, ["distill.model=ViT-B-32", "distill.checkpoint=openai"])  # an open_clip tag, not a file
+    with pytest.raises(ConfigError, match="'loss.chunk_size' must be >= 1"):
+        load_config(None, ["loss.name=siglip", "loss.chunk_size=0"])
+
+
+def test_the_machine_checks_are_left_to_the_machine_that_runs(tmp_path):
+    """`clipscale config` and `data plan` show a config whose files live on the cluster's nodes."""
+    import subprocess
+    import sys
+
+    args = ["model.pretrained=/cluster/only/weights.pt", "engine.name=deepspeed", "engine.zero_stage=2"]
+    assert load_config(None, args, machine=False).model.pretrained == "/cluster/only/weights.pt"
+    with pytest.raises(ConfigError, match="'model.pretrained': file not found: /cluster/only/weights.pt"):
+        load_config(None, args)
+    out = subprocess.run([sys.executable, "-m", "clipscale", "config", *args], capture_output=True, text=True)
+    assert out.returncode == 0 and "pretrained: /cluster/only/weights.pt" in out.stdout, out.stderr

@@ -89,8 +89,8 @@ def create_model(
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise ConfigError(f"unknown model 'model.name={mcfg.name}'{hint}; see `clipscale models`")
     cfg = open_clip.get_model_config(mcfg.name) or {}
-    needs = loss_spec(loss_name).model_init  # e.g. SigLIP's bias, unless the model config initialises it
-    kwargs = dict(needs) if not any(k in cfg for k in needs) else {}
+    loss = loss_spec(loss_name)  # SigLIP's learnable bias, unless the model config initialises one
+    kwargs = dict(loss.model_init) if loss.uses_bias and "init_logit_bias" not in cfg else {}
     if mcfg.patch_dropout:
         kwargs["force_patch_dropout"] = mcfg.patch_dropout
     if mcfg.context_length:

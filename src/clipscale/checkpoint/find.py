@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .files import checksum_problem
-from .names import FORMS, LATEST, NAME_RE, checkpoints_folder, is_checkpoint_folder
+from .names import FORMS, LATEST, NAME_RE, checkpoints_folder, is_checkpoint_folder, named_target
 
 
 def locate(path: str | Path) -> Path:
@@ -32,6 +32,8 @@ def locate(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: expected {FORMS}")
+    if path.is_file() and path.name == LATEST:
+        path = named_target(path)
     folder = checkpoints_folder(path)
     if folder is not None:
         found = newest_intact(folder)

@@ -31,7 +31,7 @@ from ..errors import CheckpointError, CheckpointMismatch
 from ..fsutil import atomic_write_bytes, fsync_dir, remove_path, remove_temporaries, temp_path
 from ..job.distributed import all_gather_object, barrier, broadcast_object
 from .files import checksum_path, checksum_problem, checksums, fsync_tree, step_of, torch_save_synced
-from .names import FORMS, LATEST, NAME_RE, checkpoint_name, checkpoints_folder, is_checkpoint_folder
+from .names import FORMS, LATEST, NAME_RE, checkpoint_name, checkpoints_folder, is_checkpoint_folder, named_target
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,9 @@ class CheckpointManager:
         unless this step was just saved."""
         return preempted or (self.cfg.save_final and self.last_saved != step)
 
-    def _holds(self, path: Path | None, step: int) -> None:
-        """`path` (of `step`) is now this run's newest checkpoint."""
+    def holds(self, path: Path | None, step: int) -> None:
+        """`path`, which holds the train state of `step`, is now this run's newest checkpoint (saved,
+        resumed from or rolled back to): nothing is due, and the end of the run saves only past `step`."""
         self.current, self.last_saved, self._due = path, step, False
 
     # ---------------------------------------------------------------- the engine's checkpoint
@@ -114,17 +115,16 @@ class CheckpointManager:
         else:
             path = self.save(step, lambda tmp: engine.save(tmp, train_state), suffix)
             log.info("saved checkpoint %s", path)
-        self._holds(path, step)
+        self.holds(path, step)
         return path
 
     def restore(self, engine, target: Path) -> dict:
         """Collective: load `target` into the engine (a rollback); this run's later checkpoints go to
-        abandoned/. Returns the train state saved with it."""
+        abandoned/. Returns the train state saved with it (the caller loads it, then calls holds())."""
         self.wait()
         train_state = engine.load(target)
         if self.is_main:
             self.abandon_after(target)
-        self._holds(target, step_of(target))
         return train_state
 
     # ---------------------------------------------------------------- writing
@@ -261,18 +261,25 @@ class CheckpointManager:
         if resume == "auto":
             return self.candidates(), False
         path = Path(resume)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint.resume: no checkpoint at {resume}: expected {FORMS}")
         marker = self.dir / self.RESUMED_FROM
         if marker.is_file() and marker.read_text().strip() == str(path.resolve()) and self.all_checkpoints():
             log.info(
                 "checkpoint.resume=%s was applied before in this run directory; continuing from its newest checkpoint",
                 resume,
             )
-            return self.candidates(), False
+            return self.candidates(), False  # (whether the checkpoint it named still exists or not)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint.resume: no checkpoint at {resume}: expected {FORMS}")
         folder = checkpoints_folder(path)
         if folder is not None:
-            return CheckpointManager.reader(folder).candidates(), False
+            if path.name == LATEST:
+                named_target(path)  # the pointer names a checkpoint that is there
+            found = CheckpointManager.reader(folder).candidates()
+            if not found and path.name != "checkpoints":  # (an empty checkpoints folder: a first run)
+                raise CheckpointError(f"checkpoint.resume: no checkpoint in {folder}: expected {FORMS}")
+            if not found:
+                log.warning("checkpoint.resume: %s holds no checkpoint yet: starting from scratch", folder)
+            return found, False
         if path.is_dir() and not is_checkpoint_folder(path):
             raise CheckpointError(f"checkpoint.resume: {path} holds no checkpoint: expected {FORMS}")
         problem = checksum_problem(path)
@@ -286,8 +293,15 @@ class CheckpointManager:
         checkpoint, or one whose data fail to load, is skipped for the one before it, on every rank
         alike; a checkpoint of another model, or an I/O or memory error, stops the run instead."""
         self.fetch_remote(resume)
-        plan = self.plan_resume(resume) if self.is_main else ([], False)
-        candidates, explicit = broadcast_object(([str(p) for p in plan[0]], plan[1]))
+        plan, error = ([], False), None
+        if self.is_main:
+            try:
+                plan = self.plan_resume(resume)
+            except CheckpointError as exn:  # every rank must hear of it, not wait in the broadcast below
+                error = str(exn)
+        candidates, explicit, error = broadcast_object(([str(p) for p in plan[0]], plan[1], error))
+        if error:
+            raise CheckpointError(error)
         for i, name in enumerate(candidates):
             path = Path(name)
             problem = checksum_problem(path) if self.is_main and not explicit else None  # one at a time
@@ -315,7 +329,6 @@ class CheckpointManager:
                     self.abandon_after(path)
                     if resume != "auto":
                         atomic_write_bytes(self.dir / self.RESUMED_FROM, (str(Path(resume).resolve()) + "\n").encode())
-                self._holds(path, step_of(path))
                 return path, train_state
             if explicit:
                 raise CheckpointError(f"checkpoint.resume: cannot load {path}: {reports[0][1]}"[:600])

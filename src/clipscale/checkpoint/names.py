@@ -42,3 +42,16 @@ def checkpoints_folder(path: Path) -> Path | None:
     if path.name == "checkpoints" or (path / LATEST).is_file() or any(NAME_RE.match(p.name) for p in path.iterdir()):
         return path
     return None
+
+
+def named_target(pointer: Path) -> Path:
+    """The checkpoint a `latest` pointer names; CheckpointError when it names none that is there (a
+    user who names the pointer means that checkpoint, not whichever is newest)."""
+    from ..errors import CheckpointError
+
+    with open(pointer, "rb") as f:
+        name = f.read(256).decode(errors="replace").strip()
+    target = pointer.parent / name
+    if not NAME_RE.match(name) or not target.exists():
+        raise CheckpointError(f"{pointer} names {name[:80]!r}, which is not a checkpoint in {pointer.parent}")
+    return target

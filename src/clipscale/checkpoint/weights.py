@@ -26,11 +26,17 @@ def model_from_checkpoint(
     name = model_name or info["model_name"]
     if not name:
         raise CheckpointError(f"{checkpoint} does not say which model it holds: pass --model NAME")
-    dirs = [d for d in info.get("config_dirs") or [] if Path(d).is_dir()]
-    gone = [d for d in info.get("config_dirs") or [] if d not in dirs]
-    if gone:
+    for folder in config_dirs or []:
+        if not Path(folder).is_dir():
+            raise CheckpointError(f"--config-dir {folder} is not a directory")
+    saved = info.get("config_dirs") or []
+    dirs = [*(str(d) for d in config_dirs or []), *(d for d in saved if Path(d).is_dir())]
+    gone = [d for d in saved if not Path(d).is_dir()]
+    if gone and not config_dirs:
         log.warning(
-            "the checkpoint's model.config_dirs %s no longer exist: model %r must be known otherwise", gone, name
+            "the checkpoint's model.config_dirs %s no longer exist: model %r must be known otherwise (--config-dir)",
+            gone,
+            name,
         )
     context_length = info.get("context_length") if name == info["model_name"] else None
     bundle = create_model(ModelConfig(name=name, context_length=context_length, config_dirs=dirs), device=device)

@@ -9,7 +9,6 @@ and exit 2.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..errors import run_command
 from . import checkpoints, job, run, shards
@@ -47,7 +46,3 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     return run_command(lambda: args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -66,7 +66,7 @@ def cmd_config(args) -> int:
         else:
             sys.stdout.write(page())
         return 0
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, machine=False)  # (a login node may lack the job's files)
     sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return 0
 
@@ -115,7 +115,7 @@ def cmd_data_plan(args) -> int:
 
     if args.world_size < 1:
         raise UserError(f"--world-size must be >= 1, got {args.world_size}")
-    report = plan_report(load_config(args.config, args.overrides), args.world_size)
+    report = plan_report(load_config(args.config, args.overrides, machine=False), args.world_size)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

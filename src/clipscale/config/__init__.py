@@ -36,10 +36,11 @@ from .schema import (
 from .validate import signal_name, validate
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Load YAML `path` (optional), apply dotted overrides, check everything; ConfigError on any problem."""
+def load_config(path: str | None = None, overrides: list[str] | None = None, machine: bool = True) -> Config:
+    """Load YAML `path` (optional), apply dotted overrides, check everything; ConfigError on any problem.
+    `machine=False`: not what this machine must have (files, packages): for commands that do not train."""
     cfg = read_config(path, overrides)
-    validate(cfg)
+    validate(cfg, machine)
     return cfg
 
 

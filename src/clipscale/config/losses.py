@@ -21,11 +21,6 @@ def _no_checks(cfg) -> None:
     pass
 
 
-def _clip_checks(cfg) -> None:
-    if cfg.loss.chunk_size < 1:
-        raise ConfigError(f"'loss.chunk_size' must be >= 1, got {cfg.loss.chunk_size}")
-
-
 def _siglip_checks(cfg) -> None:
     if cfg.distill.model is not None:
         raise ConfigError("'distill' works with loss.name=clip (OpenCLIP's DistillClipLoss); set loss.name=clip")
@@ -44,7 +39,7 @@ class LossSpec:
     uses_bias: bool = False
     """The model must have (and the loss takes) a learnable logit bias."""
     model_init: dict = field(default_factory=dict)
-    """open_clip model arguments this loss needs when the model config does not set them."""
+    """open_clip model arguments this loss needs, given when the model config initialises no logit bias."""
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -55,7 +50,6 @@ LOSSES: dict[str, LossSpec] = {
             ("local", "full", "chunked"),
             "clipscale.loss.clip:build",
             "symmetric InfoNCE (softmax) over the global batch",
-            check=_clip_checks,
         ),
         LossSpec(
             "siglip",

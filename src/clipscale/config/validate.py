@@ -50,19 +50,23 @@ def at_least(section, key: str, low: float, where: str, or_null: bool = False) -
     )
 
 
-def validate(cfg: Config) -> None:
-    """Every impossible value or unsupported combination, with one line naming the keys."""
+def validate(cfg: Config, machine: bool = True) -> None:
+    """Every impossible value or unsupported combination, with one line naming the keys. With
+    `machine` (a job about to run), also what this machine must have: the files the config names
+    and the packages it needs; `clipscale config` and `data plan` leave those out (a login node may
+    lack the GPU node's files and DeepSpeed)."""
     require(bool(cfg.run.dir), "'run.dir' must not be empty")
     check_data(cfg.data)
     check_sources(cfg.data)
     check_optim(cfg)
-    check_model(cfg)
+    check_model(cfg, machine)
+    require(cfg.loss.chunk_size >= 1, f"'loss.chunk_size' must be >= 1, got {cfg.loss.chunk_size}")
     check_loss(cfg)
-    check_engine(cfg)
+    check_engine(cfg, machine)
     check_checkpoint(cfg)
     check_train(cfg)
-    check_eval_and_logging(cfg)
-    check_recipe(cfg)
+    check_eval_and_logging(cfg, machine)
+    check_recipe(cfg, machine)
 
 
 def check_data(d: DataConfig) -> None:
@@ -115,7 +119,7 @@ def check_optim(cfg: Config) -> None:
     at_least(s, "min_lr", 0, "schedule")
 
 
-def check_model(cfg: Config) -> None:
+def check_model(cfg: Config, machine: bool = True) -> None:
     """The model section against the model's own config (read without torch) and the file system."""
     m = cfg.model
     for folder in m.config_dirs:
@@ -127,16 +131,8 @@ def check_model(cfg: Config) -> None:
         close = difflib.get_close_matches(m.name, list(model_configs(tuple(m.config_dirs))), n=3, cutoff=0.5)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise ConfigError(f"unknown model 'model.name={m.name}'{hint}; see `clipscale models`")
-    if m.pretrained and Path(m.pretrained).suffix in WEIGHT_FILES:
-        require(Path(m.pretrained).is_file(), f"'model.pretrained': file not found: {m.pretrained}")
-    for tower in ("image", "text"):
-        path = getattr(m, f"pretrained_{tower}")
-        if path and Path(path).is_dir():
-            raise ConfigError(
-                f"model.pretrained_{tower}: {path} is a checkpoint folder (FSDP2 or DeepSpeed): write it as one "
-                f"file first with clipscale export --checkpoint {path} --output tower.pt"
-            )
-        require(not path or Path(path).is_file(), f"model.pretrained_{tower}: file not found: {path}")
+    if machine:
+        check_model_files(m)
     kind = vision_tower_kind(spec)
     require(0 <= m.patch_dropout < 1, f"'model.patch_dropout' must be in [0, 1), got {m.patch_dropout}")
     require(
@@ -149,10 +145,24 @@ def check_model(cfg: Config) -> None:
         f"'optim.layer_decay' needs towers of numbered transformer blocks; {m.name}'s image tower is a ResNet: "
         "set optim.layer_decay=null (or lock the image tower)",
     )
-    check_locks(m)
+    check_locks(m, spec)
 
 
-def check_locks(m) -> None:
+def check_model_files(m) -> None:
+    """The weights files the model section names are there (an open_clip tag such as `openai` is not a file)."""
+    if m.pretrained and Path(m.pretrained).suffix in WEIGHT_FILES:
+        require(Path(m.pretrained).is_file(), f"'model.pretrained': file not found: {m.pretrained}")
+    for tower in ("image", "text"):
+        path = getattr(m, f"pretrained_{tower}")
+        if path and Path(path).is_dir():
+            raise ConfigError(
+                f"model.pretrained_{tower}: {path} is a checkpoint folder (FSDP2 or DeepSpeed): write it as one "
+                f"file first with clipscale export --checkpoint {path} --output tower.pt"
+            )
+        require(not path or Path(path).is_file(), f"model.pretrained_{tower}: file not found: {path}")
+
+
+def check_locks(m, spec: dict) -> None:
     require(m.context_length is None or m.context_length >= 2, "'model.context_length' must be >= 2")
     require(m.lock_image_unlocked_groups >= 0, "'model.lock_image_unlocked_groups' must be >= 0")
     require(m.lock_text_unlocked_layers >= 0, "'model.lock_text_unlocked_layers' must be >= 0")
@@ -161,8 +171,12 @@ def check_locks(m) -> None:
     require(
         not m.lock_text_unlocked_layers or m.lock_text, "'model.lock_text_unlocked_layers' needs model.lock_text=true"
     )
+    # open_clip's own towers lock whole; a timm tower keeps its head and a Hugging Face text tower its
+    # projection trainable (the built model is checked again: model.lock_towers)
+    own_towers = vision_tower_kind(spec) != "timm" and not (spec.get("text_cfg") or {}).get("hf_model_name")
     everything_locked = (
-        m.lock_image
+        own_towers
+        and m.lock_image
         and m.lock_text
         and not m.lock_image_unlocked_groups
         and not m.lock_text_unlocked_layers
@@ -173,7 +187,7 @@ def check_locks(m) -> None:
     )
 
 
-def check_engine(cfg: Config) -> None:
+def check_engine(cfg: Config, machine: bool = True) -> None:
     e = cfg.engine
     require(e.zero_stage in (None, 0, 1, 2, 3), f"'engine.zero_stage' must be one of 0, 1, 2, 3; got {e.zero_stage}")
     for key in ("zero_stage", "deepspeed_config"):
@@ -193,13 +207,13 @@ def check_engine(cfg: Config) -> None:
     if e.name != "deepspeed":
         return
     require(
-        importlib.util.find_spec("deepspeed") is not None,
+        not machine or importlib.util.find_spec("deepspeed") is not None,
         "engine.name=deepspeed is unavailable (deepspeed is not installed); install it with: "
         "pip install 'clipscale[deepspeed]'",
     )
     from .deepspeed import check as check_deepspeed
 
-    stage = check_deepspeed(cfg)
+    stage = check_deepspeed(cfg, known_keys=machine)
     require(
         not (cfg.ema.decay is not None and stage == 3),
         "'ema.decay' is not supported with DeepSpeed ZeRO-3 (its parameters are partitioned); use engine.name=fsdp2",
@@ -247,19 +261,19 @@ def check_train(cfg: Config) -> None:
     )
 
 
-def check_eval_and_logging(cfg: Config) -> None:
+def check_eval_and_logging(cfg: Config, machine: bool = True) -> None:
     at_least(cfg.eval, "every_n_steps", 0, "eval")
     at_least(cfg.eval, "batch_size", 1, "eval")
     at_least(cfg.eval, "workers", 0, "eval")
     require(not cfg.eval.use_ema or cfg.ema.decay is not None, "'eval.use_ema' needs ema.decay (an EMA to evaluate)")
     at_least(cfg.logging, "every_n_steps", 1, "logging")
     require(
-        cfg.logging.wandb is None or importlib.util.find_spec("wandb") is not None,
+        cfg.logging.wandb is None or not machine or importlib.util.find_spec("wandb") is not None,
         "logging.wandb is set but wandb is not installed: pip install wandb",
     )
 
 
-def check_recipe(cfg: Config) -> None:
+def check_recipe(cfg: Config, machine: bool = True) -> None:
     """EMA and distillation."""
     e = cfg.ema
     if e.decay is not None:
@@ -273,7 +287,8 @@ def check_recipe(cfg: Config) -> None:
             model_config(d.model, tuple(cfg.model.config_dirs)) is not None,
             f"unknown model 'distill.model={d.model}'; see `clipscale models`",
         )
-        require(Path(d.checkpoint).is_file(), f"'distill.checkpoint': file not found: {d.checkpoint}")
+        if machine and Path(d.checkpoint).suffix in WEIGHT_FILES:  # (else an open_clip tag, e.g. openai)
+            require(Path(d.checkpoint).is_file(), f"'distill.checkpoint': file not found: {d.checkpoint}")
 
 
 def check_sources(data: DataConfig) -> None:

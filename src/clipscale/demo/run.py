@@ -3,7 +3,6 @@ processes, evaluate it on held-out digits, and leave a report with pictures."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from ..config import BatchLayout, load_config, save_config
 from ..errors import UserError
+from ..job.distributed import child_env
 from ..metrics import METRICS_FILE, read_jsonl
 from ..wds.manifest import MANIFEST_NAME
 from ..wds.shardlist import resolve_shards
@@ -54,8 +54,7 @@ def launch(config_path: Path, nproc: int) -> None:
         str(config_path),
     ]
     print("running:", " ".join(cmd), file=sys.stderr)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    code = subprocess.run(cmd, env=env).returncode
+    code = subprocess.run(cmd, env=child_env({"OMP_NUM_THREADS": "1"})).returncode
     if code != 0:
         raise DemoError(f"training exited with code {code} (its log is above)")
 

@@ -1,6 +1,6 @@
 """Process-group set-up from the launcher's environment (torchrun, SLURM srun, or none).
 
-This is the one module (with cli.py) that reads os.environ. torchrun's variables win when
+This is the one module (with cli/) that reads os.environ. torchrun's variables win when
 present (torchrun inside an sbatch job); otherwise SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
 with the master taken from the first host of SLURM_JOB_NODELIST; otherwise one process.
 """
@@ -244,3 +244,9 @@ def broadcast_object(obj, src: int = 0):
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def child_env(defaults: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment for a child it launches, with `defaults` where it sets none (e.g.
+    OMP_NUM_THREADS=1 for ranks that share the cores)."""
+    return {**defaults, **os.environ}

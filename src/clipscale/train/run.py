@@ -39,37 +39,9 @@ def setup_logging(env: DistEnv) -> None:
     logging.getLogger("clipscale").setLevel(logging.INFO if env.is_main else logging.WARNING)
 
 
-def warn_about_timeouts(cfg: Config) -> None:
-    """The timeouts work in order: a stalled read is abandoned, then a hung rank is stopped by the
-    watchdog, and only then do collectives time out. Out of order, the later one never gets to act."""
-    collective, hang, read = cfg.engine.dist_timeout_s, cfg.train.hang_timeout_s, cfg.data.read_timeout_s
-    if hang and hang >= collective:
-        log.warning(
-            "train.hang_timeout_s=%s >= engine.dist_timeout_s=%s: a rank stuck in a collective fails the run with a "
-            "timeout before the hang watchdog can leave its stacks and ask for a requeue",
-            hang,
-            collective,
-        )
-    if hang and cfg.train.hang_grace_s >= collective:
-        log.warning(
-            "train.hang_grace_s=%s >= engine.dist_timeout_s=%s: a rank stuck in the first step, a checkpoint or an "
-            "evaluation fails the run with a collective timeout before the watchdog can report it",
-            cfg.train.hang_grace_s,
-            collective,
-        )
-    if read and read >= min(collective, hang or collective):
-        log.warning(
-            "data.read_timeout_s=%s is not below train.hang_timeout_s / engine.dist_timeout_s: a stalled shard "
-            "read stops the run instead of costing one shard",
-            read,
-        )
-
-
 def train(cfg: Config) -> dict:
     env = init_distributed(cfg.train.device, cfg.engine.dist_timeout_s)
     setup_logging(env)
-    if env.is_main:
-        warn_about_timeouts(cfg)
     trainer = None
     started = time.time()
     try:

@@ -97,7 +97,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ set up
     def _build(self) -> None:
+        """The components, in the order they depend on each other (the model before its engine, the
+        engine before the EMA and the teacher, the data after the model's transforms)."""
         cfg, env = self.cfg, self.env
+        if env.is_main:
+            warn_about_timeouts(cfg)
         seed_everything(cfg.seed)  # identical initial weights on every rank
         t0 = time.perf_counter()
         self.bundle = create_model(cfg.model, cfg.loss.name, env.device, augment=cfg.data.augment)
@@ -149,6 +153,7 @@ class Trainer:
         if loaded is not None:
             path, saved = loaded
             self.state.load_state_dict(saved)
+            self.ckpts.holds(path, self.step)
             log.info("resumed from %s at step %d", path, self.step)
         else:
             self.rng.reseed()
@@ -196,6 +201,8 @@ class Trainer:
             self.watchdog.idle()  # the loop is over: nothing to watch once fit() has returned
 
     def _fit(self) -> dict:
+        """The loop: a step; then a rollback if the loss spiked, else its record, and a stop, a
+        checkpoint or an evaluation when one is due; then the end of the run."""
         log.info(self.describe())
         self.write_status("running")
         self.tracker.start(self.step, self.total)
@@ -266,17 +273,18 @@ class Trainer:
     def roll_back(self, loss: float) -> None:
         """Collective: the loss spiked (every rank sees the same global loss, so every rank is here at
         the same step): restore the checkpoint the guard picks, consume the data it says to skip, go on."""
-        self.ckpts.wait()
-        plan = self.guard.plan(self.step, loss, self.ckpts, self.ckpts.current, self.env.is_main)
-        log.warning(
-            "loss spike: %.4g > %.3g x the median %.4g for %d steps (to step %d): rolling back to %s and skipping "
-            "%d global batches of data",
-            loss, self.guard.cfg.factor, plan.record["median"], self.guard.above, self.step, plan.target.name,
-            plan.skip,
-        )  # fmt: skip
-        with self.watchdog.allow("rollback"):
+        with self.watchdog.allow("rollback"):  # a background save to wait for, checksums to verify: may take long
+            self.ckpts.wait()
+            plan = self.guard.plan(self.step, loss, self.ckpts, self.ckpts.current, self.env.is_main)
+            log.warning(
+                "loss spike: %.4g > %.3g x the median %.4g for %d steps (to step %d): rolling back to %s and "
+                "skipping %d global batches of data",
+                loss, self.guard.cfg.factor, plan.record["median"], self.guard.above, self.step, plan.target.name,
+                plan.skip,
+            )  # fmt: skip
             self.data.close()
             self.state.load_state_dict(self.ckpts.restore(self.engine, plan.target))
+            self.ckpts.holds(plan.target, self.step)
             self.guard.rolled_back(plan)
             if self.evaluator is not None:
                 self.evaluator.last_step = self.step
@@ -284,6 +292,7 @@ class Trainer:
             barrier()  # the main rank has cut the logs back before any rank appends to them
             for i in range(plan.skip):  # consumed: recorded before the step that follows them
                 self.tracker.skipped(self.step + 1, i, self.data.skip(1))
+            self.tracker.window.reset()  # (reading the skipped data is not training time)
             self.tracker.log(self.step + 1, plan.event(self.step, len(self.guard.rollbacks)))
             self.write_status("running", checkpoint=str(plan.target))
 
@@ -390,3 +399,29 @@ class Trainer:
             self.data.close()
         self.preempt.restore()
         self.watchdog.stop()
+
+
+def warn_about_timeouts(cfg: Config) -> None:
+    """The timeouts work in order: a stalled read is abandoned, then a hung rank is stopped by the
+    watchdog, and only then do collectives time out. Out of order, the later one never gets to act."""
+    collective, hang, read = cfg.engine.dist_timeout_s, cfg.train.hang_timeout_s, cfg.data.read_timeout_s
+    if hang and hang >= collective:
+        log.warning(
+            "train.hang_timeout_s=%s >= engine.dist_timeout_s=%s: a rank stuck in a collective fails the run with a "
+            "timeout before the hang watchdog can leave its stacks and ask for a requeue",
+            hang,
+            collective,
+        )
+    if hang and cfg.train.hang_grace_s >= collective:
+        log.warning(
+            "train.hang_grace_s=%s >= engine.dist_timeout_s=%s: a rank stuck in the first step, a checkpoint or an "
+            "evaluation fails the run with a collective timeout before the watchdog can report it",
+            cfg.train.hang_grace_s,
+            collective,
+        )
+    if read and read >= min(collective, hang or collective):
+        log.warning(
+            "data.read_timeout_s=%s is not below train.hang_timeout_s / engine.dist_timeout_s: a stalled shard "
+            "read stops the run instead of costing one shard",
+            read,
+        )

@@ -1,0 +1,7 @@
+"""`python -m clipscale.cli ...`: the same as `clipscale ...`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
