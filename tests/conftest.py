@@ -51,13 +51,14 @@ def curve_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ddp_curves(tmp_path_factory, curve_shards):
     """DDP's loss curves, the reference of every other engine: plain, and with accumulation +
-    gradient checkpointing (2 processes, process_helpers.CURVE); run once per test run."""
+    gradient checkpointing (2 processes, process_helpers.CURVE); run once per test run. "plain_dir" is
+    the plain run's folder (the uninterrupted reference of DDP's kill-and-resume test: read, never write)."""
     from process_helpers import CURVE, CURVE_ACCUM, losses, run
 
     def make(root):
         run(2, root / "plain", curve_shards, *CURVE)
         run(2, root / "accum", curve_shards, *CURVE, *CURVE_ACCUM)
-        return {"plain": losses(root / "plain"), "accum": losses(root / "accum")}
+        return {"plain": losses(root / "plain"), "accum": losses(root / "accum"), "plain_dir": root / "plain"}
 
     return once_per_run(tmp_path_factory, "ddp_curves", make)
 

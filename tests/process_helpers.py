@@ -30,11 +30,18 @@ COMMON = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def command(nproc, run_dir, shards, *overrides, torchrun_args=()):
+LAUNCHER = Path(__file__).parent / "rank_launcher.py"
+
+
+def command(nproc, run_dir, shards, *overrides, torchrun_args=(), torchrun=False):
+    """The command of a training job: one process, or `nproc` ranks started by rank_launcher.py (torchrun's
+    variables without its start-up cost) or, with `torchrun` or `torchrun_args`, by clipscale.launch."""
     shard_args = [f"data.train_shards={shards}"] if shards else []  # None: the overrides name data.sources
     args = ["-m", "clipscale.train", f"run.dir={run_dir}", *shard_args, *COMMON, *overrides]
-    if nproc == 1 and not torchrun_args:
+    if nproc == 1 and not (torchrun_args or torchrun):
         return [sys.executable, *args]
+    if not (torchrun_args or torchrun):
+        return [sys.executable, str(LAUNCHER), str(nproc), *args]
     return [
         sys.executable,
         "-m",
@@ -46,9 +53,9 @@ def command(nproc, run_dir, shards, *overrides, torchrun_args=()):
     ]
 
 
-def run(nproc, run_dir, shards, *overrides, expect=0, torchrun_args=()):
+def run(nproc, run_dir, shards, *overrides, expect=0, torchrun_args=(), torchrun=False):
     proc = subprocess.run(
-        command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args),
+        command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args, torchrun=torchrun),
         capture_output=True,
         text=True,
         timeout=600,
@@ -58,9 +65,9 @@ def run(nproc, run_dir, shards, *overrides, expect=0, torchrun_args=()):
     return proc
 
 
-def start(nproc, run_dir, shards, *overrides, torchrun_args=()):
+def start(nproc, run_dir, shards, *overrides, torchrun_args=(), torchrun=False):
     return subprocess.Popen(
-        command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args),
+        command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args, torchrun=torchrun),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -108,12 +115,13 @@ def losses(run_dir):
 
 
 # The loss curve every engine is compared on against DDP (tests/test_fsdp2.py, tests/test_deepspeed.py;
-# DDP's own curves are the session fixture `ddp_curves` in conftest.py).
+# DDP's own curves are the session fixture `ddp_curves` in conftest.py). Checkpoints every 2 steps and
+# the sample keys make the same run the uninterrupted reference of a kill-and-resume test.
 CURVE_STEPS = 20
 CURVE = [
     f"train.steps={CURVE_STEPS}",
-    "checkpoint.every_n_steps=1000",
-    "logging.sample_keys=false",
+    "checkpoint.every_n_steps=2",
+    "logging.sample_keys=true",
     "data.batch_size=8",
     "data.workers=1",
 ]
@@ -124,23 +132,34 @@ def keys(run_dir):
     return {(r["step"], r["rank"]): r["keys"] for r in read_jsonl(run_dir / "sample_keys.jsonl")}
 
 
-def kill_and_resume(nproc, tmp_path, shards, *overrides, seed=0):
+def setting(key: str, overrides) -> int:
+    """The value of an integer setting in COMMON + overrides (the last one wins, as in the config)."""
+    values = [item.split("=", 1)[1] for item in (*COMMON, *overrides) if item.startswith(f"{key}=")]
+    return int(values[-1])
+
+
+def kill_and_resume(nproc, tmp_path, shards, *overrides, seed=0, full=None):
     """SIGKILL a run at a random step, resume it with resume=auto, and check that every step's
-    loss (bitwise) and sample keys equal those of the same run never interrupted."""
-    full, part = tmp_path / "full", tmp_path / "part"
-    run(nproc, full, shards, *overrides)
-    kill_at = random.Random(seed).randrange(3, STEPS - 2)
+    loss (bitwise) and sample keys equal those of the same run never interrupted (`full`: that run,
+    made already by another test with the same settings; else it is made here)."""
+    steps, batch = setting("train.steps", overrides), setting("data.batch_size", overrides)
+    every = setting("checkpoint.every_n_steps", overrides)
+    part = tmp_path / "part"
+    if full is None:
+        full = tmp_path / "full"
+        run(nproc, full, shards, *overrides)
+    kill_at = random.Random(seed).randrange(3, steps - 2)
     proc = start(nproc, part, shards, *overrides)
     wait_for(lambda: logged_steps(part) >= kill_at, proc)
     kill_tree(proc)
     killed_at = logged_steps(part)
-    assert killed_at < STEPS
+    assert killed_at < steps
     run(nproc, part, shards, "checkpoint.resume=auto", *overrides)
     a, b = losses(full), losses(part)
-    assert sorted(b) == list(range(1, STEPS + 1))
-    assert [a[s] for s in range(1, STEPS + 1)] == [b[s] for s in range(1, STEPS + 1)]  # bitwise
+    assert sorted(b) == list(range(1, steps + 1))
+    assert [a[s] for s in range(1, steps + 1)] == [b[s] for s in range(1, steps + 1)]  # bitwise
     ka, kb = keys(full), keys(part)
-    assert ka == kb and len(ka) == STEPS * nproc
-    resumed_from = max(s for s in range(0, killed_at + 1, 2))
-    assert all(len(kb[(s, r)]) == 4 for s in range(resumed_from + 1, STEPS + 1) for r in range(nproc))
+    assert ka == kb and len(ka) == steps * nproc
+    resumed_from = max(s for s in range(0, killed_at + 1, every))
+    assert all(len(kb[(s, r)]) == batch for s in range(resumed_from + 1, steps + 1) for r in range(nproc))
     return full, part

@@ -9,7 +9,7 @@ import pytest
 
 from clipscale.metrics import read_jsonl
 
-from helpers import make_shards, run_cli
+from helpers import cli_here, make_shards
 from process_helpers import ENV
 
 DATA = Path(__file__).parent / "data"
@@ -70,14 +70,14 @@ def test_a_legacy_checkpoint_exports_for_open_clip_and_evaluates(tmp_path, legac
     from clipscale.model import register_model_configs
 
     run_dir = legacy_run(tmp_path, fmt)
-    out = run_cli("export", "--checkpoint", str(run_dir), "--output", str(tmp_path / "model.pt")).stdout
+    out = cli_here("export", "--checkpoint", str(run_dir), "--output", str(tmp_path / "model.pt")).stdout
     assert "step 2" in out
     open_clip.add_model_config(DATA / "models")
     register_model_configs()
     model = open_clip.create_model_and_transforms("clip-fixture", pretrained=str(tmp_path / "model.pt"))[0]
     assert model.logit_scale.dim() == 0 and torch.isfinite(model.logit_scale)
     first = legacy_shards.replace("{000000..000001}", "000000")
-    run_cli("eval", "--checkpoint", str(run_dir), "--retrieval", first, "--workers", "0",
+    cli_here("eval", "--checkpoint", str(run_dir), "--retrieval", first, "--workers", "0",
             "--config-dir", str(DATA / "models"), "--output", str(tmp_path / "eval.json"))  # fmt: skip
     record = json.loads((tmp_path / "eval.json").read_text())
     assert record["step"] == 2 and record["eval/retrieval_images"] == 8

@@ -11,7 +11,7 @@ from clipscale.config import load_config
 from clipscale.errors import ConfigError
 from clipscale.metrics import read_jsonl
 
-from helpers import run_cli
+from helpers import cli_here, run_cli
 from process_helpers import COMMON, CURVE, CURVE_STEPS, ENV, kill_and_resume, losses, run
 
 
@@ -27,12 +27,32 @@ def assert_tracks(ddp: dict, ds: dict) -> None:
     assert worst <= 1e-3, worst
 
 
+def zero(stage: int) -> list[str]:
+    return [*CURVE, "engine.name=deepspeed", f"engine.zero_stage={stage}"]
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory, shards):
+    """zero_runs(stage): the folder of one uninterrupted 2-rank CURVE run at that ZeRO stage, made once:
+    the curve compared with DDP's, the reference of the kill-and-resume test, the checkpoint exported.
+    Tests copy what they write into."""
+    made = {}
+
+    def get(stage: int):
+        if stage not in made:
+            made[stage] = tmp_path_factory.mktemp(f"zero{stage}")
+            run(2, made[stage], shards, *zero(stage))
+        return made[stage]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stage_tracks_ddp(tmp_path, shards, ddp_curves, stage):
-    run(2, tmp_path, shards, *CURVE, "engine.name=deepspeed", f"engine.zero_stage={stage}")
-    assert_tracks(ddp_curves["plain"], losses(tmp_path))
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{CURVE_STEPS:08d}"
+def test_zero_stage_tracks_ddp(zero_runs, ddp_curves, stage):
+    run_dir = zero_runs(stage)
+    assert_tracks(ddp_curves["plain"], losses(run_dir))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{CURVE_STEPS:08d}"
 
 
 @pytest.mark.slow
@@ -53,8 +73,8 @@ def test_zero3_feature_cache_accumulation_and_grad_checkpointing_track_ddp(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_kill_and_resume_is_identical(tmp_path, shards, stage):
-    kill_and_resume(2, tmp_path, shards, "engine.name=deepspeed", f"engine.zero_stage={stage}", seed=stage)
+def test_zero_kill_and_resume_is_identical(tmp_path, shards, zero_runs, stage):
+    kill_and_resume(2, tmp_path, shards, *zero(stage), seed=stage, full=zero_runs(stage))
 
 
 LIVE_EMBEDDINGS = """
@@ -75,9 +95,11 @@ if trainer.env.rank == 0:
 
 
 @pytest.mark.slow
-def test_export_of_a_zero3_checkpoint_loads_in_open_clip_with_the_same_embeddings(tmp_path, shards):
+def test_export_of_a_zero3_checkpoint_loads_in_open_clip_with_the_same_embeddings(tmp_path, shards, zero_runs):
+    import shutil
+
     run_dir = tmp_path / "run"
-    run(2, run_dir, shards, "train.steps=3", "engine.name=deepspeed", "engine.zero_stage=3")
+    shutil.copytree(zero_runs(3), run_dir)  # a ZeRO-3 run of 2 ranks, its last checkpoint at step 20
     script = tmp_path / "live.py"
     script.write_text(LIVE_EMBEDDINGS)
     live = tmp_path / "live.pt"
@@ -93,9 +115,7 @@ def test_export_of_a_zero3_checkpoint_loads_in_open_clip_with_the_same_embedding
             f"run.dir={run_dir}",
             f"data.train_shards={shards}",
             *COMMON,
-            "train.steps=3",
-            "engine.name=deepspeed",
-            "engine.zero_stage=3",
+            *zero(3),
             "checkpoint.resume=auto",
         ],
         capture_output=True,
@@ -105,7 +125,7 @@ def test_export_of_a_zero3_checkpoint_loads_in_open_clip_with_the_same_embedding
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    out = run_cli("export", "--checkpoint", str(run_dir), "--output", str(tmp_path / "model.pt"))
+    out = cli_here("export", "--checkpoint", str(run_dir), "--output", str(tmp_path / "model.pt"))
     assert "create_model_and_transforms('clip-tiny'" in out.stdout
     import open_clip
 

@@ -16,7 +16,7 @@ from clipscale.model import create_model
 from clipscale.shards.writer import write_shards
 from clipscale.train import train
 
-from helpers import COLORS, jpeg, run_cli, tiny_config
+from helpers import COLORS, cli_here, jpeg, run_cli, tiny_config
 
 NAMES = list(COLORS)
 
@@ -238,7 +238,7 @@ def test_clipscale_eval_on_an_open_clip_format_checkpoint(tmp_path):
         torch.device("cpu"),
     ).run(bundle.model)
     assert np.isclose(direct["eval/zeroshot_top1"], record["eval/zeroshot_top1"])
-    wrong = run_cli(
+    wrong = cli_here(
         "eval",
         "--checkpoint",
         str(tmp_path / "open_clip.pt"),
@@ -250,7 +250,7 @@ def test_clipscale_eval_on_an_open_clip_format_checkpoint(tmp_path):
     )
     assert wrong.returncode == 2 and wrong.stderr.startswith("clipscale: error:") and "does not fit" in wrong.stderr
     assert "Traceback" not in wrong.stderr
-    nameless = run_cli("eval", "--checkpoint", str(tmp_path / "open_clip.pt"), "--zeroshot", str(folder), check=False)
+    nameless = cli_here("eval", "--checkpoint", str(tmp_path / "open_clip.pt"), "--zeroshot", str(folder), check=False)
     assert nameless.returncode == 2 and "--model" in nameless.stderr
 
 

@@ -6,11 +6,9 @@ import shutil
 import pytest
 import torch
 
-from clipscale.checkpoint import CheckpointManager
 from clipscale.metrics import read_jsonl
 
 from distributed_helpers import run_distributed
-from helpers import tiny_config
 from process_helpers import COMMON, CURVE, CURVE_ACCUM, CURVE_STEPS, kill_and_resume, losses, run
 
 ENGINES = {
@@ -26,20 +24,34 @@ def shards(curve_shards):
     return curve_shards
 
 
+@pytest.fixture(scope="module")
+def fsdp2_curves(tmp_path_factory, shards):
+    """fsdp2_curves(curve): the folder of one uninterrupted 2-rank FSDP2 CURVE run (plain, or with
+    accumulation and gradient checkpointing), made once: compared with DDP's, and the reference of
+    the kill-and-resume test."""
+    made = {}
+
+    def get(curve: str):
+        if curve not in made:
+            made[curve] = tmp_path_factory.mktemp(f"fsdp2-{curve}")
+            run(2, made[curve], shards, *CURVE, *(CURVE_ACCUM if curve == "accum" else []), "engine.name=fsdp2")
+        return made[curve]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("curve", ["plain", "accum"])
-def test_fsdp2_losses_equal_ddp(tmp_path, shards, ddp_curves, curve):
-    extra = CURVE_ACCUM if curve == "accum" else []
-    run(2, tmp_path / "fsdp2", shards, *CURVE, *extra, "engine.name=fsdp2")
-    ddp, fsdp = ddp_curves[curve], losses(tmp_path / "fsdp2")
+def test_fsdp2_losses_equal_ddp(fsdp2_curves, ddp_curves, curve):
+    ddp, fsdp = ddp_curves[curve], losses(fsdp2_curves(curve))
     assert sorted(fsdp) == list(range(1, CURVE_STEPS + 1))
     worst = max(abs(fsdp[s] - ddp[s]) for s in fsdp)
     assert worst <= 1e-5, worst
 
 
 @pytest.mark.slow
-def test_fsdp2_kill_and_resume_is_bitwise(tmp_path, shards):
-    kill_and_resume(2, tmp_path, shards, "engine.name=fsdp2", seed=7)
+def test_fsdp2_kill_and_resume_is_bitwise(tmp_path, shards, fsdp2_curves):
+    kill_and_resume(2, tmp_path, shards, *CURVE, "engine.name=fsdp2", seed=7, full=fsdp2_curves("plain"))
 
 
 @pytest.mark.slow
@@ -48,7 +60,7 @@ def test_fsdp2_evaluates_like_ddp_and_exports_for_open_clip(tmp_path, shards):
 
     from clipscale.model import register_model_configs
 
-    from helpers import run_cli
+    from helpers import cli_here
 
     first = shards.replace("{000000..000007}", "000000")
     for engine in ("ddp", "fsdp2"):
@@ -65,7 +77,7 @@ def test_fsdp2_evaluates_like_ddp_and_exports_for_open_clip(tmp_path, shards):
     assert fsdp["eval/retrieval_images"] == 16
     for key in ("eval/i2t_r1", "eval/t2i_r5", "eval/i2t_r10"):
         assert fsdp[key] == ddp[key], key
-    run_cli("export", "--checkpoint", str(tmp_path / "fsdp2"), "--output", str(tmp_path / "model.pt"))
+    cli_here("export", "--checkpoint", str(tmp_path / "fsdp2"), "--output", str(tmp_path / "model.pt"))
     register_model_configs()
     model = open_clip.create_model_and_transforms("clip-tiny", pretrained=str(tmp_path / "model.pt"))[0]
     assert model.logit_scale.dim() == 0
@@ -78,52 +90,35 @@ SAVED_RUN = ["train.steps=3", "data.batch_size=16", "data.workers=1", "checkpoin
              "logging.sample_keys=true"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def saved_runs(tmp_path_factory, shards):
-    """One 2-rank run per engine, stopped after step 3 (checkpoint at 3)."""
-    root = tmp_path_factory.mktemp("saved")
-    out = {}
-    for name, args in ENGINES.items():
-        run(2, root / name, shards, *args, *SAVED_RUN)
-        out[name] = root / name
-    return out
-
-
-def _moments_after_load(rank, world, run_dir, engine_args, checkpoint):
-    """Build the engine of `engine_args` at this world size, load `checkpoint`, return its moments."""
+def _train_and_read_moments(rank, world, run_dir, shards, overrides):
+    """A run of `overrides` to its end (it saves its last step); then, in the same processes, the AdamW
+    moments its checkpoint holds, read back at the world size that wrote it."""
     import os
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # DeepSpeed insists
-    from clipscale.checkpoint.state import seed_everything
-    from clipscale.engine import build_engine
+    from clipscale.config import load_config
     from clipscale.job.distributed import init_distributed
-    from clipscale.model import create_model
+    from clipscale.train import Trainer
 
-    cfg = tiny_config(run_dir, "unused", **{a.split("=")[0].replace(".", "__"): a.split("=")[1] for a in engine_args})
+    items = [f"run.dir={run_dir}", f"data.train_shards={shards}", *COMMON, *overrides]
     env = init_distributed("cpu", 600)
-    seed_everything(0)
-    engine = build_engine(cfg, create_model(cfg.model, cfg.loss.name, env.device).model, env)
-    engine.load(checkpoint)
-    return engine.full_optimizer_state()
-
-
-def moments(engine_args, world, run_dir, checkpoint):
-    return run_distributed(_moments_after_load, world, run_dir, engine_args, checkpoint)[0]
+    with Trainer(load_config(None, items), env) as trainer:
+        trainer.fit()
+    with Trainer(load_config(None, [*items, "checkpoint.resume=auto"]), env) as trainer:
+        moments = trainer.engine.full_optimizer_state()
+    return moments if rank == 0 else None
 
 
 @pytest.fixture(scope="module")
-def reference_moments(saved_runs, tmp_path_factory):
-    """The moments each saved checkpoint holds, read back at the world size that wrote it: once
-    per engine, not once per case (the matrix has 10 cases over 4 engines)."""
-    cache = {}
-
-    def get(source):
-        if source not in cache:
-            checkpoint = CheckpointManager(saved_runs[source], is_main=False).latest()
-            cache[source] = moments(ENGINES[source], 2, tmp_path_factory.mktemp(f"ref-{source}"), checkpoint)
-        return cache[source]
-
-    return get
+def saved_runs(tmp_path_factory, shards):
+    """One 2-rank run per engine, stopped after step 3 (checkpoint at 3), and the moments it saved
+    (read in the run itself: one launch per engine, not two)."""
+    root = tmp_path_factory.mktemp("saved")
+    out = {}
+    for name, args in ENGINES.items():
+        moments = run_distributed(_train_and_read_moments, 2, root / name, shards, [*args, *SAVED_RUN], timeout=600)
+        out[name] = (root / name, moments[0])
+    return out
 
 
 def _resume_and_train(rank, world, run_dir, shards, overrides):
@@ -160,12 +155,10 @@ def _resume_and_train(rank, world, run_dir, shards, overrides):
         ("ddp", "ddp", 3),
     ],
 )
-def test_resume_at_another_world_size_carries_moments_and_data(
-    tmp_path, saved_runs, reference_moments, shards, source, target, world
-):
-    reference = reference_moments(source)
+def test_resume_at_another_world_size_carries_moments_and_data(tmp_path, saved_runs, shards, source, target, world):
+    saved, reference = saved_runs[source]
     run_dir = tmp_path / "run"
-    shutil.copytree(saved_runs[source], run_dir)
+    shutil.copytree(saved, run_dir)
     overrides = [*ENGINES[target], f"train.steps={RESUME_STEPS}", *SAVED_RUN[1:], "checkpoint.resume=auto"]
     resumed = run_distributed(_resume_and_train, world, run_dir, shards, overrides, timeout=600)[0]
     assert resumed.keys() == reference.keys() and len(reference) > 50

@@ -103,9 +103,18 @@ def mix_run(nproc, run_dir, srcs, *overrides, expect=0, workers=2, steps=24, wei
     return run(nproc, run_dir, None, *args, expect=expect)
 
 
+@pytest.fixture(scope="module")
+def weighted_run(tmp_path_factory, two_sources):
+    """One uninterrupted 2-rank run of the two sources at 0.75 / 0.25 (24 steps): what the weights do,
+    and the reference of the kill-and-resume test. Read only."""
+    run_dir = tmp_path_factory.mktemp("weighted")
+    mix_run(2, run_dir, two_sources)
+    return run_dir
+
+
 @pytest.mark.slow
-def test_two_sources_weights_hold_in_every_global_batch(tmp_path, two_sources):
-    mix_run(2, tmp_path, two_sources)
+def test_two_sources_weights_hold_in_every_global_batch(weighted_run, two_sources):
+    tmp_path = weighted_run
     recs = records(tmp_path)
     check_shares(recs, range(1, 25), {"a": 6, "b": 2}, ranks=(0, 1))
     by_pass = check_without_replacement(recs, two_sources, streams=4)
@@ -113,6 +122,22 @@ def test_two_sources_weights_hold_in_every_global_batch(tmp_path, two_sources):
     last = read_jsonl(tmp_path / "metrics.jsonl")[-1]
     assert last["data/a/samples"] == 24 * 6 and last["data/b/samples"] == 24 * 2
     assert last["data/a/epoch"] == pytest.approx(24 * 6 / 40) and last["data/b/epoch"] == pytest.approx(48 / 21)
+
+
+@pytest.fixture(scope="module")
+def killed_mix(tmp_path_factory, two_sources):
+    """A 2-rank x 2-worker run of the two sources killed (SIGKILL) after step 7: (its folder, the last
+    step it logged). Tests resume a copy of it."""
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    return run_dir, kill_mid_run(run_dir, two_sources)
+
+
+def resume_copy(killed_mix, tmp_path):
+    import shutil
+
+    source, killed_at = killed_mix
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
+    return killed_at
 
 
 def kill_mid_run(run_dir, srcs, nproc=2, workers=2, at=7):
@@ -132,8 +157,10 @@ def kill_mid_run(run_dir, srcs, nproc=2, workers=2, at=7):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc, workers", [(1, 2), (4, 2)])
-def test_kill_and_resume_on_another_world_size_keeps_every_source_epoch_exact(tmp_path, two_sources, nproc, workers):
-    killed_at = kill_mid_run(tmp_path, two_sources)
+def test_kill_and_resume_on_another_world_size_keeps_every_source_epoch_exact(
+    tmp_path, two_sources, killed_mix, nproc, workers
+):
+    killed_at = resume_copy(killed_mix, tmp_path)
     saved = (killed_at // 3) * 3
     proc = mix_run(nproc, tmp_path, two_sources, "checkpoint.resume=auto", workers=workers)
     assert "resuming on another data layout" in proc.stderr
@@ -151,9 +178,9 @@ def test_kill_and_resume_on_another_world_size_keeps_every_source_epoch_exact(tm
 
 
 @pytest.mark.slow
-def test_same_stream_count_on_another_world_size_continues_the_streams(tmp_path, two_sources):
+def test_same_stream_count_on_another_world_size_continues_the_streams(tmp_path, two_sources, killed_mix):
     """2 ranks x 2 workers -> 4 ranks x 1 worker: the same 4 streams (this crashed with an IndexError)."""
-    killed_at = kill_mid_run(tmp_path, two_sources)
+    killed_at = resume_copy(killed_mix, tmp_path)
     saved = (killed_at // 3) * 3
     proc = mix_run(4, tmp_path, two_sources, "checkpoint.resume=auto", workers=1)
     assert "resuming on another data layout" not in proc.stderr
@@ -190,8 +217,9 @@ def test_repeat_reads_each_source_its_number_of_times_per_mixture_epoch(tmp_path
 
 
 @pytest.mark.slow
-def test_a_mixture_resumes_bitwise_after_kill_at_the_same_layout(tmp_path, two_sources):
-    kill_and_resume(2, tmp_path, None, sources_override(two_sources, {"a": 0.75, "b": 0.25}))
+def test_a_mixture_resumes_bitwise_after_kill_at_the_same_layout(tmp_path, two_sources, weighted_run):
+    settings = [sources_override(two_sources, {"a": 0.75, "b": 0.25}), "data.workers=2", "train.steps=24", *MIX]
+    kill_and_resume(2, tmp_path, None, *settings, full=weighted_run)  # (mix_run's settings: the same run)
 
 
 def test_data_plan_prints_each_source_without_training(tmp_path, two_sources):

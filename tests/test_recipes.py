@@ -3,8 +3,6 @@ learning rates, EMA, distillation, context length and augmentation, and the bund
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -22,7 +20,7 @@ from clipscale.metrics import read_jsonl
 from clipscale.model import create_model, to_open_clip_layout
 from clipscale.train import Trainer, train
 
-from helpers import REPO, optimizer_of, tiny_config
+from helpers import REPO, cli_here, optimizer_of, tiny_config
 from process_helpers import run
 
 ENV = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")  # one process, no process group
@@ -258,12 +256,7 @@ def test_ema_resumes_bitwise_and_exports_to_open_clip(tmp_path, toy_shards, engi
     trained, _ = consolidated_weights(tmp_path / "full")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert not torch.equal(full["visual.proj"], trained["visual.proj"])  # the average is not the weights
-    out = subprocess.run(
-        [sys.executable, "-m", "clipscale", "export", "--checkpoint", str(tmp_path / "full"), "--output",
-         str(tmp_path / "ema.pt"), "--ema"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    cli_here("export", "--checkpoint", str(tmp_path / "full"), "--output", str(tmp_path / "ema.pt"), "--ema")
     from clipscale.model import register_model_configs
 
     register_model_configs()

@@ -10,18 +10,36 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import open_clip
-import torch
-from torch import nn
 
-from .config import AugmentConfig, ModelConfig, to_dict
-from .config.losses import loss_spec
-from .errors import ConfigError
+def _import_open_clip():
+    """open_clip without wandb: open_clip imports timm, and timm.utils.summary imports wandb when it is
+    installed (0.4 s of every process's start-up) for a logging helper clipscale never calls. The import
+    is refused for that moment only; logging.wandb imports wandb as usual later."""
+    blocked = "wandb" not in sys.modules
+    if blocked:
+        sys.modules["wandb"] = None  # `import wandb` raises ImportError, which timm expects and passes
+    try:
+        import open_clip
+    finally:
+        if blocked and sys.modules.get("wandb", False) is None:
+            del sys.modules["wandb"]
+    return open_clip
+
+
+open_clip = _import_open_clip()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .config import AugmentConfig, ModelConfig, to_dict  # noqa: E402
+from .config.losses import loss_spec  # noqa: E402
+from .errors import ConfigError  # noqa: E402
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs" / "models"
 MAX_LOGIT_SCALE = math.log(100.0)
