@@ -127,7 +127,10 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, bundle):
 
 def test_missing_shard_is_a_clear_startup_error(tmp_path):
     make_shards(tmp_path, n_shards=2, per_shard=4)
-    with pytest.raises(DataError, match=r"shard not found: .*toy-000002.tar"):
+    with pytest.raises(
+        DataError,
+        match=r"data.train_shards: 1 of 3 shards not found \(.*toy-000002.tar\); set data.missing_shards=skip",
+    ):
         resolve_shards(str(tmp_path / "toy-{000000..000002}.tar"))
 
 

@@ -271,3 +271,24 @@ def test_weights_that_do_not_divide_the_batch_hold_to_one_sample(tmp_path, two_s
         totals.update(counts)
     assert abs(totals["a"] - 0.7 * 240) <= 2 and abs(totals["b"] - 0.3 * 240) <= 2
     check_without_replacement(recs, two_sources, streams=4)
+
+
+def test_a_source_of_three_samples_with_a_gap_trains_at_four_streams(tmp_path, two_sources):
+    """A curated 3-sample source (its second shard never arrived: missing_shards: skip) beside a big
+    one, at 2 ranks x 2 workers = 4 streams: it trains, each of its passes holds its 3 samples once,
+    and the gap is reported in the run status."""
+    write_shards(color_samples(3, size=16, seed=3, prefix="c"), tmp_path / "c", "c", 3)
+    small = {"c": (str(tmp_path / "c" / "c-{000000..000001}.tar"), {f"c{i:06d}" for i in range(3)})}
+    a = {"a": two_sources["a"]}
+    sources = (
+        f"data.sources=[{{name: a, shards: '{a['a'][0]}', weight: 0.75}}, "
+        f"{{name: c, shards: '{small['c'][0]}', weight: 0.25, missing_shards: skip}}]"
+    )
+    run_dir = tmp_path / "run"
+    run(2, run_dir, None, sources, "data.workers=2", "train.steps=9", *MIX)
+    recs = records(run_dir)
+    check_shares(recs, range(1, 10), {"a": 6, "c": 2}, ranks=(0, 1))
+    by_pass = check_without_replacement(recs, {**a, **small}, streams=4)
+    assert max(p for s, p in by_pass if s == "c") >= 4  # 18 samples of c: at least 6 passes begun
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["missing_shards"] == {"c": 1}

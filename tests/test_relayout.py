@@ -66,9 +66,20 @@ def test_every_stream_reads_an_equal_share_of_every_pass(uneven_shards):
             assert [p for *_, p in got] == sorted(p for *_, p in got)
 
 
-def test_more_streams_than_samples_is_a_clear_error(uneven_shards):
-    with pytest.raises(ValueError, match="fewer than its 100 streams"):
-        StreamPlan(uneven_shards, 0, 100)
+def test_a_source_smaller_than_its_streams_is_read_whole_every_pass(uneven_shards):
+    """64 samples on 100 streams: some streams have an empty share of a pass and go on to the next;
+    every pass is still read exactly once across the streams, and over 100 passes every stream
+    reads 64 samples (the same as every other stream: the source's weight holds on each)."""
+    total, streams = sum(SIZES), 100
+    plan = StreamPlan(uneven_shards, 0, streams, True, 2, 4)
+    by_pass = Counter()
+    for s in range(streams):
+        got, _ = consume(plan, s, total)
+        assert max(p for *_, p in got) < streams  # 64 samples = its shares of passes 0..99
+        by_pass.update((p, u, i) for u, i, p in got)
+    for p in range(streams):
+        assert {(u, i) for q, u, i in by_pass if q == p} == every_sample(uneven_shards)
+    assert set(by_pass.values()) == {1}
 
 
 def test_order_is_a_pure_function_of_the_plan(uneven_shards):

@@ -106,7 +106,10 @@ def test_globs_and_counts_from_the_remote_manifest(s3, bucket_shards, caplog):
 def test_a_missing_remote_shard_is_one_line(s3, bucket_shards):
     _, url = bucket_shards
     remote.configure()
-    with pytest.raises(DataError, match=r"shard not found: s3://data/toy/toy-000004.tar \(and 5 more\)"):
+    with pytest.raises(
+        DataError,
+        match=r"6 of 10 shards not found \(s3://data/toy/toy-000004.tar, s3://data/toy/toy-000005.tar, s3://data/toy/toy-000006.tar and 3 more\)",
+    ):
         resolve_shards(f"{url}/toy-{{000000..000009}}.tar")
 
 

@@ -64,13 +64,17 @@ class SourceConfig:
     name: str = ""
     """Name of the source: metrics (data/<name>/epoch, data/<name>/samples), logs and sample_keys.jsonl use it."""
     shards: str = ""
-    """The source's WebDataset shard URLs: brace patterns, several joined with '::', local paths or pipe: URLs."""
+    """The source's WebDataset shard URLs: brace patterns, local or remote globs, `@list.txt`, pipe: URLs;
+    several joined with '::'."""
     weight: float | None = None
     """Share of every global batch taken from this source (weights are normalised to sum to 1)."""
     repeat: float | None = None
     """Instead of a weight: each sample this many times per mixture epoch (0.5: half of the source)."""
     manifest: str | None = None
     """Index with the sample counts of this source's shards (default: manifest.json / sizes.json next to them)."""
+    missing_shards: str = "error"
+    """Shards the list names that do not exist (a download with gaps): 'error' stops with their count and the
+    first few; 'skip' trains on the rest and reports how many were missing at start and in status.json."""
 
 
 @dataclass
@@ -88,8 +92,8 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     train_shards: str = ""
-    """One-source shorthand for `data.sources`: WebDataset shard URLs (brace patterns, several joined with '::',
-    local paths or pipe: URLs)."""
+    """One-source shorthand for `data.sources`: WebDataset shard URLs - brace patterns, local or remote globs
+    (`*`, `**`), a file with one URL per line (`@list.txt`), pipe: URLs; several joined with '::'."""
     sources: list[SourceConfig] = field(default_factory=list)
     """Several data sets mixed by weight or repeat, each read without replacement in its own epochs (see Data
     mixtures); items are {name, shards, weight | repeat, manifest}."""
@@ -98,6 +102,11 @@ class DataConfig:
     manifest: str | None = None
     """Index of the data.train_shards sample counts (default: manifest.json / sizes.json / *_stats.json next to
     the shards)."""
+    missing_shards: str = "error"
+    """data.train_shards' missing shards: 'error' (stop, naming them) or 'skip' (train on what is there)."""
+    count_concurrency: int = 64
+    """Shards without an index are counted once per job, every rank a slice, this many requests in flight per
+    rank; the counts are cached in RUN_DIR/shard_counts.json for requeues and resumes."""
     batch_size: int = 32
     """Per-process micro-batch size."""
     workers: int = 2

@@ -291,10 +291,22 @@ def check_recipe(cfg: Config, machine: bool = True) -> None:
             require(Path(d.checkpoint).is_file(), f"'distill.checkpoint': file not found: {d.checkpoint}")
 
 
+MISSING_POLICIES = ("error", "skip")
+
+
 def check_sources(data: DataConfig) -> None:
     """data.sources: unique names, shards each, weights or repeats (not both kinds), all positive."""
+    require(
+        data.missing_shards in MISSING_POLICIES,
+        f"'data.missing_shards' must be one of {', '.join(MISSING_POLICIES)}, got {data.missing_shards!r}",
+    )
+    require(data.count_concurrency >= 1, f"'data.count_concurrency' must be >= 1, got {data.count_concurrency}")
     if not data.sources:
         return
+    require(
+        data.missing_shards == "error",
+        "'data.missing_shards' belongs to data.train_shards; give each of data.sources its own 'missing_shards'",
+    )
     require(not data.train_shards, "set either 'data.train_shards' (one source) or 'data.sources', not both")
     require(
         data.manifest is None,
@@ -309,6 +321,10 @@ def check_sources(data: DataConfig) -> None:
         )
         require(names.count(src.name) == 1, f"'{where}.name': the name {src.name!r} is used twice in data.sources")
         require(bool(src.shards), f"'{where}.shards' is empty: give the source's shard URLs")
+        require(
+            src.missing_shards in MISSING_POLICIES,
+            f"'{where}.missing_shards' must be one of {', '.join(MISSING_POLICIES)}, got {src.missing_shards!r}",
+        )
         require(
             src.weight is None or src.repeat is None,
             f"'{where}' sets both weight and repeat; a source is mixed by one of them",

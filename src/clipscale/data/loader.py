@@ -10,13 +10,16 @@ import signal
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..config import BatchLayout, DataConfig
-from ..job.distributed import DistEnv, all_gather_object
+from ..job.distributed import DistEnv, all_gather_object, broadcast_object
+from ..job.distributed import rank as dist_rank
+from ..job.distributed import world_size as dist_world
 from ..job.preempt import ignore_signals, signals_blocked, worker_start_method
 from ..wds.remote import configure as configure_storage
 from .mixture import MixtureSchedule, ScheduleState, weight_units
@@ -63,6 +66,14 @@ def _sum_skipped(positions) -> dict[str, int]:
     return dict(total)
 
 
+def describe_source(source: Source) -> str:
+    """One start-up line per source: its shards, the missing ones skipped, where the counts came from."""
+    origin = source.found.by_origin() if source.found is not None else {}
+    counted = ", ".join(f"{n} from {how}" for how, n in origin.items() if n and how != "left")
+    missing = f", {source.missing} missing shard(s) skipped" if source.missing else ""
+    return f"source {source.name!r}: {source.plan.num_shards} shards, {source.samples} samples{missing} (counts: {counted})"
+
+
 class TrainData:
     """Yields this rank's micro-batches; `state()` is what a checkpoint needs to resume exactly,
     `restore(state, step)` continues from it (before the first batch is taken).
@@ -80,16 +91,31 @@ class TrainData:
         tokenizer: Callable,
         draft_size: int | None = None,
         signals: tuple[str, ...] = (),
+        count_cache: Path | None = None,
+        beat: Callable[[], None] | None = None,
     ):
         """`data_cfg`: the data section; `seed`: the run's (the data order); `signals`: the preemption
-        signals the DataLoader workers must ignore (the training process handles them)."""
+        signals the DataLoader workers must ignore (the training process handles them); `count_cache`:
+        the run's shard count cache; `beat`: told of every shard counted (the hang watchdog)."""
         self.cfg, self.layout, self.env, self.seed, self.tokenizer = data_cfg, layout, env, seed, tokenizer
         self.signals = tuple(signals)
         self.storage = {"storage_options": data_cfg.storage_options, "retries": data_cfg.read_retries}
         configure_storage(**self.storage)  # remote listings and counts below; the workers get it too
         self.workers = layout.workers
         self.num_streams = layout.streams
-        self.sources: list[Source] = build_sources(data_cfg, seed, self.num_streams)
+        # counted once per job over the process group (a rank simulated without one counts alone)
+        census = {
+            "rank": dist_rank(),
+            "world": dist_world(),
+            "gather": all_gather_object,
+            "broadcast": broadcast_object,
+        }
+        self.sources: list[Source] = build_sources(
+            data_cfg, seed, self.num_streams, cache_path=count_cache, beat=beat, **census
+        )
+        if env.is_main:
+            for source in self.sources:
+                log.info("data: %s", describe_source(source))
         self.global_batch = layout.global_batch
         self.micro_batches = layout.micro_batches
         self.num_samples = data_cfg.train_num_samples or epoch_samples(self.sources)

@@ -118,12 +118,7 @@ class StreamPlan:
         self.sizes = np.fromiter((s.samples for s in shards), dtype=np.int64, count=len(shards))
         if (self.sizes <= 0).any():
             raise ValueError("every shard of a plan must hold samples (resolve_shards drops empty ones)")
-        self.total_samples = int(self.sizes.sum())
-        if self.total_samples < num_streams:
-            raise ValueError(
-                f"source {name!r} has {self.total_samples} samples, fewer than its {num_streams} "
-                f"streams (world size x workers)"
-            )
+        self.total_samples = int(self.sizes.sum())  # may be fewer than the streams: see share()
         self.seed, self.num_streams, self.shuffle = seed, num_streams, shuffle
         self.block_shards, self.shuffle_buffer, self.name = block_shards, shuffle_buffer, name
         self.frontier = frontier
@@ -162,7 +157,10 @@ class StreamPlan:
         return perm, starts
 
     def share(self, stream: int, data_pass: int) -> tuple[int, int]:
-        """The pass coordinates [lo, hi) stream `stream` reads in regular pass `data_pass`."""
+        """The pass coordinates [lo, hi) stream `stream` reads in regular pass `data_pass`. A source
+        with fewer samples than streams gives some streams an empty share of a pass: such a stream
+        goes on to its share of the next pass; shares rotate, so over any `num_streams` passes every
+        stream reads `total_samples` samples, and the source's mixture weight holds."""
         total, count = self.total_samples, self.num_streams
         index = (stream + data_pass) % count
         return index * total // count, (index + 1) * total // count

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from ..config import DataConfig, SourceConfig
 from ..errors import DataError
-from ..wds.shardlist import resolve_shards
+from ..wds.census import SourceCount, SourceSpec, take_census
+from ..wds.shardlist import shards_of
 from .plan import StreamPlan
 
 DEFAULT_NAME = "train"  # the name of the data.train_shards source
@@ -19,17 +20,23 @@ class Source:
     plan: StreamPlan
     weight: float  # share of every batch (unnormalised)
     repeat: float | None = None  # samples per mixture epoch / source size, in repeat mode
+    found: SourceCount | None = None  # shards found and missing, and where their counts came from
 
     @property
     def samples(self) -> int:
         return self.plan.total_samples
+
+    @property
+    def missing(self) -> int:
+        return len(self.found.missing) if self.found is not None else 0
 
 
 def source_configs(d: DataConfig) -> list[tuple[str, SourceConfig]]:
     """(where in the config, source) for every source; data.train_shards is one source named 'train'."""
     if d.sources:
         return [(f"data.sources.{i}.shards", src) for i, src in enumerate(d.sources)]
-    return [("data.train_shards", SourceConfig(DEFAULT_NAME, d.train_shards, manifest=d.manifest))]
+    one = SourceConfig(DEFAULT_NAME, d.train_shards, manifest=d.manifest, missing_shards=d.missing_shards)
+    return [("data.train_shards", one)]
 
 
 def plan_for(d: DataConfig, seed: int, name: str, shards, num_streams: int) -> StreamPlan:
@@ -39,18 +46,22 @@ def plan_for(d: DataConfig, seed: int, name: str, shards, num_streams: int) -> S
         raise DataError(f"data source {name!r}: {exn}") from None
 
 
-def build_sources(d: DataConfig, seed: int, num_streams: int) -> list[Source]:
-    """Every source resolved (shards, counts) and planned. Weights: `weight` as given; with
+def build_sources(d: DataConfig, seed: int, num_streams: int, **census) -> list[Source]:
+    """Every source resolved (shards, counts: once per job, wds/census.py; `census`: its rank, world,
+    gather, broadcast, cache and watchdog hooks) and planned. Weights: `weight` as given; with
     `repeat` (or neither), repeat x the source's samples: each sample `repeat` times (once) per
     mixture epoch."""
+    configs = source_configs(d)
+    specs = [SourceSpec(where, src.shards, src.manifest, src.missing_shards) for where, src in configs]
+    counted = take_census(specs, concurrency=d.count_concurrency, **census)
     out = []
-    for where, src in source_configs(d):
-        plan = plan_for(d, seed, src.name, resolve_shards(src.shards, src.manifest, what=where), num_streams)
+    for (_, src), found in zip(configs, counted):
+        plan = plan_for(d, seed, src.name, shards_of(found), num_streams)
         if src.weight is not None:
-            out.append(Source(src.name, plan, src.weight))
+            out.append(Source(src.name, plan, src.weight, found=found))
         else:
             repeat = 1.0 if src.repeat is None else src.repeat
-            out.append(Source(src.name, plan, repeat * plan.total_samples, repeat))
+            out.append(Source(src.name, plan, repeat * plan.total_samples, repeat, found=found))
     return out
 
 

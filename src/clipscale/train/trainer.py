@@ -26,6 +26,7 @@ from ..checkpoint.state import RNG, DataPosition, LRSchedule, Progress, RunMeta,
 from ..config import BatchLayout, Config, save_config, to_dict
 from ..data.loader import TrainData
 from ..data.samples import draft_size
+from ..wds.census import CACHE_NAME
 from ..engine import build_engine
 from ..engine.ema import ModelEMA
 from ..errors import TrainingDiverged
@@ -115,7 +116,8 @@ class Trainer:
         draft = draft_size(self.bundle.image_size, cfg.data.augment) if cfg.data.jpeg_draft else None
         self.data = TrainData(
             cfg.data, self.layout, env, cfg.seed, self.bundle.train_transform, self.bundle.tokenizer, draft,
-            signals=tuple(cfg.train.preempt_signals),
+            signals=tuple(cfg.train.preempt_signals), count_cache=self.run_dir / CACHE_NAME,
+            beat=lambda: self.watchdog.watch("counting shards"),
         )  # fmt: skip
         self.setup_seconds["data"] = time.perf_counter() - t0
         self.guard = SpikeGuard(cfg.train.spike_guard)
@@ -382,6 +384,9 @@ class Trainer:
             "restart_count": self.env.restart_count,
             "requeue_count": self.env.requeue_count,
         }
+        missing = {s.name: s.missing for s in (self.data.sources if self.data is not None else []) if s.missing}
+        if missing:
+            fields["missing_shards"] = missing  # skipped (missing_shards: skip): a download with gaps
         guard = getattr(self, "guard", None)
         if guard is not None and guard.rollbacks:
             fields["rollbacks"] = guard.rollbacks[-20:]

@@ -1,0 +1,93 @@
+"""Shard lists as users have them, to URLs: brace patterns, local and remote globs, list files.
+
+`data.train_shards` (or a source's `shards`) is one or more parts joined with '::'; each part is
+- a brace pattern: `/data/cc3m-{000000..000331}.tar`, `s3://b/laion/{00000..23099}.tar`;
+- a glob, local or remote: `/data/laion/*.tar`, `/data/{cc12m,yfcc}/*.tar` (braces are expanded
+  first), `s3://b/datacomp/**/*.tar` (`**` spans folders); a remote glob is one listing (a LIST
+  request per 1,000 objects), never a request per object; the matches are sorted;
+- a text file with one URL or pattern per line (`@/data/shards.txt`, or any path ending in `.txt`
+  or `.list`; blank lines and lines starting with `#` are ignored), local or remote;
+- `pipe:` commands and web URLs (`https://...`), taken as they are.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import braceexpand
+
+from ..errors import DataError
+from .remote import expand_remote_glob, filesystem, has_glob, is_remote, with_retries
+from .urls import local_path
+
+LIST_SUFFIXES = (".txt", ".list")
+
+
+def expand(pattern: str, what: str = "data.train_shards") -> list[str]:
+    """Every shard URL the shard list names, in order. (Unlike webdataset's expand_urls, `${VAR}` is
+    not replaced from the environment: the shell does that already.)"""
+    if not pattern or not pattern.strip():
+        raise DataError(f"no shards given: set {what} (e.g. /data/cc3m-{{000000..000331}}.tar)")
+    urls = []
+    for part in pattern.split("::"):
+        urls.extend(_expand_part(part.strip(), what, depth=0))
+    if not urls:
+        raise DataError(f"{what} '{pattern}' expands to no shards")
+    return urls
+
+
+def _expand_part(part: str, what: str, depth: int) -> list[str]:
+    if not part:
+        return []
+    if is_list_file(part):
+        return _expand_list_file(part.removeprefix("@"), what, depth)
+    out = []
+    for url in braceexpand.braceexpand(part):
+        url = url.strip()
+        if not url:
+            continue
+        if url.startswith("pipe:") or not has_glob(url):
+            out.append(url)
+        elif is_remote(url):
+            out.extend(expand_remote_glob(url))
+        else:
+            out.extend(_expand_local_glob(url, what))
+    return out
+
+
+def is_list_file(part: str) -> bool:
+    """`@path`, or a path (not a pattern, not a pipe:) ending in .txt/.list: a file listing shards."""
+    if part.startswith("@"):
+        return True
+    return not part.startswith("pipe:") and not has_glob(part) and "{" not in part and part.endswith(LIST_SUFFIXES)
+
+
+def _expand_list_file(path: str, what: str, depth: int) -> list[str]:
+    if depth > 2:
+        raise DataError(f"{what}: shard list files nest too deeply at {path}")
+    try:
+        if is_remote(path):
+            fs, inner = filesystem(path)
+            text = with_retries(f"reading {path}", lambda: fs.cat_file(inner)).decode("utf-8")
+        else:
+            with open(local_path(path) or path, encoding="utf-8") as f:
+                text = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{what}: shard list file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exn:
+        raise DataError(f"{what}: cannot read the shard list file {path}: {exn}") from None
+    urls = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            urls.extend(_expand_part(line, what, depth + 1))
+    return urls
+
+
+def _expand_local_glob(url: str, what: str) -> list[str]:
+    path = local_path(url) or url
+    found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    if not found:
+        raise DataError(f"{what}: no file matches {url}")
+    return found if path == url else [f"file:{p}" for p in found]
