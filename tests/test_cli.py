@@ -35,7 +35,6 @@ def test_user_error_is_one_line_without_traceback():
     proc = run_cli("train", "data.train_shards=/nonexistent/x-{000..003}.tar", check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert (
-        "clipscale: error: data.train_shards: 4 of 4 shards not found (/nonexistent/x-000.tar, /nonexistent/x-001.tar, /nonexistent/x-002.tar and 1 more); set data.missing_shards=skip"
-        in proc.stderr
-    )
+    first = "/nonexistent/x-000.tar, /nonexistent/x-001.tar, /nonexistent/x-002.tar and 1 more"
+    expected = f"clipscale: error: data.train_shards: 4 of 4 shards not found ({first}); set data.missing_shards=skip"
+    assert expected in proc.stderr

@@ -5,12 +5,13 @@ import os
 import shutil
 
 import pytest
-from helpers import make_shards
 
 from clipscale.errors import DataError
 from clipscale.wds.census import CACHE_NAME, SourceSpec, take_census
 from clipscale.wds.expand import expand
 from clipscale.wds.shardlist import resolve_shards
+
+from helpers import make_shards
 
 
 def _unindexed(folder, n=4, per_shard=5, name="s"):

@@ -108,7 +108,8 @@ def test_a_missing_remote_shard_is_one_line(s3, bucket_shards):
     remote.configure()
     with pytest.raises(
         DataError,
-        match=r"6 of 10 shards not found \(s3://data/toy/toy-000004.tar, s3://data/toy/toy-000005.tar, s3://data/toy/toy-000006.tar and 3 more\)",
+        match=r"6 of 10 shards not found \(s3://data/toy/toy-000004.tar, s3://data/toy/toy-000005.tar, "
+        r"s3://data/toy/toy-000006.tar and 3 more\)",
     ):
         resolve_shards(f"{url}/toy-{{000000..000009}}.tar")
 

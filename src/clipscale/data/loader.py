@@ -71,7 +71,8 @@ def describe_source(source: Source) -> str:
     origin = source.found.by_origin() if source.found is not None else {}
     counted = ", ".join(f"{n} from {how}" for how, n in origin.items() if n and how != "left")
     missing = f", {source.missing} missing shard(s) skipped" if source.missing else ""
-    return f"source {source.name!r}: {source.plan.num_shards} shards, {source.samples} samples{missing} (counts: {counted})"
+    shards = f"{source.plan.num_shards} shards, {source.samples} samples"
+    return f"source {source.name!r}: {shards}{missing} (counts: {counted})"
 
 
 class TrainData:

@@ -26,7 +26,6 @@ from ..checkpoint.state import RNG, DataPosition, LRSchedule, Progress, RunMeta,
 from ..config import BatchLayout, Config, save_config, to_dict
 from ..data.loader import TrainData
 from ..data.samples import draft_size
-from ..wds.census import CACHE_NAME
 from ..engine import build_engine
 from ..engine.ema import ModelEMA
 from ..errors import TrainingDiverged
@@ -38,6 +37,7 @@ from ..job.watchdog import HangWatchdog
 from ..loss import build_loss
 from ..model import count_parameters, create_model
 from ..optim import describe_groups, param_groups
+from ..wds.census import CACHE_NAME
 from .grad_cache import forward_backward, global_loss_and_stop
 from .tracker import StepTracker
 
