@@ -81,3 +81,10 @@ def test_startup_benchmark_reads_the_trainers_start_up_line(tmp_path):
     assert re.search(r"start-up with 40 shards: [\d.]+ s; with 4 shards", proc.stdout)
     assert re.search(r"model build \(trainer's log\): [\d.]+ s; data set-up with 40 shards", proc.stdout)
     assert len(list((tmp_path / "many-40").glob("laion-*.tar"))) == 40
+
+
+def test_fsync_benchmark_counts_files_plus_directories(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "checkpoint_fsync.py"), "--ranks", "8", "--dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert re.search(r"^\| 8 \| 10 \| 2 \| 12 \| 12 \| 96 \|", proc.stdout, re.M), proc.stdout

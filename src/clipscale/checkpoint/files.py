@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -56,17 +57,48 @@ def checksum_problem(checkpoint: Path) -> str | None:
     return None
 
 
-def fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under `folder` (files another library wrote)."""
+# Per-rank files carry their writer's rank in their name: DCP's `__R_I.distcp`, DeepSpeed's
+# `*zero_pp_rank_R_*`. A file without one (metadata, DeepSpeed's model states, our train state,
+# ds_config.json) is the main rank's.
+RANK_IN_NAME = (re.compile(r"^__(\d+)_\d+\.distcp$"), re.compile(r"zero_pp_rank_(\d+)_"))
+
+
+def writer_rank(name: str) -> int:
+    for pattern in RANK_IN_NAME:
+        m = pattern.search(name)
+        if m:
+            return int(m.group(1))
+    return 0
+
+
+def durability_shares(folder: Path, world: int, files_synced: bool = False) -> list[list[str]]:
+    """Main rank, once per save: what each rank must fsync in the checkpoint folder it helped write:
+    the files it wrote (none when the writer fsynced them itself, as DCP does), and for the main rank
+    every directory (each made once). Total: files + directories, O(world), not world x files."""
+    shares: list[list[str]] = [[] for _ in range(world)]
+    directories = [folder]
     for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
-        fsync_dir(path)
+        if path.is_dir():
+            directories.append(path)
+        elif not files_synced:
+            shares[min(writer_rank(path.name), world - 1)].append(str(path.relative_to(folder)))
+    # directories after the files in them, deepest first: a rename's entry is durable up the tree
+    shares[0] += [str(d.relative_to(folder)) for d in sorted(directories, key=lambda d: -len(d.parts))]
+    return shares
+
+
+def fsync_paths(folder: Path, relative: list[str]) -> None:
+    """fsync each of `relative` under `folder` (files and directories)."""
+    for rel in relative:
+        path = folder / rel
+        if path.is_dir():
+            fsync_dir(path)
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint_file(path: Path, mmap: bool = False) -> dict:

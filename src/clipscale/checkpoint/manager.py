@@ -29,8 +29,16 @@ from typing import Callable
 from ..config import CheckpointConfig
 from ..errors import CheckpointError, CheckpointMismatch
 from ..fsutil import atomic_write_bytes, fsync_dir, remove_path, remove_temporaries, temp_path
-from ..job.distributed import all_gather_object, barrier, broadcast_object
-from .files import checksum_path, checksum_problem, checksums, fsync_tree, step_of, torch_save_synced
+from ..job.distributed import all_gather_object, barrier, broadcast_object, scatter_object, world_size
+from .files import (
+    checksum_path,
+    checksum_problem,
+    checksums,
+    durability_shares,
+    fsync_paths,
+    step_of,
+    torch_save_synced,
+)
 from .names import FORMS, LATEST, NAME_RE, checkpoint_name, checkpoints_folder, is_checkpoint_folder, named_target
 
 log = logging.getLogger(__name__)
@@ -113,7 +121,7 @@ class CheckpointManager:
                 self.save_async(step, lambda tmp: torch_save_synced(snap, tmp), suffix)
             log.info("saving checkpoint %s in the background", path)
         else:
-            path = self.save(step, lambda tmp: engine.save(tmp, train_state), suffix)
+            path = self.save(step, lambda tmp: engine.save(tmp, train_state), suffix, engine.files_synced)
             log.info("saved checkpoint %s", path)
         self.holds(path, step)
         return path
@@ -128,9 +136,9 @@ class CheckpointManager:
         return train_state
 
     # ---------------------------------------------------------------- writing
-    def save(self, step: int, write: Callable[[Path], None], suffix: str = ".pt") -> Path:
+    def save(self, step: int, write: Callable[[Path], None], suffix: str = ".pt", files_synced: bool = False) -> Path:
         """Collective: `write(tmp)` on every rank, then the main rank checksums the result,
-        renames it into place and moves `latest`."""
+        renames it into place and moves `latest`. `files_synced`: the writer fsynced its files (DCP)."""
         self.wait()
         final = self.path_for(step, suffix)
         tmp = temp_path(final)
@@ -138,8 +146,10 @@ class CheckpointManager:
             remove_path(tmp)
         barrier()
         write(tmp)
-        if tmp.is_dir():  # each rank makes the files it wrote durable (other nodes' writes included)
-            fsync_tree(tmp)
+        barrier()
+        if tmp.is_dir():  # each rank makes the files it wrote durable, once: O(world) fsyncs in all
+            shares = durability_shares(tmp, world_size(), files_synced) if self.is_main else None
+            fsync_paths(tmp, scatter_object(shares))
         barrier()
         if self.is_main:
             self._publish(tmp, final)
@@ -175,8 +185,6 @@ class CheckpointManager:
             raise CheckpointError(f"background checkpoint save failed: {type(exn).__name__}: {exn}")
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        if tmp.is_dir():  # DeepSpeed / DCP wrote the files: make them durable before the rename
-            fsync_tree(tmp)
         atomic_write_bytes(checksum_path(final), (json.dumps(checksums(tmp), indent=1) + "\n").encode())
         remove_path(final)
         os.replace(tmp, final)

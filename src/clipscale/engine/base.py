@@ -164,6 +164,7 @@ class Engine(abc.ABC):
     # ------------------------------------------------------------------ state
     checkpoint_suffix = ".pt"  # a file; DeepSpeed and FSDP2 checkpoints are folders ("")
     supports_async_save = False
+    files_synced = False  # True where the format's writer fsyncs every file it writes (DCP)
 
     def snapshot(self, train_state: dict) -> dict | None:
         """A CPU copy of everything `save` writes, taken now (main rank; None elsewhere)."""

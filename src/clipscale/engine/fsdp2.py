@@ -63,6 +63,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 class FSDP2Engine(Engine):
     checkpoint_suffix = ""  # a folder of DCP shards
+    files_synced = True  # DCP's FileSystemWriter fsyncs each rank's files and its metadata; ours: torch_save_synced
 
     def __init__(self, model: nn.Module, spec: EngineSpec, env: DistEnv):
         from torch.distributed.device_mesh import init_device_mesh

@@ -241,6 +241,16 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def scatter_object(objs: list | None, src: int = 0):
+    """`objs[rank]` on every rank (`objs` given on `src` only): each rank receives its own part, not
+    the whole list."""
+    if world_size() == 1:
+        return objs[0]
+    box = [None]
+    dist.scatter_object_list(box, objs if rank() == src else None, src=src)
+    return box[0]
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
