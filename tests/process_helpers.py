@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from clipscale.metrics import read_jsonl
+from clipscale.metrics import read_jsonl, read_sample_keys
 
 STEPS = 12
 COMMON = [
@@ -129,7 +129,7 @@ CURVE_ACCUM = ["optim.accum_steps=2", "model.grad_checkpointing=true"]
 
 
 def keys(run_dir):
-    return {(r["step"], r["rank"]): r["keys"] for r in read_jsonl(run_dir / "sample_keys.jsonl")}
+    return {(r["step"], r["rank"]): r["keys"] for r in read_sample_keys(run_dir)}
 
 
 def setting(key: str, overrides) -> int:

@@ -14,7 +14,7 @@ import pytest
 
 from clipscale.job.distributed import init_distributed
 from clipscale.job.watchdog import EXIT_HUNG
-from clipscale.metrics import read_jsonl
+from clipscale.metrics import read_jsonl, read_sample_keys
 from clipscale.shards import write_shards
 from clipscale.train import Trainer, TrainingDiverged, train
 
@@ -116,7 +116,7 @@ def test_a_pipe_shard_that_never_delivers_is_abandoned_and_the_run_finishes(tmp_
     records = read_jsonl(tmp_path / "full" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 7))
     assert records[-1]["skipped_samples"] >= 16  # the stalled shard's samples, counted
-    keys = {(r["step"], r["rank"]): r["keys"] for r in read_jsonl(tmp_path / "full" / "sample_keys.jsonl")}
+    keys = {(r["step"], r["rank"]): r["keys"] for r in read_sample_keys(tmp_path / "full")}
     assert all(k.startswith("s0000") and int(k[1:]) < 16 for ks in keys.values() for k in ks)  # shard 0 only
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if stalled[5:] in " ".join(p.info["cmdline"] or [])]
     assert not leftovers  # the stalled command was stopped, not left behind
@@ -130,7 +130,7 @@ def test_a_pipe_shard_that_never_delivers_is_abandoned_and_the_run_finishes(tmp_
         )
     )
     assert resumed["step"] == 6
-    again = {(r["step"], r["rank"]): r["keys"] for r in read_jsonl(tmp_path / "again" / "sample_keys.jsonl")}
+    again = {(r["step"], r["rank"]): r["keys"] for r in read_sample_keys(tmp_path / "again")}
     assert again == {k: v for k, v in keys.items() if k[0] > 3}
 
 
@@ -175,7 +175,7 @@ def spike_config(run_dir, shards, **overrides):
 def trained(run_dir):
     """({step: loss}, {(step, rank, skipped batch or None): keys}) of a run."""
     losses = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
-    keys = {(r["step"], r["rank"], r.get("skipped")): r["keys"] for r in read_jsonl(run_dir / "sample_keys.jsonl")}
+    keys = {(r["step"], r["rank"], r.get("skipped")): r["keys"] for r in read_sample_keys(run_dir)}
     return losses, keys
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from clipscale.metrics import read_jsonl
+from clipscale.metrics import read_jsonl, read_sample_keys
 
 from distributed_helpers import run_distributed
 from process_helpers import COMMON, CURVE, CURVE_ACCUM, CURVE_STEPS, kill_and_resume, losses, run
@@ -166,7 +166,7 @@ def test_resume_at_another_world_size_carries_moments_and_data(tmp_path, saved_r
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(resumed[name][key].reshape(-1), state[key].reshape(-1)), (name, key)
     # and the run continued there, with every sample of the started epoch once
-    records = read_jsonl(run_dir / "sample_keys.jsonl")
+    records = read_sample_keys(run_dir)
     assert sorted({r["step"] for r in records}) == list(range(1, RESUME_STEPS + 1))
     epoch0 = [k for r in records for k, p in zip(r["keys"], r["passes"]) if p == 0]
     assert len(epoch0) == len(set(epoch0)) == 128  # 8 shards x 16: every sample of epoch 0, once

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from clipscale.metrics import read_jsonl
+from clipscale.metrics import read_jsonl, read_sample_keys
 from clipscale.shards import write_shards
 
 from helpers import color_samples, run_cli
@@ -43,9 +43,9 @@ def sources_override(srcs, weights=None, repeats=None):
 
 
 def records(run_dir):
-    """[(step, rank, source, pass, key)] of every sample trained on, from sample_keys.jsonl."""
+    """[(step, rank, source, pass, key)] of every sample trained on, from the sample-key log."""
     out = []
-    for r in read_jsonl(run_dir / "sample_keys.jsonl"):
+    for r in read_sample_keys(run_dir):
         out += [(r["step"], r["rank"], s, p, k) for k, s, p in zip(r["keys"], r["sources"], r["passes"])]
     return out
 

@@ -13,7 +13,7 @@ import torch
 from clipscale.checkpoint import CheckpointManager, checksum_path
 from clipscale.errors import CheckpointError
 from clipscale.job.preempt import EXIT_PREEMPTED
-from clipscale.metrics import read_jsonl
+from clipscale.metrics import read_jsonl, read_sample_keys
 
 from helpers import tiny_config
 from process_helpers import COMMON, CURVE, ENV, STEPS, kill_and_resume, logged_steps, losses, run, start, wait_for
@@ -146,7 +146,7 @@ def test_resume_on_another_world_size_covers_the_epoch_without_repeats(tmp_path,
     run(2, run_dir, shards, "train.steps=5")
     proc = run(1, run_dir, shards, "checkpoint.resume=auto", "train.steps=30")
     assert "resuming on another data layout (4 streams -> 2 = world size x workers" in proc.stderr
-    lines = read_jsonl(run_dir / "sample_keys.jsonl")
+    lines = read_sample_keys(run_dir)
     epoch0 = [
         k for r in sorted(lines, key=lambda r: (r["step"], r["rank"])) for k, p in zip(r["keys"], r["passes"]) if p == 0
     ]

@@ -13,7 +13,7 @@ import pytest
 
 from clipscale.checkpoint import CheckpointManager
 from clipscale.job.watchdog import EXIT_HUNG
-from clipscale.metrics import read_jsonl
+from clipscale.metrics import read_jsonl, read_sample_keys
 
 from helpers import REPO, make_shards
 from process_helpers import logged_steps
@@ -139,7 +139,7 @@ def test_sbatch_two_process_run_finishes_with_metrics_and_checkpoint(cluster, sh
     assert (status["state"], status["step"], status["world_size"], status["requeue_count"]) == ("finished", 6, 2, 0)
     final = CheckpointManager(run_dir, is_main=False).latest()
     assert final.name == "step_00000006.pt" and status["checkpoint"] == str(final)
-    assert {r["rank"] for r in read_jsonl(run_dir / "sample_keys.jsonl")} == {0, 1}
+    assert {r["rank"] for r in read_sample_keys(run_dir)} == {0, 1}
     assert f"[job {job} requeue0] clipscale on 1 node(s)" in text and "x 2 process(es)" in text
     assert "[rank0] INFO step 6 " in text
 
@@ -227,7 +227,7 @@ def test_srun_variant_two_tasks_preempted_and_resumed(cluster, shards, tmp_path)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
     assert "2 process(es) on cpu" in text and "[rank0 requeue1] INFO resumed from" in text
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 21))
-    assert {r["rank"] for r in read_jsonl(run_dir / "sample_keys.jsonl")} == {0, 1}
+    assert {r["rank"] for r in read_sample_keys(run_dir)} == {0, 1}
 
 
 def training_process(run_dir, rank: int):

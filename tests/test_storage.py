@@ -12,7 +12,7 @@ import torch
 from s3_helpers import CuttingProxy, S3Server
 
 from clipscale.errors import DataError
-from clipscale.metrics import read_jsonl
+from clipscale.metrics import read_jsonl, read_sample_keys
 from clipscale.wds import remote
 from clipscale.wds.shardlist import resolve_shards
 from clipscale.wds.tar import iter_raw_samples
@@ -127,7 +127,7 @@ def test_two_ranks_train_from_the_bucket_through_cut_connections_as_from_local_f
             cmd = command(2, tmp_path / name, shards, "train.steps=6", "data.read_retries=8")
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
             assert proc.returncode == 0, proc.stderr[-3000:]
-            runs[name] = {(r["step"], r["rank"]): r["keys"] for r in read_jsonl(tmp_path / name / "sample_keys.jsonl")}
+            runs[name] = {(r["step"], r["rank"]): r["keys"] for r in read_sample_keys(tmp_path / name)}
         assert runs["s3"] == runs["local"] and len(runs["local"]) == 12
         assert proxy.cut >= 1  # connections were cut while the shards were read
         status = json.loads((tmp_path / "s3" / "status.json").read_text())

@@ -1,14 +1,12 @@
 """End-to-end single-process training, checkpoints and resume."""
 
-import json
-
 import open_clip
 import pytest
 import torch
 
 from clipscale.checkpoint import CheckpointManager
 from clipscale.job.distributed import DistEnv
-from clipscale.metrics import read_jsonl
+from clipscale.metrics import read_jsonl, read_sample_keys
 from clipscale.model import BUNDLED_CONFIGS
 from clipscale.train import Trainer, train
 
@@ -90,7 +88,7 @@ def test_resume_from_another_model_fails_clearly(tmp_path, toy_shards):
 def test_sample_keys_file(tmp_path, toy_shards):
     run = tmp_path / "run"
     train(tiny_config(run, toy_shards, train__steps=3, logging__sample_keys="true", data__batch_size=8))
-    lines = [json.loads(x) for x in (run / "sample_keys.jsonl").read_text().splitlines()]
+    lines = read_sample_keys(run)
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert all(x["rank"] == 0 and len(x["keys"]) == 8 for x in lines)
 

@@ -1,5 +1,5 @@
-"""Where training numbers go: metrics.jsonl, TensorBoard, the console, sample_keys.jsonl, and
-Weights & Biases (logging.wandb, rank 0).
+"""Where training numbers go: metrics.jsonl, TensorBoard, the console, the sample-key log
+(sample_keys/rank-NNNNN.jsonl, a file per rank), and Weights & Biases (logging.wandb, rank 0).
 
 The W&B run id is part of the checkpoint (checkpoint/state.py RunMeta), so a resumed or requeued job
 continues the same W&B run (`resume="allow"`); `mode: offline` writes RUN_DIR/wandb/ with no network
@@ -18,7 +18,8 @@ from .fsutil import atomic_write_bytes
 log = logging.getLogger("clipscale")
 
 METRICS_FILE = "metrics.jsonl"
-SAMPLE_KEYS_FILE = "sample_keys.jsonl"
+SAMPLE_KEYS_DIR = "sample_keys"
+LEGACY_SAMPLE_KEYS_FILE = "sample_keys.jsonl"  # one file for all ranks, before per-rank files
 
 
 def _clean(v):
@@ -53,6 +54,67 @@ def truncate_after(path: Path, step: int, keep_events: bool = False) -> None:
     atomic_write_bytes(path, "".join(k + "\n" for k in kept).encode())
 
 
+def sample_keys_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / SAMPLE_KEYS_DIR / f"rank-{rank:05d}.jsonl"
+
+
+def _step_of_line(line: bytes) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf  # a line torn by a kill (the last one): it goes
+
+
+def cut_log_after(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step` from an append-only jsonl log whose steps never
+    decrease (a rank's sample-key log: truncated at each resume, then appended), in place: a binary
+    search over byte offsets, a few reads and one truncate, whatever the log's length."""
+    try:
+        f = open(path, "rb+")
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        lo, hi = 0, size  # the cut is at a line start in [lo, hi]: lines before lo are kept
+        while lo < hi:
+            mid = (lo + hi) // 2
+            start = _line_start_at_or_after(f, mid)
+            if start >= hi:  # no line starts in [mid, hi): look left of mid
+                start = _line_start_at_or_after(f, lo)
+                if start >= hi:
+                    break
+            f.seek(start)
+            line = f.readline()
+            if _step_of_line(line) <= step and line.endswith(b"\n"):
+                lo = start + len(line)
+            else:
+                hi = start
+        if hi < size:
+            f.truncate(hi)
+
+
+def _line_start_at_or_after(f, offset: int) -> int:
+    """The offset of the first line that starts at or after `offset`."""
+    if offset == 0:
+        return 0
+    f.seek(offset - 1)
+    if f.read(1) == b"\n":
+        return offset
+    f.readline()
+    return f.tell()
+
+
+def read_sample_keys(run_dir: Path) -> list[dict]:
+    """Every record of a run's sample-key log: rank by rank, each in the order written (and a log
+    from before per-rank files first)."""
+    run_dir = Path(run_dir)
+    records = read_jsonl(run_dir / LEGACY_SAMPLE_KEYS_FILE) if (run_dir / LEGACY_SAMPLE_KEYS_FILE).is_file() else []
+    folder = run_dir / SAMPLE_KEYS_DIR
+    for path in sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else []:
+        records += read_jsonl(path)
+    return records
+
+
 def read_jsonl(path: Path) -> list[dict]:
     out = []
     for line in Path(path).read_text().splitlines():
@@ -69,6 +131,7 @@ class MetricsLogger:
         run_dir: Path,
         is_main: bool,
         rank: int,
+        world_size: int = 1,
         tensorboard: bool = False,
         sample_keys: bool = False,
         console=None,
@@ -76,8 +139,9 @@ class MetricsLogger:
     ):
         self.run_dir = Path(run_dir)
         self.is_main = is_main
-        self.rank = rank
+        self.rank, self.world_size = rank, world_size
         self.sample_keys_enabled = sample_keys
+        self._keys_folder_made = False
         self.console = console or log.info
         self.tracker = tracker if is_main else None  # e.g. tracking.WandbLogger
         self.tb = None
@@ -94,7 +158,14 @@ class MetricsLogger:
         events, e.g. an earlier rollback to the same checkpoint)."""
         if self.is_main:
             truncate_after(self.run_dir / METRICS_FILE, step, keep_events)
-            truncate_after(self.run_dir / SAMPLE_KEYS_FILE, step)
+            truncate_after(self.run_dir / LEGACY_SAMPLE_KEYS_FILE, step)
+        # each rank cuts its own log; the main rank those of ranks a job at a larger world left
+        cut_log_after(sample_keys_path(self.run_dir, self.rank), step)
+        folder = self.run_dir / SAMPLE_KEYS_DIR
+        if self.is_main and folder.is_dir():
+            for path in folder.glob("rank-*.jsonl"):
+                if int(path.stem.removeprefix("rank-")) >= self.world_size:
+                    cut_log_after(path, step)
 
     def log(self, step: int, metrics: dict, console: bool = True) -> None:
         if not self.is_main:
@@ -113,14 +184,18 @@ class MetricsLogger:
     def sample_keys(
         self, step: int, keys: list[str], passes: list[int], sources: list[str], skipped: int | None = None
     ) -> None:
-        """One line per rank and step: the keys of its samples, their data pass (the source's epoch)
+        """One line per step in this rank's log: the keys of its samples, their data pass (the source's epoch)
         and source (keys of different sources may collide), in the same order. After a loss-spike
         rollback, one line per skipped global batch (`skipped`: its index) before the step they precede."""
         if self.sample_keys_enabled:
             record = {"step": step, "rank": self.rank, "keys": keys, "passes": passes, "sources": sources}
             if skipped is not None:
                 record["skipped"] = skipped
-            append_line(self.run_dir / SAMPLE_KEYS_FILE, record)
+            path = sample_keys_path(self.run_dir, self.rank)
+            if not self._keys_folder_made:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._keys_folder_made = True
+            append_line(path, record)
 
     def close(self) -> None:
         if self.tb is not None:

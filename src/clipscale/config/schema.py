@@ -62,7 +62,7 @@ class ModelConfig:
 @dataclass
 class SourceConfig:
     name: str = ""
-    """Name of the source: metrics (data/<name>/epoch, data/<name>/samples), logs and sample_keys.jsonl use it."""
+    """Name of the source: metrics (data/<name>/epoch, data/<name>/samples), logs and the sample-key log use it."""
     shards: str = ""
     """The source's WebDataset shard URLs: brace patterns, local or remote globs, `@list.txt`, pipe: URLs;
     several joined with '::'."""
@@ -257,7 +257,7 @@ class LoggingConfig:
     tensorboard: bool = False
     """Also write TensorBoard event files to RUN_DIR/tensorboard."""
     sample_keys: bool = False
-    """Every rank appends {step, rank, keys} lines to sample_keys.jsonl."""
+    """Every rank appends {step, rank, keys, passes, sources} lines to RUN_DIR/sample_keys/rank-NNNNN.jsonl."""
     progress: bool = True
     """Show a tqdm progress bar on rank 0."""
     wandb: WandbConfig | None = None

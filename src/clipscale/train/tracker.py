@@ -63,6 +63,7 @@ class StepTracker:
             run_dir,
             env.is_main,
             env.rank,
+            env.world_size,
             logging_cfg.tensorboard,
             logging_cfg.sample_keys,
             console=self.console,
