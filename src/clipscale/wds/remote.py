@@ -115,8 +115,11 @@ def object_version(info: dict) -> str | None:
 class RangeReader:
     """A read-only stream over a remote object by ranged requests, resuming at the byte offset.
 
-    A retried request first asks whether the object is still the version whose first bytes were
-    read (its ETag); a replaced object ends the shard with ObjectChanged."""
+    Every request is pinned to the version whose size was read first, so a shard replaced while it
+    is read is never spliced from two versions: on S3 each range asks for that version (its
+    VersionId in a versioned bucket, where the old version still reads whole; else `If-Match` its
+    ETag); on other stores the version is asked again after each range of an object read in several.
+    A replaced object that cannot be read as it was ends the shard with ObjectChanged (counted)."""
 
     CHUNK = 8 << 20
 
@@ -126,6 +129,7 @@ class RangeReader:
         self.chunk = chunk or self.CHUNK
         info = with_retries(f"size of {url}", self._info_now)
         self.size, self.version = int(info["size"]), object_version(info)
+        self.s3_pin = _s3_pin(self.fs, info)
         self.pos = 0  # offset of the next byte not yet fetched
         self.buffer, self.buffer_pos = b"", 0
         self.resumed = 0  # requests that were retried (a broken connection continued at its offset)
@@ -138,13 +142,15 @@ class RangeReader:
 
         def request():
             attempts.append(1)
-            if len(attempts) > 1:
+            if len(attempts) > 1 and self.s3_pin is None:
                 self._check_version()
-            data = self.fs.cat_file(self.path, start=start, end=end)
+            data = self._get(start, end)
             if len(data) == self.size and end - start != self.size:
                 data = data[start:end]  # a server that ignores Range sent the whole object
             if len(data) != end - start:
                 raise OSError(f"short read: {len(data)} of {end - start} bytes")
+            if self.s3_pin is None and end - start != self.size:
+                self._check_version()  # the range came from the version seen first (no splice)
             return data
 
         self.buffer = with_retries(f"{self.url} at byte {start}", request)
@@ -152,13 +158,30 @@ class RangeReader:
         self.buffer_pos, self.pos = 0, end
         return True
 
+    def _get(self, start: int, end: int) -> bytes:
+        if self.s3_pin is None:
+            return self.fs.cat_file(self.path, start=start, end=end)
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(self.path)
+        try:
+            return sync(self.fs.loop, _s3_get_range, self.fs, bucket, key, start, end, self.s3_pin)
+        except Exception as exn:  # noqa: BLE001 - botocore's ClientError, as s3fs translated it or not
+            text = f"{type(exn).__name__}: {exn}".lower()
+            if isinstance(exn, FileNotFoundError) or any(c in text for c in ("precondition", "pre-condition", "412")):
+                raise ObjectChanged(
+                    f"{self.url} was replaced while it was read ({self.version} is gone): "
+                    f"the rest of the shard after byte {start} is skipped"
+                ) from None
+            raise
+
     def _info_now(self) -> dict:
         """The object's size and version as they are now, not as a listing cached at start-up saw them."""
         self.fs.invalidate_cache(self.path)
         return self.fs.info(self.path)
 
     def _check_version(self) -> None:
-        """Before a retry continues at its offset: the same object, or ObjectChanged."""
+        """The same object as at the first read, or ObjectChanged."""
         if self.version is None:
             return
         try:
@@ -193,6 +216,26 @@ class RangeReader:
 
     def close(self) -> None:
         self.buffer = b""
+
+
+def _s3_pin(fs, info: dict) -> dict | None:
+    """What pins an S3 GET to the version `info` saw: its VersionId, else If-Match its ETag (None
+    for other stores)."""
+    if not hasattr(fs, "_call_s3") or not hasattr(fs, "split_path"):
+        return None
+    if info.get("VersionId") not in (None, "null"):
+        return {"VersionId": info["VersionId"]}
+    if info.get("ETag"):
+        return {"IfMatch": info["ETag"]}
+    return None
+
+
+async def _s3_get_range(fs, bucket: str, key: str, start: int, end: int, pin: dict) -> bytes:
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **pin)
+    try:
+        return await response["Body"].read()
+    finally:
+        response["Body"].close()
 
 
 def expand_remote_glob(url: str) -> list[str]:
