@@ -215,15 +215,8 @@ def test_resuming_before_or_after_a_rollback_is_exact(spiked_run, spiky_shards, 
     assert [(r["step"], r["to_step"]) for r in rollbacks] == [(23, 20)]
 
 
-@pytest.mark.parametrize("stop_after, keep_last", [(22, 3), (23, 3), (23, 1)])
-def test_preempted_inside_a_spike_resumes_into_the_same_rollback(
-    spiked_run, spiky_shards, tmp_path, stop_after, keep_last
-):
-    """Stopped at step 22 (spiking, not yet decided) or 23 (decided, not yet rolled back): the
-    preemption checkpoint is written, and the resumed run rolls back exactly as the uninterrupted one.
-    With keep_last=1 the preemption checkpoint must not push out the one the rollback needs."""
-    run_dir = tmp_path / "run"
-    cfg = spike_config(run_dir, spiky_shards, checkpoint__keep_last=keep_last)
+def preempted_at(stop_after: int, cfg) -> None:
+    """Train `cfg` in this process as if SIGUSR1 came during step `stop_after`."""
     trainer = Trainer(cfg, init_distributed("cpu"))
     step = trainer.train_step
 
@@ -237,6 +230,53 @@ def test_preempted_inside_a_spike_resumes_into_the_same_rollback(
         assert trainer.fit()["preempted"] and trainer.step == stop_after
     finally:
         trainer.close()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from s3_helpers import S3Server
+
+    from clipscale.wds import remote
+
+    server = S3Server()
+    remote.configure()
+    yield server
+    server.stop()
+    remote.configure()
+
+
+def test_a_spike_preempted_and_requeued_into_an_empty_folder_rolls_back_from_the_bucket(
+    spiked_run, spiky_shards, tmp_path, s3
+):
+    """Spike, preemption at step 23 (the rollback decided, not done), requeue on a machine with an
+    empty run folder: the bucket's latest (23) comes first, then the rollback target (20), which
+    retention kept in the bucket; the run ends as the uninterrupted one."""
+    s3.client().create_bucket(Bucket="spike")
+    bucket = {"checkpoint__remote": "s3://spike/run", "checkpoint__keep_last": 1}
+    preempted_at(23, spike_config(tmp_path / "first", spiky_shards, **bucket))
+    elsewhere = tmp_path / "elsewhere"
+    train(spike_config(elsewhere, spiky_shards, checkpoint__resume="auto", **bucket))
+    (losses, keys), (full_losses, full_keys) = trained(elsewhere), trained(spiked_run)
+    assert losses == {s: v for s, v in full_losses.items() if s > 20}  # bitwise
+    assert keys == {k: v for k, v in full_keys.items() if k[0] > 20}
+    assert [(r["step"], r["to_step"]) for r in json.loads((elsewhere / "status.json").read_text())["rollbacks"]] == [
+        (23, 20)
+    ]
+    listed = s3.client().list_objects_v2(Bucket="spike", Prefix="run/checkpoints/")["Contents"]
+    names = sorted(o["Key"].removeprefix("run/checkpoints/") for o in listed)
+    assert "abandoned/step_00000023.pt" in names and f"step_{STEPS:08d}.pt" in names
+    assert not [n for n in names if n.startswith("step_") and not n.startswith(f"step_{STEPS:08d}")]
+
+
+@pytest.mark.parametrize("stop_after, keep_last", [(22, 3), (23, 3), (23, 1)])
+def test_preempted_inside_a_spike_resumes_into_the_same_rollback(
+    spiked_run, spiky_shards, tmp_path, stop_after, keep_last
+):
+    """Stopped at step 22 (spiking, not yet decided) or 23 (decided, not yet rolled back): the
+    preemption checkpoint is written, and the resumed run rolls back exactly as the uninterrupted one.
+    With keep_last=1 the preemption checkpoint must not push out the one the rollback needs."""
+    run_dir = tmp_path / "run"
+    preempted_at(stop_after, spike_config(run_dir, spiky_shards, checkpoint__keep_last=keep_last))
     assert (run_dir / "checkpoints" / f"step_{stop_after:08d}.pt").exists()
     assert (run_dir / "checkpoints" / "step_00000020.pt").exists()  # kept for the rollback
     train(spike_config(run_dir, spiky_shards, checkpoint__resume="auto", checkpoint__keep_last=keep_last))

@@ -207,6 +207,41 @@ def test_checkpoints_mirror_to_the_bucket_and_resume_in_an_empty_run_directory(s
     assert info["step"] == 6 and all(torch.equal(from_bucket[k], local[k]) for k in local)
 
 
+def test_a_step_uploaded_again_holds_exactly_its_files_and_an_extra_object_is_damage(s3, tmp_path):
+    from clipscale.checkpoint import checksum_problem
+    from clipscale.checkpoint.files import checksum_path, checksums
+    from clipscale.checkpoint.remote import RemoteMirror
+
+    s3.client().create_bucket(Bucket="ckpt3")
+    remote.configure()
+    mirror = RemoteMirror("s3://ckpt3/r")
+    local = tmp_path / "checkpoints" / "step_00000005"
+
+    def publish(files):
+        shutil.rmtree(local, ignore_errors=True)
+        for rel, data in files.items():
+            (local / rel).parent.mkdir(parents=True, exist_ok=True)
+            (local / rel).write_bytes(data)
+        checksum_path(local).write_text(json.dumps(checksums(local)))
+        mirror.upload(local)
+
+    publish({f"state/zero_pp_rank_{r}_optim_states.pt": b"old" for r in range(3)})  # 3 ranks; then a rollback
+    publish({f"state/zero_pp_rank_{r}_optim_states.pt": b"new" for r in range(2)})  # the same step, 2 ranks
+    listed = s3.client().list_objects_v2(Bucket="ckpt3", Prefix="r/checkpoints/step_00000005/")["Contents"]
+    assert sorted(o["Key"].rsplit("/", 1)[-1] for o in listed) == [
+        "zero_pp_rank_0_optim_states.pt",
+        "zero_pp_rank_1_optim_states.pt",
+    ]
+    fetched = mirror.download("step_00000005", tmp_path / "fresh")
+    assert checksum_problem(fetched) is None
+    assert (fetched / "state" / "zero_pp_rank_1_optim_states.pt").read_bytes() == b"new"
+
+    key = "r/checkpoints/step_00000005/state/zero_pp_rank_2_optim_states.pt"
+    s3.client().put_object(Bucket="ckpt3", Key=key, Body=b"old")  # a stale object no checksum lists
+    again = mirror.download("step_00000005", tmp_path / "again")
+    assert checksum_problem(again) == "unexpected file state/zero_pp_rank_2_optim_states.pt"
+
+
 def test_an_interrupted_upload_leaves_the_remote_latest_usable(s3, toy_shards, tmp_path):
     from clipscale.checkpoint import checksum_problem
     from clipscale.checkpoint.remote import RemoteMirror

@@ -54,6 +54,9 @@ def checksum_problem(checkpoint: Path) -> str | None:
     for rel, digest in expected.items():
         if actual.get(rel) != digest:
             return f"sha256 mismatch ({rel or checkpoint.name})" if rel in actual else f"missing file {rel}"
+    extra = sorted(set(actual) - set(expected))
+    if extra:  # e.g. a stale object of an earlier upload of the same step: not what was saved
+        return f"unexpected file {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
     return None
 
 

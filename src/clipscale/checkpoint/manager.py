@@ -130,9 +130,18 @@ class CheckpointManager:
         """Collective: load `target` into the engine (a rollback); this run's later checkpoints go to
         abandoned/. Returns the train state saved with it (the caller loads it, then calls holds())."""
         self.wait()
+        if self.mirror is not None and target.parent == self.dir:
+            self.bring_from_bucket(target.name, verify=True)  # a requeue into an empty folder has not got it
         train_state = engine.load(target)
         if self.is_main:
             self.abandon_after(target)
+            if self.mirror is not None:
+                try:
+                    self.mirror.abandon_after(target.name)
+                except Exception as exn:  # noqa: BLE001 - the local rollback stands; say so and go on
+                    log.warning(
+                        "could not move %s's later checkpoints aside: %s: %s", self.cfg.remote, type(exn).__name__, exn
+                    )
         return train_state
 
     # ---------------------------------------------------------------- writing
@@ -254,7 +263,20 @@ class CheckpointManager:
             if problem is None:
                 return path
             log.warning("checkpoint %s is damaged (%s); trying an older one", path.name, problem)
-        return None
+        return self._rollback_target_in_bucket(before_step)
+
+    def _rollback_target_in_bucket(self, before_step: int) -> Path | None:
+        """The newest checkpoint from before `before_step` in checkpoint.remote (a job requeued into an
+        empty folder has only the latest here); restore() brings it."""
+        if self.mirror is None:
+            return None
+        try:
+            names = self.mirror.checkpoint_names()
+        except Exception as exn:  # noqa: BLE001 - no rollback target: the guard says so
+            log.warning("cannot list %s for a rollback target: %s: %s", self.cfg.remote, type(exn).__name__, exn)
+            return None
+        older = [n for n in names if 0 <= step_of(Path(n)) < before_step]
+        return self.dir / older[-1] if older else None
 
     # ---------------------------------------------------------------- resuming
     RESUMED_FROM = "resumed_from"  # the checkpoint.resume path this run directory already applied
@@ -367,21 +389,39 @@ class CheckpointManager:
                 found = (None, f"{type(exn).__name__}: {exn}")
         name, error = broadcast_object(found)
         if error is None and name is not None:
-            for turn in ("main", "others"):
-                mine = self.is_main if turn == "main" else (self.local_main and not self.is_main)
-                error = None
-                if mine and not (self.dir / name).exists():
-                    try:
-                        log.info("no checkpoint in %s: downloading %s from %s", self.dir, name, self.cfg.remote)
-                        path = self.mirror.download(name, self.dir)
-                        atomic_write_bytes(self.dir / LATEST, (path.name + "\n").encode())
-                    except Exception as exn:  # noqa: BLE001
-                        error = f"{type(exn).__name__}: {exn}"
-                error = next((e for e in all_gather_object(error) if e), None)
-                if error:
-                    break
+            error = self._bring(name, point_latest=True)
         if error:
             raise CheckpointError(f"cannot bring the latest checkpoint from {self.cfg.remote}: {error}"[:600])
+
+    def bring_from_bucket(self, name: str, verify: bool = False) -> None:
+        """Collective: the checkpoint `name` of checkpoint.remote into checkpoints/ on every node that
+        lacks it (`verify`: against its checksum file); CheckpointError on every rank if it cannot."""
+        error = self._bring(name, point_latest=False)
+        if error is None and verify:
+            problem = checksum_problem(self.dir / name) if self.is_main else None
+            error = broadcast_object(f"{name} is damaged ({problem})" if problem else None)
+        if error:
+            raise CheckpointError(f"cannot bring {name} from {self.cfg.remote}: {error}"[:600])
+
+    def _bring(self, name: str, point_latest: bool) -> str | None:
+        """Collective: download `name` where it is missing: the main rank first, then the first process
+        of every node that does not see it (node-local run directories). The first error, on every rank."""
+        error = None
+        for turn in ("main", "others"):
+            mine = self.is_main if turn == "main" else (self.local_main and not self.is_main)
+            error = None
+            if mine and not (self.dir / name).exists():
+                try:
+                    log.info("no %s in %s: downloading it from %s", name, self.dir, self.cfg.remote)
+                    path = self.mirror.download(name, self.dir)
+                    if point_latest:
+                        atomic_write_bytes(self.dir / LATEST, (path.name + "\n").encode())
+                except Exception as exn:  # noqa: BLE001
+                    error = f"{type(exn).__name__}: {exn}"
+            error = next((e for e in all_gather_object(error) if e), None)
+            if error:
+                break
+        return error
 
     def abandon_after(self, resumed: Path) -> None:
         """Move this run's checkpoints after `resumed` to checkpoints/abandoned/ (a rollback): `latest`,

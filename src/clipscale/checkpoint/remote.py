@@ -2,10 +2,14 @@
 lands on a machine with an empty run directory.
 
 Upload order makes the remote `latest` trustworthy (OpenCLIP's `--remote-sync` can point
-`--resume latest` at a checkpoint still being copied): the checkpoint's objects, then its
-checksum file, and only then `latest`; a job killed mid-upload leaves the previous `latest`
-naming a complete checkpoint. Remote retention follows checkpoint.keep_last. Downloads are
-verified against the checksum file before anything is loaded (checkpoint.checksum_problem).
+`--resume latest` at a checkpoint still being copied): an earlier upload's checksum file of the
+same step goes first (the step is uploaded again after a rollback) and with it every object this
+upload does not write, then the checkpoint's objects, then its checksum file, and only then
+`latest`; a job killed mid-upload leaves the previous `latest` naming a complete checkpoint. The
+checksum file covers every object: an extra one is damage. Remote retention follows
+checkpoint.keep_last and keeps the loss-spike guard's rollback target; a rollback moves the later
+checkpoints to `checkpoints/abandoned/` in the bucket too. Downloads are verified against the
+checksum file before anything is loaded (checkpoint.checksum_problem).
 """
 
 from __future__ import annotations
@@ -31,18 +35,17 @@ class RemoteMirror:
         return fs, root.rstrip("/") + "/checkpoints"
 
     def upload(self, local: Path, protected: Path | None = None) -> None:
-        """Mirror one published checkpoint (file or folder) and its checksum, then move `latest`."""
+        """Mirror one published checkpoint (file or folder) and its checksum, then move `latest`. The
+        bucket's copy of the step then holds exactly the local files."""
         fs, root = self._fs()
         name = local.name
         target = f"{root}/{name}"
-        if local.is_dir():
-            for path in sorted(p for p in local.rglob("*") if p.is_file()):
-                rel = path.relative_to(local).as_posix()
-                remote.with_retries(
-                    f"uploading {name}/{rel}", lambda p=path, r=rel: fs.put_file(str(p), f"{target}/{r}")
-                )
-        else:
-            remote.with_retries(f"uploading {name}", lambda: fs.put_file(str(local), target))
+        files = {
+            f"{target}/{p.relative_to(local).as_posix()}": p for p in sorted(local.rglob("*")) if p.is_file()
+        } if local.is_dir() else {target: local}  # fmt: skip
+        self._clear_earlier_upload(fs, target, keep=set(files))
+        for key, path in files.items():
+            remote.with_retries(f"uploading {key[len(root) + 1 :]}", lambda p=path, k=key: fs.put_file(str(p), k))
         sums = local.with_name(name + CHECKSUM_SUFFIX)
         remote.with_retries(f"uploading {sums.name}", lambda: fs.put_file(str(sums), target + CHECKSUM_SUFFIX))
         remote.with_retries(
@@ -50,6 +53,56 @@ class RemoteMirror:
         )
         log.info("mirrored %s to %s/checkpoints/", name, self.url)
         self._retain(fs, root, keep={name, protected.name if protected is not None else name})
+
+    @staticmethod
+    def _clear_earlier_upload(fs, target: str, keep: set[str]) -> None:
+        """An earlier upload of the same step (before a rollback, or cut short): its checksum file
+        first (nothing trusts the step while it changes), then each object this upload won't write."""
+        try:
+            remote.with_retries(f"removing {target}{CHECKSUM_SUFFIX}", lambda: fs.rm(target + CHECKSUM_SUFFIX))
+        except FileNotFoundError:
+            pass
+        fs.invalidate_cache(target)
+        try:
+            found = remote.with_retries(f"listing {target}", lambda: fs.find(target))
+        except FileNotFoundError:
+            return
+        stale = sorted(set(found) - keep)
+        if stale:
+            log.info("removing %d object(s) of an earlier upload of %s", len(stale), target.rsplit("/", 1)[-1])
+            remote.with_retries(f"removing stale objects of {target}", lambda: fs.rm(stale))
+
+    def checkpoint_names(self) -> list[str]:
+        """The step checkpoints in the bucket (one listing), oldest first."""
+        fs, root = self._fs()
+        fs.invalidate_cache(root)
+        try:
+            listed = remote.with_retries(f"listing {root}", lambda: fs.ls(root, detail=False))
+            names = {p.rsplit("/", 1)[-1] for p in listed}
+        except FileNotFoundError:
+            return []
+        return sorted((n for n in names if NAME_RE.match(n)), key=lambda n: int(NAME_RE.match(n)[1]))
+
+    def abandon_after(self, name: str) -> None:
+        """A rollback to `name`: the bucket's later checkpoints move to checkpoints/abandoned/ and
+        `latest` names `name` (a job requeued into an empty folder continues this history)."""
+        fs, root = self._fs()
+        step = int(NAME_RE.match(name)[1])
+        later = [n for n in self.checkpoint_names() if int(NAME_RE.match(n)[1]) > step]
+        for old in later:
+            for item in (old, old + CHECKSUM_SUFFIX):
+                try:
+                    remote.with_retries(
+                        f"moving {item} aside",
+                        lambda i=item: fs.mv(f"{root}/{i}", f"{root}/abandoned/{i}", recursive=True),
+                    )
+                except FileNotFoundError:
+                    pass
+        remote.with_retries(
+            f"moving {self.url} latest", lambda: fs.pipe_file(f"{root}/{LATEST}", (name + "\n").encode())
+        )
+        if later:
+            log.warning("rolled back to %s: moved %s in %s to checkpoints/abandoned/", name, ", ".join(later), self.url)
 
     def _retain(self, fs, root: str, keep: set[str]) -> None:
         if self.keep_last <= 0:
