@@ -122,3 +122,24 @@ def test_a_shard_that_cannot_be_counted_is_one_line_naming_it(tmp_path):
     with pytest.raises(DataError, match=r"cannot count the samples of shard .*s-000001.tar") as err:
         take_census([SourceSpec("data.train_shards", pattern)], None)
     assert "\n" not in str(err.value)
+
+
+def test_data_plan_shows_gaps_where_counts_came_from_and_estimates_past_its_budget(tmp_path):
+    from helpers import cli_here
+
+    pattern = _unindexed(tmp_path / "a", n=6, per_shard=5, name="a")
+    (tmp_path / "a" / "a-000003.tar").unlink()
+    common = [f"data.train_shards={pattern}", "data.missing_shards=skip", "train.steps=10", "data.batch_size=4"]
+
+    # counting stops at once (one count in flight): the other shards are estimated, nothing cached
+    first = cli_here("data", "plan", "--count-budget", "0", "--json", *common,
+                     f"run.dir={tmp_path / 'run'}", "data.count_concurrency=1")  # fmt: skip
+    row = json.loads(first.stdout)["sources"][0]
+    assert (row["shards"], row["missing"], row["estimated_shards"]) == (5, 1, 4)
+    assert row["counted_from"]["reading"] == 1 and row["samples"] == 25 and row["streams"] == 2
+
+    cli_here("data", "plan", *common, f"run.dir={tmp_path / 'run'}")  # counts all and caches them
+    again = cli_here("data", "plan", *common, f"run.dir={tmp_path / 'run'}")
+    line = next(x for x in again.stdout.splitlines() if x.startswith("train"))
+    assert line.split()[:5] == ["train", "5", "1", "cache", "5"]  # shards, missing, counted from the cache
+    assert "not counted in the time given" not in again.stdout

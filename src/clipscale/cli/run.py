@@ -115,7 +115,9 @@ def cmd_data_plan(args) -> int:
 
     if args.world_size < 1:
         raise UserError(f"--world-size must be >= 1, got {args.world_size}")
-    report = plan_report(load_config(args.config, args.overrides, machine=False), args.world_size)
+    if args.count_budget is not None and args.count_budget < 0:
+        raise UserError(f"--count-budget must be >= 0 seconds, got {args.count_budget}")
+    report = plan_report(load_config(args.config, args.overrides, machine=False), args.world_size, args.count_budget)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -133,9 +135,10 @@ def add_data(sub) -> None:
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     p = dsub.add_parser(
         "plan",
-        help="per source: shards, samples, share, samples per step, epochs covered",
-        description="Resolve every data source of a run config and print, for each: shards, "
-        "samples, its share of every batch, samples per optimizer step and how many of "
+        help="per source: shards, missing, counts, samples, share, streams, epochs covered",
+        description="Resolve every data source of a run config and print, for each: shards found and "
+        "missing, where their counts came from, samples, its share of every batch, streams, samples per "
+        "optimizer step and how many of "
         "its epochs train.steps covers; warn about sources that would repeat too often "
         "or never finish an epoch.",
     )
@@ -146,6 +149,13 @@ def add_data(sub) -> None:
         type=float,
         default=10.0,
         help="warn when a source would repeat more than this many times (default 10)",
+    )
+    p.add_argument(
+        "--count-budget",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="count shards no index or cache knows for at most this long, then estimate the rest (default 30)",
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_data_plan)

@@ -1,31 +1,47 @@
 """`clipscale data plan`: what a run's data mixture will do, without training (and without torch).
 
-For each source: shards, samples, its share of every batch, samples per optimizer step, and how
-many of its epochs `train.steps` covers - with a warning for a source that would repeat more than
-`max_repeats` times, or never finish one epoch.
+For each source: shards found and missing, where their counts came from (manifest, the run's count
+cache, img2dataset stats, reading), samples, its share of every batch, streams, samples per
+optimizer step, and how many of its epochs `train.steps` covers - with a warning for a source that
+would repeat more than `max_repeats` times, or never finish one epoch. The counts are made by the
+trainer's own census (wds/census.py) into the same cache (RUN_DIR/shard_counts.json); past
+`count_budget_s` the shards left are estimated, with the time counting them would take.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import BatchLayout, Config
+from ..wds.census import CACHE_NAME
 from .sources import build_sources, epoch_samples
 
 
-def plan_report(cfg: Config, world_size: int = 1) -> dict:
+def plan_report(cfg: Config, world_size: int = 1, count_budget_s: float | None = 30.0) -> dict:
     """The figures `clipscale data plan` prints, as a mapping (also its --json output)."""
     layout = BatchLayout.of(cfg.data, cfg.optim, world_size)
     workers = layout.workers
-    sources = build_sources(cfg.data, cfg.seed, layout.streams)
+    cache = Path(cfg.run.dir) / CACHE_NAME if cfg.run.dir else None
+    census = {"cache_path": cache, "budget_s": count_budget_s}
+    sources = build_sources(cfg.data, cfg.seed, layout.streams, estimate=True, **census)
     batch = layout.global_batch
     total_weight = sum(s.weight for s in sources)
     rows = []
     for s in sources:
         share = s.weight / total_weight
         per_step = batch * share
+        origin = s.found.by_origin()
+        counted_now = origin["stats"] + origin["reading"]
+        rate = counted_now / s.found.seconds if s.found.seconds > 0 and counted_now else None
         rows.append(
             {
                 "name": s.name,
                 "shards": s.plan.num_shards,
+                "missing": s.missing,
+                "counted_from": {k: v for k, v in origin.items() if k != "left"},
+                "estimated_shards": s.found.estimated,
+                "count_rest_s": s.found.estimated / rate if rate and s.found.estimated else 0.0,
+                "streams": s.plan.num_streams,
                 "samples": s.samples,
                 "share": share,
                 "repeat": s.repeat,
@@ -65,14 +81,18 @@ def format_report(report: dict, max_repeats: float) -> str:
         f"{report['world_size']} rank(s) x {report['workers']} worker(s), global batch {report['global_batch']}, "
         f"{steps} steps; one epoch = {report['epoch_samples']} samples"
     )
-    cols = ["source", "shards", "samples", "share", "repeat", "per step", f"epochs in {steps} steps"]
+    cols = ["source", "shards", "missing", "counted from", "samples", "share", "repeat", "streams", "per step"]
+    cols.append(f"epochs in {steps} steps")
     cells = [
         [
             r["name"],
             str(r["shards"]),
-            str(r["samples"]),
+            str(r["missing"]),
+            counted_from(r),
+            ("~" if r["estimated_shards"] else "") + str(r["samples"]),
             f"{r['share']:.4f}",
             "-" if r["repeat"] is None else f"{r['repeat']:g}",
+            str(r["streams"]),
             f"{r['samples_per_step']:.2f}",
             f"{r['epochs']:.2f}",
         ]
@@ -81,4 +101,21 @@ def format_report(report: dict, max_repeats: float) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = [head, "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join(lines + warnings(report, max_repeats)) + "\n"
+    return "\n".join(lines + estimates(report) + warnings(report, max_repeats)) + "\n"
+
+
+def counted_from(row: dict) -> str:
+    parts = [f"{how} {n}" for how, n in row["counted_from"].items() if n]
+    if row["estimated_shards"]:
+        parts.append(f"estimated {row['estimated_shards']}")
+    return ", ".join(parts) or "-"
+
+
+def estimates(report: dict) -> list[str]:
+    return [
+        f"note: source {r['name']}: {r['estimated_shards']} shard(s) not counted in the time given (--count-budget); "
+        f"their samples are the mean of the others' (~). Counting them takes about {r['count_rest_s']:.0f} s more "
+        f"in one process (training counts once per job, over all ranks, into RUN_DIR/{CACHE_NAME})"
+        for r in report["sources"]
+        if r["estimated_shards"]
+    ]

@@ -46,17 +46,19 @@ def plan_for(d: DataConfig, seed: int, name: str, shards, num_streams: int) -> S
         raise DataError(f"data source {name!r}: {exn}") from None
 
 
-def build_sources(d: DataConfig, seed: int, num_streams: int, **census) -> list[Source]:
+def build_sources(d: DataConfig, seed: int, num_streams: int, estimate: bool = False, **census) -> list[Source]:
     """Every source resolved (shards, counts: once per job, wds/census.py; `census`: its rank, world,
     gather, broadcast, cache and watchdog hooks) and planned. Weights: `weight` as given; with
     `repeat` (or neither), repeat x the source's samples: each sample `repeat` times (once) per
-    mixture epoch."""
+    mixture epoch. `estimate`: shards the census left uncounted (its budget_s) stand at the mean."""
     configs = source_configs(d)
     specs = [SourceSpec(where, src.shards, src.manifest, src.missing_shards) for where, src in configs]
     counted = take_census(specs, concurrency=d.count_concurrency, **census)
     out = []
     for (_, src), found in zip(configs, counted):
-        plan = plan_for(d, seed, src.name, shards_of(found), num_streams)
+        left = found.by_origin()["left"]
+        plan = plan_for(d, seed, src.name, shards_of(found, estimate), num_streams)
+        found.estimated = left
         if src.weight is not None:
             out.append(Source(src.name, plan, src.weight, found=found))
         else:

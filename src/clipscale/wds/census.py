@@ -48,6 +48,8 @@ class SourceCount:
     counts: dict[str, int] = field(default_factory=dict)
     how: dict[str, str] = field(default_factory=dict)  # url -> one of SOURCES
     keys: dict[str, list] = field(default_factory=dict)  # url -> [size, version] for the cache
+    estimated: int = 0  # shards whose count is the mean of the others (`clipscale data plan` only)
+    seconds: float = 0.0  # how long counting took (this census, all sources)
 
     def by_origin(self) -> dict[str, int]:
         out = dict.fromkeys(SOURCES, 0)
@@ -331,7 +333,8 @@ def take_census(
     progress = Progress(len(mine), show=rank == 0 and len(tasks) > 0, beat=beat)
     if tasks and rank == 0:
         log.info("counting the samples of %d shard(s) no index or cache knows, on %d rank(s)", len(tasks), world)
-    deadline = time.monotonic() + budget_s if budget_s is not None else None
+    started = time.monotonic()
+    deadline = started + budget_s if budget_s is not None else None
     try:
         counts, error = count_slice(mine, concurrency, progress, deadline)
     finally:
@@ -344,7 +347,9 @@ def take_census(
     for part, _ in results:
         merged.update(part)
     found = []
+    seconds = time.monotonic() - started
     for source, todo in surveyed:
+        source.seconds = seconds
         for task in todo:
             if task.url in merged:
                 source.counts[task.url], source.how[task.url] = merged[task.url], task.how

@@ -40,9 +40,16 @@ def require_shards_exist(urls: list[str], what: str = "shard") -> None:
         raise DataError(f"{what} not found: {missing[0]}{more}")
 
 
-def shards_of(found: SourceCount) -> list[Shard]:
+def shards_of(found: SourceCount, estimate: bool = False) -> list[Shard]:
     """The counted shards of a source; shards that hold no samples are left out with a warning (a
-    stream cannot read from them)."""
+    stream cannot read from them). `estimate` (`clipscale data plan` past its counting budget): a
+    shard not counted yet stands at the mean of those counted."""
+    if estimate:
+        known = [found.counts[u] for u in found.urls if u in found.counts]
+        if not known:
+            raise DataError(f"{found.what}: no shard was counted in time; give the count more time")
+        mean = max(1, round(sum(known) / len(known)))
+        found.counts.update({u: mean for u in found.urls if u not in found.counts})
     reading = sum(1 for u in found.urls if found.how.get(u) == "reading")
     if reading:
         log.warning(
