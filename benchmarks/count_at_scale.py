@@ -74,7 +74,8 @@ class SlowStore(AbstractFileSystem):
     @staticmethod
     def _entry(folder: str, name: str, content) -> dict:
         size = len(content) if isinstance(content, bytes) else content
-        return {"name": f"{folder}/{name}", "size": size, "type": "file", "ETag": f'"{hash((name, size)) & 0xFFFFFF:x}"'}
+        etag = f'"{hash((name, size)) & 0xFFFFFF:x}"'
+        return {"name": f"{folder}/{name}", "size": size, "type": "file", "ETag": etag}
 
     def info(self, path, **kwargs):
         self._request("HEAD")
@@ -220,7 +221,7 @@ def main() -> int:
     pattern = make_remote_folder("datacomp/shards", args.shards)
     serial = args.shards * SlowStore.latency
     print(f"{args.shards:,} remote shards (img2dataset stats, no manifest), {args.latency_ms:g} ms a request, "
-          f"{args.ranks} ranks x {args.concurrency} in flight; one rank alone, serially: {serial / 60:.0f} min")  # fmt: skip
+          f"{args.ranks} ranks x {args.concurrency} in flight; one rank alone: {serial / 60:.0f} min")  # fmt: skip
     failed = False
     for what, limit in (("first start", 300), ("requeue", 30)):
         seconds, requests, moved, samples = census_run(pattern, args.ranks, args.concurrency, cache)
