@@ -3,9 +3,12 @@ that cuts connections in the middle of a response."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import socket
 import threading
+from collections import Counter
 from pathlib import Path
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -29,6 +32,11 @@ class S3Server:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {**CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
         os.environ.update(self.env)  # this process's s3fs too
+        self.log = RequestLog()
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path with query) of every request the server answered so far, from its own log."""
+        return list(self.log.seen)
 
     def client(self, endpoint: str | None = None):
         import boto3
@@ -48,6 +56,36 @@ class S3Server:
 
     def stop(self):
         self.server.stop()
+        self.log.close()
+
+
+class RequestLog(logging.Handler):
+    """The moto server's access log (werkzeug's, one line per request answered, from whichever
+    process sent it), kept as (method, path)."""
+
+    LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[\d.]+"')
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seen: list[tuple[str, str]] = []
+        self.logger = logging.getLogger("werkzeug")
+        self.level_before = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+
+    def emit(self, record):
+        m = self.LINE.search(record.getMessage())
+        if m:
+            self.seen.append((m.group(1), m.group(2)))
+
+    def count(self, method: str, pattern: str) -> Counter:
+        """How many times each path matching `pattern` (a regex) was asked with `method`."""
+        return Counter(p for m, p in self.seen if m == method and re.search(pattern, p))
+
+    def close(self):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+        super().close()
 
 
 class CuttingProxy:

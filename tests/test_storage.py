@@ -3,6 +3,7 @@ reads that survive a connection cut mid-shard, globs and remote manifests, and t
 
 import contextlib
 import json
+from collections import Counter
 import os
 import shutil
 import subprocess
@@ -371,3 +372,34 @@ def test_img2dataset_stats_next_to_remote_shards_count_them(s3, tmp_path, caplog
     shards = resolve_shards(f"{url}/{{00000..00001}}.tar")
     assert [s.samples for s in shards] == [s.samples for s in resolve_shards(f"{folder}/{{00000..00001}}.tar")]
     assert "counted by reading them" not in caplog.text  # from the stats objects, without reading the shards
+
+
+def test_a_two_rank_job_asks_for_each_stats_object_once_and_its_resume_for_none(s3, tmp_path):
+    """img2dataset shards in a bucket, no manifest: the counts come from the stats objects, each
+    asked for once per job over both ranks (the server's own request log), cached in the run
+    folder; the resumed job lists the folder once and asks for no stats object."""
+    from test_shards_build import make_img2dataset_layout
+
+    folder = tmp_path / "i2d"
+    make_img2dataset_layout(folder, shards=4, per_shard=8)
+    url = s3.upload_folder(folder, "counted", "set")
+    shards = f"{url}/{{00000..00003}}.tar"
+    env = {**ENV, **s3.env}
+    run_dir = tmp_path / "run"
+    for steps, settings in ((2, []), (4, ["checkpoint.resume=auto"])):
+        before = len(s3.requests())
+        cmd = command(2, run_dir, shards, f"train.steps={steps}", "data.batch_size=4", "checkpoint.every_n_steps=2",
+                      *settings)  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        asked = s3.requests()[before:]
+        stats = Counter(p for m, p in asked if m == "GET" and p.endswith("_stats.json"))
+        listings = [p for m, p in asked if m == "GET" and "list-type=2" in p and "prefix=set" in p]
+        if not settings:
+            assert sorted(stats) == [f"/counted/set/{i:05d}_stats.json" for i in range(4)]
+            assert set(stats.values()) == {1}  # once per shard per job, not per rank
+        else:
+            assert not stats  # the resume counted nothing: the run's cache after one listing
+        assert 1 <= len(listings) <= 2, listings  # the folder (and at most a glob-free existence check)
+    cache = json.loads((run_dir / "shard_counts.json").read_text())
+    assert sorted(v[2] for v in cache["shards"].values()) == [8, 8, 8, 8]
