@@ -3,10 +3,10 @@ reads that survive a connection cut mid-shard, globs and remote manifests, and t
 
 import contextlib
 import json
-from collections import Counter
 import os
 import shutil
 import subprocess
+from collections import Counter
 
 import pytest
 import torch
