@@ -245,48 +245,6 @@ def expand_remote_glob(url: str) -> list[str]:
     return [fs.unstrip_protocol(p) for p in found]
 
 
-def missing_remote(urls: list[str]) -> list[str]:
-    """The remote URLs whose object does not exist: one listing per folder; where a folder cannot be
-    listed (no permission) or lists nothing, each object is asked for. Web servers (http, https)
-    are not asked: most do not list, and a HEAD per shard would be as slow as reading them."""
-    by_folder: dict[str, list[str]] = {}
-    for url in urls:
-        if urlparse(url).scheme in ("http", "https"):
-            continue
-        by_folder.setdefault(url.rsplit("/", 1)[0], []).append(url)
-    missing = []
-    for folder, entries in by_folder.items():
-        fs, path = filesystem(folder)
-        try:
-            names = with_retries(f"listing {folder}", lambda fs=fs, path=path: fs.ls(path, detail=False))
-            listed = {p.rsplit("/", 1)[-1] for p in names}
-        except (FileNotFoundError, PermissionError):
-            listed = set()
-        if not listed:
-            missing.extend(u for u in entries if not _exists(u))
-            continue
-        missing.extend(u for u in entries if u.rsplit("/", 1)[-1] not in listed)
-    return missing
-
-
-def _exists(url: str) -> bool:
-    fs, path = filesystem(url)
-    try:
-        return bool(with_retries(f"looking for {url}", lambda: fs.exists(path)))
-    except PermissionError:
-        return True  # cannot tell: reading it will say
-
-
-def read_remote_json(url: str):
-    """A JSON object (a manifest, sizes.json, img2dataset stats), or None when it does not exist."""
-    fs, path = filesystem(url)
-    try:
-        data = with_retries(f"reading {url}", lambda: fs.cat_file(path))
-    except FileNotFoundError:
-        return None
-    return json.loads(data)
-
-
 def has_glob(url: str) -> bool:
     """A glob pattern (not for web URLs, whose `?` starts a query string)."""
     return urlparse(url).scheme not in ("http", "https") and any(c in url for c in GLOB_CHARS)
