@@ -64,6 +64,17 @@ def test_list_files_name_shards_patterns_and_other_lists(tmp_path):
         expand(f"{tmp_path}/nope.txt")
 
 
+def test_relative_lines_of_a_list_file_are_beside_it_and_hidden_files_and_folders_do_not_match(tmp_path, monkeypatch):
+    (tmp_path / "data" / "dir.tar").mkdir(parents=True)  # a folder whose name matches the glob
+    for name in ("000.tar", "001.tar", ".000.tar.tmp", ".hidden.tar"):
+        (tmp_path / "data" / name).write_bytes(b"")
+    (tmp_path / "data" / "train.txt").write_text("000.tar\n*.tar\n")
+    monkeypatch.chdir(tmp_path)  # somewhere else: relative lines must not mean this folder
+    data = str(tmp_path / "data")
+    assert expand(f"{data}/train.txt") == [f"{data}/000.tar", f"{data}/000.tar", f"{data}/001.tar"]
+    assert expand("data/*.tar") == ["data/000.tar", "data/001.tar"]
+
+
 def test_gaps_are_an_error_that_names_the_key_or_are_skipped(tmp_path):
     pattern = make_shards(tmp_path, n_shards=6, per_shard=4)
     for i in (1, 3, 4, 5):

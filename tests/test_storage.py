@@ -12,9 +12,11 @@ import pytest
 import torch
 from s3_helpers import CuttingProxy, S3Server
 
-from clipscale.errors import DataError
+from clipscale.errors import CheckpointError, DataError
 from clipscale.metrics import read_jsonl, read_sample_keys
 from clipscale.wds import remote
+from clipscale.wds.census import SourceSpec, take_census
+from clipscale.wds.expand import expand
 from clipscale.wds.shardlist import resolve_shards
 from clipscale.wds.tar import iter_raw_samples
 
@@ -135,6 +137,22 @@ def test_globs_and_counts_from_the_remote_manifest(s3, bucket_shards, caplog):
     assert "counted by reading them" not in caplog.text  # from manifest.json next to them
 
 
+def test_a_remote_glob_matches_objects_not_folders(s3):
+    client = s3.client()
+    for key in ("globbed/a.tar", "globbed/b.tar", "globbed/nested.tar/inner.txt", "globbed/c.txt"):
+        client.put_object(Bucket="data", Key=key, Body=b"x")
+    remote.configure()
+    assert expand("s3://data/globbed/*.tar") == ["s3://data/globbed/a.tar", "s3://data/globbed/b.tar"]
+
+
+def test_a_shard_list_in_the_bucket_names_shards_beside_it(s3, bucket_shards):
+    _, url = bucket_shards
+    listing = "# relative lines are next to the list\ntoy-000000.tar\ntoy-{000001..000002}.tar\n"
+    s3.client().put_object(Bucket="data", Key="toy/train.txt", Body=listing.encode())
+    remote.configure()
+    assert expand(f"@{url}/train.txt") == [f"{url}/toy-00000{i}.tar" for i in range(3)]
+
+
 def test_a_missing_remote_shard_is_one_line(s3, bucket_shards):
     _, url = bucket_shards
     remote.configure()
@@ -239,8 +257,38 @@ def test_a_step_uploaded_again_holds_exactly_its_files_and_an_extra_object_is_da
 
     key = "r/checkpoints/step_00000005/state/zero_pp_rank_2_optim_states.pt"
     s3.client().put_object(Bucket="ckpt3", Key=key, Body=b"old")  # a stale object no checksum lists
-    again = mirror.download("step_00000005", tmp_path / "again")
-    assert checksum_problem(again) == "unexpected file state/zero_pp_rank_2_optim_states.pt"
+    with pytest.raises(CheckpointError, match=r"step_00000005 in s3://ckpt3/r is damaged \(unexpected file state/"):
+        mirror.download("step_00000005", tmp_path / "again")
+    assert not (tmp_path / "again" / "step_00000005").exists()
+
+
+def test_a_rollback_target_damaged_here_comes_again_from_the_bucket(s3, tmp_path):
+    from clipscale.checkpoint.manager import CheckpointManager
+    from clipscale.checkpoint.remote import RemoteMirror
+    from clipscale.config import CheckpointConfig
+
+    s3.client().create_bucket(Bucket="ckpt4")
+    remote.configure()
+    manager = CheckpointManager(tmp_path, CheckpointConfig(remote="s3://ckpt4/r"))
+    for step in (2, 4):
+        manager.save(step, lambda tmp, s=step: torch.save({"step": s}, tmp))
+    local = tmp_path / "checkpoints" / "step_00000002.pt"
+    good = local.read_bytes()
+    local.write_bytes(b"bits flipped on a disk")
+    target = manager.rollback_target(before_step=3)  # the local copy is damaged; the bucket's is not
+    assert target == local
+
+    class Engine:  # what restore asks of an engine: load a checkpoint, return its train state
+        def load(self, path):
+            return torch.load(path)
+
+    assert manager.restore(Engine(), target) == {"step": 2}
+    assert local.read_bytes() == good
+    assert list((tmp_path / "checkpoints" / "abandoned").glob("step_00000002.pt.*.damaged"))  # kept, aside
+    names = {o["Key"] for o in s3.client().list_objects_v2(Bucket="ckpt4", Prefix="r/")["Contents"]}
+    assert "r/checkpoints/step_00000004.pt" not in names  # the later one moved aside in the bucket too
+    assert any(n.startswith("r/checkpoints/abandoned/step_00000004.pt.") for n in names)
+    assert RemoteMirror("s3://ckpt4/r").latest() == "step_00000002.pt"
 
 
 def test_an_interrupted_upload_leaves_the_remote_latest_usable(s3, toy_shards, tmp_path):
@@ -343,9 +391,11 @@ def web_shards(toy_shards):
 
 def test_shards_on_a_web_server_without_listing_or_ranges(web_shards, toy_shards):
     remote.configure()
-    shards = resolve_shards(f"{web_shards}/toy-{{000000..000003}}.tar")  # counts from its manifest.json
+    shards = resolve_shards(f"{web_shards}/toy-{{000000..000003}}.tar")
     local = resolve_shards(toy_shards)
     assert [s.samples for s in shards] == [s.samples for s in local]
+    found = take_census([SourceSpec("web", f"{web_shards}/toy-{{000000..000003}}.tar")])[0]
+    assert set(found.how.values()) == {"manifest"}  # from its manifest.json: no shard read to count it
     reader = remote.RangeReader(f"{web_shards}/toy-000001.tar", chunk=4096)
     assert reader.read() == open(os.path.join(os.path.dirname(toy_shards), "toy-000001.tar"), "rb").read()
     assert not remote.has_glob(f"{web_shards}/toy-000001.tar?X-Amz-Signature=abc")

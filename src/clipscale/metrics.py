@@ -164,7 +164,8 @@ class MetricsLogger:
         folder = self.run_dir / SAMPLE_KEYS_DIR
         if self.is_main and folder.is_dir():
             for path in folder.glob("rank-*.jsonl"):
-                if int(path.stem.removeprefix("rank-")) >= self.world_size:
+                number = path.stem.removeprefix("rank-")
+                if number.isdigit() and int(number) >= self.world_size:
                     cut_log_after(path, step)
 
     def log(self, step: int, metrics: dict, console: bool = True) -> None:

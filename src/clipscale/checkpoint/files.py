@@ -41,9 +41,12 @@ def checksum_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name + CHECKSUM_SUFFIX)
 
 
-def checksum_problem(checkpoint: Path) -> str | None:
-    """Why `checkpoint` is damaged, or None if it matches its recorded checksums (or has none)."""
-    sums = checksum_path(checkpoint)
+def checksum_problem(checkpoint: Path, exact: bool = False, sums: Path | None = None) -> str | None:
+    """Why `checkpoint` is damaged, or None if it matches its recorded checksums (or has none).
+    `exact` (a download from a bucket): a file the checksums do not list is damage too (a stale
+    object of an earlier upload); locally it is not (zero_to_fp32.py run in place, NFS's .nfs files).
+    `sums`: the checksum file, where it is not beside the checkpoint under its name."""
+    sums = sums or checksum_path(checkpoint)
     if not sums.is_file():
         return None
     try:
@@ -54,7 +57,7 @@ def checksum_problem(checkpoint: Path) -> str | None:
     for rel, digest in expected.items():
         if actual.get(rel) != digest:
             return f"sha256 mismatch ({rel or checkpoint.name})" if rel in actual else f"missing file {rel}"
-    extra = sorted(set(actual) - set(expected))
+    extra = sorted(set(actual) - set(expected)) if exact else []
     if extra:  # e.g. a stale object of an earlier upload of the same step: not what was saved
         return f"unexpected file {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
     return None

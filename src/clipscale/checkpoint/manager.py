@@ -63,6 +63,7 @@ class CheckpointManager:
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
         self.protected: Path | None = None  # never removed by retention (the spike guard's rollback target)
+        self._from_bucket: str | None = None  # the rollback target rollback_target found only in the bucket
         self.mirror = None
         if self.cfg.remote:
             from .remote import RemoteMirror
@@ -130,12 +131,13 @@ class CheckpointManager:
         """Collective: load `target` into the engine (a rollback); this run's later checkpoints go to
         abandoned/. Returns the train state saved with it (the caller loads it, then calls holds())."""
         self.wait()
-        if self.mirror is not None and target.parent == self.dir:
-            self.bring_from_bucket(target.name, verify=True)  # a requeue into an empty folder has not got it
+        from_bucket = broadcast_object(self.is_main and self._from_bucket == target.name and target.parent == self.dir)
+        if from_bucket:  # a requeue into an empty folder has not got it, or has a damaged copy
+            self.bring_from_bucket(target.name)
         train_state = engine.load(target)
         if self.is_main:
             self.abandon_after(target)
-            if self.mirror is not None:
+            if self.mirror is not None and target.parent == self.dir:
                 try:
                     self.mirror.abandon_after(target.name)
                 except Exception as exn:  # noqa: BLE001 - the local rollback stands; say so and go on
@@ -156,7 +158,7 @@ class CheckpointManager:
         barrier()
         write(tmp)
         barrier()
-        if tmp.is_dir():  # each rank makes the files it wrote durable, once: O(world) fsyncs in all
+        if not suffix:  # a folder (every rank wrote into it): each rank makes its own files durable, once
             shares = durability_shares(tmp, world_size(), files_synced) if self.is_main else None
             fsync_paths(tmp, scatter_object(shares))
         barrier()
@@ -276,6 +278,7 @@ class CheckpointManager:
             log.warning("cannot list %s for a rollback target: %s: %s", self.cfg.remote, type(exn).__name__, exn)
             return None
         older = [n for n in names if 0 <= step_of(Path(n)) < before_step]
+        self._from_bucket = older[-1] if older else None
         return self.dir / older[-1] if older else None
 
     # ---------------------------------------------------------------- resuming
@@ -393,13 +396,13 @@ class CheckpointManager:
         if error:
             raise CheckpointError(f"cannot bring the latest checkpoint from {self.cfg.remote}: {error}"[:600])
 
-    def bring_from_bucket(self, name: str, verify: bool = False) -> None:
+    def bring_from_bucket(self, name: str) -> None:
         """Collective: the checkpoint `name` of checkpoint.remote into checkpoints/ on every node that
-        lacks it (`verify`: against its checksum file); CheckpointError on every rank if it cannot."""
+        lacks it (verified against its checksum file as it comes); a local copy the rollback search
+        found damaged goes to abandoned/ first. CheckpointError on every rank if it cannot."""
+        if self.is_main and (self.dir / name).exists():
+            self._move_aside([self.dir / name], "damaged")
         error = self._bring(name, point_latest=False)
-        if error is None and verify:
-            problem = checksum_problem(self.dir / name) if self.is_main else None
-            error = broadcast_object(f"{name} is damaged ({problem})" if problem else None)
         if error:
             raise CheckpointError(f"cannot bring {name} from {self.cfg.remote}: {error}"[:600])
 
@@ -423,6 +426,17 @@ class CheckpointManager:
                 break
         return error
 
+    def _move_aside(self, paths: list[Path], why: str = "") -> Path:
+        """`paths` and their checksum files into checkpoints/abandoned/, stamped (nothing is deleted)."""
+        aside = self.dir / "abandoned"
+        aside.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S") + (f".{why}" if why else "")
+        for path in paths:
+            for item in (path, checksum_path(path)):
+                if item.exists():
+                    os.replace(item, aside / f"{item.name}.{stamp}")
+        return aside
+
     def abandon_after(self, resumed: Path) -> None:
         """Move this run's checkpoints after `resumed` to checkpoints/abandoned/ (a rollback): `latest`,
         resume=auto and retention then only see the checkpoints of the history this run continues."""
@@ -432,13 +446,7 @@ class CheckpointManager:
         later = [p for p in self.all_checkpoints() if step_of(p) > step]
         if not later:
             return
-        aside = self.dir / "abandoned"
-        aside.mkdir(exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for path in later:
-            for item in (path, checksum_path(path)):
-                if item.exists():
-                    os.replace(item, aside / f"{item.name}.{stamp}")
+        aside = self._move_aside(later)
         if resumed.parent.resolve() == self.dir.resolve():
             atomic_write_bytes(self.dir / LATEST, (resumed.name + "\n").encode())
         log.warning(

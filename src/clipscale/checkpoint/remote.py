@@ -17,9 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
+from ..errors import CheckpointError
+from ..fsutil import remove_path
 from ..wds import remote
+from .files import checksum_problem
 from .names import CHECKSUM_SUFFIX, LATEST, NAME_RE
 
 log = logging.getLogger(__name__)
@@ -89,12 +93,13 @@ class RemoteMirror:
         fs, root = self._fs()
         step = int(NAME_RE.match(name)[1])
         later = [n for n in self.checkpoint_names() if int(NAME_RE.match(n)[1]) > step]
+        stamp = time.strftime("%Y%m%d-%H%M%S")
         for old in later:
             for item in (old, old + CHECKSUM_SUFFIX):
                 try:
                     remote.with_retries(
                         f"moving {item} aside",
-                        lambda i=item: fs.mv(f"{root}/{i}", f"{root}/abandoned/{i}", recursive=True),
+                        lambda i=item: fs.mv(f"{root}/{i}", f"{root}/abandoned/{i}.{stamp}", recursive=True),
                     )
                 except FileNotFoundError:
                     pass
@@ -148,6 +153,10 @@ class RemoteMirror:
             remote.with_retries(f"downloading {name}", lambda: fs.get_file(source, str(tmp)))
         sums = local_dir / (name + CHECKSUM_SUFFIX)
         remote.with_retries(f"downloading {sums.name}", lambda: fs.get_file(source + CHECKSUM_SUFFIX, str(sums)))
+        problem = checksum_problem(tmp, exact=True, sums=sums)
+        if problem:
+            remove_path(tmp)
+            raise CheckpointError(f"{name} in {self.url} is damaged ({problem})")
         if final.exists():
             shutil.rmtree(final) if final.is_dir() else final.unlink()
         os.replace(tmp, final)

@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 
 from ..errors import DataError
 from ..fsutil import atomic_write_bytes, remove_temporaries
+from ..wds.census import read_json
 from ..wds.manifest import MANIFEST_NAME, ShardRecord, write_manifest
 from ..wds.schema import Skip, clean_caption
 from .sources import Row, load_rows
@@ -240,7 +241,7 @@ class BucketOutput:
         tar, sp = shard_filename(name, index), stats_path(Path("."), name, index).name
         if tar not in self.sizes or sp not in self.sizes:
             return None
-        stats = self.remote.read_remote_json(f"{self.url}/{sp}")
+        stats = read_json(f"{self.url}/{sp}")
         return stats_if_complete(stats or {}, self.sizes[tar], f"{self.url}/{tar}", opts, rows)
 
     def stale(self, name: str, n_shards: int) -> list[str]:

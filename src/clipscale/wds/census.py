@@ -74,7 +74,7 @@ def read_json(url: str):
             data = with_retries(f"reading {url}", lambda: fs.cat_file(path))
         else:
             data = Path(url).read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):  # S3 answers 403 for a missing key without ListBucket
         return None
     except OSError as exn:
         raise DataError(f"cannot read {url}: {exn}") from None
@@ -95,12 +95,14 @@ def count_tar_samples(url: str) -> int:
     return sum(1 for _ in iter_raw_samples(url, on_error=fail))
 
 
-def count_one(task: Task) -> int:
+def count_one(task: Task) -> tuple[int, str]:
+    """(samples, where the count came from): img2dataset's stats where they are (or may be: a folder
+    that was not listed), else reading the shard."""
     if task.how == "stats":
         stats = read_json(task.url[: -len(".tar")] + "_stats.json")
         if isinstance(stats, dict) and "successes" in stats:
-            return int(stats["successes"])
-    return count_tar_samples(task.url)
+            return int(stats["successes"]), "stats"
+    return count_tar_samples(task.url), "reading"
 
 
 class CountCache:
@@ -175,8 +177,6 @@ class IndexCounts:
                 continue
             if folder.local and not listed and not os.path.isfile(os.path.join(folder.url, index)):
                 continue
-            if not folder.local and listed is None and folder.url.startswith(("http:", "https:")):
-                continue  # web servers: not asked (a request per folder and name for nothing, mostly)
             data = read_json(f"{folder.url}/{index}" if not folder.local else os.path.join(folder.url, index))
             if data is not None:
                 return parse_index(data, f"{folder.url}/{index}")
@@ -196,6 +196,8 @@ def survey(
     found = SourceCount(what, [u for u in urls if u not in gone], missing)
     index = IndexCounts(manifest, listing)
     tasks = []
+    if not index.explicit:
+        listing.prefetch_local_infos(found.urls)
     for url in found.urls:
         samples = index(url)
         if samples is not None:
@@ -209,7 +211,8 @@ def survey(
             found.counts[url], found.how[url] = cached, "cache"
             continue
         name = stats_name(shard_name(url))
-        tasks.append(Task(url, "stats" if name and listing.beside(url, name) else "reading"))
+        beside = listing.beside(url, name) if name else False
+        tasks.append(Task(url, "reading" if beside is False else "stats"))  # (None: not listed, so try)
     return found, tasks
 
 
@@ -256,9 +259,9 @@ class Progress:
 def count_slice(
     tasks: list[Task], concurrency: int, progress: Progress, deadline: float | None = None
 ) -> tuple[dict[str, int], str | None]:
-    """Count `tasks` with `concurrency` requests in flight; (counts, first error). Past `deadline`
+    """Count `tasks` with `concurrency` requests in flight; ({url: (samples, how)}, first error). Past `deadline`
     (time.monotonic) no new count starts: what is left stays uncounted."""
-    counts: dict[str, int] = {}
+    counts: dict[str, tuple[int, str]] = {}
     error = None
     if not tasks:
         return counts, None
@@ -343,7 +346,7 @@ def take_census(
     errors = [e for _, e in results if e]
     if errors:
         raise DataError(errors[0])
-    merged: dict[str, int] = {}
+    merged: dict[str, tuple[int, str]] = {}
     for part, _ in results:
         merged.update(part)
     found = []
@@ -352,7 +355,7 @@ def take_census(
         source.seconds = seconds
         for task in todo:
             if task.url in merged:
-                source.counts[task.url], source.how[task.url] = merged[task.url], task.how
+                source.counts[task.url], source.how[task.url] = merged[task.url]
         found.append(source)
     if rank == 0:
         try:

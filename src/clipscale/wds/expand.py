@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 
@@ -81,13 +82,35 @@ def _expand_list_file(path: str, what: str, depth: int) -> list[str]:
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            urls.extend(_expand_part(line, what, depth + 1))
+            urls.extend(_expand_part(_beside(path, line), what, depth + 1))
     return urls
+
+
+def _beside(list_file: str, line: str) -> str:
+    """A relative path in a list file names a file next to the list (as playlists do), not one in
+    the current directory of whichever process reads it."""
+    if line.startswith(("pipe:", "@", "/", "~")) or "://" in line or line.startswith("file:"):
+        return line
+    if is_remote(list_file):
+        return f"{list_file.rsplit('/', 1)[0]}/{line}"
+    base = os.path.dirname(local_path(list_file) or list_file)
+    return os.path.join(base, line) if base else line
 
 
 def _expand_local_glob(url: str, what: str) -> list[str]:
     path = local_path(url) or url
-    found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    folder, name = os.path.split(path)
+    if not has_glob(folder):  # the usual /data/laion/*.tar: one scandir, no stat per file
+        try:
+            with os.scandir(folder or ".") as entries:
+                names = [e.name for e in entries if fnmatch.fnmatchcase(e.name, name) and e.is_file()]
+            if not name.startswith("."):  # as glob: hidden files (a writer's temporaries) only if asked for
+                names = [n for n in names if not n.startswith(".")]
+        except OSError:
+            names = []
+        found = sorted(os.path.join(folder, n) for n in names)
+    else:
+        found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
     if not found:
         raise DataError(f"{what}: no file matches {url}")
     return found if path == url else [f"file:{p}" for p in found]

@@ -11,6 +11,7 @@ are not listed: most cannot be, and a HEAD per shard costs as much as the count 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -29,6 +30,19 @@ class ObjectInfo:
 
     def key(self) -> list:
         return [self.size, self.version]
+
+
+# A web server cannot be listed: a count of one of its shards is cached by URL alone (a replaced
+# shard is found out when it is read).
+WEB_INFO = ObjectInfo(None, "web")
+
+
+def _local_info(path: str) -> ObjectInfo | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return ObjectInfo(st.st_size, str(st.st_mtime_ns))
 
 
 def stats_name(name: str) -> str | None:
@@ -63,7 +77,9 @@ def list_folder(folder: str) -> Folder:
     fs, path = filesystem(folder)
     try:
         entries = with_retries(f"listing {folder}", lambda: fs.ls(path, detail=True, refresh=True))
-    except (FileNotFoundError, PermissionError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError):
+        return Folder(folder, set(), {}, local=False)  # no such folder: nothing in it exists
+    except PermissionError:  # e.g. GetObject without ListBucket: existence is left to the counting
         return Folder(folder, None, {}, local=False)
     infos = {}
     for entry in entries:
@@ -94,6 +110,7 @@ class ShardListing:
 
     def __init__(self, urls: list[str]):
         self.urls = urls
+        self.local_infos: dict[str, ObjectInfo | None] = {}
         self.folders: dict[str, Folder] = {}
         for url in urls:
             if url.startswith("pipe:") or url == "-":
@@ -115,13 +132,9 @@ class ShardListing:
             return True
         if path is not None:  # not in the listing (a case-folding file system, an unlistable folder)
             return os.path.isfile(path)
-        if listed is None and is_remote(url) and urlparse(url).scheme not in ("http", "https"):
-            fs, inner = filesystem(url)
-            try:
-                return bool(with_retries(f"looking for {url}", lambda: fs.exists(inner)))
-            except PermissionError:
-                return True  # cannot tell: reading it will say
-        return listed is None  # a web server: reading will tell
+        # a folder that cannot be listed (a web server, a bucket without list permission): not a
+        # request per shard here; counting (all ranks, in parallel) or reading says what is missing
+        return listed is None
 
     def missing(self) -> list[str]:
         return [u for u in self.urls if not self.exists(u)]
@@ -130,12 +143,20 @@ class ShardListing:
         """Size and version of a shard (a local file is asked for them now), None if unknown."""
         folder, name, path = self.folder_of(url)
         if path is not None:
-            try:
-                st = os.stat(path)
-            except OSError:
-                return None
-            return ObjectInfo(st.st_size, str(st.st_mtime_ns))
+            if path in self.local_infos:
+                return self.local_infos[path]
+            return _local_info(path)
+        if folder is not None and not folder.listed and urlparse(url).scheme in ("http", "https"):
+            return WEB_INFO
         return folder.infos.get(name) if folder is not None else None
+
+    def prefetch_local_infos(self, urls: list[str], threads: int = 32) -> None:
+        """Stat many local shards at once (a parallel file system answers them in parallel)."""
+        paths = [p for p in (local_path(u) for u in urls) if p is not None and p not in self.local_infos]
+        if len(paths) < 64:
+            return
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stat") as pool:
+            self.local_infos.update(zip(paths, pool.map(_local_info, paths)))
 
     def beside(self, url: str, name: str) -> bool | None:
         """Whether a file `name` lies in the shard's folder (None: the folder was not listed)."""

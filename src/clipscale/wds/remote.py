@@ -241,8 +241,8 @@ async def _s3_get_range(fs, bucket: str, key: str, start: int, end: int, pin: di
 def expand_remote_glob(url: str) -> list[str]:
     """`s3://bucket/prefix/*.tar` -> the matching objects, sorted (one listing)."""
     fs, path = filesystem(url)
-    found = sorted(with_retries(f"listing {url}", lambda: fs.glob(path)))
-    return [fs.unstrip_protocol(p) for p in found]
+    found = with_retries(f"listing {url}", lambda: fs.glob(path, detail=True))
+    return [fs.unstrip_protocol(p) for p, info in sorted(found.items()) if info.get("type", "file") == "file"]
 
 
 def has_glob(url: str) -> bool:
