@@ -88,3 +88,14 @@ def test_fsync_benchmark_counts_files_plus_directories(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert re.search(r"^\| 8 \| 10 \| 2 \| 12 \| 12 \| 96 \|", proc.stdout, re.M), proc.stdout
+
+
+def test_count_at_scale_benchmark_counts_once_and_its_requeue_asks_for_nothing(tmp_path):
+    sizes = ["--shards", "3000", "--ranks", "4", "--latency-ms", "1", "--local-shards", "300"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "count_at_scale.py"), *sizes, "--plan-remote-shards", "200"]
+    cmd += ["--dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert re.search(r"first start: [\d.]+ s .* 6 LIST pages, 3,000 GET \(1\.00 per shard\), 0 HEAD", proc.stdout)
+    assert re.search(r"requeue: [\d.]+ s .* 6 LIST pages, 0 GET \(0\.00 per shard\), 0 HEAD", proc.stdout)
+    assert re.search(r"^laion +290 +10 +stats 290 ", proc.stdout, re.M), proc.stdout
