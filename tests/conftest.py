@@ -77,26 +77,3 @@ def no_watching_hang_watchdog_is_left_behind():
             left.append(dog.watching)
             dog.stop()
     assert not left, f"a hang watchdog was left watching ({left}): close the Trainer (`with Trainer(...)`)"
-
-
-# The files that take longest (each a minute or more of 2-rank jobs on 2 cores), longest first.
-# pytest-xdist (--dist loadfile) hands out files in collection order, a file to one worker: the
-# long ones go first so that no worker is left running one alone at the end (the suite's tail).
-LONGEST_FILES = (
-    "test_fsdp2.py",
-    "test_deepspeed.py",
-    "test_recipes.py",
-    "test_resume.py",
-    "test_slurm.py",
-    "test_mixture_training.py",
-    "test_faults.py",
-    "test_storage.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        name = item.path.name
-        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
-
-    items.sort(key=rank)  # (stable: the order within a file and among the rest is kept)
