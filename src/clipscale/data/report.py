@@ -27,12 +27,14 @@ def plan_report(cfg: Config, world_size: int = 1, count_budget_s: float | None =
     batch = layout.global_batch
     total_weight = sum(s.weight for s in sources)
     rows = []
+    # counts made now, over all sources, per second of the census: what the shards left would take
+    counted_now = sum(s.found.by_origin()["stats"] + s.found.by_origin()["reading"] for s in sources)
+    seconds = sources[0].found.seconds if sources else 0.0
+    rate = counted_now / seconds if seconds > 0 and counted_now else None
     for s in sources:
         share = s.weight / total_weight
         per_step = batch * share
         origin = s.found.by_origin()
-        counted_now = origin["stats"] + origin["reading"]
-        rate = counted_now / s.found.seconds if s.found.seconds > 0 and counted_now else None
         rows.append(
             {
                 "name": s.name,
