@@ -79,10 +79,8 @@ def cut_log_after(path: Path, step: int) -> None:
         while lo < hi:
             mid = (lo + hi) // 2
             start = _line_start_at_or_after(f, mid)
-            if start >= hi:  # no line starts in [mid, hi): look left of mid
-                start = _line_start_at_or_after(f, lo)
-                if start >= hi:
-                    break
+            if start >= hi:  # no line starts in [mid, hi): the line at lo (lo is always a line start)
+                start = lo
             f.seek(start)
             line = f.readline()
             if _step_of_line(line) <= step and line.endswith(b"\n"):

@@ -28,13 +28,13 @@ def plan_report(cfg: Config, world_size: int = 1, count_budget_s: float | None =
     total_weight = sum(s.weight for s in sources)
     rows = []
     # counts made now, over all sources, per second of the census: what the shards left would take
-    counted_now = sum(s.found.by_origin()["stats"] + s.found.by_origin()["reading"] for s in sources)
+    origins = [s.found.by_origin() for s in sources]
+    counted_now = sum(o["stats"] + o["reading"] for o in origins)
     seconds = sources[0].found.seconds if sources else 0.0
     rate = counted_now / seconds if seconds > 0 and counted_now else None
-    for s in sources:
+    for s, origin in zip(sources, origins):
         share = s.weight / total_weight
         per_step = batch * share
-        origin = s.found.by_origin()
         rows.append(
             {
                 "name": s.name,

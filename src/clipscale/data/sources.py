@@ -56,9 +56,7 @@ def build_sources(d: DataConfig, seed: int, num_streams: int, estimate: bool = F
     counted = take_census(specs, concurrency=d.count_concurrency, **census)
     out = []
     for (_, src), found in zip(configs, counted):
-        left = found.by_origin()["left"]
         plan = plan_for(d, seed, src.name, shards_of(found, estimate), num_streams)
-        found.estimated = left
         if src.weight is not None:
             out.append(Source(src.name, plan, src.weight, found=found))
         else:

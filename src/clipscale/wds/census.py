@@ -48,7 +48,6 @@ class SourceCount:
     counts: dict[str, int] = field(default_factory=dict)
     how: dict[str, str] = field(default_factory=dict)  # url -> one of SOURCES
     keys: dict[str, list] = field(default_factory=dict)  # url -> [size, version] for the cache
-    estimated: int = 0  # shards whose count is the mean of the others (`clipscale data plan` only)
     seconds: float = 0.0  # how long counting took (this census, all sources)
 
     def by_origin(self) -> dict[str, int]:
@@ -58,6 +57,11 @@ class SourceCount:
                 out[self.how[url]] += 1
         out["left"] = sum(1 for u in self.urls if u not in self.counts)
         return out
+
+    @property
+    def estimated(self) -> int:
+        """Shards with a count but no origin: the mean of the others (`clipscale data plan` only)."""
+        return sum(1 for u in self.urls if u in self.counts and u not in self.how)
 
 
 @dataclass
@@ -99,7 +103,7 @@ def count_one(task: Task) -> tuple[int, str]:
     """(samples, where the count came from): img2dataset's stats where they are (or may be: a folder
     that was not listed), else reading the shard."""
     if task.how == "stats":
-        stats = read_json(task.url[: -len(".tar")] + "_stats.json")
+        stats = read_json(stats_name(task.url))
         if isinstance(stats, dict) and "successes" in stats:
             return int(stats["successes"]), "stats"
     return count_tar_samples(task.url), "reading"

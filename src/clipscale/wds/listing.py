@@ -45,8 +45,9 @@ def _local_info(path: str) -> ObjectInfo | None:
     return ObjectInfo(st.st_size, str(st.st_mtime_ns))
 
 
-def stats_name(name: str) -> str | None:
-    return name[: -len(".tar")] + STATS_SUFFIX if name.endswith(".tar") else None
+def stats_name(shard: str) -> str | None:
+    """img2dataset's stats file of a shard (its name or its URL), None for a name not ending in .tar."""
+    return shard[: -len(".tar")] + STATS_SUFFIX if shard.endswith(".tar") else None
 
 
 class Folder:

@@ -72,12 +72,3 @@ def read_index(path: str | Path) -> dict[str, ShardRecord]:
     except (OSError, ValueError) as exn:
         raise DataError(f"cannot read {path}: {exn}") from None
     return parse_index(data, str(path))
-
-
-def index_next_to(directory: Path) -> dict[str, ShardRecord] | None:
-    """The records of the first index file in `directory` (INDEX_NAMES), or None without one."""
-    for name in INDEX_NAMES:
-        path = Path(directory) / name
-        if path.is_file():
-            return read_index(path)
-    return None
