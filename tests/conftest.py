@@ -77,3 +77,27 @@ def no_watching_hang_watchdog_is_left_behind():
             left.append(dog.watching)
             dog.stop()
     assert not left, f"a hang watchdog was left watching ({left}): close the Trainer (`with Trainer(...)`)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """CLIPSCALE_TEST_CPU_LOG=FILE: one line per test with its wall and CPU seconds (this process and
+    the child processes it waited for; not the ranks distributed_helpers forks from its fork server):
+    which tests cost the suite's 2 cores and which only wait."""
+    path = os.environ.get("CLIPSCALE_TEST_CPU_LOG")
+    if not path:
+        yield
+        return
+    import json
+    import resource
+    import time
+
+    def cpu() -> float:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    start, start_cpu = time.monotonic(), cpu()
+    yield
+    line = {"test": item.nodeid, "wall": round(time.monotonic() - start, 2), "cpu": round(cpu() - start_cpu, 2)}
+    with open(path, "a") as out:
+        out.write(json.dumps(line) + "\n")
