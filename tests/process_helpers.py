@@ -53,13 +53,24 @@ def command(nproc, run_dir, shards, *overrides, torchrun_args=(), torchrun=False
     ]
 
 
-def run(nproc, run_dir, shards, *overrides, expect=0, torchrun_args=(), torchrun=False):
+FAULTS = Path(__file__).parent / "faults"
+
+
+def with_faults(*rules) -> dict:
+    """The environment of a job whose file opens fail as `rules` say (tests/faults/sitecustomize.py)."""
+    import json
+
+    path = os.pathsep.join(filter(None, [str(FAULTS), ENV.get("PYTHONPATH")]))
+    return {**ENV, "PYTHONPATH": path, "CLIPSCALE_FAULTS": json.dumps(list(rules))}
+
+
+def run(nproc, run_dir, shards, *overrides, expect=0, torchrun_args=(), torchrun=False, env=None):
     proc = subprocess.run(
         command(nproc, run_dir, shards, *overrides, torchrun_args=torchrun_args, torchrun=torchrun),
         capture_output=True,
         text=True,
         timeout=600,
-        env=ENV,
+        env=env or ENV,
     )
     assert proc.returncode == expect, proc.stderr[-4000:]
     return proc

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from clipscale.errors import EXIT_UNREADABLE
 from clipscale.job.preempt import EXIT_PREEMPTED
 from clipscale.job.status import read_status, write_status
 from clipscale.job.supervise import should_requeue, slurm_job_key
@@ -36,6 +37,9 @@ STEP = textwrap.dedent("""
     if mode.startswith("hung_at_"):  # what the hang watchdog leaves
         write_status(run_dir, "hung", step=int(mode[8:]), hung_ranks_reported=[0])
         sys.exit(76)
+    if mode.startswith("unreadable_at_"):  # a checkpoint the storage failed to read (not damage)
+        write_status(run_dir, "unreadable", step=int(mode[14:]), error="cannot read step_4.pt: EIO")
+        sys.exit(74)
     write_status(run_dir, "running", step=1)
     open(run_dir + "/ready", "w").close()
     time.sleep(60)
@@ -164,6 +168,20 @@ def test_a_hung_run_is_requeued_a_bounded_number_of_times_in_a_row(job):
     assert code == EXIT_HUNG and "not requeued" in out
 
 
+def test_a_run_that_cannot_read_its_checkpoint_is_requeued_a_bounded_number_of_times(job):
+    """An I/O error reading the checkpoint is the storage's, not the run's: requeued (the checkpoint is
+    tried again), but not forever when it never gets past that step."""
+    run, requeued = job
+    for attempt in range(1, 4):
+        code, out = run("unreadable_at_4")
+        assert code == 0 and requeued.read_text().split() == ["requeue", "77"] * attempt, out
+        assert f"a checkpoint could not be read ({attempt} in a row" in out and "unreadable at step 4: requeue" in out
+    code, out = run("unreadable_at_4")
+    assert code == EXIT_UNREADABLE and len(requeued.read_text().split()) == 6, out
+    assert "could not read its checkpoint 4 times in a row without getting past step 4: not requeued" in out
+    assert "cannot read step_4.pt: EIO" in out
+
+
 def test_supervise_without_a_command_is_a_one_line_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "clipscale", "supervise", "--run-dir", str(tmp_path)], capture_output=True, text=True
@@ -179,6 +197,7 @@ def test_requeue_decision_table():
     assert not should_requeue({"state": "finished"}, "SIGUSR1", usr)
     assert not should_requeue({"state": "failed"}, "SIGUSR1", usr)
     assert should_requeue({"state": "hung", "step": 3}, None, usr)
+    assert should_requeue({"state": "unreadable", "step": 3}, None, usr)
     assert should_requeue({"state": "running"}, "SIGUSR1", usr)
     assert should_requeue(None, "SIGUSR2", usr)
     assert not should_requeue(None, None, usr)

@@ -12,9 +12,19 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointUnreadable
 from ..fsutil import fsync_dir, sha256_file
 from .names import CHECKSUM_SUFFIX, NAME_RE
+
+# A read that failed for a reason outside the checkpoint (the storage, the machine): not damage.
+READ_FAILURES = (OSError, MemoryError)
+
+
+def read_error(path: Path, exn: BaseException, what: str = "") -> CheckpointError:
+    """The one-line error of a failed read of `path`: CheckpointUnreadable when the storage or the
+    machine failed (try again later; never skip the checkpoint for it), CheckpointError otherwise."""
+    text = f"cannot read {what}{path}: {type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}"
+    return CheckpointUnreadable(text) if isinstance(exn, READ_FAILURES) else CheckpointError(text)
 
 
 def step_of(path: Path) -> int:
@@ -113,9 +123,7 @@ def load_checkpoint_file(path: Path, mmap: bool = False) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exn:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}"
-        ) from None
+        raise read_error(path, exn, "checkpoint ") from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise CheckpointError(f"{path} is not a clipscale checkpoint (no 'state_dict')")
     return state

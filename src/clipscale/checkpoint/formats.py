@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, CheckpointMismatch
-from .files import load_checkpoint_file
+from .files import load_checkpoint_file, read_error
 from .names import DCP_METADATA, DS_TAG
 from .state import from_legacy
 
@@ -38,7 +38,7 @@ def deepspeed_model_states(folder: Path) -> dict:
             try:
                 return torch.load(states, map_location="cpu", weights_only=False)
             except Exception as exn:
-                raise CheckpointError(f"cannot read {states}: {type(exn).__name__}") from None
+                raise read_error(states, exn) from None
     raise CheckpointError(
         f"{folder} is not a clipscale DeepSpeed checkpoint (no {DS_TAG}/{DS_MODEL_STATES[0]}); "
         f"was it written with engine.name=ddp?"
@@ -77,10 +77,7 @@ def read_dcp_full(path: Path, keys: set[str] | None = None) -> dict:
             no_dist=True,
         )
     except Exception as exn:
-        raise CheckpointError(
-            f"cannot read the DCP checkpoint {path}: {type(exn).__name__}: "
-            f"{str(exn).splitlines()[0] if str(exn) else ''}"
-        ) from None
+        raise read_error(path, exn, "the DCP checkpoint ") from None
     return state
 
 
@@ -101,7 +98,7 @@ def read_train_state(path: Path) -> dict:
     try:
         return torch.load(Path(path) / DCP_TRAIN_STATE, map_location="cpu", weights_only=True)
     except Exception as exn:
-        raise CheckpointError(f"cannot read {Path(path) / DCP_TRAIN_STATE}: {type(exn).__name__}") from None
+        raise read_error(Path(path) / DCP_TRAIN_STATE, exn) from None
 
 
 def read_ema(path: Path) -> dict | None:

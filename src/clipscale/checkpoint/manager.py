@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import CheckpointConfig
-from ..errors import CheckpointError, CheckpointMismatch
+from ..errors import CheckpointError, CheckpointMismatch, CheckpointUnreadable
 from ..fsutil import atomic_write_bytes, fsync_dir, remove_path, remove_temporaries, temp_path
 from ..job.distributed import all_gather_object, barrier, broadcast_object, scatter_object, world_size
 from .files import (
+    READ_FAILURES,
     checksum_path,
     checksum_problem,
     checksums,
@@ -248,10 +249,8 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         """The newest intact checkpoint (damaged ones are skipped with a warning)."""
         for path in self.candidates():
-            problem = checksum_problem(path)
-            if problem is None:
+            if self._intact(path):
                 return path
-            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path.name, problem)
         return None
 
     def rollback_target(self, before_step: int, also: Path | None = None) -> Path | None:
@@ -261,11 +260,19 @@ class CheckpointManager:
         if also is not None and also not in found and 0 <= step_of(also) < before_step:
             found.append(also)
         for path in sorted(found, key=step_of, reverse=True):
-            problem = checksum_problem(path)
-            if problem is None:
+            if self._intact(path):
                 return path
-            log.warning("checkpoint %s is damaged (%s); trying an older one", path.name, problem)
         return self._rollback_target_in_bucket(before_step)
+
+    def _intact(self, path: Path) -> bool:
+        """Whether `path` matches its checksums (False: damaged, said in a warning); CheckpointUnreadable
+        when it cannot be read: a failed read is no reason to pick an older checkpoint."""
+        verdict = self._verify(path)
+        if verdict and verdict[0] == "unreadable":
+            raise CheckpointUnreadable(f"cannot read {path}: {verdict[1]}"[:600])
+        if verdict:
+            log.warning("checkpoint %s is damaged (%s); trying an older one", path.name, verdict[1])
+        return verdict is None
 
     def _rollback_target_in_bucket(self, before_step: int) -> Path | None:
         """The newest checkpoint from before `before_step` in checkpoint.remote (a job requeued into an
@@ -315,68 +322,118 @@ class CheckpointManager:
             return found, False
         if path.is_dir() and not is_checkpoint_folder(path):
             raise CheckpointError(f"checkpoint.resume: {path} holds no checkpoint: expected {FORMS}")
-        problem = checksum_problem(path)
-        if problem:
-            raise CheckpointError(f"checkpoint.resume: {path} is damaged ({problem})")
-        return [path], True
+        return [path], True  # (verified when it is loaded)
 
     def load(self, engine, resume: str) -> tuple[Path, dict] | None:
         """Collective: restore the engine from the checkpoint `resume` says (none | auto | a path) and
-        return (its path, its train state), or None to start fresh. Under resume=auto a damaged
-        checkpoint, or one whose data fail to load, is skipped for the one before it, on every rank
-        alike; a checkpoint of another model, or an I/O or memory error, stops the run instead."""
+        return (its path, its train state), or None to start fresh. Under resume=auto a checkpoint its
+        checksums or its format prove damaged is skipped for the one before it, on every rank alike
+        (and kept in abandoned/ with a file saying why). A read that fails for a reason outside the
+        checkpoint (an I/O error, no memory) is not damage: it is tried again, checkpoint.load_attempts
+        times in all, then the run stops with CheckpointUnreadable (exit 74: requeue) and the
+        checkpoint stays. A checkpoint of another model stops the run too."""
         self.fetch_remote(resume)
         plan, error = ([], False), None
         if self.is_main:
             try:
                 plan = self.plan_resume(resume)
             except CheckpointError as exn:  # every rank must hear of it, not wait in the broadcast below
-                error = str(exn)
+                error = (type(exn).__name__, str(exn))
+            except READ_FAILURES as exn:
+                error = ("CheckpointUnreadable", f"cannot list the checkpoints to resume: {type(exn).__name__}: {exn}")
         candidates, explicit, error = broadcast_object(([str(p) for p in plan[0]], plan[1], error))
         if error:
-            raise CheckpointError(error)
-        for i, name in enumerate(candidates):
-            path = Path(name)
-            problem = checksum_problem(path) if self.is_main and not explicit else None  # one at a time
-            problem = broadcast_object(problem)
-            if problem:
-                log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path.name, problem)
-                continue
-            train_state, error = None, None
-            try:
-                train_state = engine.load(path)
-            except CheckpointMismatch as exn:  # another model: no older checkpoint is better
-                error = ("mismatch", str(exn))
-            except (OSError, MemoryError) as exn:  # the storage or the machine, not the checkpoint
-                error = ("stop", f"cannot load {path}: {type(exn).__name__}: {exn}")
-            except Exception as exn:  # noqa: BLE001 - a damaged or incomplete checkpoint
-                error = ("skip", f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}")
-            reports = [e for e in all_gather_object(error) if e]
-            for kind, text in reports:
-                if kind == "mismatch":
-                    raise CheckpointMismatch(text)
-                if kind == "stop":
-                    raise CheckpointError(text[:600])
-            if not reports:
+            raise {"CheckpointUnreadable": CheckpointUnreadable}.get(error[0], CheckpointError)(error[1][:600])
+        damaged: dict[Path, str] = {}
+        for i, path in enumerate(map(Path, candidates)):
+            outcome, train_state = self._load_with_retries(engine, path)
+            if outcome is None:
                 if self.is_main:
-                    self.abandon_after(path)
+                    self.abandon_after(path, damaged)
                     if resume != "auto":
                         atomic_write_bytes(self.dir / self.RESUMED_FROM, (str(Path(resume).resolve()) + "\n").encode())
                 return path, train_state
+            kind, text = outcome
+            if kind == "mismatch":
+                raise CheckpointMismatch(text)
+            if kind == "unreadable":
+                raise CheckpointUnreadable(
+                    f"cannot read {path} ({self.cfg.load_attempts} attempt(s)): {text[:300]}; it is kept and "
+                    f"tried again when the job runs again (exit code {CheckpointUnreadable.exit_code}: requeue)"
+                )
             if explicit:
-                raise CheckpointError(f"checkpoint.resume: cannot load {path}: {reports[0][1]}"[:600])
-            log.warning(
-                "checkpoint %s could not be loaded (%s)%s",
-                path.name,
-                reports[0][1][:300],
-                "; falling back to the previous one" if i + 1 < len(candidates) else "",
-            )
+                raise CheckpointError(f"checkpoint.resume: {path} is damaged ({text})"[:600])
+            damaged[path] = text
+            later = "; falling back to the previous one" if i + 1 < len(candidates) else ""
+            log.warning("checkpoint %s is damaged (%s)%s", path.name, text[:300], later)
         if candidates:
             raise CheckpointError(
                 f"none of the {len(candidates)} checkpoint(s) in {self.dir} could be loaded; "
                 f"set checkpoint.resume=none to start over (the old ones stay)"
             )
         return None
+
+    def _load_with_retries(self, engine, path: Path) -> tuple[tuple[str, str] | None, dict | None]:
+        """Collective: _try_load until it loads or fails for another reason than a read that failed,
+        at most checkpoint.load_attempts times, waiting load_retry_wait_s, then twice as long..."""
+        attempts = self.cfg.load_attempts
+        for attempt in range(1, attempts + 1):
+            outcome, train_state = self._try_load(engine, path)
+            if outcome is None or outcome[0] != "unreadable" or attempt == attempts:
+                return outcome, train_state
+            wait = self.cfg.load_retry_wait_s * 2 ** (attempt - 1)
+            if self.is_main:  # the outcome is every rank's (gathered): said once
+                log.warning(
+                    "checkpoint %s could not be read (%s); trying again in %.3g s (attempt %d of %d)",
+                    path.name, outcome[1][:300], wait, attempt + 1, attempts,
+                )  # fmt: skip
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _try_load(self, engine, path: Path) -> tuple[tuple[str, str] | None, dict | None]:
+        """Collective: one try at `path`: (None, its train state), or ((kind, why), None) alike on every
+        rank, kind damaged | unreadable | mismatch. The main rank verifies the checksums first (one
+        read of the files, not one per rank)."""
+        verdict = broadcast_object(self._verify(path) if self.is_main else None)
+        if verdict:
+            return verdict, None
+        outcome, train_state = None, None
+        try:
+            train_state = engine.load(path)
+        except CheckpointMismatch as exn:  # another model: no older checkpoint is better
+            outcome = ("mismatch", str(exn))
+        except CheckpointUnreadable as exn:
+            outcome = ("unreadable", str(exn))
+        except READ_FAILURES as exn:  # the storage or the machine, not the checkpoint
+            outcome = ("unreadable", f"{type(exn).__name__}: {exn}")
+        except Exception as exn:  # noqa: BLE001 - damage, or a read that torch/DeepSpeed report as their own error
+            outcome = ("failed", f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}")
+        reports = [r for r in all_gather_object(outcome) if r]
+        if not reports:
+            return None, train_state
+        outcome = min(reports, key=lambda r: ("mismatch", "unreadable", "failed").index(r[0]))
+        if outcome[0] == "failed":  # the files tell damage from a read that failed
+            outcome = broadcast_object(self._why_it_failed(path, outcome[1]) if self.is_main else None)
+        return outcome, None
+
+    def _verify(self, path: Path) -> tuple[str, str] | None:
+        """("damaged", why) when the checksums prove damage, ("unreadable", why) when the files cannot be
+        read, None when they match (or there are none)."""
+        try:
+            problem = checksum_problem(path)
+        except READ_FAILURES as exn:
+            return ("unreadable", f"{type(exn).__name__} while verifying its checksums: {exn}")
+        return ("damaged", problem) if problem else None
+
+    def _why_it_failed(self, path: Path, error: str) -> tuple[str, str]:
+        """A load that failed with an error of the loader's own: damage, unless the files match the
+        checksums written when it was saved (then the read failed, or the machine: not the checkpoint)."""
+        verdict = self._verify(path)
+        if verdict:
+            return verdict[0], f"{error}; {verdict[1]}"
+        if checksum_path(path).is_file():
+            return "unreadable", f"{error} (its files match their checksums: not damage)"
+        return "damaged", error
 
     def fetch_remote(self, resume: str) -> None:
         """Collective: under resume=auto with no local checkpoint, bring checkpoint.remote's latest into
@@ -426,8 +483,9 @@ class CheckpointManager:
                 break
         return error
 
-    def _move_aside(self, paths: list[Path], why: str = "") -> Path:
-        """`paths` and their checksum files into checkpoints/abandoned/, stamped (nothing is deleted)."""
+    def _move_aside(self, paths: list[Path], why: str = "", reasons: dict[Path, str] | None = None) -> Path:
+        """`paths` and their checksum files into checkpoints/abandoned/, stamped (nothing is deleted);
+        `reasons`: a path's NAME.STAMP.why file says why it was moved."""
         aside = self.dir / "abandoned"
         aside.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S") + (f".{why}" if why else "")
@@ -435,18 +493,28 @@ class CheckpointManager:
             for item in (path, checksum_path(path)):
                 if item.exists():
                     os.replace(item, aside / f"{item.name}.{stamp}")
+            if reasons and path in reasons:
+                atomic_write_bytes(aside / f"{path.name}.{stamp}.why", (reasons[path] + "\n").encode())
         return aside
 
-    def abandon_after(self, resumed: Path) -> None:
+    def abandon_after(self, resumed: Path, damaged: dict[Path, str] | None = None) -> None:
         """Move this run's checkpoints after `resumed` to checkpoints/abandoned/ (a rollback): `latest`,
-        resume=auto and retention then only see the checkpoints of the history this run continues."""
+        resume=auto and retention then only see the checkpoints of the history this run continues.
+        Each gets a file saying why: `damaged`'s reason for those the resume skipped as damaged."""
         step = step_of(resumed)
         if step < 0:
             return
         later = [p for p in self.all_checkpoints() if step_of(p) > step]
         if not later:
             return
-        aside = self._move_aside(later)
+        damaged = {Path(p).resolve(): why for p, why in (damaged or {}).items()}
+        reasons = {
+            p: f"damaged: {damaged[p.resolve()]}"
+            if p.resolve() in damaged
+            else f"later than {resumed.name}, the checkpoint the run went back to"
+            for p in later
+        }
+        aside = self._move_aside(later, reasons=reasons)
         if resumed.parent.resolve() == self.dir.resolve():
             atomic_write_bytes(self.dir / LATEST, (resumed.name + "\n").encode())
         log.warning(

@@ -234,6 +234,11 @@ class CheckpointConfig:
     storage_options: Any = None
     """fsspec options for checkpoint.remote (null: the standard environment, AWS_ENDPOINT_URL, AWS_PROFILE, ...);
     data.storage_options do not apply to checkpoints."""
+    load_attempts: int = 4
+    """Reads of a checkpoint that fails with an I/O or memory error (not damage) before the job stops with
+    exit code 74 to be requeued; the checkpoint is kept and tried again, never skipped for an older one."""
+    load_retry_wait_s: float = 2.0
+    """Wait before the second read of such a checkpoint; doubled before each further one."""
 
 
 @dataclass

@@ -229,6 +229,8 @@ def check_checkpoint(cfg: Config) -> None:
     )
     at_least(c, "every_n_steps", 1, "checkpoint")
     at_least(c, "keep_last", 0, "checkpoint")
+    at_least(c, "load_attempts", 1, "checkpoint")
+    at_least(c, "load_retry_wait_s", 0, "checkpoint")
     require(
         c.storage_options is None or isinstance(c.storage_options, dict),
         f"'checkpoint.storage_options' must be a mapping, got {c.storage_options!r}",

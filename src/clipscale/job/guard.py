@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import TrainingDiverged
+from ..errors import CheckpointUnreadable, TrainingDiverged
 from .distributed import broadcast_object
 
 MIN_HISTORY = 5  # losses needed before a median means anything
@@ -112,8 +112,15 @@ class SpikeGuard:
                 f"{self.cfg.within_steps} steps; training stopped. Lower optim.lr, raise "
                 f"train.spike_guard.skip_batches, or check the data"
             )
-        target = ckpts.rollback_target(first, also) if is_main else None
-        target = broadcast_object(str(target) if target else None)
+        target, unreadable = None, None
+        if is_main:
+            try:
+                target = ckpts.rollback_target(first, also)
+            except CheckpointUnreadable as exn:  # every rank must hear of it, not wait in the broadcast
+                unreadable = str(exn)
+        target, unreadable = broadcast_object((str(target) if target else None, unreadable))
+        if unreadable:
+            raise CheckpointUnreadable(unreadable)
         if target is None:
             raise TrainingDiverged(
                 f"the loss spiked at step {step} ({loss:.4g} > {self.cfg.factor} x the median "

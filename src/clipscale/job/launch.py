@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import sys
 
+from ..errors import EXIT_UNREADABLE
 from .preempt import EXIT_PREEMPTED
 from .watchdog import EXIT_HUNG
 
-MEANING = {EXIT_PREEMPTED: "preempted: checkpointed and stopped", EXIT_HUNG: "hung: stacks in RUN_DIR/hang/"}
+MEANING = {
+    EXIT_PREEMPTED: "preempted: checkpointed and stopped",
+    EXIT_HUNG: "hung: stacks in RUN_DIR/hang/",
+    EXIT_UNREADABLE: "a checkpoint could not be read: kept, tried again when requeued",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

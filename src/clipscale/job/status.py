@@ -1,4 +1,4 @@
-"""RUN_DIR/status.json: how a run ended (running | finished | preempted | failed | hung).
+"""RUN_DIR/status.json: how a run ended (running | finished | preempted | failed | hung | unreadable).
 
 The trainer writes it; job scripts (through `clipscale supervise` / `clipscale status`) read it
 to decide whether to requeue. torch-free so that a batch shell reads it in a blink.
@@ -13,7 +13,7 @@ from pathlib import Path
 from ..fsutil import atomic_write_bytes
 
 STATUS_FILE = "status.json"
-STATES = ("running", "finished", "preempted", "failed", "hung")
+STATES = ("running", "finished", "preempted", "failed", "hung", "unreadable")  # unreadable: a checkpoint
 
 
 def write_status(run_dir: Path, state: str, **fields) -> None:

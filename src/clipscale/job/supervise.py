@@ -18,6 +18,9 @@ trainer checkpoints at the next step and writes status.json), waits, and then de
                                                          --max-hang-requeues times in a row without
                                                          getting past the step of the hang before
                                                          (RUN_DIR/hang/requeues.jsonl keeps count)
+- a checkpoint could not be read (status `unreadable`: -> requeue (the same checkpoint is tried
+  an I/O or memory error, not damage)                    again), bounded the same way
+                                                         (RUN_DIR/hang/unreadable.jsonl)
 
 torch-free, so the batch shell starts in a blink.
 """
@@ -31,12 +34,15 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from ..errors import EXIT_UNREADABLE
 from ..metrics import append_line, read_jsonl
 from .preempt import EXIT_PREEMPTED
 from .status import read_status
 from .watchdog import EXIT_HUNG, HANG_DIR
 
 FORWARDED_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
+# states that are requeued a bounded number of times in a row: (exit code, count file in RUN_DIR/hang/)
+STUCK = {"hung": (EXIT_HUNG, "requeues.jsonl"), "unreadable": (EXIT_UNREADABLE, "unreadable.jsonl")}
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
 
 
@@ -52,7 +58,7 @@ def should_requeue(status: dict | None, caught: str | None, requeue_signals: Seq
     state = status["state"] if status else None
     if state in ("finished", "failed"):
         return False
-    if state == "hung":
+    if state in STUCK:
         return True  # bounded by Supervisor.hangs_in_a_row
     if state == "preempted":
         return (status.get("signal") or caught) in requeue_signals
@@ -124,28 +130,32 @@ class Supervisor:
             return 0
         if not should_requeue(status, self.caught, self.requeue_signals):
             return code or 1
-        hung = bool(status and status["state"] == "hung")
-        stopped = EXIT_HUNG if hung else EXIT_PREEMPTED
-        if hung:
-            hangs = self.hangs_in_a_row(int(status.get("step") or 0))
+        stuck = status["state"] if status and status["state"] in STUCK else None
+        stopped, what = (STUCK[stuck][0], stuck) if stuck else (EXIT_PREEMPTED, "preempted")
+        if stuck:
+            times = self.hangs_in_a_row(int(status.get("step") or 0), STUCK[stuck][1])
             reports = self.run_dir / HANG_DIR
-            if hangs > self.max_hang_requeues:
+            said = "hung" if stuck == "hung" else "could not read its checkpoint"
+            evidence = f"the stacks of each hang are in {reports}" if stuck == "hung" else status.get("error", "")
+            if times > self.max_hang_requeues:
                 self.say(
-                    f"the run hung {hangs} times in a row without getting past step {status.get('step')}: "
-                    f"not requeued (the stacks of each hang are in {reports})"
+                    f"the run {said} {times} times in a row without getting past step {status.get('step')}: "
+                    f"not requeued ({evidence})"
                 )
-                return EXIT_HUNG
+                return stopped
+            count = f"{times} in a row, at most {self.max_hang_requeues} are requeued"
             self.say(
-                f"the hang watchdog stopped the run (hang {hangs} in a row, at most {self.max_hang_requeues} "
-                f"are requeued; stacks in {reports})"
+                f"the hang watchdog stopped the run (hang {count}; stacks in {reports})"
+                if stuck == "hung"
+                else f"a checkpoint could not be read ({count})"
             )
         if not self.requeue or not self.job_key:
             self.say(
-                f"{'hung' if hung else 'preempted'}; not requeued (not a SLURM job or --no-requeue): run the "
+                f"{what}; not requeued (not a SLURM job or --no-requeue): run the "
                 "same command again to resume from the latest checkpoint"
             )
             return stopped
-        self.say(f"{'hung' if hung else 'preempted'}{where}: requeueing job {self.job_key}")
+        self.say(f"{what}{where}: requeueing job {self.job_key}")
         try:
             done = subprocess.run([*self.requeue_command, self.job_key], capture_output=True, text=True)
         except OSError as e:
@@ -159,9 +169,10 @@ class Supervisor:
             return stopped
         return 0
 
-    def hangs_in_a_row(self, step: int) -> int:
-        """Record this hang; the number of hangs since the run last got past the step of a hang."""
-        log = self.run_dir / HANG_DIR / "requeues.jsonl"
+    def hangs_in_a_row(self, step: int, name: str = "requeues.jsonl") -> int:
+        """Record this hang (or other stuck stop, counted in RUN_DIR/hang/`name`); the number of them
+        since the run last got past the step of one."""
+        log = self.run_dir / HANG_DIR / name
         log.parent.mkdir(parents=True, exist_ok=True)
         append_line(log, {"step": step, "time": time.time(), "job": self.job_key})
         streak, furthest = 0, -1

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from ..config import Config, add_config_arguments, load_config
-from ..errors import run_command
+from ..errors import CheckpointUnreadable, run_command
 from ..job.distributed import DistEnv, cleanup, init_distributed
-from ..job.status import read_status
+from ..job.status import read_status, write_status
 from ..job.watchdog import EXIT_HUNG
 from .trainer import Trainer
 
@@ -47,6 +47,10 @@ def train(cfg: Config) -> dict:
     try:
         trainer = Trainer(cfg, env)
         return trainer.fit()
+    except CheckpointUnreadable as exn:  # not the checkpoint's fault: requeue, it is tried again
+        if env.is_main:
+            write_status(Path(cfg.run.dir), "unreadable", step=trainer.step if trainer else 0, error=str(exn)[:500])
+        raise
     except Exception as exn:
         if trainer is None:
             raise
