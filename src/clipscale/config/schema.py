@@ -298,7 +298,8 @@ class SpikeGuardConfig:
     patience: int = 3
     """Consecutive spiking steps before the run rolls back."""
     skip_batches: int = 200
-    """Global batches of data consumed without training after a rollback (the data that led into the spike)."""
+    """Global batches consumed without training after a rollback: those that end at the step where the spike was
+    detected (the data that caused it); the ones between the checkpoint and them are trained on again."""
     max_rollbacks: int = 3
     """More rollbacks than this within `within_steps` steps stop the run with an error."""
     within_steps: int = 1000

@@ -4,10 +4,15 @@ Large-batch contrastive training sometimes spikes (OpenCLIP issue 556); PaLM's r
 restart from a checkpoint before the spike and skip the data window that led into it. The guard
 keeps the median of the last `window` global losses; when the loss exceeds `factor` x that median
 for `patience` consecutive steps, it plans a rollback: the newest intact checkpoint from before the
-first spiking step, and `skip_batches` global batches of data to consume without training on them
-(their samples count as consumed, so resume and re-layout stay exact); twice as many when it rolls
-back to the same checkpoint again. More than `max_rollbacks` rollbacks within `within_steps` steps,
-or no checkpoint to go back to, stop the run with a clear error. The trainer carries the plan out.
+first spiking step, and the data to consume without training on it (its samples count as consumed,
+so resume and re-layout stay exact): the `skip_batches` global batches that end at the step where
+the spike was detected, i.e. the data that caused it, wherever it lies after the checkpoint (twice
+as many when it rolls back to the same checkpoint again; none from before the checkpoint, which
+trained on them already). The batches between the checkpoint and that window are trained on again.
+More than `max_rollbacks` rollbacks within `within_steps` steps, or no checkpoint to go back to,
+stop the run with a clear error. The trainer carries the plan out: it restores the target, replays
+up to the window (`skip_due`) and consumes it. The pending skip is part of the guard's state, so a
+run stopped during the replay skips the same batches after its resume.
 
 The decision uses the global loss, the same number on every rank: every rank plans the same
 rollback at the same step with no extra collective but the target's broadcast. The guard's window
@@ -30,11 +35,13 @@ MIN_HISTORY = 5  # losses needed before a median means anything
 
 @dataclass
 class Rollback:
-    """What the trainer does about a spike: restore `target`, consume `skip` global batches."""
+    """What the trainer does about a spike: restore `target`, train up to step `skip_after`, then
+    consume `skip` global batches (those of steps skip_after + 1 .. the spike's step)."""
 
     target: Path
     skip: int
-    record: dict  # {"step", "to_step", "loss", "median", "skipped_batches"}: the status and metrics keep it
+    skip_after: int
+    record: dict  # {"step", "to_step", "loss", "median", "skipped_batches", "skipped_steps"}: status and metrics
     history: list  # every rollback of the run, this one included (restoring the target forgets the later ones)
 
     def event(self, restored_step: int, count: int) -> dict:
@@ -46,6 +53,7 @@ class Rollback:
             "rollback/loss": self.record["loss"],
             "rollback/median": self.record["median"],
             "rollback/skipped_batches": self.skip,
+            "rollback/skipped_steps": self.record["skipped_steps"],
             "rollback/count": count,
         }
 
@@ -59,6 +67,7 @@ class SpikeGuard:
         self.above = 0  # consecutive steps above the threshold
         self.last_loss = float("nan")
         self.rollbacks: list[dict] = []  # the records of every rollback of the run
+        self.pending: dict | None = None  # {"after": step, "batches": n}: the skip the replay has not reached
 
     @property
     def enabled(self) -> bool:
@@ -130,15 +139,30 @@ class SpikeGuard:
         target = Path(target)
         to_step = ckpts.step_of(target)
         again = sum(1 for r in self.rollbacks if r.get("to_step") == to_step)  # the same data would spike again
-        skip = self.cfg.skip_batches * (1 + again)
-        record = {"step": step, "to_step": to_step, "loss": loss, "median": self.median(), "skipped_batches": skip}
-        return Rollback(target, skip, record, [*self.rollbacks, record])
+        skip = min(self.cfg.skip_batches * (1 + again), step - to_step)  # the batches that end at the spike
+        record = {
+            "step": step,
+            "to_step": to_step,
+            "loss": loss,
+            "median": self.median(),
+            "skipped_batches": skip,
+            "skipped_steps": [step - skip + 1, step] if skip else [],  # the steps that had trained on them
+        }
+        return Rollback(target, skip, step - skip, record, [*self.rollbacks, record])
 
     def rolled_back(self, rollback: Rollback) -> None:
         """After the trainer restored the target (which restored this guard's state from before the
-        spike): the history of rollbacks outlives the restored state."""
+        spike): the history of rollbacks outlives the restored state; the skip waits for its step."""
         self.rollbacks = list(rollback.history)
         self.above = 0
+        self.pending = {"after": rollback.skip_after, "batches": rollback.skip} if rollback.skip else None
+
+    def skip_due(self, step: int) -> int:
+        """The number of global batches to consume now, after optimizer step `step` (0: none)."""
+        if self.pending is None or self.pending["after"] != step:
+            return 0
+        batches, self.pending = self.pending["batches"], None
+        return batches
 
     # ------------------------------------------------------------------ Stateful
     def state_dict(self) -> dict:
@@ -147,6 +171,7 @@ class SpikeGuard:
             "above": self.above,
             "last_loss": self.last_loss,
             "rollbacks": list(self.rollbacks),
+            "pending": self.pending,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -154,3 +179,4 @@ class SpikeGuard:
         self.above = int(state.get("above", 0))
         self.last_loss = float(state.get("last_loss", float("nan")))
         self.rollbacks = list(state.get("rollbacks", []))
+        self.pending = state.get("pending")

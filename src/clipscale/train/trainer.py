@@ -212,6 +212,7 @@ class Trainer:
             self.roll_back(self.guard.last_loss)
         stop = None
         while self.step < self.total and stop is None:
+            self.skip_spiking_data()
             self.preempt.step_in_progress = self.step + 1
             result = self.train_step()
             self.last_loss = result.loss
@@ -274,15 +275,16 @@ class Trainer:
 
     def roll_back(self, loss: float) -> None:
         """Collective: the loss spiked (every rank sees the same global loss, so every rank is here at
-        the same step): restore the checkpoint the guard picks, consume the data it says to skip, go on."""
+        the same step): restore the checkpoint the guard picks and go on; the data that caused the spike
+        is consumed without training when the replay reaches it (skip_spiking_data)."""
         with self.watchdog.allow("rollback"):  # a background save to wait for, checksums to verify: may take long
             self.ckpts.wait()
             plan = self.guard.plan(self.step, loss, self.ckpts, self.ckpts.current, self.env.is_main)
             log.warning(
-                "loss spike: %.4g > %.3g x the median %.4g for %d steps (to step %d): rolling back to %s and "
-                "skipping %d global batches of data",
+                "loss spike: %.4g > %.3g x the median %.4g for %d steps (to step %d): rolling back to %s; the %d "
+                "global batches of steps %s will be skipped",
                 loss, self.guard.cfg.factor, plan.record["median"], self.guard.above, self.step, plan.target.name,
-                plan.skip,
+                plan.skip, "-".join(map(str, plan.record["skipped_steps"])) or "(none)",
             )  # fmt: skip
             self.data.close()
             self.state.load_state_dict(self.ckpts.restore(self.engine, plan.target))
@@ -292,11 +294,18 @@ class Trainer:
                 self.evaluator.last_step = self.step
             self.tracker.resume_at(self.step, keep_events=True)
             barrier()  # the main rank has cut the logs back before any rank appends to them
-            for i in range(plan.skip):  # consumed: recorded before the step that follows them
-                self.tracker.skipped(self.step + 1, i, self.data.skip(1))
-            self.tracker.window.reset()  # (reading the skipped data is not training time)
             self.tracker.log(self.step + 1, plan.event(self.step, len(self.guard.rollbacks)))
             self.write_status("running", checkpoint=str(plan.target))
+
+    def skip_spiking_data(self) -> None:
+        """After a rollback, once the replay reaches them: the batches that led into the spike are
+        consumed without training (recorded in the sample-key log before the step that follows)."""
+        batches = self.guard.skip_due(self.step)
+        for i in range(batches):
+            self.tracker.skipped(self.step + 1, i, self.data.skip(1))
+        if batches:
+            log.warning("skipped the %d global batches that led into the spike (after step %d)", batches, self.step)
+            self.tracker.window.reset()  # (reading the skipped data is not training time)
 
     def save(self, background: bool = False) -> Path:
         """Collective: the engine's model and optimizer, and the train state."""
