@@ -248,3 +248,63 @@ def test_a_slow_pipe_that_keeps_delivering_is_not_taken_for_a_stalled_one(tmp_pa
     errors = []
     samples = list(iter_raw_samples(slow, errors.append, read_timeout=1.0))
     assert errors == [] and len(samples) == len(list(iter_raw_samples(str(path), errors.append)))
+
+
+# ------------------------------------------------------------------ stopping a pipe: SIGTERM, grace, SIGKILL
+
+STOP_PIPE = """
+import sys, time
+from clipscale.job.preempt import ignore_signals
+from clipscale.wds.tar import _PipeReader
+if sys.argv[2] == "worker":
+    ignore_signals(["SIGTERM", "SIGUSR1"])  # as a data worker does: its pipes must still stop on SIGTERM
+pipe = _PipeReader(sys.argv[1])
+assert pipe.read(1000)
+started = time.monotonic()
+pipe.close()
+print(round(time.monotonic() - started, 2))
+"""
+POLITE = "trap 'echo term > {marker}; exit 0' TERM; yes | head -c 100000; sleep 30 & wait"
+STUBBORN = "trap '' TERM; yes | head -c 100000; sleep 30 & wait; echo {marker}"
+
+
+@pytest.mark.parametrize("where", ["reader", "worker"])
+def test_a_pipe_closed_before_its_end_gets_sigterm_and_time_to_clean_up(tmp_path, where):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "got-term"
+    command = POLITE.format(marker=marker)
+    done = subprocess.run([sys.executable, "-c", STOP_PIPE, command, where], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text() == "term\n"  # its TERM trap ran: SIGTERM came first, and could be caught
+    assert float(done.stdout) < 1.5  # it stopped on SIGTERM; no need to wait out the grace period
+    assert not _processes_with(str(marker))
+
+
+def test_a_pipe_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path):
+    import subprocess
+    import sys
+
+    from clipscale.wds.tar import _PipeReader
+
+    marker = f"stubborn-{tmp_path.name}"
+    done = subprocess.run(
+        [sys.executable, "-c", STOP_PIPE, STUBBORN.format(marker=marker), "reader"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert _PipeReader.TERM_GRACE_S <= float(done.stdout) < _PipeReader.TERM_GRACE_S + 2
+    assert not _processes_with(marker)  # the shell and its sleep: SIGKILLed with their group
+
+
+def _processes_with(text: str) -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if text in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(p)
+    return found

@@ -30,11 +30,18 @@ def ignore_signals(signal_names, worker_id: int = 0) -> None:
     shuts down (its done event), and when the main process dies the kernel kills them
     (`exit_with_parent`). The parent forks them with these signals blocked (`signals_blocked`), so
     one that arrives before this function runs waits, and is ignored here, instead of killing them.
+    They are caught by a handler that does nothing rather than set to SIG_IGN: a caught signal is
+    reset to its default by exec, an ignored one is not, and the `pipe:` commands a worker starts
+    must still stop on SIGTERM.
     """
     exit_with_parent()
     for name in signal_names:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+        signal.signal(getattr(signal, name), _do_nothing)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [getattr(signal, name) for name in signal_names])
+
+
+def _do_nothing(signum, frame) -> None:
+    """A worker's preemption signals: the main process acts on them."""
 
 
 def exit_with_parent() -> None:

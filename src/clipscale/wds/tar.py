@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from .urls import local_path
@@ -206,16 +207,20 @@ class _PipeReader:
 
     OK_STATUS = (0, 141, -13)  # 141 / -SIGPIPE: we closed the pipe before its end on purpose
     END_WAIT_S = 2.0  # how long a command may take to exit after its output ended
+    TERM_GRACE_S = 2.0  # how long a pipeline stopped before its end has to exit on SIGTERM before SIGKILL
     # kills the command's group once the reading process is gone (a data worker killed or orphaned
     # mid-read); a parent-death signal would reach only the shell, not the commands it started
-    WATCH = "while kill -0 {reader} 2>/dev/null; do sleep 1; done; kill -KILL -{group} 2>/dev/null"
+    WATCH = (
+        "while kill -0 {reader} 2>/dev/null; do sleep 1; done; "
+        "kill -TERM -{group} 2>/dev/null && sleep {grace} && kill -KILL -{group} 2>/dev/null"
+    )
 
     def __init__(self, command: str):
         self.command = command
         # its own process group, so that closing early stops the whole pipeline (curl | zcat ...)
         self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, start_new_session=True)
         self.watcher = subprocess.Popen(
-            ["sh", "-c", self.WATCH.format(reader=os.getpid(), group=self.proc.pid)],
+            ["sh", "-c", self.WATCH.format(reader=os.getpid(), group=self.proc.pid, grace=self.TERM_GRACE_S)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -248,16 +253,26 @@ class _PipeReader:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            # closed before its end: SIGKILL the whole pipeline (SIGTERM would not do: commands started by
-            # a data worker inherit its ignored preemption signals, so a SLURM SIGTERM cannot cut a shard
-            # short); the shell is not reaped yet, so its group id cannot have been reused
+            # closed before its end: SIGTERM the whole pipeline (curl | zcat ...: its own group), give
+            # it TERM_GRACE_S to clean up, then SIGKILL whatever is left of the group. The shell is not
+            # reaped before that, so the group id cannot have been reused meanwhile.
             with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self._wait_unreaped(self.TERM_GRACE_S)
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.stdout.close()
         self.proc.wait()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.watcher.pid, signal.SIGKILL)
         self.watcher.wait()
+
+    def _wait_unreaped(self, timeout: float) -> None:
+        """Wait up to `timeout` for the shell to exit, leaving it a zombie (its group id stays ours)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return
+            time.sleep(0.01)
 
 
 class StalledRead(OSError):
