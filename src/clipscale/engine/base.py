@@ -39,6 +39,8 @@ class EngineSpec:
     model is refused with one line."""
     scratch_dir: Path
     """Where a checkpoint is converted before loading (DeepSpeed's universal checkpoint)."""
+    convert_timeout_s: float = 3000.0
+    """The deadline of such a conversion (train.hang_grace_s: what the watchdog allows a checkpoint load)."""
 
     @classmethod
     def of(cls, cfg: Config, layout: BatchLayout) -> EngineSpec:
@@ -50,6 +52,7 @@ class EngineSpec:
             layout=layout,
             identity={"model": {"name": cfg.model.name}, "loss": {"name": cfg.loss.name}},
             scratch_dir=Path(cfg.run.dir) / "checkpoints",
+            convert_timeout_s=cfg.train.hang_grace_s,
         )
 
 

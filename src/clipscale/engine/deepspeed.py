@@ -16,12 +16,11 @@ which re-partitions it over the ranks of this run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
-import io
 import json
 import logging
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -37,6 +36,7 @@ from ..checkpoint.state import from_legacy
 from ..errors import CheckpointError, CheckpointMismatch
 from ..fsutil import remove_path
 from ..job.distributed import DistEnv, barrier, broadcast_object, ensure_process_group
+from ..job.proc import run_with_deadline
 from ..model import MAX_LOGIT_SCALE
 from .base import Engine, EngineSpec
 from .ds_config import build_ds_config
@@ -205,8 +205,6 @@ class DeepSpeedEngine(Engine):
         rank into a temporary folder of this run's checkpoints/, the other ranks waiting on a status
         file rather than a collective: converting a large model can outlast engine.dist_timeout_s)
         -> re-partitioned over this run's ranks."""
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
         token = broadcast_object(uuid.uuid4().hex[:8])  # this attempt's: no stale status file can answer
         universal = self.spec.scratch_dir / f".{path.name}.tmp.universal-{token}"
         status = universal.with_name(universal.name + ".status")
@@ -220,18 +218,8 @@ class DeepSpeedEngine(Engine):
                 old_world,
                 self.env.world_size,
             )
-            args = argparse.Namespace(
-                input_folder=str(path / TAG),
-                output_folder=str(universal / TAG),
-                num_extract_workers=2,
-                num_merge_workers=1,
-                keep_temp_folder=False,
-                strict=True,
-                inject_missing_state=True,
-            )
             try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    ds_to_universal(args)
+                convert_to_universal(path / TAG, universal / TAG, self.spec.convert_timeout_s)
                 status.write_text("ok\n")
             except Exception as exn:  # noqa: BLE001 - every rank must hear of it
                 status.write_text(f"failed: {type(exn).__name__}: {exn}"[:500] + "\n")
@@ -273,3 +261,23 @@ class DeepSpeedEngine(Engine):
                 for key in ("exp_avg", "exp_avg_sq")
             }
         return out
+
+
+def convert_to_universal(source: Path, target: Path, timeout_s: float) -> None:
+    """DeepSpeed's ds_to_universal, in an interpreter of its own (`python -m`): it runs process
+    pools that fork, and forked from this threaded process (the watchdog, gloo, the intra-op pool)
+    their children deadlocked on locks those threads held. The fresh process has no threads to
+    inherit and default signal handlers, and is stopped at the deadline (job/proc.py)."""
+    command = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(source), "--output_folder", str(target),
+        "--num_extract_workers", "2", "--num_merge_workers", "1", "--inject_missing_state",
+    ]  # fmt: skip
+    output = Path(target).parent.with_name(Path(target).parent.name + ".log")
+    try:
+        code = run_with_deadline(command, timeout_s, output)
+        if code != 0:
+            last = [line for line in output.read_text(errors="replace").splitlines() if line.strip()][-1:]
+            raise RuntimeError(f"ds_to_universal exited with code {code}: {last[0][:300] if last else ''}")
+    finally:
+        output.unlink(missing_ok=True)
