@@ -81,5 +81,5 @@ def test_a_damaged_checkpoint_falls_back_and_is_kept_aside_with_the_reason(saved
     assert "resumed from step_00000002.pt, older than the newest checkpoint" in proc.stderr
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
     (why,) = (run_dir / "checkpoints" / "abandoned").glob(f"{NEWEST}.*.why")
-    assert why.read_text().startswith("damaged: sha256 mismatch")
+    assert why.read_text().startswith("is damaged (sha256 mismatch")
     assert any(p.name.startswith(NEWEST + ".") and p.suffix != ".why" for p in why.parent.iterdir())

@@ -29,8 +29,11 @@ def test_a_rollback_moves_later_checkpoints_aside_and_keeps_the_new_ones(tmp_pat
     train(tiny_config(run, toy_shards, train__steps=5, checkpoint__resume=str(step2), **common))
     assert names(run) == ["step_00000002.pt", "step_00000004.pt", "step_00000005.pt"]  # the new 4 and 5
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000005.pt"
-    aside = sorted(p.name.rsplit(".", 1)[0] for p in (run / "checkpoints" / "abandoned").iterdir())
+    moved = sorted((run / "checkpoints" / "abandoned").iterdir())
+    aside = sorted(p.name.rsplit(".", 1)[0] for p in moved if p.suffix != ".why")
     assert aside == ["step_00000004.pt", "step_00000004.pt.sha256", "step_00000006.pt", "step_00000006.pt.sha256"]
+    whys = [p.read_text() for p in moved if p.suffix == ".why"]  # each says why it was moved
+    assert len(whys) == 2 and all(w.startswith("later than step_00000002.pt") for w in whys)
     assert (
         torch.load(run / "checkpoints" / "step_00000005.pt", weights_only=True)["train_state"]["progress"]["step"] == 5
     )

@@ -131,8 +131,13 @@ def test_kill_during_checkpoint_write_keeps_previous_and_corruption_falls_back(t
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
     assert ckpts.latest().name == f"step_{STEPS - 2:08d}.pt"
-    with pytest.raises(CheckpointError, match="is damaged"):
-        ckpts.plan_resume(str(newest))
+    from clipscale.job.distributed import DistEnv
+    from clipscale.train import Trainer
+
+    single = DistEnv(0, 1, 0, torch.device("cpu"), None, "none")
+    named = tiny_config(tmp_path / "other", shards, checkpoint__resume=str(newest))
+    with pytest.raises(CheckpointError, match=f"checkpoint.resume: {newest} is damaged \\(sha256 mismatch"):
+        Trainer(named, single)  # named explicitly: an error, not a fallback
     (run_dir / "checkpoints" / "latest").write_text("garbage\n")
     assert ckpts.latest().name == f"step_{STEPS - 2:08d}.pt"
     assert checksum_path(newest).is_file()

@@ -361,11 +361,13 @@ class CheckpointManager:
                     f"cannot read {path} ({self.cfg.load_attempts} attempt(s)): {text[:300]}; it is kept and "
                     f"tried again when the job runs again (exit code {CheckpointUnreadable.exit_code}: requeue)"
                 )
+            said = f"is damaged ({text})" if kind == "damaged" else f"could not be loaded ({text})"
             if explicit:
-                raise CheckpointError(f"checkpoint.resume: {path} is damaged ({text})"[:600])
-            damaged[path] = text
+                what = f"{path} is damaged ({text})" if kind == "damaged" else f"cannot load {path}: {text}"
+                raise CheckpointError(f"checkpoint.resume: {what}"[:600])
+            damaged[path] = said
             later = "; falling back to the previous one" if i + 1 < len(candidates) else ""
-            log.warning("checkpoint %s is damaged (%s)%s", path.name, text[:300], later)
+            log.warning("checkpoint %s %s%s", path.name, said[:400], later)
         if candidates:
             raise CheckpointError(
                 f"none of the {len(candidates)} checkpoint(s) in {self.dir} could be loaded; "
@@ -392,8 +394,9 @@ class CheckpointManager:
 
     def _try_load(self, engine, path: Path) -> tuple[tuple[str, str] | None, dict | None]:
         """Collective: one try at `path`: (None, its train state), or ((kind, why), None) alike on every
-        rank, kind damaged | unreadable | mismatch. The main rank verifies the checksums first (one
-        read of the files, not one per rank)."""
+        rank, kind damaged (its checksums say so) | unloadable (its format: no checksums to ask) |
+        unreadable | mismatch. The main rank verifies the checksums first (one read of the files, not
+        one per rank)."""
         verdict = broadcast_object(self._verify(path) if self.is_main else None)
         if verdict:
             return verdict, None
@@ -433,7 +436,7 @@ class CheckpointManager:
             return verdict[0], f"{error}; {verdict[1]}"
         if checksum_path(path).is_file():
             return "unreadable", f"{error} (its files match their checksums: not damage)"
-        return "damaged", error
+        return "unloadable", error  # no checksums to tell: the format says it is damaged
 
     def fetch_remote(self, resume: str) -> None:
         """Collective: under resume=auto with no local checkpoint, bring checkpoint.remote's latest into
@@ -509,7 +512,7 @@ class CheckpointManager:
             return
         damaged = {Path(p).resolve(): why for p, why in (damaged or {}).items()}
         reasons = {
-            p: f"damaged: {damaged[p.resolve()]}"
+            p: damaged[p.resolve()]
             if p.resolve() in damaged
             else f"later than {resumed.name}, the checkpoint the run went back to"
             for p in later
