@@ -157,7 +157,12 @@ class CheckpointManager:
         if self.is_main:
             remove_path(tmp)
         barrier()
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as exn:  # a full or failing disk: one line (every rank hears it: job/failfast.py)
+            raise CheckpointError(
+                f"cannot write checkpoint {final.name}: {type(exn).__name__}: {exn}; the earlier checkpoints are intact"
+            ) from None
         barrier()
         if not suffix:  # a folder (every rank wrote into it): each rank makes its own files durable, once
             shares = durability_shares(tmp, world_size(), files_synced) if self.is_main else None

@@ -316,6 +316,10 @@ class TrainConfig:
     """Abort after this many consecutive steps with a non-finite loss (each is skipped)."""
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
     """Signals that make every rank checkpoint after the current step and exit."""
+    preempt_grace_s: float | None = 60
+    """A rank whose main thread does not take such a signal within this many seconds is stuck in C (a hung
+    read or collective): it writes its stacks to RUN_DIR/hang/, status preempted, and exits with 75 without a
+    checkpoint (the requeued job resumes from the last one); null: wait for it."""
     hang_timeout_s: float | None = 1800
     """A rank that finishes no step for this long writes its stacks to RUN_DIR/hang/ and exits (status hung,
     requeued by clipscale supervise); null: no watchdog."""

@@ -250,6 +250,7 @@ def check_train(cfg: Config) -> None:
         t.hang_timeout_s is None or t.hang_timeout_s > 0, "'train.hang_timeout_s' must be > 0 or null (no watchdog)"
     )
     require(t.hang_grace_s > 0, "'train.hang_grace_s' must be > 0")
+    at_least(t, "preempt_grace_s", 0, "train", or_null=True)
     guard = t.spike_guard
     if guard is None:
         return

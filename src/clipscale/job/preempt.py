@@ -35,6 +35,8 @@ def ignore_signals(signal_names, worker_id: int = 0) -> None:
     must still stop on SIGTERM.
     """
     exit_with_parent()
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)  # inherited from the rank: a worker's signals are not the rank's news
     for name in signal_names:
         signal.signal(getattr(signal, name), _do_nothing)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [getattr(signal, name) for name in signal_names])
@@ -70,21 +72,53 @@ def signals_blocked(signal_names):
 
 
 class PreemptionHandler:
-    def __init__(self, signal_names: list[str]):
+    """The preemption signals of a rank. Python runs a signal handler in the main thread, between
+    bytecodes: a main thread stuck in C (a hung read, a collective waiting for a frozen rank) never
+    runs it. So the C-level handler also writes the signal to a pipe (signal.set_wakeup_fd), read by
+    a thread: when the main thread has not taken the signal `grace_s` later, the thread writes the
+    stacks (RUN_DIR/hang/preempted-rank<r>-<time>.txt), status.json `preempted` and exits with
+    EXIT_PREEMPTED, no checkpoint (the requeued job resumes from the last one)."""
+
+    def __init__(self, signal_names: list[str], grace_s: float | None = None, stuck=None):
         self.received: str | None = None
         self.step_in_progress = 0  # kept up to date by the training loop
         self.received_during: int | None = None
         self._previous = {}
+        self._taken = threading.Event()
+        self._wakeup = None
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
         for name in signal_names:
             sig = getattr(signal, name)
             self._previous[sig] = signal.signal(sig, self._handle)
+        if grace_s is not None and signal_names:
+            self._watch({getattr(signal, n) for n in signal_names}, grace_s, stuck)
 
     def _handle(self, signum, frame) -> None:
+        self._taken.set()
         if self.received is None:
             self.received = signal.Signals(signum).name
             self.received_during = self.step_in_progress
+
+    def _watch(self, signals: set[int], grace_s: float, stuck) -> None:
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        self._wakeup = (read_end, write_end, previous)
+
+        def watch() -> None:
+            try:
+                while True:
+                    data = os.read(read_end, 64)
+                    if not data or 0 in data:
+                        return  # restore()'s sentinel
+                    arrived = [s for s in data if s in signals]
+                    if arrived and not self._taken.wait(grace_s) and stuck is not None:
+                        stuck(signal.Signals(arrived[0]).name, grace_s)
+            finally:
+                os.close(read_end)
+
+        threading.Thread(target=watch, name="clipscale-preempt-watch", daemon=True).start()
 
     @property
     def requested(self) -> bool:
@@ -94,6 +128,13 @@ class PreemptionHandler:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+        if self._wakeup is not None:
+            read_end, write_end, previous = self._wakeup
+            self._wakeup = None
+            signal.set_wakeup_fd(previous)
+            with contextlib.suppress(OSError):
+                os.write(write_end, b"\0")  # the watching thread ends
+            os.close(write_end)
 
 
 def worker_start_method(workers: int) -> str | None:

@@ -64,6 +64,10 @@ class HangWatchdog:
         their own; this names them."""
         self._activity = activity
 
+    @property
+    def activity(self) -> str:
+        return self._activity
+
     def watch(self, phase: str) -> None:
         """Start watching (again) from now: `phase` gets the grace period until the next beat."""
         with self._lock:
@@ -118,50 +122,55 @@ class HangWatchdog:
                 self._fire(idle, phase, step)
 
     def _fire(self, idle: float, phase: str, step: int) -> None:
-        """Leave the evidence and exit, whatever fails on the way (a full disk, a stuck run directory:
-        a backstop timer exits even if writing the report blocks)."""
-        backstop = threading.Timer(60.0, os._exit, args=(EXIT_HUNG,))
-        backstop.daemon = True
-        backstop.start()
         headline = (
             f"rank {self.rank} (pid {os.getpid()}): no progress for {idle:.0f} s during {phase} "
             f"after step {step} (allowed {self._allowance or 0:.0f} s)\nin: {self._activity}\n"
         )
-        report = None
-        try:
-            print(f"clipscale: {headline}the stacks of every thread:", file=sys.stderr, flush=True)
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-            folder = self.run_dir / HANG_DIR
-            folder.mkdir(parents=True, exist_ok=True)
-            report = folder / f"rank{self.rank}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-            with open(report, "w") as f:
-                f.write(f"{headline}the stacks of every thread:\n\n")
-                f.flush()
-                faulthandler.dump_traceback(file=f, all_threads=True)
-                f.flush()
-                os.fsync(f.fileno())
+
+        def status(report_folder: Path) -> dict:
             ranks = sorted(
                 {
                     int(p.name.split("-")[0][4:])
-                    for p in folder.glob("rank*-*.txt")
+                    for p in report_folder.glob("rank*-*.txt")
                     if p.stat().st_mtime >= time.time() - 2 * idle
                 }
             )
-            write_status(
-                self.run_dir,
-                "hung",
+            return dict(
                 step=step,
                 phase=phase,
                 hung_ranks_reported=ranks,
-                hang_reports=str(folder),
+                hang_reports=str(report_folder),
                 **self.status_fields(),
             )
-        except BaseException as exn:  # noqa: BLE001 - the exit below must happen
-            print(f"clipscale: could not write the hang report: {type(exn).__name__}: {exn}", file=sys.stderr)
-        finally:
-            print(
-                f"clipscale: rank {self.rank} made no progress for {idle:.0f} s during {phase} after step {step}; "
-                f"stacks in {report or 'the log above'}; exiting with code {EXIT_HUNG}",
-                flush=True,
-            )
-            os._exit(EXIT_HUNG)
+
+        ending = f"rank {self.rank} made no progress for {idle:.0f} s during {phase} after step {step}"
+        report_and_exit(self.run_dir, f"rank{self.rank}", headline, "hung", status, ending, EXIT_HUNG)
+
+
+def report_and_exit(run_dir: Path, name: str, headline: str, state: str, status, ending: str, code: int) -> None:
+    """Leave the evidence and exit with `code`, whatever fails on the way (a full disk, a stuck run
+    directory: a backstop timer exits even if writing the report blocks): the stacks of every thread
+    on stderr and in RUN_DIR/hang/`name`-<time>.txt, then status.json `state` with `status(folder)`'s
+    fields."""
+    backstop = threading.Timer(60.0, os._exit, args=(code,))
+    backstop.daemon = True
+    backstop.start()
+    report = None
+    try:
+        print(f"clipscale: {headline}the stacks of every thread:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        folder = Path(run_dir) / HANG_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        report = folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+        with open(report, "w") as f:
+            f.write(f"{headline}the stacks of every thread:\n\n")
+            f.flush()
+            faulthandler.dump_traceback(file=f, all_threads=True)
+            f.flush()
+            os.fsync(f.fileno())
+        write_status(run_dir, state, **status(folder))
+    except BaseException as exn:  # noqa: BLE001 - the exit below must happen
+        print(f"clipscale: could not write the report: {type(exn).__name__}: {exn}", file=sys.stderr)
+    finally:
+        print(f"clipscale: {ending}; stacks in {report or 'the log above'}; exiting with code {code}", flush=True)
+        os._exit(code)

@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 
 from ..config import Config, add_config_arguments, load_config
-from ..errors import CheckpointUnreadable, run_command
+from ..errors import CheckpointUnreadable, UserError, run_command
 from ..job.distributed import DistEnv, cleanup, init_distributed
+from ..job.failfast import FailFast
+from ..job.lease import RunFolderInUse
+from ..job.proc import exit_when_parent_dies
 from ..job.status import read_status, write_status
 from ..job.watchdog import EXIT_HUNG
 from .trainer import Trainer
@@ -42,16 +45,30 @@ def setup_logging(env: DistEnv) -> None:
 def train(cfg: Config) -> dict:
     env = init_distributed(cfg.train.device, cfg.engine.dist_timeout_s)
     setup_logging(env)
+    if env.launcher != "none":  # a rank of torchrun or srun: it must not train on as an orphan
+        exit_when_parent_dies(f"rank {env.rank}")
+    fail_fast = FailFast(env.rank, env.world_size, Path(cfg.run.dir), env.restart_count)
     trainer = None
     started = time.time()
     try:
         trainer = Trainer(cfg, env)
-        return trainer.fit()
-    except CheckpointUnreadable as exn:  # not the checkpoint's fault: requeue, it is tried again
-        if env.is_main:
+        result = trainer.fit()
+        fail_fast.close()  # every rank is past the run's last collective: rank 0 (maybe the store) may leave
+        return result
+    except UserError as exn:  # this rank's one line is every rank's, whatever collective they wait in
+        fail_fast.announce(exn.exit_code, str(exn))
+        if isinstance(exn, RunFolderInUse):  # the folder is another job's: write nothing into it
+            raise
+        if isinstance(exn, CheckpointUnreadable) and env.is_main:  # requeue: the checkpoint is tried again
             write_status(Path(cfg.run.dir), "unreadable", step=trainer.step if trainer else 0, error=str(exn)[:500])
+        elif trainer is not None:
+            trainer.write_status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
         raise
     except Exception as exn:
+        cause = fail_fast.cause()  # this rank's collective may have failed because another rank left
+        if cause is not None:
+            fail_fast.stop_as(*cause)
+        fail_fast.announce(1, f"rank {env.rank}: {type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}")
         if trainer is None:
             raise
         with trainer.watchdog.allow("failure"):  # a stuck file system here must not hang the job
@@ -67,6 +84,7 @@ def train(cfg: Config) -> dict:
                 trainer.write_status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
         raise
     finally:
+        fail_fast.close()
         if trainer is not None:
             with trainer.watchdog.allow("shutdown"):
                 trainer.data.close()

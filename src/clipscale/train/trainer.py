@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,9 +32,10 @@ from ..engine.ema import ModelEMA
 from ..errors import TrainingDiverged
 from ..job.distributed import DistEnv, all_gather_object, barrier, broadcast_object
 from ..job.guard import SpikeGuard
+from ..job.lease import RunFolderInUse, RunLease
 from ..job.preempt import EXIT_PREEMPTED, PreemptionHandler
 from ..job.status import write_status
-from ..job.watchdog import HangWatchdog
+from ..job.watchdog import HangWatchdog, report_and_exit
 from ..loss import build_loss
 from ..model import count_parameters, create_model
 from ..optim import describe_groups, param_groups
@@ -61,10 +63,13 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.layout = BatchLayout.of(cfg.data, cfg.optim, env.world_size)
         self.run_dir = Path(cfg.run.dir)
+        self.lease = take_run_folder(self.run_dir, env)  # before the run's first write
         if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self.preempt = PreemptionHandler(cfg.train.preempt_signals)  # before DataLoader workers fork
+        # before DataLoader workers fork
+        self.preempt = PreemptionHandler(
+            cfg.train.preempt_signals, cfg.train.preempt_grace_s, self._stuck_at_preemption
+        )
         self.progress = Progress()
         self.nonfinite_run = 0  # consecutive skipped steps
         self.last_loss = float("nan")
@@ -217,6 +222,8 @@ class Trainer:
             result = self.train_step()
             self.last_loss = result.loss
             self.watchdog.beat(self.step)
+            if self.lease is not None:
+                self.lease.check()  # another job took the run folder while this one was stuck: write nothing more
             self.tracker.stepped(self.step, result.wait)
             if self.guard.spiked(result.loss) and not result.stop:  # when stopping, the checkpoint keeps the verdict
                 self.roll_back(result.loss)
@@ -401,6 +408,22 @@ class Trainer:
             fields["rollbacks"] = guard.rollbacks[-20:]
         return fields
 
+    def _stuck_at_preemption(self, signal_name: str, grace_s: float) -> None:
+        """The preemption watcher's thread: the main thread, stuck in C, did not take the signal. Leave
+        the stacks, say preempted (no checkpoint: the requeued job resumes from the last one), exit."""
+        rank, step, activity = self.env.rank, self.step, self.watchdog.activity
+        headline = (
+            f"rank {rank} (pid {os.getpid()}): {signal_name} not taken within {grace_s:.0f} s: the main thread is "
+            f"stuck in C after step {step}\nin: {activity}\n"
+        )
+
+        def status(folder: Path) -> dict:
+            return dict(step=step, signal=signal_name, stuck_in=activity, checkpointed=False, hang_reports=str(folder),
+                        **self._status_fields())  # fmt: skip
+
+        ending = f"rank {rank} was stuck when {signal_name} came (after step {step}): no checkpoint"
+        report_and_exit(self.run_dir, f"preempted-rank{rank}", headline, "preempted", status, ending, EXIT_PREEMPTED)
+
     def write_status(self, state: str, **fields) -> None:
         """RUN_DIR/status.json: running | finished | preempted | failed | hung (read by job scripts to
         decide on requeue)."""
@@ -408,11 +431,33 @@ class Trainer:
             write_status(self.run_dir, state, step=self.step, **self._status_fields(), **fields)
 
     def close(self) -> None:
-        """Stop what runs beside the loop: DataLoader workers, signal handlers, the watchdog."""
+        """Stop what runs beside the loop: DataLoader workers, signal handlers, the watchdog; give the
+        run folder back."""
         if self.data is not None:
             self.data.close()
         self.preempt.restore()
         self.watchdog.stop()
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+
+def take_run_folder(run_dir: Path, env: DistEnv) -> RunLease | None:
+    """Collective: the main rank takes the run folder's lease (job/lease.py); every rank stops with
+    the same one line when another live job owns it."""
+    lease, error = None, None
+    if env.is_main:
+        lease = RunLease(run_dir)
+        try:
+            took_over = lease.acquire()
+            if took_over:
+                log.warning("%s", took_over)
+        except RunFolderInUse as exn:
+            lease, error = None, str(exn)
+    error = broadcast_object(error)
+    if error:
+        raise RunFolderInUse(error)
+    return lease
 
 
 def warn_about_timeouts(cfg: Config) -> None:
