@@ -75,7 +75,8 @@ def test_sigusr1_checkpoints_all_ranks_and_restart_continues(tmp_path, shards, t
 @pytest.mark.slow
 def test_single_process_sigterm_exits_with_the_preempted_code(tmp_path, shards):
     run_dir = tmp_path / "run"
-    proc = start(1, run_dir, shards, "checkpoint.every_n_steps=1000")
+    # steps to spare: on a loaded machine the 12 steps of COMMON could all pass before the signal lands
+    proc = start(1, run_dir, shards, "checkpoint.every_n_steps=1000", "train.steps=100000")
     wait_for(lambda: logged_steps(run_dir) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)

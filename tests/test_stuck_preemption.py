@@ -32,7 +32,8 @@ def test_a_signal_reaches_a_rank_stuck_in_a_collective(tmp_path, toy_shards):
                 p.kill()
             job.kill()
     assert job.returncode == EXIT_PREEMPTED, output[-3000:]
-    assert "SIGUSR1 not taken within 2 s: the main thread is stuck in C" in output, output[-3000:]
+    # 2 s in a step; 8 s when the frozen rank caught rank 0 in a checkpoint's barrier
+    assert "SIGUSR1 not taken within" in output and "the main thread is stuck in C" in output, output[-3000:]
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted" and status["signal"] == "SIGUSR1" and status["checkpointed"] is False
     (stacks,) = (run_dir / "hang").glob("preempted-rank0-*.txt")

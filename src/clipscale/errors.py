@@ -32,9 +32,14 @@ class CheckpointError(UserError):
 
 class CheckpointUnreadable(CheckpointError):
     """A checkpoint that could not be read for a reason outside it (an I/O error, no memory) after
-    retries: not damage. It is kept, never skipped for an older one; the job stops to be requeued."""
+    retries: not damage. It is kept, never skipped for an older one; the job stops to be requeued.
+    `step`: the checkpoint's (status.json: supervise counts failures in a row at the same step)."""
 
     exit_code = EXIT_UNREADABLE
+
+    def __init__(self, message: str, step: int = 0):
+        super().__init__(message)
+        self.step = step
 
 
 class CheckpointMismatch(CheckpointError):

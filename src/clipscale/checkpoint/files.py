@@ -24,7 +24,13 @@ def read_error(path: Path, exn: BaseException, what: str = "") -> CheckpointErro
     """The one-line error of a failed read of `path`: CheckpointUnreadable when the storage or the
     machine failed (try again later; never skip the checkpoint for it), CheckpointError otherwise."""
     text = f"cannot read {what}{path}: {type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}"
-    return CheckpointUnreadable(text) if isinstance(exn, READ_FAILURES) else CheckpointError(text)
+    return CheckpointUnreadable(text) if is_read_failure(exn) else CheckpointError(text)
+
+
+def is_read_failure(exn: BaseException) -> bool:
+    """An error of the storage or the machine (retry later), not of the checkpoint: a file that is
+    not there (or not a file) is the checkpoint's own damage."""
+    return isinstance(exn, READ_FAILURES) and not isinstance(exn, (FileNotFoundError, NotADirectoryError))
 
 
 def step_of(path: Path) -> int:

@@ -37,6 +37,7 @@ from .files import (
     checksums,
     durability_shares,
     fsync_paths,
+    is_read_failure,
     step_of,
     torch_save_synced,
 )
@@ -114,7 +115,11 @@ class CheckpointManager:
         Saved in the middle of a spike (a preemption), retention keeps what a rollback needs: the
         newest checkpoint from before `spike_start`."""
         if self.is_main:
-            self.protected = self.rollback_target(spike_start, self.current) if spike_start is not None else None
+            try:
+                self.protected = self.rollback_target(spike_start, self.current) if spike_start is not None else None
+            except CheckpointUnreadable as exn:  # (main rank only, the others wait in save()): keep the current one
+                log.warning("%s; keeping %s instead", exn, self.current)
+                self.protected = self.current
         suffix = engine.checkpoint_suffix
         if background and engine.supports_async_save:
             snap = engine.snapshot(train_state)
@@ -364,7 +369,8 @@ class CheckpointManager:
             if kind == "unreadable":
                 raise CheckpointUnreadable(
                     f"cannot read {path} ({self.cfg.load_attempts} attempt(s)): {text[:300]}; it is kept and "
-                    f"tried again when the job runs again (exit code {CheckpointUnreadable.exit_code}: requeue)"
+                    f"tried again when the job runs again (exit code {CheckpointUnreadable.exit_code}: requeue)",
+                    step=max(step_of(path), 0),
                 )
             said = f"is damaged ({text})" if kind == "damaged" else f"could not be loaded ({text})"
             if explicit:
@@ -412,8 +418,8 @@ class CheckpointManager:
             outcome = ("mismatch", str(exn))
         except CheckpointUnreadable as exn:
             outcome = ("unreadable", str(exn))
-        except READ_FAILURES as exn:  # the storage or the machine, not the checkpoint
-            outcome = ("unreadable", f"{type(exn).__name__}: {exn}")
+        except READ_FAILURES as exn:  # the storage or the machine, not the checkpoint (a missing file: damage)
+            outcome = ("unreadable" if is_read_failure(exn) else "failed", f"{type(exn).__name__}: {exn}")
         except Exception as exn:  # noqa: BLE001 - damage, or a read that torch/DeepSpeed report as their own error
             outcome = ("failed", f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}")
         reports = [r for r in all_gather_object(outcome) if r]

@@ -317,9 +317,10 @@ class TrainConfig:
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
     """Signals that make every rank checkpoint after the current step and exit."""
     preempt_grace_s: float | None = 60
-    """A rank whose main thread does not take such a signal within this many seconds is stuck in C (a hung
-    read or collective): it writes its stacks to RUN_DIR/hang/, status preempted, and exits with 75 without a
-    checkpoint (the requeued job resumes from the last one); null: wait for it."""
+    """A rank whose main thread does not take such a signal within this many seconds of a training step is stuck
+    in C (a hung read or collective): it writes its stacks to RUN_DIR/hang/, status preempted, and exits with 75
+    without a checkpoint (the requeued job resumes from the last one); during a checkpoint, an evaluation or the
+    set-up, 4 x this (ranks wait in C there for good reason); null: wait for it."""
     hang_timeout_s: float | None = 1800
     """A rank that finishes no step for this long writes its stacks to RUN_DIR/hang/ and exits (status hung,
     requeued by clipscale supervise); null: no watchdog."""

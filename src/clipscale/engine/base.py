@@ -40,7 +40,8 @@ class EngineSpec:
     scratch_dir: Path
     """Where a checkpoint is converted before loading (DeepSpeed's universal checkpoint)."""
     convert_timeout_s: float = 3000.0
-    """The deadline of such a conversion (train.hang_grace_s: what the watchdog allows a checkpoint load)."""
+    """The deadline of such a conversion: within train.hang_grace_s, what the watchdog allows a checkpoint load,
+    so that the conversion's own one-line error comes first."""
 
     @classmethod
     def of(cls, cfg: Config, layout: BatchLayout) -> EngineSpec:
@@ -52,7 +53,7 @@ class EngineSpec:
             layout=layout,
             identity={"model": {"name": cfg.model.name}, "loss": {"name": cfg.loss.name}},
             scratch_dir=Path(cfg.run.dir) / "checkpoints",
-            convert_timeout_s=cfg.train.hang_grace_s,
+            convert_timeout_s=0.9 * cfg.train.hang_grace_s,  # before the watchdog, which allows the load that
         )
 
 

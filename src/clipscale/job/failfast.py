@@ -61,7 +61,7 @@ class FailFast:
         """A store client of its own: a client blocked in wait() holds its connection (the process
         group's, and the watcher's, must never wait behind another call)."""
         host, port = self.address
-        timeout = datetime.timedelta(seconds=30)
+        timeout = datetime.timedelta(seconds=5)  # on a failing exit: a store that is gone must not cost long
         return dist.TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)
 
     def announce(self, code: int, line: str) -> None:
@@ -73,10 +73,11 @@ class FailFast:
             store = self._connect()
             mine = f"{self.rank}|{code}|{line}"
             if store.compare_set(self.key, "", mine).decode() != mine:  # another rank's stands: we know
-                store.add(self.key + "/stopped", 1)
+                store.set(f"{self.key}/stopped/{self.rank}", "1")
                 return
+            others = [f"{self.key}/stopped/{r}" for r in range(self.world_size) if r != self.rank]
             deadline = time.monotonic() + 2 * POLL_S + 2
-            while store.add(self.key + "/stopped", 0) < self.world_size - 1 and time.monotonic() < deadline:
+            while not store.check(others) and time.monotonic() < deadline:
                 time.sleep(0.1)
         except Exception:  # noqa: BLE001 - the store may be gone with rank 0: the collectives still fail
             pass
@@ -119,7 +120,7 @@ class FailFast:
             return
         print(f"clipscale: error: {line}", file=sys.stderr, flush=True)
         try:
-            self._connect().add(self.key + "/stopped", 1)
+            self._connect().set(f"{self.key}/stopped/{self.rank}", "1")
         except Exception:  # noqa: BLE001 - the failing rank waits a few seconds at most
             pass
         if self.rank == 0:

@@ -42,6 +42,7 @@ def _me() -> dict:
         "pid": os.getpid(),
         "job": env.get("SLURM_JOB_ID") or None,
         "torchrun_run": env.get("TORCHELASTIC_RUN_ID") or None,
+        "restart": int(env.get("TORCHELASTIC_RESTART_COUNT") or 0),
         "token": uuid.uuid4().hex,
         "started": time.time(),
         "beat": 0,
@@ -126,7 +127,7 @@ class RunLease:
             return "an earlier lease of this very process (a Trainer that was not closed)"
         if owner.get("host") == self.me["host"] and not _pid_alive(owner.get("pid")):
             return "its process has ended"
-        if self.me["torchrun_run"] and owner.get("torchrun_run") == self.me["torchrun_run"]:
+        if self._earlier_round(owner):
             return "an earlier round of this torchrun job"
         deadline = time.monotonic() + self.stale_s
         while time.monotonic() < deadline:  # its heartbeat, watched from here
@@ -135,6 +136,18 @@ class RunLease:
             if now != owner:
                 return None if now and now.get("token") == owner["token"] else "replaced meanwhile"
         return f"no heartbeat for {self.stale_s:.0f} s"
+
+    def _earlier_round(self, owner: dict) -> bool:
+        """An earlier restart round (torchrun --max-restarts) of this very job: the same rendezvous id
+        (not torchrun's default 'none', and a fixed --rdzv-id may be reused by another submission: the
+        same SLURM job too) and a lower restart count."""
+        me = self.me
+        return bool(
+            me["torchrun_run"] not in (None, "none")
+            and owner.get("torchrun_run") == me["torchrun_run"]
+            and owner.get("job") == me["job"]
+            and int(owner.get("restart", -1)) < me["restart"]
+        )
 
     def _move_aside(self, owner: dict) -> bool:
         """Rename the stale lease aside; False when another job did first (or it is not that lease)."""
@@ -160,15 +173,18 @@ class RunLease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            owner = self._owner_now()
-            if not owner or owner.get("token") != self.me["token"]:  # the trainer stops at its next step
-                self.lost = describe(owner) if owner else "nobody (the lease file is gone)"
-                return
-            self.me["beat"] += 1
-            self.me["heartbeat"] = time.time()
-            tmp = self.path.with_name(f".{LEASE_FILE}.{self.me['token']}")
-            tmp.write_text(json.dumps(self.me))
-            os.replace(tmp, self.path)
+            try:
+                owner = self._owner_now()
+                if not owner or owner.get("token") != self.me["token"]:  # the trainer stops at its next step
+                    self.lost = describe(owner) if owner else "nobody (the lease file is gone)"
+                    return
+                self.me["beat"] += 1
+                self.me["heartbeat"] = time.time()
+                tmp = self.path.with_name(f".{LEASE_FILE}.{self.me['token']}")
+                tmp.write_text(json.dumps(self.me))
+                os.replace(tmp, self.path)
+            except OSError:  # a full or flaky disk: this beat is lost, not the lease (next one in heartbeat_s)
+                continue
 
     def _owner_now(self) -> dict | None:
         """The lease's owner; looked at twice when it is not us (a job that moved our lease aside by

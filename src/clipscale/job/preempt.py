@@ -77,7 +77,9 @@ class PreemptionHandler:
     runs it. So the C-level handler also writes the signal to a pipe (signal.set_wakeup_fd), read by
     a thread: when the main thread has not taken the signal `grace_s` later, the thread writes the
     stacks (RUN_DIR/hang/preempted-rank<r>-<time>.txt), status.json `preempted` and exits with
-    EXIT_PREEMPTED, no checkpoint (the requeued job resumes from the last one)."""
+    EXIT_PREEMPTED, no checkpoint (the requeued job resumes from the last one). `stuck(name, waited_s)`
+    decides and acts, every `grace_s`; it returns False to wait on (a checkpoint being written: the
+    ranks wait in C for the main rank for good reason)."""
 
     def __init__(self, signal_names: list[str], grace_s: float | None = None, stuck=None):
         self.received: str | None = None
@@ -113,8 +115,11 @@ class PreemptionHandler:
                     if not data or 0 in data:
                         return  # restore()'s sentinel
                     arrived = [s for s in data if s in signals]
-                    if arrived and not self._taken.wait(grace_s) and stuck is not None:
-                        stuck(signal.Signals(arrived[0]).name, grace_s)
+                    waited = 0.0
+                    while arrived and stuck is not None and not self._taken.wait(grace_s):
+                        waited += grace_s
+                        if stuck(signal.Signals(arrived[0]).name, waited):
+                            break  # (it exits the process) - else the main thread may be in C for good reason
             finally:
                 os.close(read_end)
 

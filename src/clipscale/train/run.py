@@ -17,6 +17,7 @@ from ..errors import CheckpointUnreadable, UserError, run_command
 from ..job.distributed import DistEnv, cleanup, init_distributed
 from ..job.failfast import FailFast
 from ..job.lease import RunFolderInUse
+from ..job.preempt import EXIT_PREEMPTED
 from ..job.proc import exit_when_parent_dies
 from ..job.status import read_status, write_status
 from ..job.watchdog import EXIT_HUNG
@@ -60,7 +61,7 @@ def train(cfg: Config) -> dict:
         if isinstance(exn, RunFolderInUse):  # the folder is another job's: write nothing into it
             raise
         if isinstance(exn, CheckpointUnreadable) and env.is_main:  # requeue: the checkpoint is tried again
-            write_status(Path(cfg.run.dir), "unreadable", step=trainer.step if trainer else 0, error=str(exn)[:500])
+            write_status(Path(cfg.run.dir), "unreadable", step=exn.step, error=str(exn)[:500])
         elif trainer is not None:
             trainer.write_status("failed", error=f"{type(exn).__name__}: {exn}"[:500])
         raise
@@ -68,6 +69,8 @@ def train(cfg: Config) -> dict:
         cause = fail_fast.cause()  # this rank's collective may have failed because another rank left
         if cause is not None:
             fail_fast.stop_as(*cause)
+        if trainer is not None and trainer.preempt.requested:  # signalled, and a rank stuck in C left first
+            return preempted_without_checkpoint(trainer, exn, fail_fast)
         fail_fast.announce(1, f"rank {env.rank}: {type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}")
         if trainer is None:
             raise
@@ -92,6 +95,21 @@ def train(cfg: Config) -> dict:
             trainer.close()
         else:
             cleanup()
+
+
+def preempted_without_checkpoint(trainer: Trainer, exn: Exception, fail_fast: FailFast) -> dict:
+    """This rank took a preemption signal, but a collective broke before the checkpoint: another rank,
+    stuck in C, left on its own (job/preempt.py). Still preempted (requeue), from the last checkpoint."""
+    signal = trainer.preempt.received
+    line = (
+        f"preempted by {signal} after step {trainer.step}, but another rank left before the checkpoint "
+        f"({type(exn).__name__}); the requeued job resumes from the last one"
+    )
+    fail_fast.announce(EXIT_PREEMPTED, line)
+    log.error("%s", line)
+    with trainer.watchdog.allow("failure"):
+        trainer.write_status("preempted", signal=signal, checkpointed=False, error=line[:500])
+    return {"step": trainer.step, "preempted": True, "exit_code": EXIT_PREEMPTED}
 
 
 def hung_elsewhere(run_dir: Path, since: float) -> bool:

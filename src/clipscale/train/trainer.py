@@ -64,8 +64,13 @@ class Trainer:
         self.layout = BatchLayout.of(cfg.data, cfg.optim, env.world_size)
         self.run_dir = Path(cfg.run.dir)
         self.lease = take_run_folder(self.run_dir, env)  # before the run's first write
-        if env.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+        try:
+            if env.is_main:
+                save_config(cfg, self.run_dir / "config.yaml")
+        except BaseException:
+            if self.lease is not None:
+                self.lease.release()
+            raise
         # before DataLoader workers fork
         self.preempt = PreemptionHandler(
             cfg.train.preempt_signals, cfg.train.preempt_grace_s, self._stuck_at_preemption
@@ -408,13 +413,19 @@ class Trainer:
             fields["rollbacks"] = guard.rollbacks[-20:]
         return fields
 
-    def _stuck_at_preemption(self, signal_name: str, grace_s: float) -> None:
-        """The preemption watcher's thread: the main thread, stuck in C, did not take the signal. Leave
-        the stacks, say preempted (no checkpoint: the requeued job resumes from the last one), exit."""
+    def _stuck_at_preemption(self, signal_name: str, waited_s: float) -> bool:
+        """The preemption watcher's thread: the main thread, in C, has not taken the signal for
+        `waited_s`. During a step (train.preempt_grace_s) that means stuck (a hung read or collective):
+        leave the stacks, say preempted (no checkpoint: the requeued job resumes from the last one)
+        and exit. A checkpoint, an evaluation or the set-up may keep it in C for long for good reason
+        (the others wait in a barrier while rank 0 writes): those get 4 x the grace period."""
+        phase, grace = self.watchdog.watching, self.cfg.train.preempt_grace_s
+        if phase is None or waited_s < (grace if phase == "step" else 4 * grace):
+            return False
         rank, step, activity = self.env.rank, self.step, self.watchdog.activity
         headline = (
-            f"rank {rank} (pid {os.getpid()}): {signal_name} not taken within {grace_s:.0f} s: the main thread is "
-            f"stuck in C after step {step}\nin: {activity}\n"
+            f"rank {rank} (pid {os.getpid()}): {signal_name} not taken within {waited_s:.0f} s: the main thread is "
+            f"stuck in C after step {step} ({phase})\nin: {activity}\n"
         )
 
         def status(folder: Path) -> dict:
@@ -423,6 +434,7 @@ class Trainer:
 
         ending = f"rank {rank} was stuck when {signal_name} came (after step {step}): no checkpoint"
         report_and_exit(self.run_dir, f"preempted-rank{rank}", headline, "preempted", status, ending, EXIT_PREEMPTED)
+        return True
 
     def write_status(self, state: str, **fields) -> None:
         """RUN_DIR/status.json: running | finished | preempted | failed | hung (read by job scripts to
@@ -454,6 +466,8 @@ def take_run_folder(run_dir: Path, env: DistEnv) -> RunLease | None:
                 log.warning("%s", took_over)
         except RunFolderInUse as exn:
             lease, error = None, str(exn)
+        except OSError as exn:  # every rank must hear of it, not wait in the broadcast
+            lease, error = None, f"cannot take the run folder {run_dir}: {type(exn).__name__}: {exn}"
     error = broadcast_object(error)
     if error:
         raise RunFolderInUse(error)
