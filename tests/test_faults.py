@@ -327,3 +327,49 @@ def test_a_rank_failing_because_another_ranks_watchdog_fired_keeps_the_status_hu
     with pytest.raises(RuntimeError, match="a real crash"):
         train(tiny_config(tmp_path / "run", toy_shards, train__steps=2))
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"  # not an old hang
+
+
+@pytest.fixture(scope="module")
+def late_spiky_shards(tmp_path_factory):
+    """As spiky_shards, with the poison 3 steps later (steps 24-26): the rollback to step 20 replays
+    steps 21-23 before it skips the poisoned batches."""
+    out = tmp_path_factory.mktemp("late_spiky")
+    good = list(color_samples(GOOD, size=16, seed=1))
+    names = list(COLORS)
+    poison = []
+    for s in color_samples(POISON, size=16, seed=2, prefix="p"):
+        meta = json.loads(s["json"])
+        poison.append({**s, "txt": f"a {names[(names.index(meta['color']) + 3) % len(names)]} {meta['shape']}"})
+    samples = good[:368] + poison + good[368:]
+    write_shards(samples, out, "mix", 16)
+    return f"{out}/mix-{{000000..{len(samples) // 16 - 1:06d}}}.tar"
+
+
+def test_preempted_during_the_replay_the_resumed_run_skips_the_same_batches(late_spiky_shards, tmp_path):
+    """The skip waiting for the replay to reach it is in the checkpoint: a run preempted at step 22 of
+    the replay (after the rollback to 20, before the skip after 23) resumes into the same skip and
+    ends bitwise as the run never stopped."""
+    full = tmp_path / "full"
+    assert train(spike_config(full, late_spiky_shards))["step"] == STEPS
+    (event,) = [r for r in read_jsonl(full / "metrics.jsonl") if r.get("event") == "rollback"]
+    assert (event["rollback/to_step"], event["rollback/skipped_steps"]) == (20, [24, 26])
+
+    run_dir = tmp_path / "run"
+    trainer = Trainer(spike_config(run_dir, late_spiky_shards), init_distributed("cpu"))
+    step = trainer.train_step
+
+    def train_step():  # SIGUSR1 during step 22 of the replay, not its first pass
+        if trainer.guard.rollbacks and trainer.step + 1 == 22:
+            trainer.preempt.received, trainer.preempt.received_during = "SIGUSR1", 22
+        return step()
+
+    trainer.train_step = train_step
+    try:
+        assert trainer.fit()["preempted"] and trainer.step == 22
+        assert trainer.guard.pending == {"after": 23, "batches": 3}  # saved with the checkpoint of step 22
+    finally:
+        trainer.close()
+    train(spike_config(run_dir, late_spiky_shards, checkpoint__resume="auto"))
+    assert trained(run_dir) == trained(full)
+    skipped = [k for (_, _, batch), ks in trained(run_dir)[1].items() if batch is not None for k in ks]
+    assert sorted(skipped) == [f"p{i:06d}" for i in range(POISON)]
