@@ -366,10 +366,25 @@ def test_preempted_during_the_replay_the_resumed_run_skips_the_same_batches(late
     trainer.train_step = train_step
     try:
         assert trainer.fit()["preempted"] and trainer.step == 22
-        assert trainer.guard.pending == {"after": 23, "batches": 3}  # saved with the checkpoint of step 22
+        assert trainer.guard.pending == [{"after": 23, "batches": 3}]  # saved with the checkpoint of step 22
     finally:
         trainer.close()
     train(spike_config(run_dir, late_spiky_shards, checkpoint__resume="auto"))
     assert trained(run_dir) == trained(full)
     skipped = [k for (_, _, batch), ks in trained(run_dir)[1].items() if batch is not None for k in ks]
     assert sorted(skipped) == [f"p{i:06d}" for i in range(POISON)]
+
+
+def test_a_second_rollback_during_a_replay_keeps_the_first_skip():
+    """A checkpoint saved during the replay of a first rollback holds that rollback's skip (after step
+    1300, 200 batches). A second spike rolls back to it and skips 3 batches after step 1247: the first
+    window is kept, 3 steps earlier (its batches now come 3 steps sooner), not overwritten."""
+    from clipscale.config.schema import SpikeGuardConfig
+    from clipscale.job.guard import Rollback, SpikeGuard
+
+    guard = SpikeGuard(SpikeGuardConfig(skip_batches=3))
+    guard.load_state_dict({"history": [], "pending": {"after": 1300, "batches": 200}})  # (as saved before lists)
+    record = {"step": 1250, "to_step": 1200, "skipped_steps": [1248, 1250]}
+    guard.rolled_back(Rollback(Path("step_00001200.pt"), 3, 1247, record, [record]))
+    assert [guard.skip_due(s) for s in (1246, 1247, 1296, 1297, 1300)] == [0, 3, 0, 200, 0]
+    assert guard.pending == [] and guard.state_dict()["pending"] == []

@@ -11,7 +11,7 @@ as many when it rolls back to the same checkpoint again; none from before the ch
 trained on them already). The batches between the checkpoint and that window are trained on again.
 More than `max_rollbacks` rollbacks within `within_steps` steps, or no checkpoint to go back to,
 stop the run with a clear error. The trainer carries the plan out: it restores the target, replays
-up to the window (`skip_due`) and consumes it. The pending skip is part of the guard's state, so a
+up to the window (`skip_due`) and consumes it. The pending skips are part of the guard's state, so a
 run stopped during the replay skips the same batches after its resume.
 
 The decision uses the global loss, the same number on every rank: every rank plans the same
@@ -67,7 +67,7 @@ class SpikeGuard:
         self.above = 0  # consecutive steps above the threshold
         self.last_loss = float("nan")
         self.rollbacks: list[dict] = []  # the records of every rollback of the run
-        self.pending: dict | None = None  # {"after": step, "batches": n}: the skip the replay has not reached
+        self.pending: list[dict] = []  # [{"after": step, "batches": n}]: skips the replay has not reached
 
     @property
     def enabled(self) -> bool:
@@ -155,14 +155,22 @@ class SpikeGuard:
         spike): the history of rollbacks outlives the restored state; the skip waits for its step."""
         self.rollbacks = list(rollback.history)
         self.above = 0
-        self.pending = {"after": rollback.skip_after, "batches": rollback.skip} if rollback.skip else None
+        # A skip restored with the target (it was saved during an earlier rollback's replay) still stands;
+        # the batches of its window now come `rollback.skip` steps earlier if it lies after the new one.
+        earlier = [
+            {
+                "after": w["after"] - rollback.skip if w["after"] > rollback.skip_after else w["after"],
+                "batches": w["batches"],
+            }
+            for w in self.pending
+        ]
+        self.pending = earlier + ([{"after": rollback.skip_after, "batches": rollback.skip}] if rollback.skip else [])
 
     def skip_due(self, step: int) -> int:
         """The number of global batches to consume now, after optimizer step `step` (0: none)."""
-        if self.pending is None or self.pending["after"] != step:
-            return 0
-        batches, self.pending = self.pending["batches"], None
-        return batches
+        due = [w for w in self.pending if w["after"] == step]
+        self.pending = [w for w in self.pending if w["after"] != step]
+        return sum(w["batches"] for w in due)
 
     # ------------------------------------------------------------------ Stateful
     def state_dict(self) -> dict:
@@ -179,4 +187,5 @@ class SpikeGuard:
         self.above = int(state.get("above", 0))
         self.last_loss = float(state.get("last_loss", float("nan")))
         self.rollbacks = list(state.get("rollbacks", []))
-        self.pending = state.get("pending")
+        pending = state.get("pending") or []
+        self.pending = [dict(pending)] if isinstance(pending, dict) else [dict(w) for w in pending]
