@@ -67,6 +67,13 @@ def color_samples(n: int, size: int = 32, seed: int = 0, prefix: str = "s"):
         }
 
 
+def with_wrong_colour(sample: dict) -> dict:
+    """`sample` with a caption naming another colour than its image's (poison: spikes a trained model's loss)."""
+    names = list(COLORS)
+    meta = json.loads(sample["json"])
+    return {**sample, "txt": f"a {names[(names.index(meta['color']) + 3) % len(names)]} {meta['shape']}"}
+
+
 def make_shards(
     out_dir: Path, n_shards: int = 4, per_shard: int = 16, size: int = 32, seed: int = 0, name: str = "toy"
 ) -> str:

@@ -18,7 +18,7 @@ from clipscale.metrics import read_jsonl, read_sample_keys
 from clipscale.shards import write_shards
 from clipscale.train import Trainer, TrainingDiverged, train
 
-from helpers import COLORS, color_samples, make_shards, tiny_config
+from helpers import color_samples, make_shards, tiny_config, with_wrong_colour
 
 # --------------------------------------------------------------------------- the watchdog
 
@@ -143,15 +143,14 @@ GOOD, POISON, STEPS = 512, 48, 30  # 16 samples a step: steps 21-23 read the poi
 def spiky_shards(tmp_path_factory):
     """Colour/shape pairs with, after 320 samples (20 steps of 16), 48 pairs whose captions name
     the wrong colour: once the model has learned the colours, those steps spike the loss."""
-    out = tmp_path_factory.mktemp("spiky")
+    return spiky(tmp_path_factory.mktemp("spiky"), 320)
+
+
+def spiky(out, at: int) -> str:
+    """GOOD good pairs with POISON wrong-caption pairs (keys p000000...) inserted at sample `at`."""
     good = list(color_samples(GOOD, size=16, seed=1))
-    names = list(COLORS)
-    poison = []
-    for s in color_samples(POISON, size=16, seed=2, prefix="p"):
-        meta = json.loads(s["json"])
-        wrong = names[(names.index(meta["color"]) + 3) % len(names)]
-        poison.append({**s, "txt": f"a {wrong} {meta['shape']}"})
-    samples = good[:320] + poison + good[320:]
+    poison = [with_wrong_colour(s) for s in color_samples(POISON, size=16, seed=2, prefix="p")]
+    samples = good[:at] + poison + good[at:]
     write_shards(samples, out, "mix", 16)
     return f"{out}/mix-{{000000..{len(samples) // 16 - 1:06d}}}.tar"
 
@@ -333,16 +332,7 @@ def test_a_rank_failing_because_another_ranks_watchdog_fired_keeps_the_status_hu
 def late_spiky_shards(tmp_path_factory):
     """As spiky_shards, with the poison 3 steps later (steps 24-26): the rollback to step 20 replays
     steps 21-23 before it skips the poisoned batches."""
-    out = tmp_path_factory.mktemp("late_spiky")
-    good = list(color_samples(GOOD, size=16, seed=1))
-    names = list(COLORS)
-    poison = []
-    for s in color_samples(POISON, size=16, seed=2, prefix="p"):
-        meta = json.loads(s["json"])
-        poison.append({**s, "txt": f"a {names[(names.index(meta['color']) + 3) % len(names)]} {meta['shape']}"})
-    samples = good[:368] + poison + good[368:]
-    write_shards(samples, out, "mix", 16)
-    return f"{out}/mix-{{000000..{len(samples) // 16 - 1:06d}}}.tar"
+    return spiky(tmp_path_factory.mktemp("late_spiky"), 368)
 
 
 def test_preempted_during_the_replay_the_resumed_run_skips_the_same_batches(late_spiky_shards, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from clipscale.metrics import read_jsonl, read_sample_keys
 from clipscale.shards import write_shards
 
-from helpers import COLORS, color_samples
+from helpers import color_samples, with_wrong_colour
 from process_helpers import run
 
 SAMPLES, PER_SHARD, STEPS, GLOBAL = 640, 8, 32, 16
@@ -24,13 +24,7 @@ GUARD = ["train.spike_guard.factor=3.0", "train.spike_guard.window=10", "train.s
 
 
 def shards_with(out, poisoned: set[str]) -> str:
-    names = list(COLORS)
-    samples = []
-    for s in color_samples(SAMPLES, size=16, seed=1):
-        if s["__key__"] in poisoned:
-            meta = json.loads(s["json"])
-            s = {**s, "txt": f"a {names[(names.index(meta['color']) + 3) % len(names)]} {meta['shape']}"}
-        samples.append(s)
+    samples = [with_wrong_colour(s) if s["__key__"] in poisoned else s for s in color_samples(SAMPLES, size=16, seed=1)]
     write_shards(samples, out, "mix", PER_SHARD)
     return f"{out}/mix-{{000000..{SAMPLES // PER_SHARD - 1:06d}}}.tar"
 

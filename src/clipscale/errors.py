@@ -50,6 +50,11 @@ class TrainingDiverged(UserError):
     """The loss stayed non-finite for train.max_nonfinite_steps consecutive steps, or kept spiking."""
 
 
+def one_line(exn: BaseException) -> str:
+    """`Type: first line of the message`: an exception as one line of an error or a status."""
+    return f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}"
+
+
 def run_command(command: Callable[[], int]) -> int:
     """The exit code of `command()`; a UserError is one line on stderr and its exit_code, Ctrl-C 130."""
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, CheckpointUnreadable
+from ..errors import CheckpointError, CheckpointUnreadable, one_line
 from ..fsutil import fsync_dir, sha256_file
 from .names import CHECKSUM_SUFFIX, NAME_RE
 
@@ -23,7 +23,7 @@ READ_FAILURES = (OSError, MemoryError)
 def read_error(path: Path, exn: BaseException, what: str = "") -> CheckpointError:
     """The one-line error of a failed read of `path`: CheckpointUnreadable when the storage or the
     machine failed (try again later; never skip the checkpoint for it), CheckpointError otherwise."""
-    text = f"cannot read {what}{path}: {type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}"
+    text = f"cannot read {what}{path}: {one_line(exn)}"
     return CheckpointUnreadable(text) if is_read_failure(exn) else CheckpointError(text)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import CheckpointConfig
-from ..errors import CheckpointError, CheckpointMismatch, CheckpointUnreadable
+from ..errors import CheckpointError, CheckpointMismatch, CheckpointUnreadable, one_line
 from ..fsutil import atomic_write_bytes, fsync_dir, remove_path, remove_temporaries, temp_path
 from ..job.distributed import all_gather_object, barrier, broadcast_object, scatter_object, world_size
 from .files import (
@@ -421,7 +421,7 @@ class CheckpointManager:
         except READ_FAILURES as exn:  # the storage or the machine, not the checkpoint (a missing file: damage)
             outcome = ("unreadable" if is_read_failure(exn) else "failed", f"{type(exn).__name__}: {exn}")
         except Exception as exn:  # noqa: BLE001 - damage, or a read that torch/DeepSpeed report as their own error
-            outcome = ("failed", f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}")
+            outcome = ("failed", one_line(exn))
         reports = [r for r in all_gather_object(outcome) if r]
         if not reports:
             return None, train_state

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..config import Config, add_config_arguments, load_config
-from ..errors import CheckpointUnreadable, UserError, run_command
+from ..errors import CheckpointUnreadable, UserError, one_line, run_command
 from ..job.distributed import DistEnv, cleanup, init_distributed
 from ..job.failfast import FailFast
 from ..job.lease import RunFolderInUse
@@ -71,7 +71,7 @@ def train(cfg: Config) -> dict:
             fail_fast.stop_as(*cause)
         if trainer is not None and trainer.preempt.requested:  # signalled, and a rank stuck in C left first
             return preempted_without_checkpoint(trainer, exn, fail_fast)
-        fail_fast.announce(1, f"rank {env.rank}: {type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}")
+        fail_fast.announce(1, f"rank {env.rank}: {one_line(exn)}")
         if trainer is None:
             raise
         with trainer.watchdog.allow("failure"):  # a stuck file system here must not hang the job
