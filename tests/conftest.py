@@ -40,6 +40,25 @@ def once_per_run(tmp_path_factory, name, make):
         return pickle.loads(done.read_bytes())
 
 
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """module_tmp(name): a folder that lives as long as the test module, removed after it when none of
+    its tests failed (kept for reading otherwise). With tmp_path_retention_policy = "failed" this keeps
+    the suite's disk use to a few GB at any moment instead of the ~20 GB of checkpoints it writes."""
+    import shutil
+
+    made, failed_before = [], request.session.testsfailed
+
+    def make(name: str):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == failed_before:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def curve_shards(tmp_path_factory):
     """8 shards x 16 pairs: what the engines are trained on to compare their loss curves."""

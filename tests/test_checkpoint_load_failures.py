@@ -20,9 +20,9 @@ RESUME = ["train.steps=6", "checkpoint.every_n_steps=2", "data.workers=0", "chec
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, toy_shards):
+def saved(module_tmp, toy_shards):
     """A 2-rank run with checkpoints at steps 2 and 4 (copied by each test)."""
-    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    run_dir = module_tmp("saved") / "run"
     run(2, run_dir, toy_shards, *SAVED)
     assert (run_dir / "checkpoints" / NEWEST).is_file()
     return run_dir

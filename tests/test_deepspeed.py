@@ -32,7 +32,7 @@ def zero(stage: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def zero_runs(tmp_path_factory, shards):
+def zero_runs(module_tmp, shards):
     """zero_runs(stage): the folder of one uninterrupted 2-rank CURVE run at that ZeRO stage, made once:
     the curve compared with DDP's, the reference of the kill-and-resume test, the checkpoint exported.
     Tests copy what they write into."""
@@ -40,7 +40,7 @@ def zero_runs(tmp_path_factory, shards):
 
     def get(stage: int):
         if stage not in made:
-            made[stage] = tmp_path_factory.mktemp(f"zero{stage}")
+            made[stage] = module_tmp(f"zero{stage}")
             run(2, made[stage], shards, *zero(stage))
         return made[stage]
 

@@ -179,8 +179,8 @@ def trained(run_dir):
 
 
 @pytest.fixture(scope="module")
-def spiked_run(spiky_shards, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("spiked") / "run"
+def spiked_run(spiky_shards, module_tmp):
+    run_dir = module_tmp("spiked") / "run"
     result = train(spike_config(run_dir, spiky_shards))
     assert result["step"] == STEPS
     return run_dir

@@ -25,7 +25,7 @@ def shards(curve_shards):
 
 
 @pytest.fixture(scope="module")
-def fsdp2_curves(tmp_path_factory, shards):
+def fsdp2_curves(module_tmp, shards):
     """fsdp2_curves(curve): the folder of one uninterrupted 2-rank FSDP2 CURVE run (plain, or with
     accumulation and gradient checkpointing), made once: compared with DDP's, and the reference of
     the kill-and-resume test."""
@@ -33,7 +33,7 @@ def fsdp2_curves(tmp_path_factory, shards):
 
     def get(curve: str):
         if curve not in made:
-            made[curve] = tmp_path_factory.mktemp(f"fsdp2-{curve}")
+            made[curve] = module_tmp(f"fsdp2-{curve}")
             run(2, made[curve], shards, *CURVE, *(CURVE_ACCUM if curve == "accum" else []), "engine.name=fsdp2")
         return made[curve]
 
@@ -110,10 +110,10 @@ def _train_and_read_moments(rank, world, run_dir, shards, overrides):
 
 
 @pytest.fixture(scope="module")
-def saved_runs(tmp_path_factory, shards):
+def saved_runs(module_tmp, shards):
     """One 2-rank run per engine, stopped after step 3 (checkpoint at 3), and the moments it saved
     (read in the run itself: one launch per engine, not two)."""
-    root = tmp_path_factory.mktemp("saved")
+    root = module_tmp("saved")
     out = {}
     for name, args in ENGINES.items():
         moments = run_distributed(_train_and_read_moments, 2, root / name, shards, [*args, *SAVED_RUN], timeout=600)

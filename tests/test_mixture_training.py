@@ -104,10 +104,10 @@ def mix_run(nproc, run_dir, srcs, *overrides, expect=0, workers=2, steps=24, wei
 
 
 @pytest.fixture(scope="module")
-def weighted_run(tmp_path_factory, two_sources):
+def weighted_run(module_tmp, two_sources):
     """One uninterrupted 2-rank run of the two sources at 0.75 / 0.25 (24 steps): what the weights do,
     and the reference of the kill-and-resume test. Read only."""
-    run_dir = tmp_path_factory.mktemp("weighted")
+    run_dir = module_tmp("weighted")
     mix_run(2, run_dir, two_sources)
     return run_dir
 
@@ -125,10 +125,10 @@ def test_two_sources_weights_hold_in_every_global_batch(weighted_run, two_source
 
 
 @pytest.fixture(scope="module")
-def killed_mix(tmp_path_factory, two_sources):
+def killed_mix(module_tmp, two_sources):
     """A 2-rank x 2-worker run of the two sources killed (SIGKILL) after step 7: (its folder, the last
     step it logged). Tests resume a copy of it."""
-    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    run_dir = module_tmp("killed") / "run"
     return run_dir, kill_mid_run(run_dir, two_sources)
 
 

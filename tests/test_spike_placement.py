@@ -30,9 +30,9 @@ def shards_with(out, poisoned: set[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def keys_by_step(tmp_path_factory):
+def keys_by_step(module_tmp):
     """{step: the keys both ranks read in it} of the clean data, as far as a poisoned run reads."""
-    root = tmp_path_factory.mktemp("clean")
+    root = module_tmp("clean")
     run(2, root / "run", shards_with(root / "shards", set()), *SETTINGS, f"train.steps={STEPS + 3}")
     found: dict[int, set[str]] = {}
     for record in read_sample_keys(root / "run"):
