@@ -288,6 +288,14 @@ def test_an_image_that_stops_decoding_after_start_up_is_counted_not_raised(tmp_p
     assert out["eval/zeroshot_images"] == 3 * len(NAMES)  # still counted: encoded as a blank image
 
 
+def slow_transform(img):
+    """(module level: workers come from a fork server, so what they run is pickled)"""
+    import time
+
+    time.sleep(0.02)
+    return OracleModel.transform(img)
+
+
 def test_eval_workers_ignore_preemption_signals(tmp_path):
     """A SIGTERM meant for the trainer reaches the evaluation workers too (SLURM signals the whole
     step); they must not die of it, or the evaluation raises 'DataLoader worker killed'."""
@@ -300,10 +308,6 @@ def test_eval_workers_ignore_preemption_signals(tmp_path):
     root = color_folder(tmp_path / "val", per_class=6)
     model = OracleModel()
 
-    def slow_transform(img):
-        time.sleep(0.02)
-        return OracleModel.transform(img)
-
     spec = EvalConfig(zeroshot=str(root), batch_size=4, workers=2)
     ev = Evaluator(spec, slow_transform, model.tokenizer, torch.device("cpu"), signals=("SIGTERM",))
     hit = []
@@ -311,7 +315,7 @@ def test_eval_workers_ignore_preemption_signals(tmp_path):
     def signal_the_workers():
         deadline = time.monotonic() + 60
         while not hit and time.monotonic() < deadline:
-            for child in psutil.Process().children():
+            for child in psutil.Process().children(recursive=True):  # the fork server's workers too
                 child.send_signal(signal.SIGTERM)
                 hit.append(child.pid)
             time.sleep(0.01)

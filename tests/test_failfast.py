@@ -48,8 +48,19 @@ def test_the_others_stop_with_the_failing_ranks_line_and_code(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_save_that_fails_on_one_rank_ends_every_rank_with_its_line(tmp_path, toy_shards):
-    full_disk = with_faults({"name": ".step_00000002.pt.tmp", "from": 1, "error": "ENOSPC"})  # rank 0 writes it
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"name": ".step_00000002.pt.tmp", "from": 1, "error": "ENOSPC"},  # the file cannot be made
+        {"glob": ".step_00000002.pt.tmp", "write_budget": 100_000, "error": "ENOSPC"},  # the disk fills mid-write
+    ],
+    ids=["at-open", "mid-write"],
+)
+def test_a_save_that_fails_on_one_rank_ends_every_rank_with_its_line(tmp_path, toy_shards, fault):
+    """Rank 0 writes the file: its full disk ends both ranks with one line. Mid-write, torch.save's zip
+    writer turns the write's OSError into a RuntimeError on its way out: still the same line, and the
+    partial file is removed (on a full disk its space is what is missing)."""
+    full_disk = with_faults(fault)
     started = time.monotonic()
     proc = run(2, tmp_path / "run", toy_shards, "train.steps=4", "data.workers=0", expect=2, env=full_disk)
     assert time.monotonic() - started < 60
@@ -59,3 +70,4 @@ def test_a_save_that_fails_on_one_rank_ends_every_rank_with_its_line(tmp_path, t
     assert "Traceback" not in proc.stderr
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and "No space left on device" in status["error"]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".step_00000002.pt.tmp*"))

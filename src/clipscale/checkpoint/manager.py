@@ -18,6 +18,7 @@ run will not have, and must neither be resumed from nor count against `keep_last
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -164,9 +165,16 @@ class CheckpointManager:
         barrier()
         try:
             write(tmp)
-        except OSError as exn:  # a full or failing disk: one line (every rank hears it: job/failfast.py)
+        except Exception as exn:  # a full or failing disk: one line (every rank hears it: job/failfast.py)
+            cause = _os_error_behind(exn)
+            if cause is None:
+                raise
+            if suffix:
+                with contextlib.suppress(OSError):
+                    remove_path(tmp)  # the partial file: on a full disk its space is what the job needs most
             raise CheckpointError(
-                f"cannot write checkpoint {final.name}: {type(exn).__name__}: {exn}; the earlier checkpoints are intact"
+                f"cannot write checkpoint {final.name}: {type(cause).__name__}: {cause}; the earlier checkpoints "
+                "are intact"
             ) from None
         barrier()
         if not suffix:  # a folder (every rank wrote into it): each rank makes its own files durable, once
@@ -539,3 +547,15 @@ class CheckpointManager:
             ", ".join(p.name for p in later),
             aside,
         )
+
+
+def _os_error_behind(exn: BaseException) -> OSError | None:
+    """The OSError that `exn` is or that led to it: torch.save on a full disk raises the write's
+    OSError inside its zip writer, whose clean-up then raises a RuntimeError ("unexpected pos")."""
+    seen = set()
+    while exn is not None and id(exn) not in seen:
+        if isinstance(exn, OSError):
+            return exn
+        seen.add(id(exn))
+        exn = exn.__cause__ or exn.__context__
+    return None

@@ -17,10 +17,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import BatchLayout, DataConfig
+from ..job import workers as worker_processes
 from ..job.distributed import DistEnv, all_gather_object, broadcast_object
 from ..job.distributed import rank as dist_rank
 from ..job.distributed import world_size as dist_world
-from ..job.preempt import ignore_signals, signals_blocked, worker_start_method
+from ..job.preempt import ignore_signals, signals_blocked
 from ..wds.remote import configure as configure_storage
 from .mixture import MixtureSchedule, ScheduleState, weight_units
 from .plan import StreamPlan, StreamPosition
@@ -180,7 +181,7 @@ class TrainData:
             self.dataset,
             batch_size=None,
             num_workers=cfg.workers,
-            multiprocessing_context=worker_start_method(cfg.workers),
+            multiprocessing_context=worker_processes.context(cfg.workers),
             prefetch_factor=cfg.prefetch_factor if cfg.workers > 0 else None,
             pin_memory=env.device.type == "cuda",
             worker_init_fn=functools.partial(ignore_signals, self.signals),
@@ -294,8 +295,8 @@ class TrainData:
     def next(self) -> tuple[dict, float]:
         """The next micro-batch and the seconds spent waiting for it."""
         if self._iter is None:
-            # the workers fork here: with the preemption signals blocked until they ignore them, so a
-            # signal that arrives meanwhile cannot kill a worker (it waits, then reaches this process)
+            # the workers start here, from the fork server (job.workers), with the stop signals blocked until
+            # they ignore them; blocked here too for platforms where they are spawned from this process
             with signals_blocked(self.signals):
                 self._iter = iter(self.loader)
             _WORKERS.extend(getattr(self._iter, "_workers", []))

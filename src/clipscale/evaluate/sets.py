@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.jpeg import decode_image
 from ..errors import DataError
+from ..job import workers as worker_processes
 from ..job.distributed import all_gather_object
-from ..job.preempt import ignore_signals, signals_blocked, worker_start_method
+from ..job.preempt import ignore_signals, signals_blocked
 from ..wds.schema import IMAGE_FILE_SUFFIXES, captions_of, image_bytes, label_of
 from ..wds.shardlist import expand, require_shards_exist
 from ..wds.tar import iter_raw_samples
@@ -167,8 +168,9 @@ def shielded_loader(dataset: Dataset, signals: Sequence[str] = (), **kwargs) -> 
     """Iterate a DataLoader whose workers ignore the preemption signals (and die with this process);
     they fork with the signals blocked, so no signal can reach them before they ignore it."""
     workers = kwargs.get("num_workers", 0)
-    init = functools.partial(ignore_signals, tuple(signals)) if workers and signals else None
-    loader = DataLoader(dataset, worker_init_fn=init, multiprocessing_context=worker_start_method(workers), **kwargs)
+    init = functools.partial(ignore_signals, tuple(signals)) if workers else None
+    context = worker_processes.context(workers)
+    loader = DataLoader(dataset, worker_init_fn=init, multiprocessing_context=context, **kwargs)
     with signals_blocked(signals if workers else ()):
         iterator = iter(loader)
     yield from iterator

@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 
 from .proc import die_with_parent
+from .workers import STOP_SIGNALS
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- a preempted run resumes with resume=auto
 
@@ -27,9 +27,10 @@ def ignore_signals(signal_names, worker_id: int = 0) -> None:
     SLURM signals every process of a job (scancel, preemption, time limit), DataLoader workers
     included, and torch makes SIGTERM fatal in them: the dead worker would fail the main process
     before it can checkpoint. Ignoring the signals is safe: workers still stop when the loader
-    shuts down (its done event), and when the main process dies the kernel kills them
-    (`exit_with_parent`). The parent forks them with these signals blocked (`signals_blocked`), so
-    one that arrives before this function runs waits, and is ignored here, instead of killing them.
+    shuts down (its done event), and when their parent (the fork server, job.workers) dies with the
+    main process the kernel kills them (`exit_with_parent`). They start with every stop signal
+    blocked (the fork server's mask), so one that arrives before this function runs waits, and is
+    ignored here, instead of killing them.
     They are caught by a handler that does nothing rather than set to SIG_IGN: a caught signal is
     reset to its default by exec, an ignored one is not, and the `pipe:` commands a worker starts
     must still stop on SIGTERM.
@@ -39,7 +40,8 @@ def ignore_signals(signal_names, worker_id: int = 0) -> None:
         signal.set_wakeup_fd(-1)  # inherited from the rank: a worker's signals are not the rank's news
     for name in signal_names:
         signal.signal(getattr(signal, name), _do_nothing)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [getattr(signal, name) for name in signal_names])
+    # the fork server blocks every stop signal: the named ones now do nothing, the others their default
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {*STOP_SIGNALS, *(getattr(signal, name) for name in signal_names)})
 
 
 def _do_nothing(signum, frame) -> None:
@@ -140,10 +142,3 @@ class PreemptionHandler:
             with contextlib.suppress(OSError):
                 os.write(write_end, b"\0")  # the watching thread ends
             os.close(write_end)
-
-
-def worker_start_method(workers: int) -> str | None:
-    """fork on Linux: workers start at once with the parent's imports and state, whatever the
-    interpreter's default (Python 3.14 made it forkserver, which re-imports torch and open_clip in
-    every worker and pickles the dataset). Elsewhere (macOS: fork is unsafe) the platform's default."""
-    return "fork" if workers > 0 and sys.platform.startswith("linux") else None

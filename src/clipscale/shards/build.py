@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import math
-import multiprocessing as mp
 import shutil
 import tempfile
 import time
@@ -30,6 +29,7 @@ from PIL import Image, ImageOps
 
 from ..errors import DataError
 from ..fsutil import atomic_write_bytes, remove_temporaries
+from ..job import workers as worker_processes
 from ..wds.census import read_json
 from ..wds.manifest import MANIFEST_NAME, ShardRecord, write_manifest
 from ..wds.schema import Skip, clean_caption
@@ -339,6 +339,8 @@ def _write_shards(todo: list, rows_todo: int, workers: int, progress: bool, buck
     """Build the shards of `todo` (in `workers` processes), recording each one's stats in `results`."""
     from tqdm import tqdm
 
+    if workers > 1 and len(todo) > 1:
+        worker_processes.start_early()  # before the bar's monitor thread: the server forks from one thread
     bar = tqdm(total=rows_todo, unit="img", desc="shards", disable=not progress, dynamic_ncols=True)
 
     def finished(stats: dict) -> None:
@@ -353,7 +355,7 @@ def _write_shards(todo: list, rows_todo: int, workers: int, progress: bool, buck
             for task in todo:
                 finished(build_one_shard(task))
         else:
-            with mp.get_context("fork").Pool(workers) as pool:
+            with worker_processes.pool(workers) as pool:
                 for stats in pool.imap_unordered(build_one_shard, todo):
                     finished(stats)
     finally:

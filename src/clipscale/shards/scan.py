@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import io
-import multiprocessing as mp
 import tarfile
 import warnings
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..fsutil import sha256_file
+from ..job import workers as worker_processes
 from ..wds.manifest import ShardRecord, write_manifest
 from ..wds.schema import Skip, caption_of, image_bytes
 from ..wds.shardlist import expand, require_shards_exist
@@ -123,7 +123,8 @@ def scan_all(urls: list[str], fn: Callable[[str], T], workers: int) -> list[T]:
     """fn(url) for every shard, in a process pool when workers > 1 (order kept)."""
     if workers <= 1 or len(urls) <= 1:
         return [fn(u) for u in urls]
-    with mp.get_context("fork").Pool(min(workers, len(urls))) as pool:
+    worker_processes.start_early()
+    with worker_processes.pool(min(workers, len(urls))) as pool:
         return pool.map(fn, urls)
 
 

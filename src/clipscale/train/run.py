@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..config import Config, add_config_arguments, load_config
 from ..errors import CheckpointUnreadable, UserError, one_line, run_command
-from ..job.distributed import DistEnv, cleanup, init_distributed
+from ..job import workers
+from ..job.distributed import LaunchInfo, cleanup, detect_launch, init_distributed
 from ..job.failfast import FailFast
 from ..job.lease import RunFolderInUse
 from ..job.preempt import EXIT_PREEMPTED
@@ -26,13 +27,13 @@ from .trainer import Trainer
 log = logging.getLogger("clipscale")
 
 
-def setup_logging(env: DistEnv) -> None:
+def setup_logging(launch: LaunchInfo) -> None:
     """clipscale's messages at INFO on rank 0 (WARNING elsewhere); other libraries at WARNING."""
     counts = [
-        f"requeue{env.requeue_count}" if env.requeue_count else "",
-        f"restart{env.restart_count}" if env.restart_count else "",
+        f"requeue{launch.requeue_count}" if launch.requeue_count else "",
+        f"restart{launch.restart_count}" if launch.restart_count else "",
     ]
-    prefix = "[" + " ".join([f"rank{env.rank}", *filter(None, counts)]) + "]"
+    prefix = "[" + " ".join([f"rank{launch.rank}", *filter(None, counts)]) + "]"
     logging.basicConfig(
         level=logging.WARNING,
         format=f"%(asctime)s {prefix} %(levelname)s %(message)s",
@@ -40,12 +41,14 @@ def setup_logging(env: DistEnv) -> None:
         stream=sys.stderr,
         force=True,
     )
-    logging.getLogger("clipscale").setLevel(logging.INFO if env.is_main else logging.WARNING)
+    logging.getLogger("clipscale").setLevel(logging.INFO if launch.rank == 0 else logging.WARNING)
 
 
 def train(cfg: Config) -> dict:
+    setup_logging(detect_launch())
+    if cfg.data.workers or cfg.eval.workers:
+        workers.start_early()  # before any thread (process group, watchdog...): workers never fork a threaded process
     env = init_distributed(cfg.train.device, cfg.engine.dist_timeout_s)
-    setup_logging(env)
     if env.launcher != "none":  # a rank of torchrun or srun: it must not train on as an orphan
         exit_when_parent_dies(f"rank {env.rank}")
     fail_fast = FailFast(env.rank, env.world_size, Path(cfg.run.dir), env.restart_count)
