@@ -224,6 +224,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def sum_over_ranks(value: int, device: torch.device) -> int:
+    """Collective: the sum of every rank's `value` (one small all-reduce)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def all_gather_object(obj) -> list:
     """Every rank's `obj`, in rank order (a one-element list without a process group)."""
     if world_size() == 1:

@@ -1,7 +1,8 @@
 """`python -m clipscale.launch [torchrun arguments] -m clipscale.train ...`: torchrun, with one clear
 line instead of a traceback when the run stopped the way it was meant to.
 
-- torchrun turns SIGTERM / SIGUSR1 (with --signals-to-handle) into a SignalException: it forwards
+- torchrun turns SIGTERM / SIGUSR1 (--signals-to-handle; here every stop signal unless given) into a
+  SignalException: it forwards
   the signal to the workers, waits for them (they checkpoint and exit, see preempt.py), and then
   lets the exception end the process with a traceback that reads like a crash. Here: one line,
   and the exit code a shell gives a signalled process (128 + the signal number).
@@ -28,13 +29,21 @@ MEANING = {
 }
 
 
+# torchrun's default leaves out SIGUSR1/SIGUSR2, whose default action kills it: SLURM's
+# `--signal=USR1@...` (every process of the job) would orphan the ranks while they checkpoint
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    argv = sys.argv[1:] if argv is None else argv
+    if not any(a.startswith(("--signals-to-handle", "--signals_to_handle")) for a in argv):
+        argv = [f"--signals-to-handle={','.join(STOP_SIGNALS)}", *argv]
     try:
-        torchrun(sys.argv[1:] if argv is None else argv)
+        torchrun(argv)
     except SignalException as exn:
         signal = getattr(exn.sigval, "name", str(exn.sigval))
         say(f"stopped by {signal}; the workers were told to checkpoint and stop (status.json says how they ended)")

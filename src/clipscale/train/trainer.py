@@ -30,7 +30,7 @@ from ..data.samples import draft_size
 from ..engine import build_engine
 from ..engine.ema import ModelEMA
 from ..errors import TrainingDiverged
-from ..job.distributed import DistEnv, all_gather_object, barrier, broadcast_object
+from ..job.distributed import DistEnv, all_gather_object, barrier, broadcast_object, sum_over_ranks
 from ..job.guard import SpikeGuard
 from ..job.lease import RunFolderInUse, RunLease
 from ..job.preempt import EXIT_PREEMPTED, PreemptionHandler
@@ -362,6 +362,7 @@ class Trainer:
         self.write_status(
             "preempted" if preempted else "finished",
             checkpoint=str(self.ckpts.current) if self.ckpts.current else None,
+            skipped_samples=self.skipped_samples(),
             **({"signal": preempted, "signal_step": signal_step} if preempted else {}),
         )
         return {
@@ -385,10 +386,14 @@ class Trainer:
             "samples_per_s": rates["samples_per_s"],
             "data_wait": rates["data_wait"],
             "gather_frac": self.loss_fn.gather.timer.pop() / rates["seconds"],
-            "skipped_samples": sum(self.data.skipped().values()),
+            "skipped_samples": self.skipped_samples(),
             "skipped_steps": self.progress.nonfinite_total,
             **self.data.source_metrics(),
         }
+
+    def skipped_samples(self) -> int:
+        """Collective: the samples skipped so far on every rank (each rank counts its own streams)."""
+        return sum_over_ranks(sum(self.data.skipped().values()), self.env.device)
 
     def describe(self) -> str:
         cfg, env = self.cfg, self.env
