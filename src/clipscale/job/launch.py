@@ -6,8 +6,9 @@ line instead of a traceback when the run stopped the way it was meant to.
   the signal to the workers, waits for them (they checkpoint and exit, see preempt.py), and then
   lets the exception end the process with a traceback that reads like a crash. Here: one line,
   and the exit code a shell gives a signalled process (128 + the signal number).
-- A worker that exits with EXIT_PREEMPTED (a rank was signalled) or EXIT_HUNG (the hang watchdog)
-  makes torchrun raise ChildFailedError with its failure report. Here: one line, and that exit
+- A worker that exits with EXIT_PREEMPTED (a rank was signalled), EXIT_HUNG (the hang watchdog) or
+  a user error's code (a bad setting, a full disk: the rank printed its one line) makes torchrun
+  raise ChildFailedError with its failure report. Here: one line, and that exit
   code, so `srun` and `clipscale supervise` see what happened. Any other failure keeps torchrun's
   report (the worker's own traceback is above it).
 
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import EXIT_UNREADABLE
+from ..errors import EXIT_UNREADABLE, UserError
 from .preempt import EXIT_PREEMPTED
 from .watchdog import EXIT_HUNG
 
 MEANING = {
+    UserError.exit_code: "stopped with an error: its one line is above",
     EXIT_PREEMPTED: "preempted: checkpointed and stopped",
     EXIT_HUNG: "hung: stacks in RUN_DIR/hang/",
     EXIT_UNREADABLE: "a checkpoint could not be read: kept, tried again when requeued",
