@@ -19,11 +19,11 @@ there and verifies, none moved aside as damaged; the status tells the story (pre
 failed with the full disk's line, rollbacks); no launch hit its deadline; and for the seed with
 only kills, stops and preemptions, the final weights equal a fault-free run's bitwise.
 
-    python benchmarks/chaos.py [--seeds 0 1 2] [--steps 200] [--dir .bench/chaos]
+    python benchmarks/chaos.py [--seeds 0 1 2] [--kills-only 2] [--steps 200] [--dir .bench/chaos]
 
-Seeds other than the last get every kind of fault (at least 9); the last gets only kills, stops
-and preemptions. Prints, per seed, a table: fault, step, what the job did, seconds to recover
-(from the fault until the job trained past that step again).
+Each seed gets every kind of fault (9), but the --kills-only seeds (default: the last of several)
+get only kills, stops and preemptions. Prints, per seed, a table: fault, step, what the job did,
+seconds to recover (from the fault until the job trained past that step again).
 """
 
 from __future__ import annotations
@@ -492,12 +492,33 @@ def _check_story(chaos: Chaos, faults: list[Fault], status: dict) -> list[str]:
 
 
 def _check_same_weights(run_dir: Path, reference: Path, steps: int) -> list[str]:
+    """The final checkpoint's weights and optimizer moments, tensor by tensor, bitwise."""
     import torch
 
     name = f"checkpoints/step_{steps:08d}.pt"
-    got, want = (torch.load(d / name, map_location="cpu", weights_only=False)["model"] for d in (run_dir, reference))
-    differ = [k for k in want if not torch.equal(got[k], want[k])]
-    return [f"final weights differ from the fault-free run's in {len(differ)} tensors"] if differ else []
+    got, want = (torch.load(d / name, map_location="cpu", weights_only=False) for d in (run_dir, reference))
+    differ = [
+        path
+        for part in ("state_dict", "optimizer")
+        for path, (a, b) in _paired_tensors(got[part], want[part], part)
+        if a.shape != b.shape or not torch.equal(a, b)
+    ]
+    return [f"final weights or moments differ from the fault-free run's: {differ[:3]}"] if differ else []
+
+
+def _paired_tensors(a, b, path: str):
+    """(path, (tensor, tensor)) of every tensor at the same place in two nested states."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        yield path, (a, b if isinstance(b, torch.Tensor) else torch.empty(0))
+    elif isinstance(a, dict):
+        for key in a:
+            yield from _paired_tensors(a[key], b.get(key) if isinstance(b, dict) else None, f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        for k, item in enumerate(a):
+            other = b[k] if isinstance(b, (list, tuple)) and k < len(b) else None
+            yield from _paired_tensors(item, other, f"{path}[{k}]")
 
 
 # ---------------------------------------------------------------------------------------------- seeds
@@ -614,19 +635,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--deadline-s", type=float, default=600, help="per launch: past it, a hang")
     parser.add_argument("--dir", type=Path, default=ROOT / ".bench" / "chaos")
+    parser.add_argument(
+        "--kills-only",
+        type=int,
+        nargs="*",
+        help="seeds with only kills, stops and preemptions "
+        "(compared bitwise with the fault-free run); default: the last of several --seeds",
+    )
     args = parser.parse_args()
+    if args.kills_only is None:
+        args.kills_only = args.seeds[-1:] if len(args.seeds) > 1 else []
     args.dir.mkdir(parents=True, exist_ok=True)
     reference = reference_run(args.dir, args.steps, args.deadline_s)
     outcomes = []
-    for i, seed in enumerate(args.seeds):
-        last = i == len(args.seeds) - 1 and len(args.seeds) > 1
-        kinds = KILLS_ONLY + ["kill-rank", "preempt"] if last else PROCESS_FAULTS + DATA_FAULTS
+    for seed in args.seeds:
+        kills = seed in args.kills_only
+        kinds = KILLS_ONLY + ["kill-rank", "preempt"] if kills else PROCESS_FAULTS + DATA_FAULTS
         outcomes.append(run_seed(seed, kinds, args.steps, args.dir, reference, args.deadline_s))
-        print(
-            table(outcomes[-1])
-            + ("\n  final weights bitwise equal to the fault-free run's" if last and not outcomes[-1].problems else ""),
-            flush=True,
-        )
+        same = "\n  final weights and optimizer moments bitwise equal to the fault-free run's"
+        print(table(outcomes[-1]) + (same if kills and not outcomes[-1].problems else ""), flush=True)
     sys.exit(1 if any(o.problems for o in outcomes) else 0)
 
 
