@@ -129,7 +129,7 @@ class Launch:
             env["CLIPSCALE_FAULTS"] = json.dumps(self.faults)
         cmd = [
             sys.executable, "-m", "clipscale.launch", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
-            "--rdzv-endpoint=127.0.0.1:0", "--max-restarts=0", "--shutdown-timeout=5", "-m", "clipscale.train",
+            "--rdzv-endpoint=127.0.0.1:0", "--max-restarts=0", "--shutdown-timeout=60", "-m", "clipscale.train",
             *self.args,
         ]  # fmt: skip
         self.log = open(log, "a")  # noqa: SIM115

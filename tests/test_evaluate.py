@@ -315,7 +315,12 @@ def test_eval_workers_ignore_preemption_signals(tmp_path):
     def signal_the_workers():
         deadline = time.monotonic() + 60
         while not hit and time.monotonic() < deadline:
-            for child in psutil.Process().children(recursive=True):  # the fork server's workers too
+            from multiprocessing import forkserver
+
+            server = forkserver._forkserver._forkserver_pid  # (in pytest it may be another test's, unblocked)
+            for child in psutil.Process().children(recursive=True):  # the fork server's workers
+                if child.ppid() != server:
+                    continue
                 child.send_signal(signal.SIGTERM)
                 hit.append(child.pid)
             time.sleep(0.01)

@@ -2,12 +2,14 @@
 ignore the preemption signals (the main process decides), and a loader left open must still
 let the interpreter exit."""
 
+import functools
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,15 +44,15 @@ def test_a_loader_left_open_does_not_hang_interpreter_exit(tmp_path, toy_shards)
 
 @pytest.mark.parametrize("default", ["spawn", "forkserver"])
 def test_workers_start_whatever_the_interpreters_default_start_method(tmp_path, toy_shards, default):
-    """Python 3.14 made forkserver the default; the loader asks for fork where it exists, and its
-    dataset pickles anyway (a platform without fork starts its workers by spawn)."""
+    """Python 3.14 made forkserver the default; the loader asks for the fork server itself whatever the
+    default (job.workers), and its dataset pickles (a platform without it starts its workers by spawn)."""
     script = "import multiprocessing\n" + f"multiprocessing.set_start_method({default!r}, force=True)\n"
     script += SCRIPT.format(tests=str(REPO / "tests"), run=str(tmp_path / "run"), shards=toy_shards)
     script += "print(data.loader.multiprocessing_context.get_start_method(), flush=True)\n"
     script += "import pickle; print(type(pickle.loads(pickle.dumps(data.dataset))).__name__)\n"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["done", "fork", "StreamDataset"], proc.stdout
+    assert proc.stdout.split() == ["done", "forkserver", "StreamDataset"], proc.stdout
 
 
 def test_workers_survive_sigterm_and_the_stream_goes_on(tmp_path, toy_shards):
@@ -59,10 +61,9 @@ def test_workers_survive_sigterm_and_the_stream_goes_on(tmp_path, toy_shards):
     cfg = tiny_config(tmp_path / "run", toy_shards, data__workers=2, data__batch_size=4)
     bundle = create_model(cfg.model)
     data = make_train_data(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"))
-    before = {p.pid for p in psutil.Process(os.getpid()).children()}
     try:
         data.next()
-        workers = [p for p in psutil.Process(os.getpid()).children() if p.pid not in before]
+        workers = [psutil.Process(w.pid) for w in data._iter._workers]  # (the fork server's children)
         assert len(workers) == 2
         for w in workers:
             w.send_signal(signal.SIGTERM)
@@ -75,26 +76,29 @@ def test_workers_survive_sigterm_and_the_stream_goes_on(tmp_path, toy_shards):
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
 
 
+def slow_init(marks, names, worker_id=0):
+    """The workers' init held back 1.5 s (module level: workers come from a fork server, so it is pickled)."""
+    from clipscale.job.preempt import ignore_signals
+
+    (Path(marks) / str(os.getpid())).touch()
+    time.sleep(1.5)
+    ignore_signals(names, worker_id)
+
+
 def test_a_sigterm_before_the_workers_ignore_it_does_not_kill_them(tmp_path, toy_shards, monkeypatch):
-    """The workers fork with the preemption signals blocked: a SIGTERM that reaches a worker before its
-    init function has ignored it waits, and is then dropped (here the init is held back on purpose,
-    so the window is 1.5 s wide instead of a few milliseconds on a busy machine)."""
+    """The workers start with the preemption signals blocked (the fork server's mask): a SIGTERM that
+    reaches a worker before its init function has ignored it waits, and is then dropped (here the
+    init is held back on purpose, so the window is 1.5 s wide instead of a few milliseconds)."""
     import threading
 
     import psutil
 
     from clipscale.data import loader as loader_module
-    from clipscale.job.preempt import ignore_signals
 
     marks = tmp_path / "marks"
     marks.mkdir()
 
-    def slow_init(names, worker_id=0):
-        (marks / str(os.getpid())).touch()
-        time.sleep(1.5)
-        ignore_signals(names, worker_id)
-
-    monkeypatch.setattr(loader_module, "ignore_signals", slow_init)
+    monkeypatch.setattr(loader_module, "ignore_signals", functools.partial(slow_init, str(marks)))
     cfg = tiny_config(tmp_path / "run", toy_shards, data__workers=2, data__batch_size=4)
     bundle = create_model(cfg.model)
     data = make_train_data(cfg, bundle.train_transform, bundle.tokenizer, init_distributed("cpu"))
