@@ -13,6 +13,11 @@ import torch.multiprocessing as mp
 
 
 def _entry(rank, world, init_file, fn, args, results):
+    import signal
+
+    from clipscale.job.workers import STOP_SIGNALS
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # (the fork server holds them blocked)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
@@ -35,8 +40,16 @@ PRELOAD = ["torch", "open_clip", "clipscale.train.run", "clipscale.engine", "cli
 
 
 def _context():
+    """The process's one fork server, started as clipscale starts it (stop signals blocked: the
+    DataLoader workers of later tests in this process come from it too); ranks unblock them."""
+    from multiprocessing import forkserver
+
+    from clipscale.job import workers
+
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
+    with workers._stop_signals_blocked():
+        forkserver.ensure_running()
     return ctx
 
 
