@@ -7,6 +7,7 @@ with `open_clip.create_model_and_transforms(name, pretrained=path)`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -36,6 +37,7 @@ open_clip = _import_open_clip()
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from .config import AugmentConfig, ModelConfig, to_dict  # noqa: E402
 from .config.losses import loss_spec  # noqa: E402
@@ -100,19 +102,8 @@ def create_model(
     at load: config/validate.py), what the loss needs of it (the registry's model_init), and the
     training augmentation of data.augment; load single towers and lock them as asked."""
     register_model_configs(mcfg.config_dirs)
-    if mcfg.name not in open_clip.list_models():
-        import difflib
-
-        close = difflib.get_close_matches(mcfg.name, open_clip.list_models(), n=3, cutoff=0.5)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise ConfigError(f"unknown model 'model.name={mcfg.name}'{hint}; see `clipscale models`")
-    cfg = open_clip.get_model_config(mcfg.name) or {}
-    loss = loss_spec(loss_name)  # SigLIP's learnable bias, unless the model config initialises one
-    kwargs = dict(loss.model_init) if loss.uses_bias and "init_logit_bias" not in cfg else {}
-    if mcfg.patch_dropout:
-        kwargs["force_patch_dropout"] = mcfg.patch_dropout
-    if mcfg.context_length:
-        kwargs["force_context_length"] = mcfg.context_length
+    _check_known(mcfg.name)
+    kwargs = _architecture(mcfg, loss_name)
     with _quiet_open_clip(), warnings.catch_warnings():
         # open_clip 3.x lists colour jitter and grayscale as "unused" although it applies them
         warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
@@ -124,11 +115,89 @@ def create_model(
         if path:
             load_tower(model, path, tower)
     lock_towers(model, mcfg)
-    if mcfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+    set_grad_checkpointing(model, mcfg.grad_checkpointing)
     scalars_as_vectors(model)
     tokenizer = open_clip.get_tokenizer(mcfg.name, context_length=mcfg.context_length)
     return ModelBundle(model, train_tf, val_tf, tokenizer, _image_size(model))
+
+
+def _check_known(name: str) -> None:
+    if name not in open_clip.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise ConfigError(f"unknown model 'model.name={name}'{hint}; see `clipscale models`")
+
+
+def _architecture(mcfg: ModelConfig, loss_name: str) -> dict:
+    """open_clip's create_model arguments that shape the network: what the loss needs (SigLIP's
+    learnable bias, unless the model config initialises one), patch dropout, context length."""
+    cfg = open_clip.get_model_config(mcfg.name) or {}
+    loss = loss_spec(loss_name)
+    kwargs = dict(loss.model_init) if loss.uses_bias and "init_logit_bias" not in cfg else {}
+    if mcfg.patch_dropout:
+        kwargs["force_patch_dropout"] = mcfg.patch_dropout
+    if mcfg.context_length:
+        kwargs["force_context_length"] = mcfg.context_length
+    return kwargs
+
+
+def meta_model(mcfg: ModelConfig, loss_name: str = "clip") -> nn.Module:
+    """The run's network on the meta device (shapes, no memory, no weights read): what FLOP counting
+    runs through. Locked towers are locked as in training (no gradient work for them); no activation
+    checkpointing (model FLOPs count no recomputation)."""
+    register_model_configs(mcfg.config_dirs)
+    _check_known(mcfg.name)
+    with _quiet_open_clip(), torch.device("meta"):
+        model = open_clip.create_model(mcfg.name, device="meta", output_dict=True, **_architecture(mcfg, loss_name))
+    lock_towers(model, mcfg)
+    return model
+
+
+# --------------------------------------------------------------------------- activation checkpointing
+
+
+BLOCK_LISTS = ("resblocks", "blocks", "layer", "layers")  # open_clip, timm, Hugging Face text towers
+
+
+def block_lists(model: nn.Module) -> list[nn.Module]:
+    """The residual block lists of the model's towers (open_clip's `resblocks`, timm's `blocks`, Hugging
+    Face's `encoder.layer`): FSDP2's units and what selective checkpointing chooses from."""
+    return [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and name.rsplit(".", 1)[-1] in BLOCK_LISTS
+    ]
+
+
+def set_grad_checkpointing(model: nn.Module, setting: bool | float) -> None:
+    """model.grad_checkpointing: true (or 1.0) is open_clip's own, every block of both towers; a share
+    in (0, 1) recomputes that share of each tower's blocks (the first ones; every block of a ViT keeps
+    activations of the same size), so memory and compute trade off per block."""
+    share = float(setting)
+    if share >= 1.0:
+        model.set_grad_checkpointing(True)
+        return
+    if share <= 0.0:
+        return
+    lists = block_lists(model)
+    if not lists:
+        raise ConfigError(
+            f"model.grad_checkpointing={setting}: {type(model).__name__} has no transformer blocks to choose from; "
+            "use true (every stage) or false"
+        )
+    for blocks in lists:
+        for block in list(blocks)[: math.ceil(share * len(blocks))]:
+            block.forward = functools.partial(_recomputed, block.forward)
+
+
+def _recomputed(forward: Callable, *args, **kwargs):
+    """A block's forward whose activations are recomputed in the backward (torch's non-reentrant
+    checkpoint: works with autocast, FSDP2 and torch.compile)."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 class _quiet_open_clip:

@@ -54,7 +54,8 @@ def type_name(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(type_name(a) for a in args) + " or null"
+        nullable = len(args) < len(typing.get_args(tp))
+        return " or ".join(type_name(a) for a in args) + (" or null" if nullable else "")
     if origin is list:
         return f"a list of {type_name(typing.get_args(tp)[0])}"
     if origin is dict:

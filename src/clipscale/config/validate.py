@@ -122,6 +122,11 @@ def check_optim(cfg: Config) -> None:
 def check_model(cfg: Config, machine: bool = True) -> None:
     """The model section against the model's own config (read without torch) and the file system."""
     m = cfg.model
+    require(
+        isinstance(m.grad_checkpointing, bool) or 0.0 <= m.grad_checkpointing <= 1.0,
+        f"'model.grad_checkpointing' must be true, false or a share of the blocks in [0, 1]; "
+        f"got {m.grad_checkpointing}",
+    )
     for folder in m.config_dirs:
         require(Path(folder).is_dir(), f"'model.config_dirs': {folder} is not a directory")
     spec = model_config(m.name, tuple(m.config_dirs))
@@ -197,7 +202,7 @@ def check_engine(cfg: Config, machine: bool = True) -> None:
         )
     at_least(e, "dist_timeout_s", 1, "engine")
     require(
-        not (cfg.model.compile and e.name == "deepspeed"),
+        not (cfg.model.compile is True and e.name == "deepspeed"),  # auto: off under DeepSpeed
         "'model.compile' is not supported with engine.name=deepspeed yet; use engine.name=ddp or model.compile=false",
     )
     require(

@@ -22,7 +22,7 @@ from ..checkpoint.files import load_checkpoint_file, torch_save_synced
 from ..checkpoint.formats import full_state, read_ema
 from ..job.distributed import DistEnv
 from ..model import clamp_logit_scale, fit_scalar_shapes, to_open_clip_layout
-from .base import Engine, EngineSpec, optimizer_state_by_name
+from .base import Engine, EngineSpec, compiles, optimizer_state_by_name
 
 FULL = StateDictOptions(full_state_dict=True)
 
@@ -60,7 +60,8 @@ class DDPEngine(Engine):
             )
         else:
             self.wrapped = self.module
-        self.runner = torch.compile(self.wrapped) if spec.compile else self.wrapped
+        self.compiled = compiles(spec.compile, self.device)
+        self.runner = torch.compile(self.wrapped) if self.compiled else self.wrapped
         self.optimizer = spec.optimization.optimizer(self.module, self.device)
         self.scheduler = spec.optimization.scheduler(self.optimizer)
         fp16 = spec.precision == "fp16"

@@ -42,23 +42,17 @@ from ..checkpoint.formats import (
     read_train_state,
 )
 from ..job.distributed import DistEnv, broadcast_object, ensure_process_group
-from ..model import clamp_logit_scale, fit_scalar_shapes
-from .base import Engine, EngineSpec, autocast_dtype, optimizer_state_by_name
+from ..model import block_lists, clamp_logit_scale, fit_scalar_shapes
+from .base import Engine, EngineSpec, autocast_dtype, compiles, optimizer_state_by_name
 
 FULL = StateDictOptions(full_state_dict=True)
 log = logging.getLogger(__name__)
 FORWARD_METHODS = ("encode_image", "encode_text")
-BLOCK_LISTS = ("resblocks", "blocks", "layer", "layers")  # open_clip, timm, Hugging Face text towers
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The residual blocks of every tower (open_clip's `resblocks`, timm's `blocks`, Hugging Face's
-    `encoder.layer`): FSDP's units."""
-    blocks = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and name.rsplit(".", 1)[-1] in BLOCK_LISTS:
-            blocks.extend(module)
-    return blocks
+    """The residual blocks of every tower: FSDP's units."""
+    return [block for blocks in block_lists(model) for block in blocks]
 
 
 class FSDP2Engine(Engine):
@@ -84,7 +78,8 @@ class FSDP2Engine(Engine):
         for method in FORWARD_METHODS:
             if hasattr(self.module, method):
                 register_fsdp_forward_method(self.module, method)
-        self.runner = torch.compile(self.module) if spec.compile else self.module
+        self.compiled = compiles(spec.compile, self.device)
+        self.runner = torch.compile(self.module) if self.compiled else self.module
         self.optimizer = spec.optimization.optimizer(self.module, self.device)
         self.scheduler = spec.optimization.scheduler(self.optimizer)
 

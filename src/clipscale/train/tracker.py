@@ -57,6 +57,7 @@ class StepTracker:
         self.cfg, self.env, self.global_batch = logging_cfg, env, global_batch
         self.started = time.perf_counter()
         self.setup_seconds: dict[str, float] = {}  # model, data: logged with the first step ("start-up:")
+        self.compiled = False  # the first step compiles the model (torch.compile): said with its time
         self.progress_bar = None
         self.window = Window()
         self.metrics = MetricsLogger(
@@ -85,6 +86,7 @@ class StepTracker:
                 total=total, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0, file=sys.stderr
             )
         self.window.reset()
+        self.loop_started = time.perf_counter()
 
     def resume_at(self, step: int, keep_events: bool = False) -> None:
         """Records after `step` are dropped: those steps will be trained again."""
@@ -123,13 +125,16 @@ class StepTracker:
     def log_startup(self, wait: float) -> None:
         """Once, after this process's first step: where its start-up went (benchmarks/startup.py reads it)."""
         took, self.setup_seconds = self.setup_seconds, {}
+        now = time.perf_counter()
         log.info(
             "start-up: %.2f s from the trainer's start to the end of its first step (model %.2f s, data %.2f s, "
-            "first batch wait %.2f s)",
-            time.perf_counter() - self.started,
+            "first batch wait %.2f s, first step %.2f s%s)",
+            now - self.started,
             took.get("model", 0.0),
             took.get("data", 0.0),
             wait,
+            now - getattr(self, "loop_started", now),
+            " including torch.compile" if self.compiled else "",
         )
 
     def close(self) -> None:

@@ -40,6 +40,7 @@ from ..loss import build_loss
 from ..model import count_parameters, create_model
 from ..optim import describe_groups, param_groups
 from ..wds.census import CACHE_NAME
+from .flops import Utilisation
 from .grad_cache import forward_backward, global_loss_and_stop
 from .tracker import StepTracker
 
@@ -120,6 +121,7 @@ class Trainer:
         self.engine = build_engine(cfg, self.bundle.model, env, self.layout)
         self.setup_seconds = {"model": time.perf_counter() - t0}
         self.ema = self._ema()
+        self.flops = Utilisation.of(cfg, env) if env.is_main else None
         self.loss_fn, self.teacher = self._objective()
         self.ckpts = CheckpointManager(self.run_dir, cfg.checkpoint, env.is_main, local_main=env.local_rank == 0)
         t0 = time.perf_counter()
@@ -173,6 +175,7 @@ class Trainer:
         self.watchdog.resumed_at(self.step)
         self.tracker = StepTracker(self.run_dir, self.cfg.logging, self.env, self._wandb(), self.layout.global_batch)
         self.tracker.started, self.tracker.setup_seconds = self.started, self.setup_seconds
+        self.tracker.compiled = self.engine.compiled
         self.tracker.resume_at(self.step)
         self.evaluator = self._evaluator()
 
@@ -386,6 +389,7 @@ class Trainer:
             "samples_per_s": rates["samples_per_s"],
             "data_wait": rates["data_wait"],
             "gather_frac": self.loss_fn.gather.timer.pop() / rates["seconds"],
+            **(self.flops.record(rates["samples_per_s"]) if self.flops is not None else {}),
             "skipped_samples": self.skipped_samples(),
             "skipped_steps": self.progress.nonfinite_total,
             **self.data.source_metrics(),
@@ -401,6 +405,7 @@ class Trainer:
             f"model {cfg.model.name} ({count_parameters(self.engine.module) / 1e6:.2f}M params) | {env.world_size} "
             f"process(es) on {env.device} | engine {cfg.engine.name} | {self.layout.describe()} | "
             f"{self.data.num_samples} samples per epoch | steps {self.step} -> {self.total}"
+            + (f" | {self.flops.describe()}" if self.flops is not None else "")
         )
 
     def _status_fields(self) -> dict:
