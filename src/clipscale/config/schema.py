@@ -151,6 +151,11 @@ class DataConfig:
     resize, the DCT scale chosen against each crop): 1.7-1.9x the samples per worker at 224 px, the same
     distribution of crops (another random stream), pixels within 2 levels of PIL's; false: open_clip's PIL
     transform, bitwise."""
+    gpu_decode: bool = False
+    """Decode training JPEGs on the training device (torchvision.io.decode_jpeg: nvJPEG on a GPU) instead of in
+    the loader workers, for nodes with few CPU cores per GPU. The workers still read, tokenise and draw the crop
+    boxes (the same boxes); the device decodes at full size, as jpeg_draft=false does (pixels within 2 levels).
+    Other images, cut files and colour augmentation stay on the CPU path. Needs data.fast_crop."""
 
 
 @dataclass
@@ -331,6 +336,9 @@ class TrainConfig:
     hang_grace_s: float = 3000
     """What the watchdog allows the first step, checkpoint saves and loads, and evaluations instead (keep it
     below engine.dist_timeout_s, or a collective times out first)."""
+    deterministic: bool = False
+    """Deterministic GPU kernels (cuBLAS workspace, no atomics, math attention): a resumed run equals an
+    uninterrupted one bitwise on a GPU too, at a cost in speed (CPU runs are deterministic anyway)."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device for the MFU metric (null: known GPUs by name at their bf16 peak, e.g.
     H100/H200 989; none on a CPU)."""

@@ -76,6 +76,7 @@ def check_data(d: DataConfig) -> None:
         at_least(d, key, 0, "data")
     at_least(d, "train_num_samples", 1, "data", or_null=True)
     require(len(d.image_keys) >= 1, "'data.image_keys' must list at least one extension")
+    require(not d.gpu_decode or d.fast_crop, "'data.gpu_decode' needs data.fast_crop=true (the crop it reproduces)")
     require(d.read_timeout_s is None or d.read_timeout_s > 0, "'data.read_timeout_s' must be > 0 or null")
     require(
         d.storage_options is None or isinstance(d.storage_options, dict),

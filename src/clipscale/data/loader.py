@@ -128,6 +128,7 @@ class TrainData:
             data_cfg.caption_json_field,
             draft_size,
             fast_crop=data_cfg.fast_crop,
+            gpu_decode=data_cfg.gpu_decode,
         )
         self.skipped_before: dict[str, int] = {}  # skip counts of streams a relayout retired
         self._iter = None

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..wds.schema import Skip, caption_of, image_bytes
+from . import device_decode
 from .crop import FastCrop
 from .jpeg import decode_image
 
@@ -77,12 +78,14 @@ class SampleDecoder:
         caption_json_field: str = "caption",
         draft_size: int | None = None,
         fast_crop: bool = False,
+        gpu_decode: bool = False,
     ):
         self.transform = transform
         self.image_keys = [k.lower() for k in image_keys]
         self.caption_key = caption_key
         self.caption_json_field = caption_json_field
         self.draft_size = draft_size
+        self.gpu_decode = gpu_decode  # JPEGs decoded on the training device (device_decode.py), with fast_crop
         self._split = split_to_tensor_tail(transform)
         # the DCT scale is then chosen against each crop; jpeg_draft=false (no draft size) turns it off
         self._crop = (
@@ -114,6 +117,10 @@ class SampleDecoder:
         random.seed(aug_seed)  # the crop and open_clip's colour jitter / grayscale draw from `random`
         if self._crop.pil_steps:  # torchvision's ColorJitter draws from torch's CPU generator
             torch.random.default_generator.manual_seed(aug_seed)
+        if self.gpu_decode:
+            deferred = device_decode.defer(self._crop, data, random)  # the same box; decoded on the device
+            if deferred is not None:
+                return deferred
         with _bad_file_is_a_skip():
             box = self._crop.cut(data, random)
         out = self._crop.finish(box)  # an error here is not the file's: it is raised
@@ -126,7 +133,16 @@ class SampleDecoder:
     def collate(self, images: list) -> torch.Tensor:
         """The batch of what __call__ returned for each sample: uint8 [B, H, W, C] on the batched
         path (4x less to pass between processes and to copy to the GPU; `to_model_input` finishes
-        it), else the transformed float tensors stacked [B, C, H, W]."""
+        it), else the transformed float tensors stacked [B, C, H, W]; with data.gpu_decode, the encoded
+        JPEGs and their boxes (a batch that mixes them with other images decodes them here)."""
+        deferred = sum(isinstance(im, device_decode.Encoded) for im in images)
+        if deferred and deferred == len(images):
+            return device_decode.collate(images)
+        if deferred:
+            images = [
+                device_decode.decode_here(self._crop, im) if isinstance(im, device_decode.Encoded) else im
+                for im in images
+            ]
         arrays = [im for im in images if isinstance(im, np.ndarray)]
         if not arrays:
             return torch.stack(images)
@@ -142,6 +158,8 @@ class SampleDecoder:
     def to_model_input(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Move a collated batch to `device`; a uint8 batch is converted and normalised there,
         with ToTensor's and Normalize's float32 operations (bitwise their result)."""
+        if device_decode.is_deferred(images):
+            return self._normalize(device_decode.decode_on(images, device, self._crop.size, self._crop.mode))
         images = images.to(device, non_blocking=True)
         if self._split is None or images.dtype != torch.uint8:
             return images

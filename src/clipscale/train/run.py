@@ -48,6 +48,8 @@ def train(cfg: Config) -> dict:
     setup_logging(detect_launch())
     if cfg.data.workers or cfg.eval.workers:
         workers.start_early()  # before any thread (process group, watchdog...): workers never fork a threaded process
+    if cfg.train.deterministic:
+        deterministic_kernels()
     env = init_distributed(cfg.train.device, cfg.engine.dist_timeout_s)
     if env.launcher != "none":  # a rank of torchrun or srun: it must not train on as an orphan
         exit_when_parent_dies(f"rank {env.rank}")
@@ -133,3 +135,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def deterministic_kernels() -> None:
+    """train.deterministic: the same step computes the same bits on a GPU (cuBLAS with a fixed workspace,
+    no atomics in backward kernels, attention through the math path), so a resumed run can be compared
+    with an uninterrupted one. Set before the first CUDA call; costs speed. CPU runs are deterministic
+    already."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
