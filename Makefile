@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install slurm demo test test-fast lint format docs bench clean
+.PHONY: install slurm demo test test-fast lint format docs bench gpu-wheels gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,5 +56,20 @@ docs: install
 bench: install
 	$(BIN)/python benchmarks/vs_openclip.py $(BENCH_ARGS)
 
+# The GPU check (docs/gpu.md). gpu-wheels, where PyPI is reachable: the wheels a GPU image lacks, into
+# gpu-wheels/. gpu-check, on one GPU without network: installs them into .gpu-site (no registry, no
+# dependencies: the image has torch and the rest), then the GPU tier, the MFU table, the exact loss at
+# B = 2^20 and the side-by-side with open_clip_train, into gpu-check/gpu-check.json.
+GPU_PYTHON ?= python3
+gpu-wheels: install
+	$(BIN)/python benchmarks/gpu_wheels.py --dest gpu-wheels
+
+gpu-check:
+	@test -d gpu-wheels || { echo "gpu-check: no gpu-wheels/ here; run 'make gpu-wheels' where PyPI is reachable"; exit 2; }
+	$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --target .gpu-site gpu-wheels/*.whl
+	$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --target .gpu-ref-site gpu-wheels/ref/*.whl
+	PYTHONPATH=$(CURDIR)/.gpu-site:$(CURDIR)/src $(GPU_PYTHON) benchmarks/gpu_check.py --out gpu-check \
+		--ref-path $(CURDIR)/.gpu-ref-site $(GPU_CHECK_ARGS)
+
 clean:
-	rm -rf $(VENV) .ref-venv .bench runs .pytest_cache
+	rm -rf $(VENV) .ref-venv .bench runs .pytest_cache .gpu-site .gpu-ref-site gpu-check

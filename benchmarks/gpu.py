@@ -6,9 +6,11 @@ CUDA) and its CLIP loss, `--steps` timed steps after `--warmup`.
   variants   base            bf16 autocast (or --precision), fused AdamW
              channels_last   + channels_last images and weights
              compile         + torch.compile of the model
-             ckpt            + gradient checkpointing (open_clip's set_grad_checkpointing)
-MFU = model FLOPs per step (forward + backward counted by torch's FlopCounterMode without
-recomputation) x steps / (seconds x peak dense TFLOPS of the device, --peak-tflops).
+             ckpt            + gradient checkpointing of every block (open_clip's set_grad_checkpointing)
+             ckpt-half       + selective checkpointing of half the blocks (model.grad_checkpointing=0.5)
+MFU = model FLOPs per step (forward + backward counted by torch's FlopCounterMode on a meta-device
+copy, without recomputation: clipscale.train.flops, what training runs report) x steps / (seconds x
+peak dense TFLOPS of the device, --peak-tflops). `--json PATH` also writes the figures there.
 `--loss-memory` adds the loss issue's figures on the device: peak memory of the CLIP loss for
 one rank of a simulated world (full / local / chunked); on CPU it gives the time only (peak memory
 from RSS: benchmarks/loss_memory.py).
@@ -34,16 +36,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
-
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    from clipscale.train.flops import device_peak_tflops
+
+    return device_peak_tflops(device, override)
 
 
 def sync(device: torch.device) -> None:
@@ -57,9 +54,8 @@ def build(model_name: str, device: torch.device, variant: str):
     from clipscale.model import create_model
     from clipscale.optim import Optimization
 
-    cfg = load_config(
-        None, [f"model.name={model_name}", f"model.grad_checkpointing={variant == 'ckpt'}", "optim.fused=true"]
-    )
+    share = {"ckpt": 1.0, "ckpt-half": 0.5}.get(variant, 0.0)
+    cfg = load_config(None, [f"model.name={model_name}", f"model.grad_checkpointing={share}", "optim.fused=true"])
     bundle = create_model(cfg.model, device=device)
     model = bundle.model
     if variant == "channels_last":
@@ -88,19 +84,13 @@ def train_step(runner, optimizer, loss_fn, images, texts, autocast) -> torch.Ten
     return loss.detach()
 
 
-def model_flops(model_name: str, batch: int, device: torch.device, autocast) -> float:
-    """Forward + backward FLOPs of one step, without activation recomputation."""
-    from torch.utils.flop_counter import FlopCounterMode
+def model_flops(model_name: str, batch: int) -> float:
+    """Forward + backward FLOPs of one step, without activation recomputation (clipscale's own count, the
+    one its training metrics report: train/flops.py)."""
+    from clipscale.config import load_config
+    from clipscale.train.flops import flops_per_sample
 
-    model, runner, _, loss_fn, size, context = build(model_name, device, "base")
-    images, texts = inputs(batch, size, context, device, False)
-    with FlopCounterMode(display=False) as counter:
-        with autocast():
-            out = runner(image=images, text=texts)
-        loss = loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
-        loss.backward()
-    del model, runner
-    return float(counter.get_total_flops())
+    return flops_per_sample(load_config(None, [f"model.name={model_name}"]).model) * batch
 
 
 def measure(model_name: str, variant: str, args, device: torch.device, autocast) -> dict:
@@ -160,7 +150,7 @@ def loss_memory(device: torch.device, world: int, dim: int, chunk: int, batches:
                 img = txt = scale = gather = None
 
 
-def exact_loss(device: torch.device, batch: int, dim: int, chunk: int) -> None:
+def exact_loss(device: torch.device, batch: int, dim: int, chunk: int) -> dict:
     """One process, world size 1: the chunked loss over the whole batch, and its matmul floor, in
     plain float32 (TF32 off, as training runs the loss: TF32's 10-bit mantissa is not exact)."""
     import torch.nn.functional as F
@@ -191,6 +181,45 @@ def exact_loss(device: torch.device, batch: int, dim: int, chunk: int) -> None:
         f"exact chunked loss, B={batch:,}, d={dim}, tile {tile}: {seconds:.1f} s forward + backward, "
         f"peak {peak:.2f} GiB; matmul limit {floor:.1f} s ({floor / seconds:.2f} of it)"
     )
+    return {"batch": batch, "dim": dim, "seconds": seconds, "peak_gib": peak, "matmul_limit_s": floor,
+            "times_limit": seconds / floor}  # fmt: skip
+
+
+def decode(device: torch.device, count: int, batch: int) -> dict:
+    """Training-crop throughput of data.gpu_decode on `device` (one batched decode, boxes cut and resized
+    there) against the CPU path of one loader worker (crop.FastCrop), on the same 320x256 JPEGs and boxes."""
+    import random
+
+    from bench_data import make_images
+
+    from clipscale.config import load_config
+    from clipscale.data.samples import SampleDecoder
+    from clipscale.model import create_model
+
+    table = make_images(ROOT / ".bench" / "decode-320x256", count, (320, 256))
+    jpegs = [p.read_bytes() for p in sorted(table.parent.glob("*.jpg"))[:count]]
+    transform = create_model(load_config(None, ["model.name=ViT-B-32"]).model).train_transform
+    cpu = SampleDecoder(transform, ["jpg"], draft_size=224, fast_crop=True)
+    dev = SampleDecoder(transform, ["jpg"], draft_size=224, fast_crop=True, gpu_decode=True)
+    random.seed(0)
+    t0 = time.perf_counter()
+    for i, data in enumerate(jpegs):
+        cpu({"jpg": data, "txt": b"x"}, i)
+    cpu_rate = len(jpegs) / (time.perf_counter() - t0)
+    batches = [jpegs[i : i + batch] for i in range(0, len(jpegs), batch)]
+    encoded = [dev.collate([dev({"jpg": d, "txt": b"x"}, i)[0] for i, d in enumerate(b)]) for b in batches]
+    dev.to_model_input(encoded[0], device)  # warm-up (nvJPEG handles, kernels)
+    sync(device)
+    t0 = time.perf_counter()
+    for e in encoded:
+        dev.to_model_input(e, device)
+    sync(device)
+    dev_rate = len(jpegs) / (time.perf_counter() - t0)
+    print(
+        f"training crops of {len(jpegs)} 320x256 JPEGs to 224 px: one CPU worker {cpu_rate:,.0f}/s, "
+        f"{device} decode (batches of {batch}) {dev_rate:,.0f}/s = {dev_rate / cpu_rate:.1f} CPU workers"
+    )
+    return {"images": len(jpegs), "cpu_worker_per_s": cpu_rate, "device_per_s": dev_rate}
 
 
 def main() -> None:
@@ -208,7 +237,10 @@ def main() -> None:
     ap.add_argument("--loss-batches", default="16384,65536,262144", help="global batches for --loss-memory")
     ap.add_argument("--exact-loss", type=int, help="B: time the exact single-process chunked loss (d = 512)")
     ap.add_argument("--exact-loss-chunk", type=int, default=8192)
+    ap.add_argument("--decode", type=int, help="N: data.gpu_decode vs one CPU worker on N JPEGs")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
+    figures = {"rows": []}
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -229,14 +261,17 @@ def main() -> None:
     )
     print(f"{'model':10} | {'variant':13} | {'samples/s':>9} | {'step ms':>8} | {'MFU':>6} | {'peak GiB':>8}")
     for model_name in filter(None, args.models.split(",")):
-        flops = model_flops(model_name, args.batch_size, device, autocast)
+        flops = model_flops(model_name, args.batch_size)
         for variant in args.variants.split(","):
             try:
                 r = measure(model_name, variant, args, device, autocast)
             except torch.OutOfMemoryError:
                 print(f"{model_name:10} | {variant:13} | out of memory")
+                figures["rows"].append({"model": model_name, "variant": variant, "batch": args.batch_size, "oom": True})
                 continue
             mfu = flops / r["step_s"] / (peak * 1e12) if peak else float("nan")
+            figures["rows"].append({"model": model_name, "variant": variant, "batch": args.batch_size, "mfu": mfu,
+                                    "gflop_per_step": flops / 1e9, **r})  # fmt: skip
             print(
                 f"{model_name:10} | {variant:13} | {r['samples_per_s']:9.1f} | {r['step_s'] * 1000:8.1f} | "
                 f"{mfu:6.1%} | {r['peak_gib']:8.2f}",
@@ -246,7 +281,14 @@ def main() -> None:
     if args.loss_memory:
         loss_memory(device, args.loss_world, 512, 4096, [int(b) for b in args.loss_batches.split(",")])
     if args.exact_loss:
-        exact_loss(device, args.exact_loss, 512, args.exact_loss_chunk)
+        figures["exact_loss"] = exact_loss(device, args.exact_loss, 512, args.exact_loss_chunk)
+    if args.decode:
+        figures["decode"] = decode(device, args.decode, args.batch_size)
+    if args.json:
+        import json
+
+        figures.update(device=name, torch=torch.__version__, precision=args.precision, peak_tflops=peak)
+        Path(args.json).write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

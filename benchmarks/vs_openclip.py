@@ -15,6 +15,11 @@ open_clip_torch wheels) seen through a .pth link to this interpreter's site-pack
 trainers run identical library code. It is launched through benchmarks/openclip_cpu.py, which
 only makes its DDP accept CPU modules and registers our model configs.
 
+On a GPU (`--device cuda --precision bf16`, as `make gpu-check` runs it, one process per GPU):
+OpenCLIP's `--precision amp_bf16`, clipscale's model.precision=bf16 and its defaults there (torch.compile
+on). Offline, `--ref-path DIR` replaces the reference venv: DIR holds webdataset 0.2.86 (installed from
+wheels) and goes first on OpenCLIP's PYTHONPATH.
+
     make bench    # from a clean clone: installs .venv, then runs this script with it
     .venv/bin/python benchmarks/vs_openclip.py [--steps 60 --warmup 15 --rounds 2 --batch-size 64 --workers 1]
 """
@@ -89,9 +94,9 @@ def torchrun(python: Path, nproc: int) -> list[str]:
     return [str(python), "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
-def run_logged(cmd: list[str], log: Path, cwd: Path) -> None:
+def run_logged(cmd: list[str], log: Path, cwd: Path, env: dict | None = None) -> None:
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env)
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise SystemExit(f"{cmd[0]} ... failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
@@ -102,8 +107,12 @@ def run_openclip(args, pattern: str, out: Path, venv: Path) -> list[tuple[int, f
     global_batch = args.batch_size * args.nproc
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    env = None
+    if args.ref_path:  # offline: webdataset 0.2.x from this folder, first on the path
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [args.ref_path, os.environ.get("PYTHONPATH")]))}
+    python = Path(sys.executable) if args.ref_path else ref_python(venv)
     cmd = [
-        *torchrun(ref_python(venv), args.nproc),
+        *torchrun(python, args.nproc),
         str(ROOT / "benchmarks" / "openclip_cpu.py"),
         "--train-data",
         pattern,
@@ -116,7 +125,7 @@ def run_openclip(args, pattern: str, out: Path, venv: Path) -> list[tuple[int, f
         "--model",
         args.model,
         "--precision",
-        "fp32",
+        "amp_bf16" if args.precision == "bf16" else "fp32",
         "--batch-size",
         str(args.batch_size),
         "--workers",
@@ -154,7 +163,7 @@ def run_openclip(args, pattern: str, out: Path, venv: Path) -> list[tuple[int, f
     ]
     log = out / "console.log"
     # its logs go to ./logs/ (torchrun's own parser takes `--logs` for an abbreviation of --logs-specs)
-    run_logged(cmd, log, out)
+    run_logged(cmd, log, out, env)
     rows = [(int(m[1]) // global_batch, float(m[2]), float(m[3])) for m in OPENCLIP_LINE.finditer(log.read_text())]
     if len(rows) < args.steps:
         raise SystemExit(f"open_clip_train logged {len(rows)} of {args.steps} steps; see {log}")
@@ -168,12 +177,12 @@ def run_clipscale(args, pattern: str, out: Path) -> list[tuple[int, float, float
     config = {
         "seed": 0,
         "run": {"dir": str(out)},
-        "model": {"name": args.model, "precision": "fp32"},
+        "model": {"name": args.model, "precision": args.precision},
         "data": {"train_shards": pattern, "batch_size": args.batch_size, "workers": args.workers},
         "optim": {"lr": args.lr, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.98, "eps": 1e-6, "grad_clip_norm": 1.0},
         "schedule": {"name": "cosine", "warmup_steps": args.lr_warmup},
         "loss": {"name": "clip", "impl": "local"},
-        "train": {"steps": args.steps, "device": "cpu"},
+        "train": {"steps": args.steps, "device": args.device},
         "checkpoint": {"every_n_steps": 10**9, "save_final": False},
         "logging": {"every_n_steps": 1, "progress": False},
     }
@@ -230,6 +239,10 @@ def main() -> None:
         help="extra clipscale override, e.g. data.jpeg_draft=false (ablations)",
     )
     ap.add_argument("--only", choices=["clipscale", "openclip"], help="run one side (for profiling)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--ref-path", help="offline: a folder with webdataset 0.2.x for OpenCLIP, instead of --ref-venv")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
 
     work, venv = Path(args.workdir).resolve(), Path(args.ref_venv).resolve()
@@ -243,12 +256,13 @@ def main() -> None:
     table = make_images(data / "images", n, (args.width, args.height), tinted=True)
     shards = build_shards(table, data / "shards", args.per_shard)
     pattern = shard_pattern(shards)
-    if args.only != "clipscale":
+    if args.only != "clipscale" and not args.ref_path:
         ensure_ref_venv(venv)
 
     print(
         f"job: {args.model}, {args.nproc} processes x batch {args.batch_size} = global batch {global_batch}, "
-        f"{args.workers} worker(s) per process, fp32, {args.steps} steps (median over steps > {args.warmup}); "
+        f"{args.workers} worker(s) per process, {args.device} {args.precision}, {args.steps} steps "
+        f"(median over steps > {args.warmup}); "
         f"{len(shards)} shards of {args.per_shard} JPEGs {args.width}x{args.height}; "
         f"{os.cpu_count()} CPUs",
         flush=True,
@@ -280,8 +294,14 @@ def main() -> None:
     for name, value in medians.items():
         runs = ", ".join(f"{v:.1f}" for v in results[name])
         print(f"{name:9s}: {value:7.1f} samples/s (median of runs: {runs})")
-    if len(medians) == 2:
-        print(f"ratio clipscale / OpenCLIP: {medians['clipscale'] / medians['openclip']:.2f}x")
+    ratio = medians["clipscale"] / medians["openclip"] if len(medians) == 2 else None
+    if ratio is not None:
+        print(f"ratio clipscale / OpenCLIP: {ratio:.2f}x")
+    if args.json:
+        figures = {"model": args.model, "batch_size": args.batch_size, "nproc": args.nproc, "steps": args.steps,
+                   "device": args.device, "precision": args.precision, "samples_per_s": medians, "runs": results,
+                   "ratio": ratio}  # fmt: skip
+        Path(args.json).write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
