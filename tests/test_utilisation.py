@@ -138,3 +138,26 @@ def test_compiled_training_on_cpu_follows_the_eager_loss_curve(tmp_path, toy_sha
     assert len(curves[True]) == 4
     assert curves[True] == pytest.approx(curves[False], rel=1e-3, abs=1e-4)
     assert any("including torch.compile" in line for line in logged)
+
+
+def test_training_attention_runs_through_fused_scaled_dot_product_kernels():
+    """Both towers' attention in training mode reaches torch's fused SDPA kernels (flash / memory-efficient /
+    cuDNN on a GPU, its flash kernel on a CPU), never a bmm + softmax of the whole score matrix."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = create_model(model_cfg("model.name=clip-tiny")).model.train()
+    with Ops() as ops:
+        out = model(image=torch.randn(2, 3, 32, 32), text=torch.randint(0, 100, (2, 32)))
+        (out["image_features"].sum() + out["text_features"].sum()).backward()
+    fused = {n for n in ops.names if n.startswith("_scaled_dot_product") and "attention" in n}
+    assert fused, sorted(ops.names)
+    assert not {n for n in ops.names if n.split(".")[0] in ("bmm", "baddbmm", "_softmax")}, sorted(ops.names)
