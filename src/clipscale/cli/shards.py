@@ -1,6 +1,9 @@
-"""clipscale shards: build, verify, inspect, index."""
+"""clipscale shards: build, verify, inspect, index; embed, filter, dedup (curation)."""
 
 from __future__ import annotations
+
+from ..errors import DataError
+from .checkpoints import CHECKPOINT_HELP
 
 
 def cmd_shards_build(args) -> int:
@@ -66,8 +69,56 @@ def cmd_shards_index(args) -> int:
     return 0
 
 
+def cmd_shards_embed(args) -> int:
+    from ..shards.embed import embed_shards
+
+    s = embed_shards(
+        args.input, args.output, args.checkpoint, model=args.model, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, overwrite=args.overwrite, dtype=args.dtype,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
+    print(
+        f"embedded {s['samples']} samples into {s['written']} of {s['shards']} shard(s) in {args.output} with "
+        f"{s['model']} ({s['shards_done_before']} done before on this rank); skipped: {skipped}; "
+        f"{s['samples_per_s']:.0f} samples/s on this rank"
+    )
+    if s["failed"]:
+        url, error = s["failed"][0]
+        more = f" (and {len(s['failed']) - 1} more)" if len(s["failed"]) > 1 else ""
+        raise DataError(f"{len(s['failed'])} shard(s) could not be read, e.g. {url}: {error}{more}; run again to retry")
+    return 0
+
+
+def cmd_shards_filter(args) -> int:
+    from ..shards.score_filter import filter_shards
+
+    r = filter_shards(
+        args.input, args.output, top=args.clip_score_top, min_score=args.clip_score_min,
+        min_caption_words=args.min_caption_words, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(
+        f"kept {r['samples_out']} of {r['samples_in']} samples ({r['samples_out'] / r['samples_in']:.1%}) in "
+        f"{r['shards_out']} shard(s): CLIP score >= {r['threshold']:.4f} (removed {r['removed']['clip_score']}), "
+        f"caption words (removed {r['removed']['caption_words']}); report in {args.output}/filter_report.json"
+    )
+    return 0
+
+
+def cmd_shards_dedup(args) -> int:
+    from ..shards.dedup import dedup_shards
+
+    r = dedup_shards(args.input, args.output, args.threshold, args.clusters, args.overwrite)
+    print(
+        f"kept {r['samples_out']} of {r['samples_in']} samples: {r['exact_duplicates']} exact and "
+        f"{r['semantic_duplicates']} semantic duplicates (cosine > {r['threshold']}, {r['clusters']} clusters) "
+        f"removed in {r['seconds']:.1f} s; report in {args.output}/dedup_report.json"
+    )
+    return 0
+
+
 def add_shards(sub) -> None:
-    """clipscale shards build | verify | inspect | index."""
+    """clipscale shards build | verify | inspect | index | embed | filter | dedup."""
     shards = sub.add_parser(
         "shards",
         help="build, verify, inspect and index WebDataset shards",
@@ -75,7 +126,7 @@ def add_shards(sub) -> None:
         "and check shard sets made by any tool.",
     )
     ssub = shards.add_subparsers(dest="shards_command", metavar="SUBCOMMAND", required=True)
-    for add in (add_build, add_verify, add_inspect, add_index):
+    for add in (add_build, add_verify, add_inspect, add_index, add_embed, add_filter, add_dedup):
         add(ssub)
 
 
@@ -148,3 +199,59 @@ def add_index(ssub) -> None:
     p.add_argument("target", help="shard folder or brace pattern")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     p.set_defaults(func=cmd_shards_index)
+
+
+def add_embed(ssub) -> None:
+    p = ssub.add_parser(
+        "embed",
+        help="add every sample's image and text embedding and CLIP score, by a trained model",
+        description="Copy the shards of INPUT (any shard list the trainer takes) into OUTPUT with each "
+        "sample's image and text embedding and CLIP score by the model of --checkpoint, plus a sidecar "
+        "NAME.emb.npz per shard and a manifest. Resumable: run it again to finish. Under torchrun "
+        "(torchrun --nproc_per_node=N -m clipscale shards embed ...) every rank takes a share of the shards.",
+    )
+    p.add_argument("input", help="shard folder, brace pattern, glob, @list.txt or bucket URL")
+    p.add_argument("output", help="output folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP + ", or an open_clip-format .pt (with --model)")
+    p.add_argument("--model", help="model name (needed for open_clip-format files; clipscale's know theirs)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per forward (default 256)")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding DataLoader workers per process (default 2)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored embeddings")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_shards_embed)
+
+
+def add_filter(ssub) -> None:
+    p = ssub.add_parser(
+        "filter",
+        help="keep the samples with the best CLIP scores (DataComp's CLIP-score filter)",
+        description="Keep the samples of embedded shards (clipscale shards embed) whose CLIP score is in the "
+        "top FRACTION of the whole input, or at least VALUE, and whose caption has enough words; writes "
+        "shards, a manifest and filter_report.json / .png to OUTPUT.",
+    )
+    p.add_argument("input", help="embedded shard folder or pattern")
+    p.add_argument("output", help="output folder")
+    rule = p.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--clip-score-top", type=float, metavar="FRACTION", help="keep this share, e.g. 0.3")
+    rule.add_argument("--clip-score-min", type=float, metavar="VALUE", help="keep scores of at least VALUE")
+    p.add_argument("--min-caption-words", type=int, metavar="N", help="also drop captions of fewer words")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds")
+    p.set_defaults(func=cmd_shards_filter)
+
+
+def add_dedup(ssub) -> None:
+    p = ssub.add_parser(
+        "dedup",
+        help="remove exact and semantic duplicates (SemDeDup)",
+        description="Remove exact duplicates (equal image bytes) and semantic ones (k-means on the image "
+        "embeddings, pairs in a cluster above --threshold cosine; the higher CLIP score stays) from embedded "
+        "shards; writes shards, a manifest and dedup_report.json to OUTPUT.",
+    )
+    p.add_argument("input", help="embedded shard folder or pattern")
+    p.add_argument("output", help="output folder")
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine above which two images are one (0.95)")
+    p.add_argument("--clusters", type=int, help="k-means clusters (default sqrt of the samples)")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds")
+    p.set_defaults(func=cmd_shards_dedup)

@@ -1,0 +1,142 @@
+"""`clipscale shards dedup`: exact duplicates by the image bytes' hash, then semantic duplicates as
+SemDeDup finds them (Abbas et al. 2023): k-means on the image embeddings, then within each cluster
+every pair above a cosine threshold, keeping the sample with the higher CLIP score.
+
+Within a cluster the samples are ordered by CLIP score, highest first; a sample goes when its
+cosine to any sample before it is above the threshold (SemDeDup's rule with its order by score:
+of a group of near-copies the best captioned one stays). Only the sidecars are read to decide; the
+kept samples are copied with every member into shards of the same names, with sidecars, a manifest
+and dedup_report.json (counts, example pairs with captions).
+
+Scale: spherical k-means in float32 with torch, sqrt(N) clusters by default, assignments in
+blocks; the pairs of a cluster in blocks of rows, so memory stays at O(block x cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..fsutil import atomic_write_bytes
+from .embeddings import copy_kept, finish_folder, prepare_output, read_info
+from .score_filter import captions_of, load_sidecars
+
+REPORT = "dedup_report.json"
+BLOCK = 65536
+EXAMPLES = 8
+
+
+def kmeans(x: torch.Tensor, k: int, iterations: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nearest, second nearest) centroid of every row of the L2-normalised `x` (spherical k-means:
+    centroids renormalised after each update)."""
+    gen = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(len(x), generator=gen)[:k]].clone()
+    top = torch.zeros(len(x), 2, dtype=torch.int64)
+    for it in range(iterations + 1):
+        for i in range(0, len(x), BLOCK):
+            top[i : i + BLOCK] = (x[i : i + BLOCK] @ centroids.T).topk(min(2, k), dim=1).indices.reshape(-1, min(2, k))
+        if it == iterations:
+            break
+        assign = top[:, 0]
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        empty = torch.bincount(assign, minlength=k) == 0
+        if empty.any():  # an empty cluster restarts at a random sample
+            sums[empty] = x[torch.randint(len(x), (int(empty.sum()),), generator=gen)]
+        centroids = torch.nn.functional.normalize(sums, dim=1)
+    return top[:, 0], top[:, -1]
+
+
+def near_duplicates(
+    x: torch.Tensor, score: torch.Tensor, nearest: torch.Tensor, second: torch.Tensor, threshold: float
+):
+    """(removed rows, [(kept row, removed row, cosine)]). Samples are ranked by CLIP score (highest first);
+    a sample goes when a sample ranked before it, in its cluster or in the cluster it is second nearest to
+    or that sample is, is more similar than `threshold` (near-copies on both sides of a cluster border
+    are found too, at twice the comparisons)."""
+    rank = torch.empty(len(x), dtype=torch.int64)
+    rank[torch.argsort(-score, stable=True)] = torch.arange(len(x))
+    removed, pairs = [], []
+    for c in torch.unique(nearest).tolist():
+        rows = torch.nonzero(nearest == c).flatten()
+        candidates = torch.nonzero((nearest == c) | (second == c)).flatten()
+        if len(candidates) < 2:
+            continue
+        others = x[candidates]
+        for i in range(0, len(rows), 4096):
+            block = rows[i : i + 4096]
+            sims = x[block] @ others.T
+            earlier = rank[candidates][None, :] < rank[block][:, None]
+            best, by = sims.masked_fill(~earlier, -2.0).max(1)
+            hit = torch.nonzero(best > threshold).flatten()
+            removed.append(block[hit])
+            pairs += [(int(candidates[by[j]]), int(block[j]), float(best[j])) for j in hit.tolist()]
+    return (torch.cat(removed) if removed else torch.empty(0, dtype=torch.int64)), pairs
+
+
+def exact_duplicates(sha1: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(removed rows, [(kept row, removed row)]): of each set of equal image bytes the best-scored one stays."""
+    order = np.lexsort((-score, sha1))  # by hash, then score high to low
+    same = sha1[order][1:] == sha1[order][:-1]
+    removed = order[1:][same]
+    first = order.copy()  # the kept row of each hash group
+    for i in range(1, len(order)):
+        if same[i - 1]:
+            first[i] = first[i - 1]
+    return removed, [(int(first[i + 1]), int(order[i + 1])) for i in np.flatnonzero(same)]
+
+
+def dedup_shards(
+    source: str, output: str, threshold: float = 0.95, clusters: int | None = None, overwrite: bool = False
+) -> dict:
+    """Deduplicate `source` into `output`; returns the report (also written as dedup_report.json)."""
+    started = time.perf_counter()
+    urls, tables = load_sidecars(source, vectors=True)
+    keys = [(i, k) for i, t in enumerate(tables) for k in t.keys.tolist()]
+    score = np.concatenate([t.clip_score for t in tables]).astype(np.float32)
+    sha1 = np.concatenate([t.image_sha1 for t in tables])
+    exact, exact_pairs = exact_duplicates(sha1, score)
+    alive = np.ones(len(keys), dtype=bool)
+    alive[exact] = False
+    rows = np.flatnonzero(alive)
+    x = torch.nn.functional.normalize(torch.from_numpy(np.concatenate([t.image for t in tables])[rows]).float(), dim=1)
+    k = max(1, min(len(rows), clusters or round(math.sqrt(len(rows)))))
+    nearest, second = kmeans(x, k)
+    gone, pairs = near_duplicates(x, torch.from_numpy(score[rows]), nearest, second, threshold)
+    alive[rows[gone.numpy()]] = False
+    semantic_pairs = [(int(rows[a]), int(rows[b]), c) for a, b, c in pairs]
+    out = Path(output)
+    prepare_output(out, overwrite, "shards dedup")
+    records, offset = [], 0
+    for url, table in zip(urls, tables):
+        keep = {key for key, a in zip(table.keys.tolist(), alive[offset : offset + len(table)]) if a}
+        offset += len(table)
+        record = copy_kept(url, out, keep, table)
+        if record is not None:
+            records.append(record)
+    finish_folder(out, records, {**read_info(Path(urls[0]).parent), "deduplicated_from": source})
+    report = {
+        "input": source, "output": output, "samples_in": len(keys), "samples_out": int(alive.sum()),
+        "exact_duplicates": int(len(exact)), "semantic_duplicates": int(len(gone)), "threshold": threshold,
+        "clusters": k, "seconds": time.perf_counter() - started,
+        "example_pairs": example_pairs(urls, keys, score, exact_pairs, semantic_pairs),
+    }  # fmt: skip
+    atomic_write_bytes(out / REPORT, (json.dumps(report, indent=1) + "\n").encode())
+    return report
+
+
+def example_pairs(urls, keys, score, exact_pairs, semantic_pairs) -> list[dict]:
+    """A few pairs of each kind, the kept sample and the removed one, with captions and scores."""
+    chosen = [("exact", a, b, 1.0) for a, b in exact_pairs[: EXAMPLES // 2]]
+    chosen += [("semantic", a, b, c) for a, b, c in semantic_pairs[: EXAMPLES - len(chosen)]]
+    captions = captions_of(urls, {keys[r] for _, a, b, _ in chosen for r in (a, b)})
+
+    def side(row: int) -> dict:
+        return {"key": keys[row][1], "shard": Path(urls[keys[row][0]]).name, "clip_score": float(score[row]),
+                "caption": captions.get(keys[row])}  # fmt: skip
+
+    return [{"kind": kind, "cosine": cos, "kept": side(a), "removed": side(b)} for kind, a, b, cos in chosen]
