@@ -185,3 +185,31 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing_that_looks_complete(tm
                                      "--checkpoint", str(scorer), *CPU)  # fmt: skip
     for name in ("f", "d"):  # the refused runs wrote nothing a later step could take for a result
         assert not (tmp_path / name / "manifest.json").exists()
+
+
+def test_distilling_from_stored_features_equals_the_live_teacher(tmp_path, scorer):
+    """32-px images are clip-tiny's input and the crop keeps the whole image (augment scale [1, 1]): the
+    training crop is then the evaluation crop `shards embed` encoded, so both teachers see the same pixels."""
+    write_shards(color_samples(64, seed=31, prefix="t"), tmp_path / "src", "t", 16)
+    embed(tmp_path / "src", tmp_path / "emb", scorer, "--batch-size", "16")
+    teacher = sorted((scorer / "checkpoints").glob("step_*.pt"))[-1]
+    same = {"train__steps": 6, "data__augment__scale": "[1.0, 1.0]", "data__workers": 1}
+    live, stored = tmp_path / "live", tmp_path / "stored"
+    train(tiny_config(live, str(tmp_path / "src" / "t-{000000..000003}.tar"), distill__model="clip-tiny",
+                      distill__checkpoint=str(teacher), **same))  # fmt: skip
+    train(tiny_config(stored, str(tmp_path / "emb" / "t-{000000..000003}.tar"), distill__source="shards", **same))
+    a, b = ([r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (live, stored))
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
+    plain = tmp_path / "plain"
+    train(tiny_config(plain, str(tmp_path / "src" / "t-{000000..000003}.tar"), **same))
+    c = [r["loss"] for r in read_jsonl(plain / "metrics.jsonl") if "loss" in r]
+    assert abs(c[0] - a[0]) > 1e-3  # the distillation term is there at all
+
+
+def test_stored_features_missing_from_the_shards_are_a_counted_skip_then_a_clear_stop(tmp_path, noisy):
+    from clipscale.errors import DataError
+
+    src, _ = noisy
+    with pytest.raises(DataError, match="no_teacher_features"):
+        train(tiny_config(tmp_path / "run", str(src / "noisy-{000000..000003}.tar"), distill__source="shards"))

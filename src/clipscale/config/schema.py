@@ -296,6 +296,10 @@ class DistillConfig:
     """The teacher's weights: a local open_clip or clipscale checkpoint file."""
     weight: float = 1.0
     """The distillation loss is added to the contrastive loss with this weight."""
+    source: Literal["live", "shards"] = "live"
+    """live: run the teacher (distill.model, distill.checkpoint) on every batch; shards: read its embeddings
+    stored in the training shards by `clipscale shards embed --checkpoint TEACHER` (no teacher forward; the
+    features are of the evaluation crop, so they equal the live teacher's where training crops the same)."""
 
 
 @dataclass

@@ -289,14 +289,18 @@ def check_recipe(cfg: Config, machine: bool = True) -> None:
         require(0 < e.decay < 1, f"'ema.decay' must be in (0, 1), got {e.decay}")
         at_least(e, "every_n_steps", 1, "ema")
     d = cfg.distill
-    require((d.model is None) == (d.checkpoint is None), "'distill.model' and 'distill.checkpoint' go together")
-    if d.model is not None:
+    if d.source == "live":
+        require((d.model is None) == (d.checkpoint is None), "'distill.model' and 'distill.checkpoint' go together")
+    else:
+        require(d.checkpoint is None, "'distill.checkpoint' is for distill.source=live; shards carry the features")
+    if d.model is not None or d.source == "shards":
         require(d.weight > 0, f"'distill.weight' must be > 0, got {d.weight}")
+    if d.model is not None:
         require(
             model_config(d.model, tuple(cfg.model.config_dirs)) is not None,
             f"unknown model 'distill.model={d.model}'; see `clipscale models`",
         )
-        if machine and Path(d.checkpoint).suffix in WEIGHT_FILES:  # (else an open_clip tag, e.g. openai)
+        if machine and d.checkpoint and Path(d.checkpoint).suffix in WEIGHT_FILES:  # (else an open_clip tag)
             require(Path(d.checkpoint).is_file(), f"'distill.checkpoint': file not found: {d.checkpoint}")
 
 

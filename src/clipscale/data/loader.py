@@ -95,10 +95,12 @@ class TrainData:
         signals: tuple[str, ...] = (),
         count_cache: Path | None = None,
         beat: Callable[[], None] | None = None,
+        stored_teacher: bool = False,
     ):
         """`data_cfg`: the data section; `seed`: the run's (the data order); `signals`: the preemption
         signals the DataLoader workers must ignore (the training process handles them); `count_cache`:
-        the run's shard count cache; `beat`: told of every shard counted (the hang watchdog)."""
+        the run's shard count cache; `beat`: told of every shard counted (the hang watchdog);
+        `stored_teacher`: batches carry the teacher features stored in the samples (distill.source=shards)."""
         self.cfg, self.layout, self.env, self.seed, self.tokenizer = data_cfg, layout, env, seed, tokenizer
         self.signals = tuple(signals)
         self.storage = {"storage_options": data_cfg.storage_options, "retries": data_cfg.read_retries}
@@ -129,6 +131,7 @@ class TrainData:
             draft_size,
             fast_crop=data_cfg.fast_crop,
             gpu_decode=data_cfg.gpu_decode,
+            stored_teacher=stored_teacher,
         )
         self.skipped_before: dict[str, int] = {}  # skip counts of streams a relayout retired
         self._iter = None

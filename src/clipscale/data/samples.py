@@ -8,6 +8,8 @@ counts skips by reason and never stops for one.
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import math
 import random
 from typing import Callable
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..wds.schema import EMBEDDING_MEMBERS as TEACHER_MEMBERS
 from ..wds.schema import Skip, caption_of, image_bytes
 from . import device_decode
 from .crop import FastCrop
@@ -79,6 +82,7 @@ class SampleDecoder:
         draft_size: int | None = None,
         fast_crop: bool = False,
         gpu_decode: bool = False,
+        stored_teacher: bool = False,
     ):
         self.transform = transform
         self.image_keys = [k.lower() for k in image_keys]
@@ -86,6 +90,7 @@ class SampleDecoder:
         self.caption_json_field = caption_json_field
         self.draft_size = draft_size
         self.gpu_decode = gpu_decode  # JPEGs decoded on the training device (device_decode.py), with fast_crop
+        self.stored_teacher = stored_teacher  # distill.source=shards: each sample carries the teacher's features
         self._split = split_to_tensor_tail(transform)
         # the DCT scale is then chosen against each crop; jpeg_draft=false (no draft size) turns it off
         self._crop = (
@@ -112,6 +117,19 @@ class SampleDecoder:
         if isinstance(out, Image.Image) and out.mode == "RGB":
             return np.asarray(out), text
         return self._tail(out), text
+
+    def teacher_features(self, sample: dict) -> tuple[np.ndarray, np.ndarray, float]:
+        """(image embedding, text embedding, temperature) of the teacher, stored in the sample by
+        `clipscale shards embed`; a sample without them is a counted skip."""
+        try:
+            stored = (sample[TEACHER_MEMBERS[0]], sample[TEACHER_MEMBERS[1]], sample[TEACHER_MEMBERS[2]])
+            image, text = (np.load(io.BytesIO(b), allow_pickle=False).astype(np.float32) for b in stored[:2])
+            scale = float(json.loads(stored[2])["logit_scale"])
+        except KeyError:
+            raise Skip("no_teacher_features", "distill.source=shards: run `clipscale shards embed` on them") from None
+        except (ValueError, TypeError) as exn:
+            raise Skip("no_teacher_features", f"{type(exn).__name__}") from None
+        return image, text, scale
 
     def _fast(self, data: bytes, aug_seed: int) -> np.ndarray | torch.Tensor:
         random.seed(aug_seed)  # the crop and open_clip's colour jitter / grayscale draw from `random`

@@ -13,6 +13,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -144,7 +145,7 @@ class SourceStream:
         log.warning("shard %s ended early: %s: %s", url, type(exn).__name__, exn)
 
     def take(self, n: int) -> list[tuple]:
-        """n usable samples: (image, caption, key, data pass)."""
+        """n usable samples: (image, caption, key, data pass, stored teacher features or None)."""
         out = []
         bad_samples = bad_blocks = 0
         while len(out) < n:
@@ -159,6 +160,7 @@ class SourceStream:
                     "aug", self.seed, self.name, sample["__pass__"], sample["__shard__"], sample["__index__"]
                 )
                 image, text = self.decoder(sample, seed)
+                teacher = self.decoder.teacher_features(sample) if self.decoder.stored_teacher else None
             except Skip as skip:
                 self.skipped[skip.reason] += 1
                 # a shard that ended early (or stalled) loses its rest at once: the blocks guard counts those
@@ -174,7 +176,7 @@ class SourceStream:
                     ) from None
                 continue
             bad_samples = bad_blocks = 0
-            out.append((image, text, sample["__key__"], sample["__pass__"]))
+            out.append((image, text, sample["__key__"], sample["__pass__"], teacher))
         return out
 
     def state(self) -> StreamPosition:
@@ -241,15 +243,17 @@ class StreamDataset(IterableDataset):
         while True:
             step, micro = divmod(batch_index, self.accum_steps)
             counts = self.schedule.micro_counts(step, micro * self.world_size + self.rank)
-            images, texts, keys, names, passes = [], [], [], [], []
+            images, texts, keys, names, passes, teacher = [], [], [], [], [], []
             for reader, count in zip(readers, counts):
-                for image, text, key, data_pass in reader.take(count):
+                for image, text, key, data_pass, stored in reader.take(count):
                     images.append(image)
                     texts.append(text)
                     keys.append(key)
                     names.append(reader.name)
                     passes.append(data_pass)
+                    teacher.append(stored)
             yield {
+                **stored_teacher_batch(teacher),
                 "images": self.decoder.collate(images),
                 "texts": self.tokenizer(texts),
                 "keys": keys,
@@ -261,3 +265,14 @@ class StreamDataset(IterableDataset):
                 "positions": {r.name: r.state() for r in readers},
             }
             batch_index += self.workers
+
+
+def stored_teacher_batch(teacher: list) -> dict:
+    """The batch's teacher features (distill.source=shards) as the live teacher's output keys; {} without."""
+    if not teacher or teacher[0] is None:
+        return {}
+    return {
+        "teacher_image_features": torch.from_numpy(np.stack([t[0] for t in teacher])),
+        "teacher_text_features": torch.from_numpy(np.stack([t[1] for t in teacher])),
+        "teacher_logit_scale": torch.tensor([teacher[0][2]], dtype=torch.float32),
+    }

@@ -101,7 +101,7 @@ class Teacher:
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor, batch: dict | None = None) -> dict:
         with self.autocast():
             out = self.model(image=images, text=texts)
         return {
@@ -109,3 +109,13 @@ class Teacher:
             "teacher_text_features": out["text_features"].float(),
             "teacher_logit_scale": out["logit_scale"].float(),  # open_clip returns it exponentiated
         }
+
+
+class StoredTeacher:
+    """distill.source=shards: the teacher's features as `clipscale shards embed --checkpoint TEACHER` stored
+    them in the training samples (the batch carries them: data/stream.py), instead of a teacher forward."""
+
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor, batch: dict | None = None) -> dict:
+        if batch is None or TEACHER_KEYS[0] not in batch:
+            raise ValueError("distill.source=shards, but the batch carries no teacher features")
+        return {k: batch[k].to(images.device, non_blocking=True) for k in TEACHER_KEYS}

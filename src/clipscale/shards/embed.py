@@ -153,7 +153,7 @@ class ShardWriter:
 
     def write(self, name: str, parts: dict) -> ShardRecord:
         """NAME.tar (the samples with their new members), then NAME.emb.npz: the shard is done."""
-        dtype, rows, scale = self.embedder.dtype, parts["rows"], round(self.embedder.logit_scale, 5)
+        dtype, rows, scale = self.embedder.dtype, parts["rows"], self.embedder.logit_scale
         image = np.stack([r[0] for r in rows]).astype(dtype) if rows else np.zeros((0, 0), dtype)
         text = np.stack([r[1] for r in rows]).astype(dtype) if rows else np.zeros((0, 0), dtype)
         score = np.array([r[2] for r in rows], dtype=np.float32)

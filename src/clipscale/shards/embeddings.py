@@ -23,11 +23,12 @@ import numpy as np
 from ..errors import DataError
 from ..fsutil import atomic_write_bytes
 from ..wds.manifest import ShardRecord, write_manifest
+from ..wds.schema import EMBEDDING_MEMBERS
 from ..wds.tar import iter_raw_samples
 from ..wds.urls import local_path
 from .writer import write_shard
 
-IMAGE_MEMBER, TEXT_MEMBER, SCORE_MEMBER = "img_emb.npy", "txt_emb.npy", "clip.json"
+IMAGE_MEMBER, TEXT_MEMBER, SCORE_MEMBER = EMBEDDING_MEMBERS
 INFO_NAME = "embeddings.json"
 FORMAT = "clipscale-embeddings/1"
 EMBED_HINT = "run `clipscale shards embed INPUT EMBEDDED --checkpoint CK` first and give EMBEDDED"

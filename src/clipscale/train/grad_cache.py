@@ -43,14 +43,15 @@ def loss_inputs(loss_fn, out: dict) -> list[torch.Tensor]:
 def forward_backward(engine: Engine, loss_fn, micro_batches: list[dict], teacher=None) -> torch.Tensor:
     """Accumulate the gradients of one optimizer step (the caller then calls
     engine.optimizer_step()); returns this rank's loss, detached (the mean over ranks is the
-    loss of the global batch). `teacher(images, texts)`: a distillation teacher's features."""
+    loss of the global batch). `teacher(images, texts, micro_batch)`: a distillation teacher's features (run
+    live, or stored in the micro-batch)."""
     device = engine.device
     if len(micro_batches) == 1:
         mb = micro_batches[0]
         images, texts = mb["images"].to(device, non_blocking=True), mb["texts"].to(device, non_blocking=True)
         out = engine.forward(images, texts)
         if teacher is not None:
-            out = {**out, **teacher(images, texts)}
+            out = {**out, **teacher(images, texts, mb)}
         loss = loss_fn(*loss_inputs(loss_fn, out))
         engine.backward(loss)
         return loss.detach()
@@ -69,14 +70,14 @@ def _cached_forward_backward(engine: Engine, loss_fn, micro_batches: list[dict],
     teacher_scale = None
     rng = []
     with torch.no_grad():
-        for images, texts in inputs:
+        for (images, texts), mb in zip(inputs, micro_batches):
             rng.append(RNGState(device))
             out = engine.forward(images, texts)
             for k in FEATURES:
                 cached[k].append(out[k].float())
             scalars = {k: out[k].float() for k in SCALARS if out.get(k) is not None}
             if teacher is not None:
-                t_out = teacher(images, texts)
+                t_out = teacher(images, texts, mb)
                 for k in taught:
                     taught[k].append(t_out[k])
                 teacher_scale = t_out["teacher_logit_scale"]

@@ -129,7 +129,7 @@ class Trainer:
         self.data = TrainData(
             cfg.data, self.layout, env, cfg.seed, self.bundle.train_transform, self.bundle.tokenizer, draft,
             signals=tuple(cfg.train.preempt_signals), count_cache=self.run_dir / CACHE_NAME,
-            beat=lambda: self.watchdog.watch("counting shards"),
+            beat=lambda: self.watchdog.watch("counting shards"), stored_teacher=cfg.distill.source == "shards",
         )  # fmt: skip
         self.setup_seconds["data"] = time.perf_counter() - t0
         self.guard = SpikeGuard(cfg.train.spike_guard)
@@ -153,13 +153,16 @@ class Trainer:
 
     def _objective(self):
         """(the loss, the distillation teacher or None)."""
-        loss_fn = build_loss(self.cfg.loss)
-        if not self.cfg.distill.model:
+        loss_fn, spec = build_loss(self.cfg.loss), self.cfg.distill
+        if not spec.model and spec.source != "shards":
             return loss_fn, None
-        from ..loss.distill import DistillLoss, Teacher
+        from ..loss.distill import DistillLoss, StoredTeacher, Teacher
 
-        teacher = Teacher(self.cfg.distill, self.cfg.model, self.bundle, self.env.device, self.engine.autocast)
-        return DistillLoss(loss_fn, self.cfg.distill.weight), teacher
+        if spec.source == "shards":
+            teacher = StoredTeacher()
+        else:
+            teacher = Teacher(spec, self.cfg.model, self.bundle, self.env.device, self.engine.autocast)
+        return DistillLoss(loss_fn, spec.weight), teacher
 
     def _resume(self) -> None:
         """Collective: the checkpoint checkpoint.resume names (if any), then what reports from this step."""

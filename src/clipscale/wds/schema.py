@@ -15,6 +15,9 @@ from typing import Any
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 """Image extensions, in the order they are looked for (the first one found wins)."""
 
+EMBEDDING_MEMBERS = ("img_emb.npy", "txt_emb.npy", "clip.json")
+"""What `clipscale shards embed` adds to a sample: image and text embedding (.npy), {clip_score, logit_scale}."""
+
 IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 """Image files that folder inputs (shard building, image-folder evaluation sets) pick up."""
 
@@ -29,6 +32,7 @@ SKIP_REASONS = (
     "missing_file",
     "unreadable_file",
     "empty_file",
+    "no_teacher_features",
 )
 
 
