@@ -32,50 +32,62 @@ EXAMPLES = 8
 
 
 def kmeans(x: torch.Tensor, k: int, iterations: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nearest, second nearest) centroid of every row of the L2-normalised `x` (spherical k-means:
-    centroids renormalised after each update)."""
+    """(nearest, second nearest) centroid of every row of the L2-normalised `x`. Spherical k-means (centroids
+    renormalised after each update) fitted, as faiss does, on at most 256 samples per centroid; then one
+    pass assigns every row."""
     gen = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randperm(len(x), generator=gen)[:k]].clone()
-    top = torch.zeros(len(x), 2, dtype=torch.int64)
-    for it in range(iterations + 1):
-        for i in range(0, len(x), BLOCK):
-            top[i : i + BLOCK] = (x[i : i + BLOCK] @ centroids.T).topk(min(2, k), dim=1).indices.reshape(-1, min(2, k))
-        if it == iterations:
-            break
-        assign = top[:, 0]
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+    fit = x[torch.randperm(len(x), generator=gen)[: 256 * k]] if len(x) > 256 * k else x
+    centroids = fit[torch.randperm(len(fit), generator=gen)[:k]].clone()
+    for _ in range(iterations):
+        assign = _top(fit, centroids, 1)[:, 0]
+        sums = torch.zeros_like(centroids).index_add_(0, assign, fit)
         empty = torch.bincount(assign, minlength=k) == 0
         if empty.any():  # an empty cluster restarts at a random sample
-            sums[empty] = x[torch.randint(len(x), (int(empty.sum()),), generator=gen)]
+            sums[empty] = fit[torch.randint(len(fit), (int(empty.sum()),), generator=gen)]
         centroids = torch.nn.functional.normalize(sums, dim=1)
+    top = _top(x, centroids, min(2, k))
     return top[:, 0], top[:, -1]
 
 
-def near_duplicates(
-    x: torch.Tensor, score: torch.Tensor, nearest: torch.Tensor, second: torch.Tensor, threshold: float
-):
+def _top(x: torch.Tensor, centroids: torch.Tensor, n: int) -> torch.Tensor:
+    """The n most similar centroids of every row, in blocks of rows."""
+    out = torch.empty(len(x), n, dtype=torch.int64)
+    for i in range(0, len(x), BLOCK):
+        out[i : i + BLOCK] = (x[i : i + BLOCK] @ centroids.T).topk(n, dim=1).indices
+    return out
+
+
+def near_duplicates(x: torch.Tensor, score: torch.Tensor, nearest: torch.Tensor, second: torch.Tensor, threshold):
     """(removed rows, [(kept row, removed row, cosine)]). Samples are ranked by CLIP score (highest first);
     a sample goes when a sample ranked before it, in its cluster or in the cluster it is second nearest to
     or that sample is, is more similar than `threshold` (near-copies on both sides of a cluster border
     are found too, at twice the comparisons)."""
     rank = torch.empty(len(x), dtype=torch.int64)
     rank[torch.argsort(-score, stable=True)] = torch.arange(len(x))
+    rows_of = _members(nearest)
+    candidates_of = _members(torch.cat([nearest, second]), torch.arange(len(x)).repeat(2))
     removed, pairs = [], []
-    for c in torch.unique(nearest).tolist():
-        rows = torch.nonzero(nearest == c).flatten()
-        candidates = torch.nonzero((nearest == c) | (second == c)).flatten()
+    for c, rows in rows_of.items():
+        candidates = torch.unique(candidates_of[c])
         if len(candidates) < 2:
             continue
-        others = x[candidates]
+        others, others_rank = x[candidates], rank[candidates]
         for i in range(0, len(rows), 4096):
             block = rows[i : i + 4096]
-            sims = x[block] @ others.T
-            earlier = rank[candidates][None, :] < rank[block][:, None]
-            best, by = sims.masked_fill(~earlier, -2.0).max(1)
+            sims = (x[block] @ others.T).masked_fill_(others_rank[None, :] >= rank[block][:, None], -2.0)
+            best, by = sims.max(1)
             hit = torch.nonzero(best > threshold).flatten()
             removed.append(block[hit])
             pairs += [(int(candidates[by[j]]), int(block[j]), float(best[j])) for j in hit.tolist()]
     return (torch.cat(removed) if removed else torch.empty(0, dtype=torch.int64)), pairs
+
+
+def _members(cluster: torch.Tensor, rows: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """{cluster: its rows} in one sort (not one scan of every row per cluster)."""
+    rows = torch.arange(len(cluster)) if rows is None else rows
+    order = torch.argsort(cluster, stable=True)
+    values, counts = torch.unique_consecutive(cluster[order], return_counts=True)
+    return dict(zip(values.tolist(), torch.split(rows[order], counts.tolist())))
 
 
 def exact_duplicates(sha1: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -90,17 +102,13 @@ def exact_duplicates(sha1: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, l
     return removed, [(int(first[i + 1]), int(order[i + 1])) for i in np.flatnonzero(same)]
 
 
-def dedup_shards(
-    source: str, output: str, threshold: float = 0.95, clusters: int | None = None, overwrite: bool = False
-) -> dict:
-    """Deduplicate `source` into `output`; returns the report (also written as dedup_report.json)."""
-    started = time.perf_counter()
-    urls, tables = load_sidecars(source, vectors=True)
-    keys = [(i, k) for i, t in enumerate(tables) for k in t.keys.tolist()]
+def find_duplicates(tables, threshold: float, clusters: int | None = None) -> dict:
+    """What to drop from the embedded shards' tables: {alive (bool per sample, in table order), exact,
+    semantic (counts), exact_pairs, semantic_pairs (rows), clusters}."""
     score = np.concatenate([t.clip_score for t in tables]).astype(np.float32)
     sha1 = np.concatenate([t.image_sha1 for t in tables])
     exact, exact_pairs = exact_duplicates(sha1, score)
-    alive = np.ones(len(keys), dtype=bool)
+    alive = np.ones(len(score), dtype=bool)
     alive[exact] = False
     rows = np.flatnonzero(alive)
     x = torch.nn.functional.normalize(torch.from_numpy(np.concatenate([t.image for t in tables])[rows]).float(), dim=1)
@@ -108,7 +116,21 @@ def dedup_shards(
     nearest, second = kmeans(x, k)
     gone, pairs = near_duplicates(x, torch.from_numpy(score[rows]), nearest, second, threshold)
     alive[rows[gone.numpy()]] = False
-    semantic_pairs = [(int(rows[a]), int(rows[b]), c) for a, b, c in pairs]
+    return {
+        "alive": alive, "score": score, "exact": int(len(exact)), "semantic": int(len(gone)), "clusters": k,
+        "exact_pairs": exact_pairs, "semantic_pairs": [(int(rows[a]), int(rows[b]), c) for a, b, c in pairs],
+    }  # fmt: skip
+
+
+def dedup_shards(
+    source: str, output: str, threshold: float = 0.95, clusters: int | None = None, overwrite: bool = False
+) -> dict:
+    """Deduplicate `source` into `output`; returns the report (also written as dedup_report.json)."""
+    started = time.perf_counter()
+    urls, tables = load_sidecars(source, vectors=True)
+    keys = [(i, k) for i, t in enumerate(tables) for k in t.keys.tolist()]
+    found = find_duplicates(tables, threshold, clusters)
+    alive = found["alive"]
     out = Path(output)
     prepare_output(out, overwrite, "shards dedup")
     records, offset = [], 0
@@ -121,9 +143,9 @@ def dedup_shards(
     finish_folder(out, records, {**read_info(Path(urls[0]).parent), "deduplicated_from": source})
     report = {
         "input": source, "output": output, "samples_in": len(keys), "samples_out": int(alive.sum()),
-        "exact_duplicates": int(len(exact)), "semantic_duplicates": int(len(gone)), "threshold": threshold,
-        "clusters": k, "seconds": time.perf_counter() - started,
-        "example_pairs": example_pairs(urls, keys, score, exact_pairs, semantic_pairs),
+        "exact_duplicates": found["exact"], "semantic_duplicates": found["semantic"], "threshold": threshold,
+        "clusters": found["clusters"], "seconds": time.perf_counter() - started,
+        "example_pairs": example_pairs(urls, keys, found["score"], found["exact_pairs"], found["semantic_pairs"]),
     }  # fmt: skip
     atomic_write_bytes(out / REPORT, (json.dumps(report, indent=1) + "\n").encode())
     return report
