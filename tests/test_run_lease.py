@@ -174,3 +174,49 @@ def test_a_second_job_is_refused_and_a_killed_launchers_ranks_stop(tmp_path, toy
     assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == 3
     assert not (run_dir / LEASE_FILE).exists()  # given back at the end
     assert sys.executable  # (the job ran with this interpreter's environment)
+
+
+ORPHAN = (
+    "import time\n"
+    "from clipscale.job.proc import exit_when_parent_dies\n"
+    "exit_when_parent_dies('rank 0', poll_s=0.2)\n"
+    "time.sleep(600)\n"
+)
+
+
+@pytest.mark.parametrize("stderr", ["a full pipe", "a pipe without a reader"])
+def test_an_orphaned_rank_exits_whatever_its_stderr_became(stderr):
+    """The launcher's death may leave a rank's stderr a pipe nobody drains (a write blocks forever) or one
+    nobody reads any more (a write fails): neither may keep the rank alive to write into its run folder."""
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    if stderr == "a full pipe":
+        fcntl.fcntl(write_end, fcntl.F_SETFL, os.O_NONBLOCK)
+        try:
+            while True:
+                os.write(write_end, b"x" * 65536)
+        except BlockingIOError:
+            pass
+        fcntl.fcntl(write_end, fcntl.F_SETFL, 0)
+    launcher_code = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {ORPHAN!r}], stderr={write_end}, pass_fds=({write_end},))\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", launcher_code], stdout=subprocess.PIPE, text=True,
+                                pass_fds=(write_end,))  # fmt: skip
+    rank = psutil.Process(int(launcher.stdout.readline()))
+    os.close(write_end)
+    if stderr == "a pipe without a reader":
+        os.close(read_end)
+    time.sleep(3)  # the rank is up and watching
+    launcher.kill()
+    launcher.wait()
+    gone, alive = psutil.wait_procs([rank], timeout=10)
+    for p in alive:
+        p.kill()
+    if stderr == "a full pipe":
+        os.close(read_end)
+    assert not alive, f"an orphaned rank with {stderr} as stderr kept running"

@@ -15,7 +15,6 @@ import ctypes.util
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -56,12 +55,25 @@ def exit_when_parent_dies(what: str, poll_s: float = 1.0, code: int = 1) -> thre
         while True:
             time.sleep(poll_s)
             if os.getppid() != parent:
-                print(f"clipscale: {what}: its launcher (pid {parent}) is gone; stopping", file=sys.stderr, flush=True)
+                say(f"clipscale: {what}: its launcher (pid {parent}) is gone; stopping\n", within_s=1.0)
                 os._exit(code)
 
     thread = threading.Thread(target=watch, name="clipscale-parent-watch", daemon=True)
     thread.start()
     return thread
+
+
+def say(line: str, within_s: float) -> None:
+    """Write `line` to stderr if that takes at most `within_s`: a launcher that died may have left stderr a
+    full pipe nobody reads (the write would block forever) or one without a reader (it raises)."""
+
+    def write() -> None:
+        with contextlib.suppress(Exception):
+            os.write(2, line.encode())
+
+    writer = threading.Thread(target=write, name="clipscale-last-words", daemon=True)
+    writer.start()
+    writer.join(within_s)
 
 
 def run_with_deadline(command: list[str], timeout_s: float, output: Path, grace_s: float = 10.0) -> int:
