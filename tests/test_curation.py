@@ -79,9 +79,6 @@ def test_embed_then_filter_removes_mostly_the_planted_wrong_captions(tmp_path, s
     scores = {k: s for p in (tmp_path / "emb").glob("*.emb.npz") for k, s in zip(*_scores(p))}
     assert min(scores[k] for k in keys_in(tmp_path / "kept")) >= max(scores[k] for k in removed)
     cli_here("shards", "verify", str(tmp_path / "kept"))  # valid shards with a manifest that matches
-    short = cli_here("shards", "filter", str(tmp_path / "emb"), str(tmp_path / "words"), "--clip-score-min", "-1",
-                     "--min-caption-words", "4")  # fmt: skip
-    assert "kept 0 of 128" in short.stdout  # "a red square": 3 words
 
 
 def _scores(path):
@@ -113,9 +110,12 @@ def distinct_and_planted_pairs():
 def test_dedup_keeps_exactly_one_of_each_planted_pair_and_nothing_else_goes(tmp_path, scorer):
     samples, pairs = distinct_and_planted_pairs()
     write_shards(samples, tmp_path / "src", "d", 5)
+    write_shards([{"__key__": f"e{i}", "txt": "no image"} for i in range(3)], tmp_path / "src", "empty", 5)
     embed(tmp_path / "src", tmp_path / "emb", scorer)
     done = cli_here("shards", "dedup", str(tmp_path / "emb"), str(tmp_path / "dedup"))  # cosine > 0.95
-    x = np.concatenate([ShardEmbeddings.load(p).image for p in sorted((tmp_path / "emb").glob("*.emb.npz"))])
+    tables = [ShardEmbeddings.load(p) for p in sorted((tmp_path / "emb").glob("*.emb.npz"))]
+    assert sorted(len(t) for t in tables)[0] == 0  # the shard without images: an empty sidecar
+    x = np.concatenate([t.image for t in tables if len(t)])
     assert np.sort((x @ x.T)[np.triu_indices(len(x), 1)])[-5] < 0.9  # the 4 planted pairs, then distinct ones
     kept, before = keys_in(tmp_path / "dedup"), keys_in(tmp_path / "emb")
     for a, b in pairs:
@@ -176,14 +176,22 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing_that_looks_complete(tm
         "shards", "embed", str(src), str(tmp_path / "m"), "--checkpoint", str(scorer), "--model", "ViT-B-32", *CPU
     )
     assert "does not fit model 'ViT-B-32'" in wrong and not (tmp_path / "m" / "manifest.json").exists()
-    assert "already holds shards" in fails("shards", "embed", str(src), str(src), "--checkpoint", str(scorer), *CPU)
+    for flags in ([], ["--overwrite"]):  # never into the input's own folder, not even with --overwrite
+        said = fails("shards", "embed", str(src), str(src), "--checkpoint", str(scorer), *CPU, *flags)
+        assert "is where the input shards are" in said
+    assert len(list(src.glob("*.tar"))) == 4
     embed(src, tmp_path / "emb", scorer)
     cli_here("shards", "filter", str(tmp_path / "emb"), str(tmp_path / "kept"), "--clip-score-top", "0.5")
     assert "already holds shards" in fails("shards", "filter", str(tmp_path / "emb"), str(tmp_path / "kept"),
                                            "--clip-score-top", "0.5")  # fmt: skip
     assert "another folder" in fails("shards", "embed", str(tmp_path / "kept"), str(tmp_path / "emb"),
                                      "--checkpoint", str(scorer), *CPU)  # fmt: skip
-    for name in ("f", "d"):  # the refused runs wrote nothing a later step could take for a result
+    few_words = fails("shards", "filter", str(tmp_path / "emb"), str(tmp_path / "w"), "--clip-score-min", "-1",
+                      "--min-caption-words", "4")  # fmt: skip
+    assert "no sample passes" in few_words  # "a red square": 3 words each
+    (tmp_path / "emb" / "manifest.json").unlink()  # as an embed stopped before its end leaves it
+    assert "unfinished embedding" in fails("shards", "dedup", str(tmp_path / "emb"), str(tmp_path / "d2"))
+    for name in ("f", "d", "w", "d2"):  # the refused runs wrote nothing a later step could take for a result
         assert not (tmp_path / name / "manifest.json").exists()
 
 

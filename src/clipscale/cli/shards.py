@@ -70,12 +70,13 @@ def cmd_shards_index(args) -> int:
 
 
 def cmd_shards_embed(args) -> int:
-    from ..shards.embed import embed_shards
+    from ..shards.embed import SampleFields, embed_shards
 
+    fields = SampleFields(tuple(args.image_keys.split(",")), args.caption_key, args.caption_json_field)
     s = embed_shards(
         args.input, args.output, args.checkpoint, model=args.model, batch_size=args.batch_size,
         workers=args.workers, device=args.device, overwrite=args.overwrite, dtype=args.dtype,
-        progress=not args.no_progress,
+        progress=not args.no_progress, fields=fields, config_dirs=args.config_dir, ema=args.ema,
     )  # fmt: skip
     skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
     print(
@@ -218,6 +219,11 @@ def add_embed(ssub) -> None:
     p.add_argument("--workers", type=int, default=2, help="image-decoding DataLoader workers per process (default 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored embeddings")
+    p.add_argument("--image-keys", default="jpg,jpeg,png,webp", help="image members, in order (as data.image_keys)")
+    p.add_argument("--caption-key", default="txt", help="caption member, or json (as data.caption_key)")
+    p.add_argument("--caption-json-field", default="caption", help="caption field of .json (data.caption_json_field)")
+    p.add_argument("--config-dir", action="append", default=[], help="a folder of open_clip model JSON configs")
+    p.add_argument("--ema", action="store_true", help="embed with the checkpoint's EMA weights")
     p.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_shards_embed)

@@ -127,7 +127,7 @@ class SampleDecoder:
             scale = float(json.loads(stored[2])["logit_scale"])
         except KeyError:
             raise Skip("no_teacher_features", "distill.source=shards: run `clipscale shards embed` on them") from None
-        except (ValueError, TypeError) as exn:
+        except (ValueError, TypeError, EOFError, OSError) as exn:  # damaged members
             raise Skip("no_teacher_features", f"{type(exn).__name__}") from None
         return image, text, scale
 

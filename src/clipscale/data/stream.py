@@ -271,6 +271,12 @@ def stored_teacher_batch(teacher: list) -> dict:
     """The batch's teacher features (distill.source=shards) as the live teacher's output keys; {} without."""
     if not teacher or teacher[0] is None:
         return {}
+    shapes = {(t[0].shape, t[1].shape) for t in teacher}
+    if len(shapes) > 1:
+        raise DataError(
+            f"distill.source=shards: the samples carry teacher features of several widths {sorted(shapes)}: the "
+            "sources were embedded by different teachers; embed them all with the one teacher"
+        )
     return {
         "teacher_image_features": torch.from_numpy(np.stack([t[0] for t in teacher])),
         "teacher_text_features": torch.from_numpy(np.stack([t[1] for t in teacher])),

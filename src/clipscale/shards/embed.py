@@ -17,6 +17,7 @@ import io
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from ..errors import DataError
 from ..job import workers as worker_processes
 from ..job.distributed import all_gather_object, barrier, broadcast_object, init_distributed
 from ..wds.manifest import ShardRecord, read_index
-from ..wds.schema import Skip, caption_of, image_bytes
+from ..wds.schema import IMAGE_KEYS, Skip, caption_of, image_bytes
 from ..wds.tar import iter_raw_samples
 from ..wds.urls import shard_name
 from .embeddings import (
@@ -38,6 +39,8 @@ from .embeddings import (
     ShardEmbeddings,
     finish_folder,
     npy_bytes,
+    output_folder,
+    output_names,
     prepare_output,
     read_info,
     sidecar_path,
@@ -53,8 +56,9 @@ class ShardBatches(IterableDataset):
     """The samples of some shards as model inputs, a batch at a time, each tagged with its shard; the
     last batch of a shard says so (and why the shard ended early, if it did). Workers split by shard."""
 
-    def __init__(self, urls: list[tuple[int, str]], transform, tokenizer, batch_size: int):
+    def __init__(self, urls: list[tuple[int, str]], transform, tokenizer, batch_size: int, fields: SampleFields):
         self.urls, self.transform, self.tokenizer, self.batch_size = urls, transform, tokenizer, batch_size
+        self.fields = fields
 
     def __iter__(self):
         info = get_worker_info()
@@ -67,7 +71,7 @@ class ShardBatches(IterableDataset):
         errors: list[Exception] = []
         batch: list[tuple] = []
         skipped: Counter = Counter()
-        for raw in iter_raw_samples(url, errors.append):
+        for raw in iter_raw_samples(url, errors.append, read_timeout=self.fields.read_timeout):
             try:
                 batch.append((raw, *self.prepare(raw)))
             except Skip as skip:
@@ -79,10 +83,10 @@ class ShardBatches(IterableDataset):
         yield self.collate(index, batch, skipped, last=True, error=error)
 
     def prepare(self, raw: dict) -> tuple:
-        data = image_bytes(raw)
+        data = image_bytes(raw, self.fields.image_keys)
         if data is None:
             raise Skip("no_image")
-        text = caption_of(raw)
+        text = caption_of(raw, self.fields.caption_key, self.fields.caption_json_field)
         try:
             with Image.open(io.BytesIO(data)) as img:
                 image = self.transform(img.convert("RGB"))
@@ -102,6 +106,17 @@ class ShardBatches(IterableDataset):
             "last": last,
             "error": error,
         }
+
+
+@dataclass
+class SampleFields:
+    """Where a sample's image and caption are, as the trainer's data section says (data.image_keys,
+    data.caption_key, data.caption_json_field), and how long a stalled read may take."""
+
+    image_keys: tuple[str, ...] = IMAGE_KEYS
+    caption_key: str = "txt"
+    caption_json_field: str = "caption"
+    read_timeout: float | None = 600
 
 
 class Embedder:
@@ -178,17 +193,6 @@ def json_bytes(value: dict) -> bytes:
     return json.dumps(value, sort_keys=True).encode()
 
 
-def output_names(urls: list[str]) -> dict[int, str]:
-    """Output shard names: the input's (one-line error when two inputs share a name)."""
-    names = {i: shard_name(u) for i, u in enumerate(urls)}
-    seen: dict[str, str] = {}
-    for i, name in names.items():
-        if name in seen:
-            raise DataError(f"two input shards are both named {name} ({seen[name]}, {urls[i]}): embed them separately")
-        seen[name] = urls[i]
-    return names
-
-
 def claim_output(out: Path, identity: dict, overwrite: bool) -> bool:
     """The output folder for this embedding: True when it continues an earlier run of the same one."""
     earlier = read_info(out)
@@ -219,16 +223,20 @@ def manifest_records(out: Path, names: list[str]) -> list[ShardRecord]:
 def embed_shards(
     source: str, output: str, checkpoint: str, model: str | None = None, batch_size: int = 256, workers: int = 2,
     device: str = "auto", overwrite: bool = False, dtype: str = "float32", progress: bool = True,
+    fields: SampleFields | None = None, config_dirs: list | None = None, ema: bool = False,
 ) -> dict:  # fmt: skip
     """Embed every shard of `source` into `output`; returns the summary (this rank's and the job's)."""
     from ..checkpoint.weights import model_from_checkpoint
 
+    if batch_size < 1 or workers < 0:
+        raise DataError(f"shards embed: --batch-size must be >= 1 and --workers >= 0 (got {batch_size}, {workers})")
     env = init_distributed(device)
     urls, _ = shard_urls(source)
     names = output_names(urls)
-    bundle, info = model_from_checkpoint(checkpoint, model, env.device)
-    out = Path(output)
-    identity = {"input": source, "checkpoint": str(info["source"]), "model": info["model_name"]}
+    out = output_folder(output, urls, "shards embed")
+    bundle, info = model_from_checkpoint(checkpoint, model, env.device, ema=ema, config_dirs=config_dirs)
+    identity = {"input": _absolute(source), "checkpoint": str(info["source"]), "model": info["model_name"],
+                "ema": ema, "dtype": dtype}  # fmt: skip
     error, resumed = None, False
     if env.is_main:
         try:
@@ -241,17 +249,20 @@ def embed_shards(
     mine = [(i, u) for i, u in enumerate(urls) if i % env.world_size == env.rank]
     todo = [(i, u) for i, u in mine if not sidecar_path(out / names[i]).is_file()]
     started, summary = time.perf_counter(), {"shards_done_before": len(mine) - len(todo)}
-    results = run_embedding(todo, names, bundle, env, out, batch_size, workers, dtype, progress and env.is_main)
+    results = run_embedding(todo, names, bundle, env, out, (batch_size, workers, dtype, fields or SampleFields()),
+                            progress and env.is_main)  # fmt: skip
     seconds = time.perf_counter() - started
     everyone = all_gather_object(results)
     barrier()
     failed = [r for rs in everyone for r in rs if "error" in r]
     done = [r for rs in everyone for r in rs if "record" in r]
-    if env.is_main and not failed:
-        finish_folder(out, manifest_records(out, list(names.values())), {**identity, "dim": _dim(out, names)})
-    skipped: Counter = Counter()
-    for r in (r for rs in everyone for r in rs):
-        skipped.update(r["skipped"])
+    records = manifest_records(out, list(names.values())) if env.is_main and not failed else None
+    if records is not None and not sum(r.samples for r in records):
+        raise DataError(f"no sample of {source} could be embedded (skipped: {dict(_skipped(everyone))}): check "
+                        "--image-keys / --caption-key / --caption-json-field")  # fmt: skip
+    if records is not None:
+        finish_folder(out, records, {**identity, "dim": _dim(out, names)})
+    skipped = _skipped(everyone)
     summary.update(
         shards=len(urls), written=len(done), resumed=resumed, failed=[(urls[r["shard"]], r["error"]) for r in failed],
         samples=sum(r["samples"] for r in done), skipped=dict(skipped), seconds=seconds, world_size=env.world_size,
@@ -259,6 +270,18 @@ def embed_shards(
         model=info["model_name"], checkpoint=str(info["source"]),
     )  # fmt: skip
     return summary
+
+
+def _skipped(everyone: list[list[dict]]) -> Counter:
+    skipped: Counter = Counter()
+    for r in (r for rs in everyone for r in rs):
+        skipped.update(r["skipped"])
+    return skipped
+
+
+def _absolute(source: str) -> str:
+    """The input as it identifies the embedding: local paths absolute (a relative path names the same data)."""
+    return str(Path(source).resolve()) if "://" not in source and not source.startswith(("pipe:", "@")) else source
 
 
 def _dim(out: Path, names: dict[int, str]) -> int | None:
@@ -270,11 +293,13 @@ def _dim(out: Path, names: dict[int, str]) -> int | None:
     return None
 
 
-def run_embedding(todo, names, bundle, env, out: Path, batch_size: int, workers: int, dtype: str, progress: bool):
-    """This rank's shards through the model; [{shard, record | error, skipped, samples}]."""
+def run_embedding(todo, names, bundle, env, out: Path, how: tuple, progress: bool):
+    """This rank's shards through the model; [{shard, record | error, skipped, samples}]. `how`: (batch size,
+    workers, dtype, SampleFields)."""
+    batch_size, workers, dtype, fields = how
     if not todo:
         return []
-    dataset = ShardBatches(todo, bundle.val_transform, bundle.tokenizer, batch_size)
+    dataset = ShardBatches(todo, bundle.val_transform, bundle.tokenizer, batch_size, fields)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                         multiprocessing_context=worker_processes.context(workers),
                         pin_memory=env.device.type == "cuda")  # fmt: skip

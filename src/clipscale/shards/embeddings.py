@@ -25,7 +25,7 @@ from ..fsutil import atomic_write_bytes
 from ..wds.manifest import ShardRecord, write_manifest
 from ..wds.schema import EMBEDDING_MEMBERS
 from ..wds.tar import iter_raw_samples
-from ..wds.urls import local_path
+from ..wds.urls import local_path, shard_name
 from .writer import write_shard
 
 IMAGE_MEMBER, TEXT_MEMBER, SCORE_MEMBER = EMBEDDING_MEMBERS
@@ -88,8 +88,9 @@ class ShardEmbeddings:
 
 
 def embedded_shards(urls: list[str]) -> list[tuple[str, Path]]:
-    """(shard URL, its sidecar) for every shard, or a one-line DataError naming `shards embed`."""
-    pairs = []
+    """(shard URL, its sidecar) for every shard of a finished embedding, or a one-line DataError: not
+    local, not embedded (naming `shards embed`), or embedded only in part (no manifest yet)."""
+    pairs, folders = [], set()
     for url in urls:
         path = local_path(url)
         if path is None:
@@ -97,8 +98,32 @@ def embedded_shards(urls: list[str]) -> list[tuple[str, Path]]:
         sidecar = sidecar_path(path)
         if not sidecar.is_file():
             raise DataError(f"{url} has no embeddings ({sidecar.name} is missing): {EMBED_HINT}")
+        folders.add(Path(path).parent)
         pairs.append((url, sidecar))
+    for folder in sorted(folders):
+        if not (folder / INFO_NAME).is_file() or not (folder / "manifest.json").is_file():
+            raise DataError(
+                f"{folder} is an unfinished embedding (no {INFO_NAME} or manifest.json yet): run the same "
+                "`clipscale shards embed` again to finish it"
+            )
     return pairs
+
+
+def output_name(url: str) -> str:
+    """The name of the shard written for input `url`: its file name (a .tar.gz input is written as .tar)."""
+    return shard_name(url).removesuffix(".gz")
+
+
+def output_names(urls: list[str]) -> dict[int, str]:
+    """Output shard names of the inputs, by input index (one-line error when two inputs would share one)."""
+    names, seen = {}, {}
+    for i, url in enumerate(urls):
+        name = output_name(url)
+        if name in seen:
+            raise DataError(f"two input shards would both be written as {name} ({seen[name]}, {url}): "
+                            "curate them into separate folders")  # fmt: skip
+        names[i], seen[name] = name, url
+    return names
 
 
 def read_info(folder: Path) -> dict:
@@ -115,32 +140,57 @@ def write_info(folder: Path, info: dict) -> None:
     atomic_write_bytes(folder / INFO_NAME, (json.dumps({"format": FORMAT, **info}, indent=1) + "\n").encode())
 
 
+OUTPUT_FILES = (".tar", ".tar.gz", ".emb.npz", ".tmp")
+OUTPUT_NAMES = ("manifest.json", INFO_NAME, "filter_report.json", "filter_report.png", "dedup_report.json")
+
+
+def output_folder(output: str, urls: list[str], what: str) -> Path:
+    """The local output folder, never one holding an input shard (one-line errors)."""
+    if "://" in output:
+        raise DataError(f"{what}: OUTPUT must be a local folder (got {output}); copy the result to a bucket after")
+    out = Path(output).resolve()
+    for url in urls:
+        path = local_path(url)
+        if path is not None and Path(path).resolve().parent == out:
+            raise DataError(f"{what}: OUTPUT {output} is where the input shards are; write into another folder")
+    return out
+
+
 def prepare_output(output: Path, overwrite: bool, what: str) -> None:
-    """An output folder that holds no shards (or, with `overwrite`, whose shards are removed now)."""
+    """An output folder that holds no shards (or, with `overwrite`, whose shards and reports go now)."""
     output.mkdir(parents=True, exist_ok=True)
-    held = [p for p in output.iterdir() if p.name.endswith((".tar", ".emb.npz", ".tmp")) or p.name == "manifest.json"]
-    if held and not overwrite:
-        raise DataError(f"{what}: {output} already holds shards ({held[0].name}, ...); pass --overwrite or another one")
+    held = [p for p in output.iterdir() if p.name.endswith(OUTPUT_FILES) or p.name in OUTPUT_NAMES]
+    if any(p.name != INFO_NAME for p in held) and not overwrite:
+        shown = next(p.name for p in held if p.name != INFO_NAME)
+        raise DataError(f"{what}: {output} already holds shards ({shown}, ...); pass --overwrite or another one")
     for path in held:
         path.unlink()
 
 
-def copy_kept(url: str, out: Path, keep: set[str], embeddings: ShardEmbeddings) -> ShardRecord | None:
-    """The shard's samples whose key is in `keep`, every member as it was, into out/NAME.tar with their
-    sidecar; None (nothing written) when none is kept."""
-    rows = np.array([k in keep for k in embeddings.keys.tolist()], dtype=bool)
+def copy_kept(url: str, target: Path, rows: np.ndarray, embeddings: ShardEmbeddings) -> ShardRecord | None:
+    """The shard's samples at the positions `rows` marks (its tar order is its sidecar's), every member as it
+    was, into `target` with their sidecar; None (nothing written) when none is kept."""
     if not rows.any():
         return None
     errors: list[Exception] = []
-    kept = (s for s in iter_raw_samples(url, errors.append) if s["__key__"] in keep)
-    target = out / Path(local_path(url)).name
-    record = write_shard(target, kept)
-    if errors:
+    keys = embeddings.keys.tolist()
+
+    def kept():
+        for i, sample in enumerate(iter_raw_samples(url, errors.append)):
+            if i >= len(keys) or sample["__key__"] != keys[i]:
+                raise DataError(f"{url} and its {sidecar_path(url).name} disagree at sample {i}: re-embed it")
+            if rows[i]:
+                yield sample
+
+    try:
+        record = write_shard(target, kept())
+    except DataError:
+        target.unlink(missing_ok=True)
+        raise
+    if errors or record.samples != int(rows.sum()):
         target.unlink()
-        raise DataError(f"{url}: cannot read it again ({type(errors[0]).__name__}: {errors[0]})"[:300])
-    if record.samples != int(rows.sum()):
-        target.unlink()
-        raise DataError(f"{url}: {record.samples} samples kept, its embeddings say {int(rows.sum())}: re-embed it")
+        why = f"{type(errors[0]).__name__}: {errors[0]}" if errors else f"{record.samples} samples read back"
+        raise DataError(f"{url}: cannot copy its kept samples ({why}); re-embed it"[:300])
     subset = embeddings.take(np.flatnonzero(rows))
     subset.tar_sha256 = record.sha256
     subset.save(sidecar_path(target))

@@ -21,7 +21,17 @@ from ..errors import DataError
 from ..fsutil import atomic_write_bytes
 from ..wds.schema import Skip, caption_of
 from ..wds.tar import iter_raw_samples
-from .embeddings import ShardEmbeddings, copy_kept, embedded_shards, finish_folder, prepare_output, read_info
+from ..wds.urls import local_path
+from .embeddings import (
+    ShardEmbeddings,
+    copy_kept,
+    embedded_shards,
+    finish_folder,
+    output_folder,
+    output_names,
+    prepare_output,
+    read_info,
+)
 from .scan import shard_urls
 
 REPORT = "filter_report"
@@ -40,9 +50,13 @@ def load_sidecars(source: str, vectors: bool) -> tuple[list[str], list[ShardEmbe
 
 
 def top_threshold(scores: np.ndarray, fraction: float) -> float:
-    """The lowest score among the top `fraction` of all scores (keep score >= it: ties keep a few more)."""
-    keep = max(1, math.ceil(fraction * len(scores)))
-    return float(np.partition(scores, len(scores) - keep)[len(scores) - keep])
+    """The lowest score among the top `fraction` of all finite scores (keep score >= it: ties keep a few
+    more; a NaN score, from a broken embedding, is never kept)."""
+    finite = scores[np.isfinite(scores)]
+    if not len(finite):
+        raise DataError("no finite CLIP score in the input: re-embed it")
+    keep = max(1, math.ceil(fraction * len(finite)))
+    return float(np.partition(finite, len(finite) - keep)[len(finite) - keep])
 
 
 def filter_shards(
@@ -55,43 +69,48 @@ def filter_shards(
     if top is not None and not 0 < top <= 1:
         raise DataError(f"--clip-score-top must be in (0, 1]; got {top}")
     urls, tables = load_sidecars(source, vectors=False)
+    names, out = output_names(urls), output_folder(output, urls, "shards filter")
     scores = np.concatenate([t.clip_score for t in tables])
     threshold = top_threshold(scores, top) if top is not None else float(min_score)
-    out = Path(output)
+    passes = [np.nan_to_num(t.clip_score, nan=-np.inf) >= threshold for t in tables]
+    keeps = [p & (t.caption_words >= (min_caption_words or 0)) for p, t in zip(passes, tables)]
+    kept = int(sum(k.sum() for k in keeps))
+    if not kept:
+        low, high = np.nanmin(scores), np.nanmax(scores)
+        raise DataError(f"shards filter: no sample passes (CLIP score >= {threshold:.4g}, caption words >= "
+                        f"{min_caption_words or 0}; the scores go from {low:.4g} to {high:.4g})")  # fmt: skip
     prepare_output(out, overwrite, "shards filter")
-    removed = {"clip_score": 0, "caption_words": 0}
-    records, keeps = [], []
-    for url, table in zip(urls, tables):
-        passes = table.clip_score >= threshold
-        words = table.caption_words >= (min_caption_words or 0)
-        removed["clip_score"] += int((~passes).sum())
-        removed["caption_words"] += int((passes & ~words).sum())
-        keep = set(table.keys[passes & words].tolist())
-        keeps.append(keep)
-        record = copy_kept(url, out, keep, table)
-        if record is not None:
-            records.append(record)
-    finish_folder(out, records, {**read_info(Path(urls[0]).parent), "filtered_from": source})
+    records = [r for i, (url, table, keep) in enumerate(zip(urls, tables, keeps))
+               if (r := copy_kept(url, out / names[i], keep, table)) is not None]  # fmt: skip
+    finish_folder(out, records, {**read_info(Path(local_path(urls[0])).parent), "filtered_from": source})
+    removed_by_score = int(sum((~p).sum() for p in passes))
     report = {
-        "input": source, "output": output, "samples_in": int(len(scores)),
-        "samples_out": sum(r.samples for r in records), "shards_out": len(records),
+        "input": source, "output": output, "samples_in": int(len(scores)), "samples_out": kept,
+        "shards_out": len(records),
         "rule": {"clip_score_top": top, "clip_score_min": min_score, "min_caption_words": min_caption_words},
-        "threshold": threshold, "removed": removed,
-        "scores": {"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())},
-        **examples(urls, tables, keeps, threshold),
+        "threshold": threshold,
+        "removed": {"clip_score": removed_by_score, "caption_words": int(len(scores)) - kept - removed_by_score},
+        "scores": {"min": float(np.nanmin(scores)), "median": float(np.nanmedian(scores)),
+                   "max": float(np.nanmax(scores)), "nan": int(np.isnan(scores).sum())},
+        **examples(urls, tables, passes),
     }  # fmt: skip
     atomic_write_bytes(out / f"{REPORT}.json", (json.dumps(report, indent=1) + "\n").encode())
-    report["histogram"] = histogram(scores, threshold, out / f"{REPORT}.png")
+    report["histogram"] = histogram(scores[np.isfinite(scores)], threshold, out / f"{REPORT}.png")
     return report
 
 
-def examples(urls: list[str], tables: list[ShardEmbeddings], keeps: list[set], threshold: float) -> dict:
-    """The samples closest to the threshold on both sides, with their captions (read from their shards)."""
-    rows = [(float(s), k, i) for i, t in enumerate(tables) for s, k in zip(t.clip_score, t.keys.tolist())]
-    kept = sorted((r for r in rows if r[1] in keeps[r[2]]), key=lambda r: r[0])[:EXAMPLES]
-    gone = sorted((r for r in rows if r[1] not in keeps[r[2]]), key=lambda r: -r[0])[:EXAMPLES]
-    wanted = {(r[2], r[1]) for r in kept + gone}
-    captions = captions_of(urls, wanted)
+def examples(urls: list[str], tables: list[ShardEmbeddings], passes: list[np.ndarray]) -> dict:
+    """The samples closest to the score threshold on both sides, with their captions (read from their
+    shards; the caption-word rule is left out: these show where the threshold cuts)."""
+    kept, gone = [], []
+    for i, (table, passed) in enumerate(zip(tables, passes)):
+        order = np.argsort(table.clip_score)
+        above = [j for j in order if passed[j]][:EXAMPLES]
+        below = [j for j in order[::-1] if not passed[j] and np.isfinite(table.clip_score[j])][:EXAMPLES]
+        kept += [(float(table.clip_score[j]), str(table.keys[j]), i) for j in above]
+        gone += [(float(table.clip_score[j]), str(table.keys[j]), i) for j in below]
+    kept, gone = sorted(kept)[:EXAMPLES], sorted(gone, reverse=True)[:EXAMPLES]
+    captions = captions_of(urls, {(r[2], r[1]) for r in kept + gone})
     return {
         "just_kept": [{"key": k, "clip_score": s, "caption": captions.get((i, k))} for s, k, i in kept],
         "just_removed": [{"key": k, "clip_score": s, "caption": captions.get((i, k))} for s, k, i in gone],
