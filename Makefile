@@ -66,8 +66,9 @@ gpu-wheels: install
 
 gpu-check:
 	@test -d gpu-wheels || { echo "gpu-check: no gpu-wheels/ here; run 'make gpu-wheels' where PyPI is reachable"; exit 2; }
-	$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --target .gpu-site gpu-wheels/*.whl
-	$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --target .gpu-ref-site gpu-wheels/ref/*.whl
+	@$(GPU_PYTHON) -c 'import sys; want = open("gpu-wheels/PYTHON_VERSION").read().strip(); have = "%d.%d" % sys.version_info[:2]; sys.exit(0 if want == have else f"gpu-check: the wheels are for Python {want}, $(GPU_PYTHON) is {have}: set GPU_PYTHON or run gpu_wheels.py --python-version {have}")'
+	$(GPU_PYTHON) -m pip install --quiet --upgrade --no-index --no-deps --target .gpu-site gpu-wheels/*.whl
+	$(GPU_PYTHON) -m pip install --quiet --upgrade --no-index --no-deps --target .gpu-ref-site gpu-wheels/ref/*.whl
 	PYTHONPATH=$(CURDIR)/.gpu-site:$(CURDIR)/src $(GPU_PYTHON) benchmarks/gpu_check.py --out gpu-check \
 		--ref-path $(CURDIR)/.gpu-ref-site $(GPU_CHECK_ARGS)
 

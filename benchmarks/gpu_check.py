@@ -26,6 +26,7 @@ import importlib
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,10 +62,13 @@ def step(name: str, cmd: list[str], out: Path, timeout: float) -> dict:
     log = out / f"{name}.log"
     started = time.perf_counter()
     print(f"[gpu-check] {name}: {' '.join(cmd[1:])[:160]} (deadline {timeout:.0f} s)", flush=True)
-    with open(log, "w") as f:
+    with open(log, "w") as f:  # a session of its own: at the deadline torchrun, ranks and test jobs go too
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         try:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout).returncode
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             code = "timeout"
     seconds = time.perf_counter() - started
     tail = log.read_text(errors="replace").splitlines()[-15:]
@@ -169,15 +173,15 @@ def main() -> None:
         xml = out / "tier.xml"
         cmd = [py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rA", "-p", "no:cacheprovider",
                f"--junitxml={xml}"]  # fmt: skip
-        results["tier"] = {**step("tier", cmd, out, 300), **tier_results(xml)}
+        results["tier"] = {**step("tier", cmd, out, 420), **tier_results(xml)}
     if "mfu" not in skip:
         cmd = [py, "benchmarks/gpu.py", "--models", "ViT-B-32,ViT-B-16", "--batch-size", str(args.batch_size),
                "--variants", "base,compile,ckpt-half", "--steps", "10", "--warmup", "3", "--decode", "4096",
                "--json", str(out / "mfu.json")]  # fmt: skip
-        results["mfu"] = {**step("mfu", cmd, out, 240), "figures": read_json(out / "mfu.json")}
+        results["mfu"] = {**step("mfu", cmd, out, 360), "figures": read_json(out / "mfu.json")}
     if "exact_loss" not in skip:
         cmd = [py, "benchmarks/gpu.py", "--models", "", "--exact-loss", str(1 << 20), "--json", str(out / "exact.json")]
-        results["exact_loss"] = step("exact_loss", cmd, out, 120)
+        results["exact_loss"] = step("exact_loss", cmd, out, 300)
         results["exact_loss"]["figures"] = (read_json(out / "exact.json") or {}).get("exact_loss")
     if "vs_openclip" not in skip:
         results["vs_openclip"] = {}
@@ -188,7 +192,7 @@ def main() -> None:
                    "--steps", str(args.steps), "--warmup", "15", "--rounds", "1", "--workdir", str(work),
                    "--ref-path", args.ref_path, "--json", str(figures)]  # fmt: skip
             results["vs_openclip"][model] = {
-                **step(f"vs_openclip-{model}", cmd, out, 240),
+                **step(f"vs_openclip-{model}", cmd, out, 300),
                 "figures": read_json(figures),
                 "clipscale_training": training_mfu(work / "run-clipscale-0", warmup=15),
             }

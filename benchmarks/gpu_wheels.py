@@ -61,6 +61,7 @@ def main() -> None:
     env = {**os.environ, "DS_BUILD_OPS": "0"}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
                     str(dest), deepspeed], check=True, env=env)  # fmt: skip
+    (dest / "PYTHON_VERSION").write_text(args.python_version + "\n")  # make gpu-check compares its interpreter
     wheels = sorted(p.name for p in dest.glob("*.whl"))
     print(f"{len(wheels)} wheels in {dest} (+ {', '.join(REFERENCE)} in {dest / 'ref'}):\n  " + "\n  ".join(wheels))
 

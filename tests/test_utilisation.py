@@ -71,6 +71,9 @@ def test_mfu_arithmetic_and_device_peaks():
     assert known_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert known_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert known_peak_tflops("NVIDIA GeForce GTX 1080") is None
+    assert known_peak_tflops("NVIDIA L40") == 181.0 and known_peak_tflops("NVIDIA L4") == 121.0
+    assert known_peak_tflops("NVIDIA H200 NVL") == 835.0 and known_peak_tflops("NVIDIA GB200") == 2500.0
+    assert known_peak_tflops("NVIDIA RTX A1000") is None  # not an A100
     assert device_peak_tflops(torch.device("cpu"), None) is None
     assert device_peak_tflops(torch.device("cpu"), 2.5) == 2.5
 

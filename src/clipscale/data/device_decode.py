@@ -62,9 +62,11 @@ def decode_here(crop: FastCrop, item: Encoded) -> np.ndarray:
 
 
 def collate(items: list[Encoded]) -> dict:
-    """What the loader passes for a batch of deferred JPEGs: the bytes as uint8 tensors, the boxes."""
+    """What the loader passes for a batch of deferred JPEGs: all their bytes in one uint8 tensor (one
+    shared-memory block per batch between processes, not one per image), their sizes, the boxes."""
     return {
-        "jpeg": [torch.frombuffer(bytearray(item.data), dtype=torch.uint8) for item in items],
+        "jpeg": torch.frombuffer(bytearray(b"".join(item.data for item in items)), dtype=torch.uint8),
+        "sizes": torch.tensor([len(item.data) for item in items], dtype=torch.int64),
         "boxes": torch.tensor([item.box for item in items], dtype=torch.int64),
     }
 
@@ -78,10 +80,11 @@ def decode_on(batch: dict, device: torch.device, size: tuple[int, int], mode: st
     resized to `size` with the antialiased `mode` filter, rounded as the uint8 CPU kernel rounds."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    files = list(torch.split(batch["jpeg"], batch["sizes"].tolist()))
     try:
-        images = decode_jpeg(batch["jpeg"], mode=ImageReadMode.RGB, device=device)
+        images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:  # one bad file fails the batched call: decode one by one, the bad one on the CPU
-        images = [_decode_one(data, device) for data in batch["jpeg"]]
+        images = [_decode_one(data, device) for data in files]
     out = torch.empty(len(images), 3, *size, dtype=torch.uint8, device=device)
     for i, (image, (top, left, h, w)) in enumerate(zip(images, batch["boxes"].tolist())):
         box = image[None, :, top : top + h, left : left + w].float()

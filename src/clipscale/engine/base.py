@@ -68,8 +68,21 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def compiles(setting: bool | str, device: torch.device) -> bool:
     """Whether model.compile (true, false or auto) compiles on `device`: auto = on CUDA GPUs only, where it pays
-    (+30-40 % on an H200); on CPUs compiling takes minutes and needs a C++ compiler."""
-    return device.type == "cuda" if setting == "auto" else bool(setting)
+    (+30-40 % on an H200), and only where a C compiler is there (Triton builds its launchers with one; an image
+    without it runs eager, said once); on CPUs compiling takes minutes and needs a C++ compiler."""
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cuda":
+        return False
+    import os
+    import shutil
+
+    if not any(shutil.which(cc) for cc in (os.environ.get("CC") or "cc", "gcc", "clang")):
+        import logging
+
+        logging.getLogger("clipscale").warning("model.compile=auto: no C compiler here (cc, gcc): the model runs eager")
+        return False
+    return True
 
 
 def optimizer_state_by_name(optim_state: dict) -> dict:

@@ -11,6 +11,7 @@ distillation teacher are not counted (the logits are < 0.5 % of a ViT-B step at 
 from __future__ import annotations
 
 import logging
+import re
 import resource
 
 import torch
@@ -20,18 +21,23 @@ from ..model import meta_model
 
 log = logging.getLogger("clipscale")
 
-# dense (no sparsity) bf16 tensor-core peaks, TFLOP/s per device; the first name found in the device's wins
+# dense (no sparsity) bf16 tensor-core peaks, TFLOP/s per device: the first entry whose every word is a word
+# of the device's name wins (words split at spaces and dashes: "A100" is not "A1000", "L4" not "L40")
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
+    ("H800 PCIe", 756.0),
+    ("H200 NVL", 835.0),
     ("GH200", 989.4),
     ("H200", 989.4),
     ("H100", 989.4),
     ("H800", 989.4),
+    ("GB200", 2500.0),
     ("B200", 2250.0),
     ("A100", 312.0),
     ("A800", 312.0),
     ("L40S", 362.1),
+    ("L40", 181.0),
     ("L4", 121.0),
     ("A10G", 70.0),
     ("A10", 125.0),
@@ -41,7 +47,8 @@ PEAK_BF16_TFLOPS = (
 
 def known_peak_tflops(device_name: str) -> float | None:
     """The bf16 dense peak of a GPU by its name (torch.cuda.get_device_name), None if unknown."""
-    return next((peak for name, peak in PEAK_BF16_TFLOPS if name in device_name), None)
+    words = set(re.split(r"[\s\-_]+", device_name.upper()))
+    return next((peak for name, peak in PEAK_BF16_TFLOPS if set(name.upper().split()) <= words), None)
 
 
 def device_peak_tflops(device: torch.device, configured: float | None) -> float | None:

@@ -133,10 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: train(load_config(args.config, args.overrides))["exit_code"])
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def deterministic_kernels() -> None:
     """train.deterministic: the same step computes the same bits on a GPU (cuBLAS with a fixed workspace,
     no atomics in backward kernels, attention through the math path), so a resumed run can be compared
@@ -151,3 +147,8 @@ def deterministic_kernels() -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.enable_flash_sdp(False)
     torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
