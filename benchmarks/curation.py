@@ -5,7 +5,7 @@ features against a live teacher.
             near-copies (cosine ~0.99 to their original) and 1 % exact copies: the time of
             `clipscale shards dedup`'s decision (exact hashes, k-means, pairs in clusters) on this machine's
             cores, and how many of the planted copies it found.
-  distill   the same short training run (clip-tiny student, demo-like shards) with the teacher run live
+  distill   the same short training run (a student and a teacher of one input size) with the teacher run live
             (distill.model / distill.checkpoint) and read from the shards (distill.source=shards, after
             `clipscale shards embed --checkpoint TEACHER`): samples/s of each, the loss difference.
 
@@ -15,7 +15,7 @@ features against a live teacher.
             precision and recall on the planted captions and both runs' held-out zero-shot accuracy.
 
     .venv/bin/python benchmarks/curation.py dedup --n 1000000
-    .venv/bin/python benchmarks/curation.py distill --teacher clip-small --steps 60
+    .venv/bin/python benchmarks/curation.py distill --student clip-small --teacher clip-small --steps 40
     .venv/bin/python benchmarks/curation.py demo --wrong 0.4
 """
 
@@ -89,7 +89,7 @@ def bench_distill(args) -> None:
     from helpers import color_samples, tiny_config
 
     work = Path(tempfile.mkdtemp(prefix="distill-bench-"))
-    write_shards(color_samples(args.samples, size=32, seed=1), work / "src", "t", 256)
+    write_shards(color_samples(args.samples, size=args.size, seed=1), work / "src", "t", 256)
     pattern = f"t-{{000000..{args.samples // 256 - 1:06d}}}.tar"
     teacher_run = work / "teacher"
     train(tiny_config(teacher_run, str(work / "src" / pattern), model__name=args.teacher, train__steps=2,
@@ -100,7 +100,7 @@ def bench_distill(args) -> None:
                  progress=False)  # fmt: skip
     embed_s = time.perf_counter() - t0
     same = {"train__steps": args.steps, "data__augment__scale": "[1.0, 1.0]", "data__workers": 1,
-            "data__batch_size": args.batch_size, "logging__every_n_steps": 5}  # fmt: skip
+            "data__batch_size": args.batch_size, "logging__every_n_steps": 5, "model__name": args.student}  # fmt: skip
     runs = {
         "live": tiny_config(work / "live", str(work / "src" / pattern), distill__model=args.teacher,
                             distill__checkpoint=str(teacher), **same),
@@ -114,7 +114,8 @@ def bench_distill(args) -> None:
         losses[name] = [r["loss"] for r in records]
     diff = max(abs(a - b) for a, b in zip(losses["live"], losses["stored"]))
     print(
-        f"distillation, student clip-tiny, teacher {args.teacher}, batch {args.batch_size}, {args.steps} steps, CPU:\n"
+        f"distillation, student {args.student}, teacher {args.teacher}, batch {args.batch_size}, {args.steps} steps, "
+        f"{args.size}-px images, CPU:\n"
         f"  live teacher {rates['live']:.0f} samples/s, stored features {rates['stored']:.0f} samples/s "
         f"= {rates['stored'] / rates['live']:.2f}x; largest loss difference {diff:.2e}\n"
         f"  (embedding the {args.samples} samples once took {embed_s:.1f} s)"
@@ -182,6 +183,8 @@ def main() -> None:
     d.add_argument("--threshold", type=float, default=0.95)
     t = sub.add_parser("distill")
     t.add_argument("--teacher", default="clip-small")
+    t.add_argument("--student", default="clip-small", help="the teacher's input size (a live teacher reads its images)")
+    t.add_argument("--size", type=int, default=64, help="image side in the shards (the models' input: 64 px)")
     t.add_argument("--steps", type=int, default=40)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--samples", type=int, default=2048)

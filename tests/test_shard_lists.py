@@ -154,3 +154,12 @@ def test_data_plan_shows_gaps_where_counts_came_from_and_estimates_past_its_budg
     line = next(x for x in again.stdout.splitlines() if x.startswith("train"))
     assert line.split()[:5] == ["train", "5", "1", "cache", "5"]  # shards, missing, counted from the cache
     assert "not counted in the time given" not in again.stdout
+
+
+def test_a_folder_names_its_shards_in_order(tmp_path):
+    for name in ("b-000001.tar", "a-000000.tar", "c.tar.gz", "manifest.json", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand(str(tmp_path)) == [str(tmp_path / n) for n in ("a-000000.tar", "b-000001.tar", "c.tar.gz")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no .tar shards"):
+        expand(str(tmp_path / "empty"))

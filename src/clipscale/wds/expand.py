@@ -48,13 +48,22 @@ def _expand_part(part: str, what: str, depth: int) -> list[str]:
         url = url.strip()
         if not url:
             continue
-        if url.startswith("pipe:") or not has_glob(url):
+        if not url.startswith("pipe:") and not is_remote(url) and not has_glob(url) and os.path.isdir(url):
+            out.extend(_folder_shards(url, what))  # a local folder: its shards, as the shard tools take it
+        elif url.startswith("pipe:") or not has_glob(url):
             out.append(url)
         elif is_remote(url):
             out.extend(expand_remote_glob(url))
         else:
             out.extend(_expand_local_glob(url, what))
     return out
+
+
+def _folder_shards(folder: str, what: str) -> list[str]:
+    names = sorted(n for n in os.listdir(folder) if n.endswith((".tar", ".tar.gz")))
+    if not names:
+        raise DataError(f"{what}: the folder {folder} holds no .tar shards")
+    return [os.path.join(folder, n) for n in names]
 
 
 def is_list_file(part: str) -> bool:
