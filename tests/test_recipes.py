@@ -434,6 +434,11 @@ def test_each_recipe_resolves_and_runs_two_steps_with_a_tiny_model(tmp_path, toy
         "logging.every_n_steps=1",
         *files,
     ]
+    if cfg.schedule.stages:  # the recipe's stages, at two steps: the first one step, the last one the other
+        kept = ("patch_dropout", "lr_scale")
+        first, last = ({k: v for k, v in vars(st).items() if k in kept and v is not None}
+                       for st in (cfg.schedule.stages[0], cfg.schedule.stages[-1]))  # fmt: skip
+        small.append(f"schedule.stages=[{dict(first, until_step=1)}, {last}]".replace("'", ""))
     if cfg.distill.model:
         save_tiny_model(tmp_path / "teacher.pt", seed=2)
         small += ["distill.model=clip-tiny", f"distill.checkpoint={tmp_path}/teacher.pt"]

@@ -164,3 +164,12 @@ def test_training_attention_runs_through_fused_scaled_dot_product_kernels():
     fused = {n for n in ops.names if n.startswith("_scaled_dot_product") and "attention" in n}
     assert fused, sorted(ops.names)
     assert not {n for n in ops.names if n.split(".")[0] in ("bmm", "baddbmm", "_softmax")}, sorted(ops.names)
+
+
+def test_counting_flops_leaves_the_random_streams_alone():
+    """open_clip's patch dropout draws its masks on the CPU even on the meta device: a count after a resume
+    restored the random state (a training stage's) must not move it."""
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    flops_per_sample(model_cfg("model.name=clip-tiny", "model.patch_dropout=0.5"))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -399,3 +399,12 @@ def load_tower(model: nn.Module, path: str, tower: str) -> int:
             if name in expected:
                 tensor.copy_(own[name].to(tensor.dtype))
     return len(expected)
+
+
+def set_patch_dropout(model: nn.Module, share: float) -> int:
+    """The share of image patches every patch-dropout module of the model drops in training (a training
+    stage's); returns the modules set. The model must have been built with patch dropout (any share > 0)."""
+    modules = [m for m in model.modules() if type(m).__name__ == "PatchDropout" and hasattr(m, "prob")]
+    for m in modules:
+        m.prob = share
+    return len(modules)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config.layout import stage_at
 from .errors import ConfigError
 from .model import count_layers, layer_id, tower_of
 
@@ -35,11 +36,17 @@ def lr_factor(step: int, total_steps: int, scfg, base_lr: float) -> float:
     return floor + (1.0 - floor) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, scfg, total_steps: int, base_lr: float, step: int = 0):
-    """The schedule positioned after `step` optimizer steps (its lr is that of step `step`)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, scfg, base_lr), last_epoch=step - 1
-    )
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, scfg, total_steps: int, base_lr: float, step: int = 0, stages: list = ()
+):
+    """The schedule positioned after `step` optimizer steps (its lr is that of step `step`); with training
+    stages (config.layout.Stage), each step's lr times its stage's lr_scale."""
+
+    def factor(s: int) -> float:
+        scale = stage_at(list(stages), s + 1).lr_scale if stages else 1.0
+        return lr_factor(s, total_steps, scfg, base_lr) * scale
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
 
 
 # --------------------------------------------------------------------------- parameter groups
@@ -187,6 +194,7 @@ class Optimization:
     optim: object  # config.OptimConfig
     schedule: object  # config.ScheduleConfig
     total_steps: int
+    stages: tuple = ()  # config.layout.Stage of schedule.stages, resolved at the job's batch layout
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return param_groups(model, self.optim)
@@ -201,7 +209,7 @@ class Optimization:
 
     def scheduler(self, optimizer: torch.optim.Optimizer, step: int = 0):
         """The LR schedule positioned after `step` optimizer steps."""
-        return build_scheduler(optimizer, self.schedule, self.total_steps, self.optim.lr, step=step)
+        return build_scheduler(optimizer, self.schedule, self.total_steps, self.optim.lr, step=step, stages=self.stages)
 
     def restart(self, optimizer: torch.optim.Optimizer, step: int):
         """The current config's hyperparameters on every group and the schedule at `step` (after a

@@ -41,3 +41,58 @@ class BatchLayout:
             f"global batch {self.global_batch} ({self.per_rank_batch} x {self.world_size} ranks x "
             f"{self.accum_steps} accum), {self.streams} data streams"
         )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage as it runs: its index, the last optimizer step it covers, and its settings."""
+
+    index: int
+    ends_after: int
+    patch_dropout: float
+    lr_scale: float
+
+
+UNSUPPORTED_STAGE_KEYS = ("image_size", "context_length", "batch_size")
+
+
+def resolve_stages(stages: list, patch_dropout: float, global_batch: int, total_steps: int) -> list[Stage]:
+    """schedule.stages as steps (an until_samples rounded up to whole global batches) with every value
+    carried over; [] without stages. Raises ValueError with the one-line reason for a list that cannot run."""
+    out: list[Stage] = []
+    dropout, scale, previous = patch_dropout, 1.0, 0
+    for i, st in enumerate(stages):
+        where = f"schedule.stages[{i}]"
+        for key in UNSUPPORTED_STAGE_KEYS:
+            if getattr(st, key) is not None:
+                raise ValueError(f"'{where}.{key}': changing {key} within a run is not supported yet; run the "
+                                 "stage as its own job resumed from the last checkpoint")  # fmt: skip
+        if st.until_step is not None and st.until_samples is not None:
+            raise ValueError(f"'{where}': give until_step or until_samples, not both")
+        last = i == len(stages) - 1
+        if st.until_samples is not None:
+            end = -(-st.until_samples // global_batch)
+        elif st.until_step is not None:
+            end = st.until_step
+        elif last:
+            end = total_steps
+        else:
+            raise ValueError(f"'{where}': a stage before the last needs until_step or until_samples")
+        if end <= previous or end > total_steps:
+            raise ValueError(f"'{where}' ends after step {end}: boundaries must increase, from above {previous} "
+                             f"to at most train.steps={total_steps}")  # fmt: skip
+        dropout = st.patch_dropout if st.patch_dropout is not None else dropout
+        scale = st.lr_scale if st.lr_scale is not None else scale
+        if not 0 <= dropout < 1 or scale <= 0:
+            raise ValueError(f"'{where}': patch_dropout must be in [0, 1) and lr_scale > 0 (got {dropout}, {scale})")
+        out.append(Stage(i, end, dropout, scale))
+        previous = end
+    if out and out[-1].ends_after < total_steps:
+        raise ValueError(f"schedule.stages end after step {out[-1].ends_after}, before train.steps={total_steps}: "
+                         "let the last stage run to the end (no until_step)")  # fmt: skip
+    return out
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage | None:
+    """The stage optimizer step `step` (1-based) trains in; None without stages."""
+    return next((s for s in stages if step <= s.ends_after), stages[-1] if stages else None)

@@ -191,6 +191,25 @@ class OptimConfig:
 
 
 @dataclass
+class StageConfig:
+    until_step: int | None = None
+    """The stage ends after this optimizer step (or give until_samples; the last stage may name neither: it
+    runs to train.steps)."""
+    until_samples: int | None = None
+    """The stage ends once this many samples were trained on (rounded up to whole global batches)."""
+    patch_dropout: float | None = None
+    """FLIP patch dropout in this stage (null: the previous stage's, at first model.patch_dropout)."""
+    lr_scale: float | None = None
+    """The scheduled learning rate times this factor in this stage (null: the previous stage's, at first 1)."""
+    image_size: int | None = None
+    """Input size in this stage (CLIPA): not supported yet within a run; one-line error."""
+    context_length: int | None = None
+    """Text tokens in this stage (CLIPA): not supported yet within a run; one-line error."""
+    batch_size: int | None = None
+    """Global batch size in this stage: not supported yet within a run; one-line error."""
+
+
+@dataclass
 class ScheduleConfig:
     name: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after the warm-up: cosine, linear (both to min_lr at train.steps) or constant."""
@@ -198,6 +217,10 @@ class ScheduleConfig:
     """Linear warm-up from 0 to optim.lr over this many optimizer steps."""
     min_lr: float = 0.0
     """Learning rate at the end of the decay."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """Training stages in one run (FLIP: patch dropout 0.5, then 0 for the last steps), each {until_step |
+    until_samples, patch_dropout, lr_scale}; unset values carry over. Exact resume at any step: a step's
+    stage follows from the step. See Training stages."""
 
 
 @dataclass

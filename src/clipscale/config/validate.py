@@ -10,9 +10,11 @@ import importlib.util
 import math
 import re
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ConfigError
+from .layout import resolve_stages
 from .losses import check as check_loss
 from .models import model_config, model_configs, vision_tower_kind
 from .schema import Config, DataConfig
@@ -67,6 +69,7 @@ def validate(cfg: Config, machine: bool = True) -> None:
     check_train(cfg)
     check_eval_and_logging(cfg, machine)
     check_recipe(cfg, machine)
+    check_stages(cfg)
 
 
 def check_data(d: DataConfig) -> None:
@@ -360,3 +363,24 @@ def check_sources(data: DataConfig) -> None:
         not weighted or not missing,
         f"data.sources: {', '.join(missing)} has no weight while others have one; give every source a weight",
     )
+
+
+def check_stages(cfg: Config) -> None:
+    """schedule.stages as far as the config alone decides: boundaries in samples become steps only at the
+    job's world size (the trainer checks those again at start); here they are checked in order only."""
+    stages = cfg.schedule.stages
+    if not stages:
+        return
+    try:
+        if all(st.until_samples is None for st in stages):
+            resolve_stages(stages, cfg.model.patch_dropout, 1, cfg.train.steps)
+            return
+        for i, st in enumerate(stages):
+            if st.until_step is not None and st.until_samples is not None:
+                raise ValueError(f"'schedule.stages[{i}]': give until_step or until_samples, not both")
+        ends = [st.until_samples or st.until_step for st in stages]
+        positional = [replace(st, until_step=None if end is None else i + 1, until_samples=None)
+                      for i, (st, end) in enumerate(zip(stages, ends))]  # fmt: skip
+        resolve_stages(positional, cfg.model.patch_dropout, 1, len(stages))
+    except ValueError as exn:
+        raise ConfigError(str(exn)) from None

@@ -47,7 +47,7 @@ class EngineSpec:
     def of(cls, cfg: Config, layout: BatchLayout) -> EngineSpec:
         return cls(
             engine=cfg.engine,
-            optimization=Optimization(cfg.optim, cfg.schedule, cfg.train.steps),
+            optimization=Optimization(cfg.optim, cfg.schedule, cfg.train.steps, tuple(training_stages(cfg, layout))),
             precision=cfg.model.precision,
             compile=cfg.model.compile,
             layout=layout,
@@ -64,6 +64,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def training_stages(cfg: Config, layout: BatchLayout) -> list:
+    """schedule.stages at this job's global batch (config.layout.Stage), or a one-line ConfigError."""
+    from ..config.layout import resolve_stages
+    from ..errors import ConfigError
+
+    try:
+        return resolve_stages(cfg.schedule.stages, cfg.model.patch_dropout, layout.global_batch, cfg.train.steps)
+    except ValueError as exn:
+        raise ConfigError(str(exn)) from None
 
 
 def compiles(setting: bool | str, device: torch.device) -> bool:

@@ -67,14 +67,16 @@ def _input_size(model) -> tuple[int, int]:
 
 def flops_per_sample(mcfg: ModelConfig, loss_name: str = "clip", batch: int = 2) -> float:
     """Training FLOPs of one sample (forward + backward of both towers), counted on a meta-device copy:
-    no memory, no effect on the run's model, RNG or BatchNorm statistics."""
+    no memory, no effect on the run's model, random streams or BatchNorm statistics."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = meta_model(mcfg, loss_name).train()
     context = getattr(model, "context_length", None) or model.text.context_length
     images = torch.zeros(batch, 3, *_input_size(model), device="meta")
     texts = torch.zeros(batch, context, dtype=torch.long, device="meta")
-    with FlopCounterMode(display=False) as counter:
+    # open_clip's patch dropout draws its masks on the CPU even for meta tensors: the run's random stream
+    # must not notice the count (a stage's count comes after a resume restored it)
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
         out = model(image=images, text=texts)
         features = [f for f in (out["image_features"], out["text_features"]) if f.requires_grad]
         if features:
@@ -102,18 +104,35 @@ class Utilisation:
 
     def __init__(self, per_sample: float | None, peak_tflops: float | None, world_size: int, device: torch.device):
         self.per_sample, self.peak, self.world_size, self.device = per_sample, peak_tflops, world_size, device
+        self.model_cfg, self.loss_name, self._counted = None, "clip", {}
 
     @classmethod
     def of(cls, cfg, env) -> Utilisation:
         """From the config's model and loss, train.peak_tflops and the process's device. A network the meta
         device cannot run (a custom tower) reports no TFLOP/s and says why once, instead of stopping the run."""
-        try:
-            per_sample = flops_per_sample(cfg.model, cfg.loss.name)
-        except Exception as exn:  # noqa: BLE001 - a measurement, never worth a failed run
-            log.warning("cannot count the model's FLOPs on the meta device (%s: %s): no tflops/mfu in the metrics",
-                        type(exn).__name__, str(exn).splitlines()[0][:200])  # fmt: skip
-            per_sample = None
-        return cls(per_sample, device_peak_tflops(env.device, cfg.train.peak_tflops), env.world_size, env.device)
+        out = cls(None, device_peak_tflops(env.device, cfg.train.peak_tflops), env.world_size, env.device)
+        out.model_cfg, out.loss_name = cfg.model, cfg.loss.name
+        out.per_sample = out.count(cfg.model.patch_dropout)
+        return out
+
+    def count(self, patch_dropout: float) -> float | None:
+        """FLOPs per sample at this patch dropout (a training stage's), counted once per value."""
+        if patch_dropout not in self._counted:
+            from dataclasses import replace
+
+            try:
+                self._counted[patch_dropout] = flops_per_sample(
+                    replace(self.model_cfg, patch_dropout=patch_dropout), self.loss_name
+                )
+            except Exception as exn:  # noqa: BLE001 - a measurement, never worth a failed run
+                log.warning("cannot count the model's FLOPs on the meta device (%s: %s): no tflops/mfu in the "
+                            "metrics", type(exn).__name__, str(exn).splitlines()[0][:200])  # fmt: skip
+                self._counted[patch_dropout] = None
+        return self._counted[patch_dropout]
+
+    def at_patch_dropout(self, patch_dropout: float) -> None:
+        """A new training stage: its FLOPs per sample from now on."""
+        self.per_sample = self.count(patch_dropout)
 
     def record(self, samples_per_s: float) -> dict:
         """tflops (model TFLOP/s per device), mfu (when the device's peak is known), peak_mem_gib."""

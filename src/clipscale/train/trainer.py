@@ -19,15 +19,17 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..checkpoint import CheckpointManager
 from ..checkpoint.state import RNG, DataPosition, LRSchedule, Progress, RunMeta, TrainState, seed_everything
 from ..config import BatchLayout, Config, save_config, to_dict
+from ..config.layout import stage_at
 from ..data.loader import TrainData
 from ..data.samples import draft_size
 from ..engine import build_engine
+from ..engine.base import training_stages
 from ..engine.ema import ModelEMA
 from ..errors import TrainingDiverged
 from ..job.distributed import DistEnv, all_gather_object, barrier, broadcast_object, sum_over_ranks
@@ -37,7 +39,7 @@ from ..job.preempt import EXIT_PREEMPTED, PreemptionHandler
 from ..job.status import write_status
 from ..job.watchdog import HangWatchdog, report_and_exit
 from ..loss import build_loss
-from ..model import count_parameters, create_model
+from ..model import count_parameters, create_model, set_patch_dropout
 from ..optim import describe_groups, param_groups
 from ..wds.census import CACHE_NAME
 from .flops import Utilisation
@@ -116,7 +118,10 @@ class Trainer:
             warn_about_timeouts(cfg)
         seed_everything(cfg.seed)  # identical initial weights on every rank
         t0 = time.perf_counter()
-        self.bundle = create_model(cfg.model, cfg.loss.name, env.device, augment=cfg.data.augment)
+        self.stages, self.stage = training_stages(cfg, self.layout), None
+        most = max([cfg.model.patch_dropout, *(st.patch_dropout for st in self.stages)])  # built with it; set per stage
+        mcfg = replace(cfg.model, patch_dropout=most)
+        self.bundle = create_model(mcfg, cfg.loss.name, env.device, augment=cfg.data.augment)
         log.info("parameter groups:\n%s", describe_groups(param_groups(self.bundle.model, cfg.optim)))
         self.engine = build_engine(cfg, self.bundle.model, env, self.layout)
         self.setup_seconds = {"model": time.perf_counter() - t0}
@@ -228,6 +233,7 @@ class Trainer:
             self.roll_back(self.guard.last_loss)
         stop = None
         while self.step < self.total and stop is None:
+            self.enter_stage()
             self.skip_spiking_data()
             self.preempt.step_in_progress = self.step + 1
             result = self.train_step()
@@ -249,6 +255,22 @@ class Trainer:
             if self.evaluator is not None and self.evaluator.due(self.step):
                 self.tracker.window.pause(self.evaluate()["eval/seconds"])  # not training time
         return self.finish(stop)
+
+    def enter_stage(self) -> None:
+        """The stage of the coming step (schedule.stages; from the step alone, so a resume at any step, or a
+        rollback, is in the right one): its patch dropout on the model (its lr scale is in the schedule)."""
+        stage = stage_at(self.stages, self.step + 1)
+        if stage is None or stage == self.stage:
+            return
+        set_patch_dropout(self.engine.module, stage.patch_dropout)
+        if self.flops is not None:
+            self.flops.at_patch_dropout(stage.patch_dropout)
+        log.info("stage %d of %d from step %d to %d: patch_dropout %g, lr_scale %g", stage.index + 1,
+                 len(self.stages), self.step + 1, stage.ends_after, stage.patch_dropout, stage.lr_scale)  # fmt: skip
+        self.stage = stage
+        self.tracker.window.reset()  # per-stage throughput: no record mixes two stages' steps
+        if self.env.is_main and self.step > 0:
+            self.write_status("running")
 
     def train_step(self) -> StepResult:
         """One optimizer step over this rank's accum_steps micro-batches."""
@@ -396,7 +418,15 @@ class Trainer:
             "skipped_samples": self.skipped_samples(),
             "skipped_steps": self.progress.nonfinite_total,
             **self.data.source_metrics(),
+            **self.stage_fields(),
         }
+
+    def stage_fields(self) -> dict:
+        """The stage in a metrics record (schedule.stages)."""
+        st = self.stage
+        if st is None:
+            return {}
+        return {"stage": st.index, "stage/patch_dropout": st.patch_dropout, "stage/lr_scale": st.lr_scale}
 
     def skipped_samples(self) -> int:
         """Collective: the samples skipped so far on every rank (each rank counts its own streams)."""
@@ -421,6 +451,11 @@ class Trainer:
         missing = {s.name: s.missing for s in (self.data.sources if self.data is not None else []) if s.missing}
         if missing:
             fields["missing_shards"] = missing  # skipped (missing_shards: skip): a download with gaps
+        stage = getattr(self, "stage", None)
+        if stage is not None:
+            fields["stage"] = {"index": stage.index, "of": len(self.stages), "patch_dropout": stage.patch_dropout,
+                               "lr_scale": stage.lr_scale, "ends_after": stage.ends_after}  # fmt: skip
+            fields["next_boundary"] = stage.ends_after if stage.index + 1 < len(self.stages) else None
         guard = getattr(self, "guard", None)
         if guard is not None and guard.rollbacks:
             fields["rollbacks"] = guard.rollbacks[-20:]
