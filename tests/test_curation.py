@@ -128,7 +128,7 @@ def test_dedup_keeps_exactly_one_of_each_planted_pair_and_nothing_else_goes(tmp_
 
 
 def test_a_resumed_embed_and_two_ranks_write_what_one_uninterrupted_process_writes(tmp_path, scorer):
-    write_shards(color_samples(256, seed=21, prefix="r"), tmp_path / "src", "r", 16)
+    write_shards(color_samples(128, seed=21, prefix="r"), tmp_path / "src", "r", 16)
     embed(tmp_path / "src", tmp_path / "whole", scorer, "--batch-size", "4")
     cmd = [sys.executable, "-m", "clipscale", "shards", "embed", str(tmp_path / "src"), str(tmp_path / "part"),
            "--checkpoint", str(scorer), "--batch-size", "4", *CPU]  # fmt: skip
@@ -139,7 +139,7 @@ def test_a_resumed_embed_and_two_ranks_write_what_one_uninterrupted_process_writ
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished_before = len(list((tmp_path / "part").glob("*.emb.npz")))
-    assert 1 <= finished_before < 16 and not (tmp_path / "part" / "manifest.json").exists()
+    assert 1 <= finished_before < 8 and not (tmp_path / "part" / "manifest.json").exists()
     resumed = embed(tmp_path / "src", tmp_path / "part", scorer, "--batch-size", "4")
     assert f"({finished_before} done before" in resumed.stdout
     for tar in sorted((tmp_path / "whole").glob("*.tar")):
