@@ -26,15 +26,20 @@ import importlib
 import json
 import math
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from clipscale.job.proc import run_with_deadline  # noqa: E402
+
+# absolute: the steps run wherever this is started from
+GPU_BENCH, VS_OPENCLIP = str(ROOT / "benchmarks" / "gpu.py"), str(ROOT / "benchmarks" / "vs_openclip.py")
+TIER = str(ROOT / "tests" / "test_gpu.py")
 PACKAGES = ("torch", "open_clip", "timm", "webdataset", "braceexpand", "simplejpeg", "ftfy", "yaml", "deepspeed")
 GOALS = {  # issue 30: name -> (what, target, comparison)
     "mfu_vit_b_16": ("training MFU, ViT-B-16, batch 512, data included", 0.45, ">="),
@@ -62,14 +67,10 @@ def step(name: str, cmd: list[str], out: Path, timeout: float) -> dict:
     log = out / f"{name}.log"
     started = time.perf_counter()
     print(f"[gpu-check] {name}: {' '.join(cmd[1:])[:160]} (deadline {timeout:.0f} s)", flush=True)
-    with open(log, "w") as f:  # a session of its own: at the deadline torchrun, ranks and test jobs go too
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = "timeout"
+    try:  # a session of its own: at the deadline torchrun, ranks and test jobs go too
+        code = run_with_deadline(cmd, timeout, log)
+    except TimeoutError:
+        code = "timeout"
     seconds = time.perf_counter() - started
     tail = log.read_text(errors="replace").splitlines()[-15:]
     print(f"[gpu-check] {name}: exit {code} after {seconds:.0f} s", flush=True)
@@ -171,23 +172,23 @@ def main() -> None:
 
     if "tier" not in skip:
         xml = out / "tier.xml"
-        cmd = [py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rA", "-p", "no:cacheprovider",
+        cmd = [py, "-m", "pytest", "-m", "gpu", TIER, "-q", "-rA", "-p", "no:cacheprovider",
                f"--junitxml={xml}"]  # fmt: skip
         results["tier"] = {**step("tier", cmd, out, 420), **tier_results(xml)}
     if "mfu" not in skip:
-        cmd = [py, "benchmarks/gpu.py", "--models", "ViT-B-32,ViT-B-16", "--batch-size", str(args.batch_size),
+        cmd = [py, GPU_BENCH, "--models", "ViT-B-32,ViT-B-16", "--batch-size", str(args.batch_size),
                "--variants", "base,compile,ckpt-half", "--steps", "10", "--warmup", "3", "--decode", "4096",
                "--json", str(out / "mfu.json")]  # fmt: skip
         results["mfu"] = {**step("mfu", cmd, out, 360), "figures": read_json(out / "mfu.json")}
     if "exact_loss" not in skip:
-        cmd = [py, "benchmarks/gpu.py", "--models", "", "--exact-loss", str(1 << 20), "--json", str(out / "exact.json")]
+        cmd = [py, GPU_BENCH, "--models", "", "--exact-loss", str(1 << 20), "--json", str(out / "exact.json")]
         results["exact_loss"] = step("exact_loss", cmd, out, 300)
         results["exact_loss"]["figures"] = (read_json(out / "exact.json") or {}).get("exact_loss")
     if "vs_openclip" not in skip:
         results["vs_openclip"] = {}
         for model in ("ViT-B-32", "ViT-B-16"):
             work, figures = out / f"vs-{model}", out / f"vs-{model}.json"
-            cmd = [py, "benchmarks/vs_openclip.py", "--device", "cuda", "--precision", "bf16", "--nproc", "1",
+            cmd = [py, VS_OPENCLIP, "--device", "cuda", "--precision", "bf16", "--nproc", "1",
                    "--model", model, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
                    "--steps", str(args.steps), "--warmup", "15", "--rounds", "1", "--workdir", str(work),
                    "--ref-path", args.ref_path, "--json", str(figures)]  # fmt: skip

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -70,17 +68,13 @@ def launch(world: int, run_dir: Path, shards: str, steps: int, stage: int, deadl
         f"run.dir={run_dir}", f"data.train_shards={shards}", *COMMON, f"engine.zero_stage={stage}",
         f"train.steps={steps}", f"checkpoint.every_n_steps={steps}", "checkpoint.resume=auto",
     ]  # fmt: skip
-    log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # noqa: SIM115
+    from clipscale.job.proc import run_with_deadline
+
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-    try:
-        code = proc.wait(timeout=deadline_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    try:  # a session of its own: at the deadline the launcher and every rank go
+        code = run_with_deadline(cmd, deadline_s, run_dir.parent / f"{run_dir.name}.log")
+    except TimeoutError:
         code = -9
-    finally:
-        log.close()
     return code, time.monotonic() - started
 
 
