@@ -128,20 +128,11 @@ class Embedder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _nothing()
-        with autocast:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             image = self.model.encode_image(images.to(self.device, non_blocking=True), normalize=True).float()
             text = self.model.encode_text(texts.to(self.device, non_blocking=True), normalize=True).float()
         score = (image * text).sum(-1)
         return image.cpu().numpy(), text.cpu().numpy(), score.cpu().numpy().astype(np.float32)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class ShardWriter:
