@@ -39,11 +39,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from .config import AugmentConfig, ModelConfig, to_dict  # noqa: E402
-from .config.losses import loss_spec  # noqa: E402
-from .errors import ConfigError  # noqa: E402
+from ..config import AugmentConfig, ModelConfig, to_dict  # noqa: E402
+from ..config.losses import loss_spec  # noqa: E402
+from ..errors import ConfigError  # noqa: E402
 
-BUNDLED_CONFIGS = Path(__file__).parent / "configs" / "models"
+BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
 MAX_LOGIT_SCALE = math.log(100.0)
 _registered: set[str] = set()
 
@@ -104,13 +104,11 @@ def create_model(
     register_model_configs(mcfg.config_dirs)
     _check_known(mcfg.name)
     kwargs = _architecture(mcfg, loss_name)
-    with _quiet_open_clip(), warnings.catch_warnings():
-        # open_clip 3.x lists colour jitter and grayscale as "unused" although it applies them
-        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
-        model, train_tf, val_tf = open_clip.create_model_and_transforms(
-            mcfg.name, pretrained=mcfg.pretrained, device=device, output_dict=True, aug_cfg=augmentation(augment),
-            **kwargs,
+    with _quiet_open_clip():
+        model = open_clip.create_model(
+            mcfg.name, pretrained=mcfg.pretrained, device=device, output_dict=True, **kwargs
         )  # fmt: skip
+    train_tf, val_tf = transforms_for(model, augment)
     for tower, path in (("image", mcfg.pretrained_image), ("text", mcfg.pretrained_text)):
         if path:
             load_tower(model, path, tower)
@@ -119,6 +117,19 @@ def create_model(
     scalars_as_vectors(model)
     tokenizer = open_clip.get_tokenizer(mcfg.name, context_length=mcfg.context_length)
     return ModelBundle(model, train_tf, val_tf, tokenizer, _image_size(model))
+
+
+def transforms_for(model: nn.Module, augment: AugmentConfig | None = None) -> tuple[Callable, Callable]:
+    """open_clip's training and evaluation transforms for the model as it is now (its image size after a training
+    stage changed it), made as open_clip.create_model_and_transforms makes them."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    config = PreprocessCfg(**model.visual.preprocess_cfg)
+    with warnings.catch_warnings():
+        # open_clip 3.x lists colour jitter and grayscale as "unused" although it applies them
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+        train = image_transform_v2(config, is_train=True, aug_cfg=augmentation(augment))
+    return train, image_transform_v2(config, is_train=False)
 
 
 def _check_known(name: str) -> None:
@@ -143,14 +154,15 @@ def _architecture(mcfg: ModelConfig, loss_name: str) -> dict:
     return kwargs
 
 
-def meta_model(mcfg: ModelConfig, loss_name: str = "clip") -> nn.Module:
+def meta_model(mcfg: ModelConfig, loss_name: str = "clip", image_size: int | None = None) -> nn.Module:
     """The run's network on the meta device (shapes, no memory, no weights read): what FLOP counting
     runs through. Locked towers are locked as in training (no gradient work for them); no activation
     checkpointing (model FLOPs count no recomputation)."""
     register_model_configs(mcfg.config_dirs)
     _check_known(mcfg.name)
     with _quiet_open_clip(), torch.device("meta"):
-        model = open_clip.create_model(mcfg.name, device="meta", output_dict=True, **_architecture(mcfg, loss_name))
+        kwargs = _architecture(mcfg, loss_name) | ({"force_image_size": image_size} if image_size else {})
+        model = open_clip.create_model(mcfg.name, device="meta", output_dict=True, **kwargs)
     lock_towers(model, mcfg)
     return model
 
