@@ -154,13 +154,17 @@ class RNG:
 class DataPosition:
     """The data stream's position (TrainData's state; collective to save)."""
 
-    def __init__(self, data, progress: Progress):
-        self.data, self.progress = data, progress
+    def __init__(self, data, progress: Progress, settle=None):
+        """`settle(step)`, if given, brings the data to the settings it was saved with at that step (a training
+        stage's batch size, crops, text length) before it continues."""
+        self.data, self.progress, self.settle = data, progress, settle
 
     def state_dict(self) -> dict:
         return self.data.state()
 
     def load_state_dict(self, state: dict) -> None:
+        if self.settle is not None:
+            self.settle(self.progress.step)
         self.data.restore(state, self.progress.step)
 
 

@@ -40,6 +40,7 @@ def model_from_checkpoint(
         )
     context_length = info.get("context_length") if name == info["model_name"] else None
     bundle = create_model(ModelConfig(name=name, context_length=context_length, config_dirs=dirs), device=device)
+    bundle = _at_saved_input_size(bundle, state)
     try:
         bundle.model.load_state_dict(
             fit_scalar_shapes(state, {k: v.shape for k, v in bundle.model.state_dict().items()})
@@ -50,3 +51,21 @@ def model_from_checkpoint(
             f"{checkpoint} does not fit model {name!r}: {lines[1] if len(lines) > 1 else lines[0]}"[:400]
         ) from None
     return bundle, {**info, "model_name": name}
+
+
+def _at_saved_input_size(bundle: ModelBundle, state: dict) -> ModelBundle:
+    """The model at the input size its weights were saved at (a training stage's: schedule.stages), with the
+    evaluation transform and the tokenizer to match."""
+    import dataclasses
+    import functools
+
+    from ..model import transforms_for
+    from ..model.input_size import image_size, resize_inputs, saved_input_size
+
+    image, context = saved_input_size(state, bundle.model)
+    if not resize_inputs(bundle.model, image, context):
+        return bundle
+    train, val = transforms_for(bundle.model)
+    tokenizer = functools.partial(bundle.tokenizer, context_length=context) if context else bundle.tokenizer
+    return dataclasses.replace(bundle, train_transform=train, val_transform=val, tokenizer=tokenizer,
+                               image_size=image_size(bundle.model) or bundle.image_size)  # fmt: skip

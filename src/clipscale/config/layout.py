@@ -45,33 +45,53 @@ class BatchLayout:
 
 @dataclass(frozen=True)
 class Stage:
-    """One training stage as it runs: its index, the last optimizer step it covers, and its settings."""
+    """One training stage as it runs: its index, the optimizer steps it covers, and its settings (every value
+    carried over from the stage before when the config leaves it unset)."""
 
     index: int
     ends_after: int
+    """The last optimizer step (1-based) of the stage."""
     patch_dropout: float
     lr_scale: float
+    global_batch: int
+    """Samples per optimizer step in this stage."""
+    image_size: int | None = None
+    """The image side (None: the model's own)."""
+    context_length: int | None = None
+    """Text tokens (None: the model's own)."""
+    starts_after: int = 0
+    """The last step of the stage before (0 for the first)."""
+    samples_before: int = 0
+    """Samples trained in the stages before."""
+
+    def samples_through(self, step: int) -> int:
+        """Samples trained from the start of the run to the end of optimizer step `step` (within this stage)."""
+        return self.samples_before + (step - self.starts_after) * self.global_batch
 
 
-UNSUPPORTED_STAGE_KEYS = ("image_size", "context_length", "batch_size")
-
-
-def resolve_stages(stages: list, patch_dropout: float, global_batch: int, total_steps: int) -> list[Stage]:
-    """schedule.stages as steps (an until_samples rounded up to whole global batches) with every value
-    carried over; [] without stages. Raises ValueError with the one-line reason for a list that cannot run."""
+def resolve_stages(
+    stages: list, patch_dropout: float, global_batch: int, total_steps: int, micro_batches: int = 1
+) -> list[Stage]:
+    """schedule.stages as steps (an until_samples rounded up to whole global batches of its stage) with every
+    value carried over; [] without stages. `micro_batches` (world size x accumulation) must divide every
+    batch_size. Raises ValueError with the one-line reason for a list that cannot run."""
     out: list[Stage] = []
-    dropout, scale, previous = patch_dropout, 1.0, 0
+    dropout, scale, batch, image, context = patch_dropout, 1.0, global_batch, None, None
+    previous, samples = 0, 0
     for i, st in enumerate(stages):
         where = f"schedule.stages[{i}]"
-        for key in UNSUPPORTED_STAGE_KEYS:
-            if getattr(st, key) is not None:
-                raise ValueError(f"'{where}.{key}': changing {key} within a run is not supported yet; run the "
-                                 "stage as its own job resumed from the last checkpoint")  # fmt: skip
         if st.until_step is not None and st.until_samples is not None:
             raise ValueError(f"'{where}': give until_step or until_samples, not both")
+        for key in ("batch_size", "image_size", "context_length"):
+            if getattr(st, key) is not None and getattr(st, key) < 1:
+                raise ValueError(f"'{where}.{key}' must be a positive number, got {getattr(st, key)}")
+        batch = st.batch_size or batch
+        if st.batch_size and batch % micro_batches:
+            raise ValueError(f"'{where}': a global batch of {batch} does not split into the {micro_batches} "
+                             "micro-batches of a step (world size x optim.accum_steps)")  # fmt: skip
         last = i == len(stages) - 1
         if st.until_samples is not None:
-            end = -(-st.until_samples // global_batch)
+            end = previous + max(0, -(-(st.until_samples - samples) // batch))
         elif st.until_step is not None:
             end = st.until_step
         elif last:
@@ -83,9 +103,12 @@ def resolve_stages(stages: list, patch_dropout: float, global_batch: int, total_
                              f"to at most train.steps={total_steps}")  # fmt: skip
         dropout = st.patch_dropout if st.patch_dropout is not None else dropout
         scale = st.lr_scale if st.lr_scale is not None else scale
+        image = st.image_size or image
+        context = st.context_length or context
         if not 0 <= dropout < 1 or scale <= 0:
             raise ValueError(f"'{where}': patch_dropout must be in [0, 1) and lr_scale > 0 (got {dropout}, {scale})")
-        out.append(Stage(i, end, dropout, scale))
+        out.append(Stage(i, end, dropout, scale, batch, image, context, previous, samples))
+        samples += (end - previous) * batch
         previous = end
     if out and out[-1].ends_after < total_steps:
         raise ValueError(f"schedule.stages end after step {out[-1].ends_after}, before train.steps={total_steps}: "
@@ -94,5 +117,6 @@ def resolve_stages(stages: list, patch_dropout: float, global_batch: int, total_
 
 
 def stage_at(stages: list[Stage], step: int) -> Stage | None:
-    """The stage optimizer step `step` (1-based) trains in; None without stages."""
+    """The stage optimizer step `step` (1-based) trains in; None without stages. Step 0 (nothing trained yet)
+    is in the first stage."""
     return next((s for s in stages if step <= s.ends_after), stages[-1] if stages else None)

@@ -202,11 +202,16 @@ class StageConfig:
     lr_scale: float | None = None
     """The scheduled learning rate times this factor in this stage (null: the previous stage's, at first 1)."""
     image_size: int | None = None
-    """Input size in this stage (CLIPA): not supported yet within a run; one-line error."""
+    """Image side in pixels in this stage (CLIPA: 112, then 224; null: the previous stage's, at first the
+    model's). The ViT's position embedding is interpolated to the new grid at the boundary as open_clip does
+    when it loads weights of another size (bicubic), the crops follow. A multiple of the patch size; engine ddp."""
     context_length: int | None = None
-    """Text tokens in this stage (CLIPA): not supported yet within a run; one-line error."""
+    """Text tokens per caption in this stage (CLIPA: 16 or 32, then 77; null: the previous stage's, at first
+    model.context_length): the text positions are cut (the first ones kept) or extended (new ones initialised as
+    open_clip does), the tokenizer follows. Engine ddp."""
     batch_size: int | None = None
-    """Global batch size in this stage: not supported yet within a run; one-line error."""
+    """Global batch size in this stage (null: the previous stage's, at first the config's): divisible by
+    world size x optim.accum_steps; every sample is still read once (engines ddp and fsdp2)."""
 
 
 @dataclass
@@ -218,8 +223,9 @@ class ScheduleConfig:
     min_lr: float = 0.0
     """Learning rate at the end of the decay."""
     stages: list[StageConfig] = field(default_factory=list)
-    """Training stages in one run (FLIP: patch dropout 0.5, then 0 for the last steps), each {until_step |
-    until_samples, patch_dropout, lr_scale}; unset values carry over. Exact resume at any step: a step's
+    """Training stages in one run (FLIP: patch dropout 0.5, then 0 for the last steps; CLIPA: 112 px and short
+    texts, then 224 px), each {until_step | until_samples, patch_dropout, lr_scale, image_size, context_length,
+    batch_size}; unset values carry over. Exact resume at any step: a step's
     stage follows from the step. See Training stages."""
 
 

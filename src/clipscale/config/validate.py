@@ -371,16 +371,47 @@ def check_stages(cfg: Config) -> None:
     stages = cfg.schedule.stages
     if not stages:
         return
+    accum = cfg.optim.accum_steps  # the world size is known at start, where the trainer checks again
     try:
         if all(st.until_samples is None for st in stages):
-            resolve_stages(stages, cfg.model.patch_dropout, 1, cfg.train.steps)
-            return
-        for i, st in enumerate(stages):
-            if st.until_step is not None and st.until_samples is not None:
-                raise ValueError(f"'schedule.stages[{i}]': give until_step or until_samples, not both")
-        ends = [st.until_samples or st.until_step for st in stages]
-        positional = [replace(st, until_step=None if end is None else i + 1, until_samples=None)
-                      for i, (st, end) in enumerate(zip(stages, ends))]  # fmt: skip
-        resolve_stages(positional, cfg.model.patch_dropout, 1, len(stages))
+            resolve_stages(stages, cfg.model.patch_dropout, 1, cfg.train.steps, accum)
+        else:
+            for i, st in enumerate(stages):
+                if st.until_step is not None and st.until_samples is not None:
+                    raise ValueError(f"'schedule.stages[{i}]': give until_step or until_samples, not both")
+            ends = [st.until_samples or st.until_step for st in stages]
+            positional = [replace(st, until_step=None if end is None else i + 1, until_samples=None)
+                          for i, (st, end) in enumerate(zip(stages, ends))]  # fmt: skip
+            resolve_stages(positional, cfg.model.patch_dropout, 1, len(stages), accum)
     except ValueError as exn:
         raise ConfigError(str(exn)) from None
+    check_stage_inputs(cfg)
+
+
+def check_stage_inputs(cfg: Config) -> None:
+    """Stages that change the model's input size or the batch: what the engine, the model and the rest of the
+    config allow."""
+    stages, engine = cfg.schedule.stages, cfg.engine.name
+    shaped = next((i for i, st in enumerate(stages) if st.image_size or st.context_length), None)
+    if shaped is not None:
+        where = f"'schedule.stages[{shaped}]'"
+        require(engine == "ddp", f"{where}: image_size and context_length stages run on engine ddp (they change the "
+                f"shape of the position embeddings, which engine {engine} keeps in flat shards); use engine ddp or "
+                "run each stage as its own job")  # fmt: skip
+        distilled = cfg.distill.model or cfg.distill.source == "shards"
+        require(not distilled, f"{where}: image_size and context_length stages cannot be combined with "
+                "distillation (the teacher's inputs would change with them)")  # fmt: skip
+        spec = model_config(cfg.model.name, tuple(cfg.model.config_dirs)) or {}
+        vision = spec.get("vision_cfg") or {}
+        patch = vision.get("patch_size")
+        for i, st in enumerate(stages):
+            if not st.image_size:
+                continue
+            require(vision_tower_kind(spec) == "vit", f"'schedule.stages[{i}].image_size': {cfg.model.name} has no "
+                    "open_clip ViT image tower; image_size stages interpolate its position embedding")  # fmt: skip
+            require(not patch or st.image_size % patch == 0, f"'schedule.stages[{i}].image_size'={st.image_size} is "
+                    f"not a multiple of {cfg.model.name}'s patch size {patch}")  # fmt: skip
+    batched = next((i for i, st in enumerate(stages) if st.batch_size), None)
+    require(batched is None or engine != "deepspeed", f"'schedule.stages[{batched}].batch_size': batch size "
+            "stages run on engines ddp and fsdp2 (DeepSpeed fixes its batch in its config); run the stage as its own "
+            "job")  # fmt: skip

@@ -123,19 +123,31 @@ class TrainData:
         self.global_batch = layout.global_batch
         self.micro_batches = layout.micro_batches
         self.num_samples = data_cfg.train_num_samples or epoch_samples(self.sources)
-        self.decoder = SampleDecoder(
-            transform,
-            data_cfg.image_keys,
-            data_cfg.caption_key,
-            data_cfg.caption_json_field,
-            draft_size,
-            fast_crop=data_cfg.fast_crop,
-            gpu_decode=data_cfg.gpu_decode,
-            stored_teacher=stored_teacher,
-        )
+        self.stored_teacher = stored_teacher
+        self.decoder = self._decoder(transform, draft_size)
         self.skipped_before: dict[str, int] = {}  # skip counts of streams a relayout retired
         self._iter = None
         self._start(step=0, positions={}, origin=None)
+
+    def _decoder(self, transform: Callable, draft_size: int | None) -> SampleDecoder:
+        c = self.cfg
+        return SampleDecoder(
+            transform, c.image_keys, c.caption_key, c.caption_json_field, draft_size, fast_crop=c.fast_crop,
+            gpu_decode=c.gpu_decode, stored_teacher=self.stored_teacher,
+        )  # fmt: skip
+
+    def reconfigure(self, layout: BatchLayout, transform: Callable, tokenizer: Callable, draft_size: int | None):
+        """Collective: a training stage's batch layout, crops and text length from the current step on. The
+        streams continue from the samples trained on, as in a resume (what the workers had prefetched at the
+        old settings is dropped, never trained on, so nothing is lost or repeated); a new global batch starts
+        a new mixture schedule from this step, the samples each source delivered carried over."""
+        if layout.streams != self.layout.streams:
+            raise ValueError("a stage cannot change the number of data streams (world size x workers)")
+        state = self.state()
+        self.close()
+        self.layout, self.global_batch, self.micro_batches = layout, layout.global_batch, layout.micro_batches
+        self.tokenizer, self.decoder = tokenizer, self._decoder(transform, draft_size)
+        self.restore(state, self.step)
 
     def restore(self, state: dict, step: int) -> None:
         """Continue from a checkpoint's data state. The data's own step (global batches it has

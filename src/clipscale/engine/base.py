@@ -72,7 +72,9 @@ def training_stages(cfg: Config, layout: BatchLayout) -> list:
     from ..errors import ConfigError
 
     try:
-        return resolve_stages(cfg.schedule.stages, cfg.model.patch_dropout, layout.global_batch, cfg.train.steps)
+        return resolve_stages(
+            cfg.schedule.stages, cfg.model.patch_dropout, layout.global_batch, cfg.train.steps, layout.micro_batches
+        )
     except ValueError as exn:
         raise ConfigError(str(exn)) from None
 
@@ -156,6 +158,11 @@ class Engine(abc.ABC):
         return float(group["lr"] / initial * base)
 
     ema = None  # an ema.ModelEMA of `module` when ema.decay is set (the trainer attaches it)
+
+    def resize_inputs(self, image: int | None, context: int | None, seed: int = 0) -> list[str]:
+        """A training stage's input size (input_size.resize_inputs): the model, its optimizer state and EMA;
+        the names of the parameters that changed. Engines that shard parameters flat cannot (validated)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change the model's input size within a run")
 
     def load_ema(self, path: Path, ema_state: dict | None) -> None:
         """Restore the EMA (open_clip names, whole tensors) or, from a checkpoint without one, restart

@@ -22,6 +22,7 @@ from ..checkpoint.files import load_checkpoint_file, torch_save_synced
 from ..checkpoint.formats import full_state, read_ema
 from ..job.distributed import DistEnv
 from ..model import clamp_logit_scale, fit_scalar_shapes, to_open_clip_layout
+from ..model.input_size import resize_inputs, saved_input_size
 from .base import Engine, EngineSpec, compiles, optimizer_state_by_name
 
 FULL = StateDictOptions(full_state_dict=True)
@@ -51,21 +52,35 @@ class DDPEngine(Engine):
     def __init__(self, model: nn.Module, spec: EngineSpec, env: DistEnv):
         self.spec, self.env, self.device = spec, env, env.device
         self.module = model.to(self.device)
-        if env.world_size > 1:
+        self.compiled = compiles(spec.compile, self.device)
+        self._wrap()
+        self.optimizer = spec.optimization.optimizer(self.module, self.device)
+        self.scheduler = spec.optimization.scheduler(self.optimizer)
+        fp16 = spec.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16) if fp16 else None
+
+    def _wrap(self) -> None:
+        """DDP around the module (its buckets are views of the parameters as they are now), compiled if asked."""
+        if self.env.world_size > 1:
             self.wrapped = DistributedDataParallel(
                 self.module,
-                device_ids=[env.local_rank] if self.device.type == "cuda" else None,
+                device_ids=[self.env.local_rank] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True,
                 **_no_buffer_sync(),
             )
         else:
             self.wrapped = self.module
-        self.compiled = compiles(spec.compile, self.device)
         self.runner = torch.compile(self.wrapped) if self.compiled else self.wrapped
-        self.optimizer = spec.optimization.optimizer(self.module, self.device)
-        self.scheduler = spec.optimization.scheduler(self.optimizer)
-        fp16 = spec.precision == "fp16"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16) if fp16 else None
+
+    def resize_inputs(self, image: int | None, context: int | None, seed: int = 0) -> list[str]:
+        """Collective at world size > 1 (DDP is built again around the new parameters)."""
+        changed = resize_inputs(self.module, image, context, self.optimizer, self.ema, seed)
+        if changed:
+            if isinstance(self.wrapped, DistributedDataParallel):
+                self.wrapped._remove_autograd_hooks()  # the old reducer must not all-reduce alongside the new one
+            self.wrapped = self.runner = None
+            self._wrap()
+        return changed
 
     # ------------------------------------------------------------------ compute
     def backward(self, loss):
@@ -125,6 +140,7 @@ class DDPEngine(Engine):
     def load(self, path: Path) -> dict:
         """A DDP checkpoint file or an FSDP2 checkpoint folder, of any world size."""
         model_state, optim_state, train_state = full_state(path)
+        self._take_input_size_of(model_state)
         now = self.module.state_dict()
         check_fits(path, train_state, self.spec.identity, now, model_state)
         self.module.load_state_dict(fit_scalar_shapes(model_state, {k: v.shape for k, v in now.items()}))
@@ -139,6 +155,13 @@ class DDPEngine(Engine):
             if scaler:
                 self.scaler.load_state_dict(scaler)
         return train_state
+
+    def _take_input_size_of(self, saved: dict) -> None:
+        """A checkpoint written in another training stage (schedule.stages with image_size or context_length)
+        holds position tables of that stage's size: the model takes that size before loading, so the weights
+        and the optimizer state fit as saved (the trainer then moves on to the stage of the next step)."""
+        if any(st.image_size or st.context_length for st in self.spec.optimization.stages):
+            self.resize_inputs(*saved_input_size(saved, self.module))
 
     def _load_legacy_optimizer(self, path: Path) -> None:
         """clipscale <= 0.1 files hold torch's index-keyed optimizer state (same model, same groups)."""

@@ -65,12 +65,13 @@ def _input_size(model) -> tuple[int, int]:
     return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
-def flops_per_sample(mcfg: ModelConfig, loss_name: str = "clip", batch: int = 2) -> float:
+def flops_per_sample(mcfg: ModelConfig, loss_name: str = "clip", batch: int = 2, image_size: int | None = None):
     """Training FLOPs of one sample (forward + backward of both towers), counted on a meta-device copy:
-    no memory, no effect on the run's model, random streams or BatchNorm statistics."""
+    no memory, no effect on the run's model, random streams or BatchNorm statistics. `image_size`: a training
+    stage's (None: the model's)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = meta_model(mcfg, loss_name).train()
+    model = meta_model(mcfg, loss_name, image_size).train()
     context = getattr(model, "context_length", None) or model.text.context_length
     images = torch.zeros(batch, 3, *_input_size(model), device="meta")
     texts = torch.zeros(batch, context, dtype=torch.long, device="meta")
@@ -115,24 +116,27 @@ class Utilisation:
         out.per_sample = out.count(cfg.model.patch_dropout)
         return out
 
-    def count(self, patch_dropout: float) -> float | None:
-        """FLOPs per sample at this patch dropout (a training stage's), counted once per value."""
-        if patch_dropout not in self._counted:
+    def count(self, patch_dropout: float, image_size: int | None = None, context_length: int | None = None):
+        """FLOPs per sample at this patch dropout and input size (a training stage's; None: the model's), counted
+        once per setting; None when the meta device cannot run the network."""
+        key = (patch_dropout, image_size, context_length)
+        if key not in self._counted:
             from dataclasses import replace
 
+            mcfg = replace(self.model_cfg, patch_dropout=patch_dropout)
+            if context_length is not None:
+                mcfg = replace(mcfg, context_length=context_length)
             try:
-                self._counted[patch_dropout] = flops_per_sample(
-                    replace(self.model_cfg, patch_dropout=patch_dropout), self.loss_name
-                )
+                self._counted[key] = flops_per_sample(mcfg, self.loss_name, image_size=image_size)
             except Exception as exn:  # noqa: BLE001 - a measurement, never worth a failed run
                 log.warning("cannot count the model's FLOPs on the meta device (%s: %s): no tflops/mfu in the "
                             "metrics", type(exn).__name__, str(exn).splitlines()[0][:200])  # fmt: skip
-                self._counted[patch_dropout] = None
-        return self._counted[patch_dropout]
+                self._counted[key] = None
+        return self._counted[key]
 
-    def at_patch_dropout(self, patch_dropout: float) -> None:
+    def at_stage(self, patch_dropout: float, image_size: int | None = None, context_length: int | None = None) -> None:
         """A new training stage: its FLOPs per sample from now on."""
-        self.per_sample = self.count(patch_dropout)
+        self.per_sample = self.count(patch_dropout, image_size, context_length)
 
     def record(self, samples_per_s: float) -> dict:
         """tflops (model TFLOP/s per device), mfu (when the device's peak is known), peak_mem_gib."""

@@ -27,7 +27,6 @@ from ..checkpoint.state import RNG, DataPosition, LRSchedule, Progress, RunMeta,
 from ..config import BatchLayout, Config, save_config, to_dict
 from ..config.layout import stage_at
 from ..data.loader import TrainData
-from ..data.samples import draft_size
 from ..engine import build_engine
 from ..engine.base import training_stages
 from ..engine.ema import ModelEMA
@@ -39,11 +38,12 @@ from ..job.preempt import EXIT_PREEMPTED, PreemptionHandler
 from ..job.status import write_status
 from ..job.watchdog import HangWatchdog, report_and_exit
 from ..loss import build_loss
-from ..model import count_parameters, create_model, set_patch_dropout
+from ..model import count_parameters, create_model, input_size, set_patch_dropout
 from ..optim import describe_groups, param_groups
 from ..wds.census import CACHE_NAME
 from .flops import Utilisation
 from .grad_cache import forward_backward, global_loss_and_stop
+from .stages import StagePlan
 from .tracker import StepTracker
 
 log = logging.getLogger("clipscale")
@@ -122,6 +122,8 @@ class Trainer:
         most = max([cfg.model.patch_dropout, *(st.patch_dropout for st in self.stages)])  # built with it; set per stage
         mcfg = replace(cfg.model, patch_dropout=most)
         self.bundle = create_model(mcfg, cfg.loss.name, env.device, augment=cfg.data.augment)
+        self.plan = StagePlan(cfg, self.stages, self.bundle, self.layout)
+        first = self.plan.first()
         log.info("parameter groups:\n%s", describe_groups(param_groups(self.bundle.model, cfg.optim)))
         self.engine = build_engine(cfg, self.bundle.model, env, self.layout)
         self.setup_seconds = {"model": time.perf_counter() - t0}
@@ -130,23 +132,36 @@ class Trainer:
         self.loss_fn, self.teacher = self._objective()
         self.ckpts = CheckpointManager(self.run_dir, cfg.checkpoint, env.is_main, local_main=env.local_rank == 0)
         t0 = time.perf_counter()
-        draft = draft_size(self.bundle.image_size, cfg.data.augment) if cfg.data.jpeg_draft else None
+        layout, transform, tokenizer, draft = self.plan.data_settings(first)
         self.data = TrainData(
-            cfg.data, self.layout, env, cfg.seed, self.bundle.train_transform, self.bundle.tokenizer, draft,
+            cfg.data, layout, env, cfg.seed, transform, tokenizer, draft,
             signals=tuple(cfg.train.preempt_signals), count_cache=self.run_dir / CACHE_NAME,
             beat=lambda: self.watchdog.watch("counting shards"), stored_teacher=cfg.distill.source == "shards",
         )  # fmt: skip
+        self.data_key = self.plan.data_key_of(first)
         self.setup_seconds["data"] = time.perf_counter() - t0
         self.guard = SpikeGuard(cfg.train.spike_guard)
         self.rng = RNG(env, cfg.seed, self.progress)
         self.state = TrainState(
             progress=self.progress,
             schedule=LRSchedule(self.engine),
-            data=DataPosition(self.data, self.progress),
+            data=DataPosition(self.data, self.progress, settle=self.settle_data),
             rng=self.rng,
             meta=RunMeta(cfg, env),
             **({"guard": self.guard} if self.guard.enabled else {}),
         )
+
+    def settle_data(self, step: int) -> None:
+        """Collective (a resume or a rollback to `step`): the data at the settings of the stage that step trained
+        in, which its saved position belongs to."""
+        self._data_at(self.plan.at_step(step))
+
+    def _data_at(self, stage) -> None:
+        """Collective: the data at a stage's batch, crops and text length (nothing to do when they are the same)."""
+        key = self.plan.data_key_of(stage)
+        if key != self.data_key:
+            self.data.reconfigure(*self.plan.data_settings(stage))
+            self.data_key = key
 
     def _ema(self) -> ModelEMA | None:
         """The EMA of the weights (ema.decay), attached before resuming: the checkpoint restores it."""
@@ -257,16 +272,30 @@ class Trainer:
         return self.finish(stop)
 
     def enter_stage(self) -> None:
-        """The stage of the coming step (schedule.stages; from the step alone, so a resume at any step, or a
-        rollback, is in the right one): its patch dropout on the model (its lr scale is in the schedule)."""
+        """Collective: the stage of the coming step (schedule.stages; from the step alone, so a resume at any
+        step, or a rollback, is in the right one): its input size on the model (position embeddings
+        interpolated, with their optimizer state and EMA), its batch, crops and text length on the data (the
+        streams continue where training stopped), its patch dropout (its lr scale is in the schedule)."""
         stage = stage_at(self.stages, self.step + 1)
         if stage is None or stage == self.stage:
             return
-        set_patch_dropout(self.engine.module, stage.patch_dropout)
+        image, context = self.plan.inputs_of(stage)
+        module = self.engine.module
+        if (input_size.image_size(module), input_size.context_length(module)) != (image, context):
+            changed = self.engine.resize_inputs(image, context, seed=self.cfg.seed + stage.index)
+            log.info("input size from step %d: %s px, %s tokens (%s resized)", self.step + 1, image, context,
+                     ", ".join(changed))  # fmt: skip
+        self._data_at(stage)
+        if self.evaluator is not None:
+            self.evaluator.transform, self.evaluator.tokenizer = self.plan.eval_transform(stage), self.data.tokenizer
+        set_patch_dropout(module, stage.patch_dropout)
+        self.layout = self.plan.layout_of(stage)
+        self.tracker.global_batch = self.layout.global_batch
         if self.flops is not None:
-            self.flops.at_patch_dropout(stage.patch_dropout)
-        log.info("stage %d of %d from step %d to %d: patch_dropout %g, lr_scale %g", stage.index + 1,
-                 len(self.stages), self.step + 1, stage.ends_after, stage.patch_dropout, stage.lr_scale)  # fmt: skip
+            self.flops.at_stage(stage.patch_dropout, image, context)
+        log.info("stage %d of %d from step %d to %d: patch_dropout %g, lr_scale %g, global batch %d, %s px, %s "
+                 "tokens", stage.index + 1, len(self.stages), self.step + 1, stage.ends_after, stage.patch_dropout,
+                 stage.lr_scale, stage.global_batch, image, context)  # fmt: skip
         self.stage = stage
         self.tracker.window.reset()  # per-stage throughput: no record mixes two stages' steps
         if self.env.is_main and self.step > 0:
@@ -328,6 +357,7 @@ class Trainer:
             )  # fmt: skip
             self.data.close()
             self.state.load_state_dict(self.ckpts.restore(self.engine, plan.target))
+            self.stage = None  # the checkpoint may be of another stage's input size: enter_stage sets it again
             self.ckpts.holds(plan.target, self.step)
             self.guard.rolled_back(plan)
             if self.evaluator is not None:
@@ -405,7 +435,7 @@ class Trainer:
     def record(self, result: StepResult, rates: dict) -> dict:
         """The metrics record of a logged step."""
         return {
-            "epoch": (self.step * self.layout.global_batch) // self.data.num_samples,
+            "epoch": self.samples_trained() // self.data.num_samples,
             "loss": result.loss,
             "lr": self.engine.lr(),
             "logit_scale": self.engine.logit_scale(),
@@ -421,12 +451,13 @@ class Trainer:
             **self.stage_fields(),
         }
 
+    def samples_trained(self) -> int:
+        """Samples trained on from the start of the run to this step (global batches of every stage)."""
+        return self.plan.samples_through(self.step, self.layout.global_batch)
+
     def stage_fields(self) -> dict:
         """The stage in a metrics record (schedule.stages)."""
-        st = self.stage
-        if st is None:
-            return {}
-        return {"stage": st.index, "stage/patch_dropout": st.patch_dropout, "stage/lr_scale": st.lr_scale}
+        return self.plan.fields(self.stage)
 
     def skipped_samples(self) -> int:
         """Collective: the samples skipped so far on every rank (each rank counts its own streams)."""
@@ -451,11 +482,9 @@ class Trainer:
         missing = {s.name: s.missing for s in (self.data.sources if self.data is not None else []) if s.missing}
         if missing:
             fields["missing_shards"] = missing  # skipped (missing_shards: skip): a download with gaps
-        stage = getattr(self, "stage", None)
-        if stage is not None:
-            fields["stage"] = {"index": stage.index, "of": len(self.stages), "patch_dropout": stage.patch_dropout,
-                               "lr_scale": stage.lr_scale, "ends_after": stage.ends_after}  # fmt: skip
-            fields["next_boundary"] = stage.ends_after if stage.index + 1 < len(self.stages) else None
+        plan = getattr(self, "plan", None)
+        if plan is not None:
+            fields.update(plan.status(getattr(self, "stage", None)))
         guard = getattr(self, "guard", None)
         if guard is not None and guard.rollbacks:
             fields["rollbacks"] = guard.rollbacks[-20:]
