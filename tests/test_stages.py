@@ -235,3 +235,38 @@ def test_fsdp2_changes_the_batch_at_a_boundary_as_ddp_does(tmp_path, toy_shards)
         assert fsdp2[step] == pytest.approx(ddp[step], abs=1e-4), step
     batches = [r["global_batch"] for r in read_jsonl(tmp_path / "fsdp2" / "metrics.jsonl") if "loss" in r]
     assert batches == [16] * 3 + [8] * 3
+
+
+@pytest.mark.slow
+def test_a_boundary_in_samples_stays_put_when_the_world_size_changes(tmp_path, toy_shards):
+    # 2 ranks x 4 = 8 a step: 48 samples end stage 0 after step 6. Resumed from step 4 (32 samples) on one
+    # rank, 4 a step: the 16 samples left take 4 steps, so the boundary is after step 8, not 48 / 4 = 12
+    from process_helpers import run
+
+    stages = "schedule.stages=[{until_samples: 48, image_size: 16, context_length: 8}, {image_size: 32, context_length: 32}]"
+    first, second = tmp_path / "two-ranks", tmp_path / "one-rank"
+    run(2, first, toy_shards, stages, "train.steps=8")
+    proc = run(1, second, toy_shards, stages, "train.steps=14",
+               f"checkpoint.resume={first / 'checkpoints' / 'step_00000004.pt'}")  # fmt: skip
+    assert "stage boundaries from step 4: stage 1 to step 8 at batch 4" in proc.stderr
+    lines = [r for r in read_sample_keys(first) if r["step"] <= 4] + read_sample_keys(second)
+    in_stage0 = sum(len(r["keys"]) for r in lines if r["step"] <= 8)
+    assert in_stage0 == 48
+    records = {r["step"]: r for r in read_jsonl(second / "metrics.jsonl") if "loss" in r}
+    assert [records[s]["stage/image_size"] for s in range(5, 15)] == [16] * 4 + [32] * 6
+    status = json.loads((second / "status.json").read_text())
+    assert status["stage"]["index"] == 1 and status["next_boundary"] is None
+
+
+def test_the_spike_guard_judges_a_new_batch_size_against_its_own_stage(tmp_path, toy_shards):
+    # the contrastive loss grows with log(batch): 4 -> 64 a step roughly triples it. Judged against the
+    # last stage's median, the first steps of the big batch would be "spikes" and roll the run back
+    run = tmp_path / "run"
+    train(tiny_config(run, toy_shards, train__steps=12, schedule__stages="[{until_step: 6, batch_size: 4}, "
+                      "{batch_size: 64}]", checkpoint__every_n_steps=2, train__spike_guard__factor=1.3,
+                      train__spike_guard__patience=2, train__spike_guard__window=10,
+                      train__spike_guard__skip_batches=1))  # fmt: skip
+    losses = {r["step"]: r["loss"] for r in records(run)}
+    assert sorted(losses) == list(range(1, 13))
+    assert min(losses[s] for s in (7, 8)) > 1.3 * max(losses[s] for s in range(2, 7))  # what would have fired
+    assert "rollbacks" not in json.loads((run / "status.json").read_text())

@@ -194,7 +194,7 @@ class Optimization:
     optim: object  # config.OptimConfig
     schedule: object  # config.ScheduleConfig
     total_steps: int
-    stages: tuple = ()  # config.layout.Stage of schedule.stages, resolved at the job's batch layout
+    stages: list | tuple = ()  # config.layout.Stage of schedule.stages (the trainer's list, read at every step)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return param_groups(model, self.optim)

@@ -14,6 +14,7 @@ weight decay, schedule: the current config wins) and logs what changed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import random
@@ -171,8 +172,10 @@ class DataPosition:
 class RunMeta:
     """What ran: the config (changes against the checkpoint's are logged), versions, world size."""
 
-    def __init__(self, cfg: Config, env: DistEnv):
-        self.cfg, self.env = cfg, env
+    def __init__(self, cfg: Config, env: DistEnv, stages: list | None = None):
+        """`stages`: the run's resolved schedule.stages (saved: a resume at another world size keeps the
+        boundaries of the steps trained)."""
+        self.cfg, self.env, self.stages = cfg, env, stages or []
         self.saved: dict = {}
         self.wandb_run_id: str | None = None  # kept across resumes: a requeued job continues the W&B run
 
@@ -184,6 +187,7 @@ class RunMeta:
             "versions": software_versions(),
             "model_name": self.cfg.model.name,
             "world_size": self.env.world_size,
+            "stages": [dataclasses.asdict(s) for s in self.stages],
         }
 
     def load_state_dict(self, state: dict) -> None:

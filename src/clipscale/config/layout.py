@@ -3,7 +3,7 @@ DataLoader workers. Computed once (BatchLayout.of) and handed to every component
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,24 @@ class Stage:
 
 
 def resolve_stages(
-    stages: list, patch_dropout: float, global_batch: int, total_steps: int, micro_batches: int = 1
+    stages: list,
+    patch_dropout: float,
+    global_batch: int,
+    total_steps: int,
+    micro_batches: int = 1,
+    trained: list[Stage] | None = None,
+    step: int = 0,
 ) -> list[Stage]:
     """schedule.stages as steps (an until_samples rounded up to whole global batches of its stage) with every
     value carried over; [] without stages. `micro_batches` (world size x accumulation) must divide every
-    batch_size. Raises ValueError with the one-line reason for a list that cannot run."""
-    out: list[Stage] = []
+    batch_size. A resumed run passes the list its checkpoint `trained` with and its `step`: the steps trained
+    keep the boundaries and batches they had (a job at another world size has another global batch, which
+    would move a boundary in samples), the rest is resolved from the samples trained so far. Raises
+    ValueError with the one-line reason for a list that cannot run."""
+    out, first, previous, samples = _trained_part(trained, step, len(stages)) if trained and step > 0 else ([], 0, 0, 0)
+    if out and step >= total_steps:
+        return out
     dropout, scale, batch, image, context = patch_dropout, 1.0, global_batch, None, None
-    previous, samples = 0, 0
     for i, st in enumerate(stages):
         where = f"schedule.stages[{i}]"
         if st.until_step is not None and st.until_samples is not None:
@@ -89,24 +99,24 @@ def resolve_stages(
         if st.batch_size and batch % micro_batches:
             raise ValueError(f"'{where}': a global batch of {batch} does not split into the {micro_batches} "
                              "micro-batches of a step (world size x optim.accum_steps)")  # fmt: skip
-        last = i == len(stages) - 1
+        dropout = st.patch_dropout if st.patch_dropout is not None else dropout
+        scale = st.lr_scale if st.lr_scale is not None else scale
+        image, context = st.image_size or image, st.context_length or context
+        if not 0 <= dropout < 1 or scale <= 0:
+            raise ValueError(f"'{where}': patch_dropout must be in [0, 1) and lr_scale > 0 (got {dropout}, {scale})")
+        if i < first:
+            continue  # trained already, as `trained` says
         if st.until_samples is not None:
             end = previous + max(0, -(-(st.until_samples - samples) // batch))
         elif st.until_step is not None:
             end = st.until_step
-        elif last:
+        elif i == len(stages) - 1:
             end = total_steps
         else:
             raise ValueError(f"'{where}': a stage before the last needs until_step or until_samples")
         if end <= previous or end > total_steps:
             raise ValueError(f"'{where}' ends after step {end}: boundaries must increase, from above {previous} "
                              f"to at most train.steps={total_steps}")  # fmt: skip
-        dropout = st.patch_dropout if st.patch_dropout is not None else dropout
-        scale = st.lr_scale if st.lr_scale is not None else scale
-        image = st.image_size or image
-        context = st.context_length or context
-        if not 0 <= dropout < 1 or scale <= 0:
-            raise ValueError(f"'{where}': patch_dropout must be in [0, 1) and lr_scale > 0 (got {dropout}, {scale})")
         out.append(Stage(i, end, dropout, scale, batch, image, context, previous, samples))
         samples += (end - previous) * batch
         previous = end
@@ -114,6 +124,17 @@ def resolve_stages(
         raise ValueError(f"schedule.stages end after step {out[-1].ends_after}, before train.steps={total_steps}: "
                          "let the last stage run to the end (no until_step)")  # fmt: skip
     return out
+
+
+def _trained_part(trained: list[Stage], step: int, count: int) -> tuple[list[Stage], int, int, int]:
+    """(the stages up to `step` as trained, the piece in progress cut at `step`; the index of the first stage
+    still to resolve; its first step's predecessor; the samples trained by then)."""
+    done = [s for s in trained if s.starts_after < step]
+    out = [replace(s, ends_after=min(s.ends_after, step)) for s in done]
+    current = done[-1]
+    last = current.index == count - 1  # runs to train.steps, which may have grown since
+    first = current.index + (1 if current.ends_after <= step and not last else 0)
+    return out, first, step, current.samples_through(step)
 
 
 def stage_at(stages: list[Stage], step: int) -> Stage | None:

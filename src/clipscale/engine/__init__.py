@@ -8,10 +8,11 @@ from ..job.distributed import DistEnv
 from .base import Engine, EngineSpec
 
 
-def build_engine(cfg: Config, model, env: DistEnv, layout: BatchLayout | None = None) -> Engine:
-    """The engine engine.name names, with what it takes of `cfg` (EngineSpec.of)."""
+def build_engine(cfg: Config, model, env: DistEnv, layout: BatchLayout | None = None, stages: list | None = None):
+    """The engine engine.name names, with what it takes of `cfg` (EngineSpec.of); `stages`: the run's resolved
+    schedule.stages, a list the trainer may update on resume (the schedule reads it at every step)."""
     layout = layout or BatchLayout.of(cfg.data, cfg.optim, env.world_size)
-    spec = EngineSpec.of(cfg, layout)
+    spec = EngineSpec.of(cfg, layout, stages)
     if cfg.engine.name == "ddp":
         from .ddp import DDPEngine
 

@@ -44,10 +44,11 @@ class EngineSpec:
     so that the conversion's own one-line error comes first."""
 
     @classmethod
-    def of(cls, cfg: Config, layout: BatchLayout) -> EngineSpec:
+    def of(cls, cfg: Config, layout: BatchLayout, stages: list | None = None) -> EngineSpec:
+        stages = stages if stages is not None else training_stages(cfg, layout)
         return cls(
             engine=cfg.engine,
-            optimization=Optimization(cfg.optim, cfg.schedule, cfg.train.steps, tuple(training_stages(cfg, layout))),
+            optimization=Optimization(cfg.optim, cfg.schedule, cfg.train.steps, stages),
             precision=cfg.model.precision,
             compile=cfg.model.compile,
             layout=layout,
@@ -66,15 +67,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def training_stages(cfg: Config, layout: BatchLayout) -> list:
-    """schedule.stages at this job's global batch (config.layout.Stage), or a one-line ConfigError."""
+def training_stages(cfg: Config, layout: BatchLayout, trained: list | None = None, step: int = 0) -> list:
+    """schedule.stages at this job's global batch (config.layout.Stage), or a one-line ConfigError; a resumed
+    run keeps the boundaries of the steps it `trained` (config.layout.resolve_stages)."""
     from ..config.layout import resolve_stages
     from ..errors import ConfigError
 
     try:
         return resolve_stages(
-            cfg.schedule.stages, cfg.model.patch_dropout, layout.global_batch, cfg.train.steps, layout.micro_batches
-        )
+            cfg.schedule.stages, cfg.model.patch_dropout, layout.global_batch, cfg.train.steps, layout.micro_batches,
+            trained, step,
+        )  # fmt: skip
     except ValueError as exn:
         raise ConfigError(str(exn)) from None
 

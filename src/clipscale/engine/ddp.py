@@ -78,6 +78,8 @@ class DDPEngine(Engine):
         if changed:
             if isinstance(self.wrapped, DistributedDataParallel):
                 self.wrapped._remove_autograd_hooks()  # the old reducer must not all-reduce alongside the new one
+                for hook in getattr(self.wrapped, "_accum_grad_hooks", []):  # (torch.compile's python reducer)
+                    hook.remove()
             self.wrapped = self.runner = None
             self._wrap()
         return changed

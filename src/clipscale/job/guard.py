@@ -87,6 +87,13 @@ class SpikeGuard:
         self.history.append(loss)  # a spiking loss does not raise the median it is judged against
         return False
 
+    def new_baseline(self) -> None:
+        """A training stage that changes what the loss measures (its batch, inputs or masking: the contrastive
+        loss grows with log(batch)) begins: its steps are judged against their own median, not the last
+        stage's."""
+        self.history.clear()
+        self.above = 0
+
     def due(self) -> bool:
         """A rollback is due (also right after a resume from a checkpoint saved at the deciding step)."""
         return self.enabled and self.above >= self.cfg.patience

@@ -60,7 +60,10 @@ def saved_input_size(state: dict, model: nn.Module) -> tuple[int | None, int | N
     text = state.get("positional_embedding", state.get("text.positional_embedding"))
     size = None
     if image is not None and image.ndim == 2 and image_size(model) is not None and hasattr(model.visual, "grid_size"):
-        size = math.isqrt(image.shape[0] - 1) * patch_size(model)  # open_clip's ViT: one class token, a square grid
+        grid = math.isqrt(image.shape[0] - 1)  # open_clip's ViT: one class token, a square grid
+        now = model.visual.grid_size
+        now = now[0] if isinstance(now, (tuple, list)) else now
+        size = image_size(model) if grid == now else grid * patch_size(model)  # (a side the grid rounds down)
     length = int(text.shape[0]) if text is not None and context_length(model) is not None else None
     return size, length
 

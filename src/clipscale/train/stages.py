@@ -5,13 +5,17 @@ applies them at a boundary; everything here follows from the stage alone, so a r
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import replace
 
 from ..config import BatchLayout, Config
 from ..config.layout import Stage, stage_at
 from ..data.samples import draft_size
+from ..engine.base import training_stages
 from ..errors import ConfigError
 from ..model import ModelBundle, input_size, transforms_for
+
+log = logging.getLogger(__name__)
 
 
 class StagePlan:
@@ -35,6 +39,20 @@ class StagePlan:
         first = stage_at(self.stages, 1)
         input_size.resize_inputs(model, *self.inputs_of(first))
         return first
+
+    def keep_trained(self, trained: list[Stage], step: int) -> None:
+        """A resume at `step` of a checkpoint that `trained` with those stages: their boundaries up to `step`
+        stand (in place: the schedule reads the same list), the rest follows from the samples trained so far."""
+        resolved = training_stages(self.cfg, self.layout, trained, step)
+        if resolved != self.stages:
+            self.stages[:] = resolved
+            log.info("stage boundaries from step %d: %s", step, ", ".join(f"stage {s.index + 1} to step "
+                     f"{s.ends_after} at batch {s.global_batch}" for s in resolved if s.ends_after > step))  # fmt: skip
+
+    @property
+    def count(self) -> int:
+        """Stages of the config (a resume at another batch may cut one into two pieces of the same index)."""
+        return self.stages[-1].index + 1 if self.stages else 0
 
     def at_step(self, step: int) -> Stage | None:
         """The stage optimizer step `step` trains in (step 0: the first)."""
@@ -92,7 +110,7 @@ class StagePlan:
         if stage is None:
             return {}
         image, context = self.inputs_of(stage)
-        current = {"index": stage.index, "of": len(self.stages), "patch_dropout": stage.patch_dropout,
+        current = {"index": stage.index, "of": self.count, "patch_dropout": stage.patch_dropout,
                    "lr_scale": stage.lr_scale, "global_batch": stage.global_batch, "image_size": image,
                    "context_length": context, "ends_after": stage.ends_after}  # fmt: skip
-        return {"stage": current, "next_boundary": stage.ends_after if stage.index + 1 < len(self.stages) else None}
+        return {"stage": current, "next_boundary": stage.ends_after if stage.index + 1 < self.count else None}

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..checkpoint import CheckpointManager
 from ..checkpoint.state import RNG, DataPosition, LRSchedule, Progress, RunMeta, TrainState, seed_everything
 from ..config import BatchLayout, Config, save_config, to_dict
-from ..config.layout import stage_at
+from ..config.layout import Stage, stage_at
 from ..data.loader import TrainData
 from ..engine import build_engine
 from ..engine.base import training_stages
@@ -125,7 +125,7 @@ class Trainer:
         self.plan = StagePlan(cfg, self.stages, self.bundle, self.layout)
         first = self.plan.first()
         log.info("parameter groups:\n%s", describe_groups(param_groups(self.bundle.model, cfg.optim)))
-        self.engine = build_engine(cfg, self.bundle.model, env, self.layout)
+        self.engine = build_engine(cfg, self.bundle.model, env, self.layout, self.stages)
         self.setup_seconds = {"model": time.perf_counter() - t0}
         self.ema = self._ema()
         self.flops = Utilisation.of(cfg, env) if env.is_main else None
@@ -145,16 +145,25 @@ class Trainer:
         self.state = TrainState(
             progress=self.progress,
             schedule=LRSchedule(self.engine),
+            meta=RunMeta(cfg, env, self.stages),  # before the data: settle_data reads its stages
             data=DataPosition(self.data, self.progress, settle=self.settle_data),
             rng=self.rng,
-            meta=RunMeta(cfg, env),
             **({"guard": self.guard} if self.guard.enabled else {}),
         )
 
     def settle_data(self, step: int) -> None:
         """Collective (a resume or a rollback to `step`): the data at the settings of the stage that step trained
         in, which its saved position belongs to."""
+        self._keep_trained_stages(step)
         self._data_at(self.plan.at_step(step))
+
+    def _keep_trained_stages(self, step: int) -> None:
+        """The boundaries of the steps the checkpoint trained, as it trained them (its job's global batch may
+        differ from this one's: a boundary in samples would move); the rest from the samples trained so far."""
+        saved = self.state.parts["meta"].saved
+        same = (saved.get("config") or {}).get("schedule", {}).get("stages") == to_dict(self.cfg.schedule)["stages"]
+        if self.stages and saved.get("stages") and same:
+            self.plan.keep_trained([Stage(**s) for s in saved["stages"]], step)
 
     def _data_at(self, stage) -> None:
         """Collective: the data at a stage's batch, crops and text length (nothing to do when they are the same)."""
@@ -201,6 +210,12 @@ class Trainer:
         self.tracker.compiled = self.engine.compiled
         self.tracker.resume_at(self.step)
         self.evaluator = self._evaluator()
+        self._eval_inputs(self.plan.at_step(self.step))  # a job requeued at its last step evaluates at once
+
+    def _eval_inputs(self, stage) -> None:
+        """The evaluation at a stage's image side and text length (the model's as it is then)."""
+        if self.evaluator is not None and stage is not None:
+            self.evaluator.transform, self.evaluator.tokenizer = self.plan.eval_transform(stage), self.data.tokenizer
 
     def _wandb(self):
         """The W&B run of logging.wandb (rank 0), continuing the checkpoint's run id after a resume."""
@@ -286,15 +301,16 @@ class Trainer:
             log.info("input size from step %d: %s px, %s tokens (%s resized)", self.step + 1, image, context,
                      ", ".join(changed))  # fmt: skip
         self._data_at(stage)
-        if self.evaluator is not None:
-            self.evaluator.transform, self.evaluator.tokenizer = self.plan.eval_transform(stage), self.data.tokenizer
+        self._eval_inputs(stage)
+        if self.step > 0 and self.plan.at_step(self.step).index != stage.index:
+            self.guard.new_baseline()  # crossing a boundary (a resume inside a stage has its saved baseline)
         set_patch_dropout(module, stage.patch_dropout)
         self.layout = self.plan.layout_of(stage)
         self.tracker.global_batch = self.layout.global_batch
         if self.flops is not None:
             self.flops.at_stage(stage.patch_dropout, image, context)
         log.info("stage %d of %d from step %d to %d: patch_dropout %g, lr_scale %g, global batch %d, %s px, %s "
-                 "tokens", stage.index + 1, len(self.stages), self.step + 1, stage.ends_after, stage.patch_dropout,
+                 "tokens", stage.index + 1, self.plan.count, self.step + 1, stage.ends_after, stage.patch_dropout,
                  stage.lr_scale, stage.global_batch, image, context)  # fmt: skip
         self.stage = stage
         self.tracker.window.reset()  # per-stage throughput: no record mixes two stages' steps
@@ -372,8 +388,10 @@ class Trainer:
         consumed without training (recorded in the sample-key log before the step that follows)."""
         batches = self.guard.skip_due(self.step)
         for i in range(batches):
+            self._data_at(self.plan.at_step(self.step + 1 + i))  # each at the batch and inputs it had
             self.tracker.skipped(self.step + 1, i, self.data.skip(1))
         if batches:
+            self._data_at(self.stage)
             log.warning("skipped the %d global batches that led into the spike (after step %d)", batches, self.step)
             self.tracker.window.reset()  # (reading the skipped data is not training time)
 
