@@ -101,6 +101,7 @@ def run_demo(
         "first_loss": losses[0]["loss"],
         "last_loss": losses[-1]["loss"],
         "steps": losses[-1]["step"],
+        "train_seconds": train_seconds,
         **{k: v for k, v in final.items() if k.startswith("eval/")},
     }
 
