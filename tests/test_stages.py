@@ -243,7 +243,9 @@ def test_a_boundary_in_samples_stays_put_when_the_world_size_changes(tmp_path, t
     # rank, 4 a step: the 16 samples left take 4 steps, so the boundary is after step 8, not 48 / 4 = 12
     from process_helpers import run
 
-    stages = "schedule.stages=[{until_samples: 48, image_size: 16, context_length: 8}, {image_size: 32, context_length: 32}]"
+    stages = (
+        "schedule.stages=[{until_samples: 48, image_size: 16, context_length: 8}, {image_size: 32, context_length: 32}]"
+    )
     first, second = tmp_path / "two-ranks", tmp_path / "one-rank"
     run(2, first, toy_shards, stages, "train.steps=8")
     proc = run(1, second, toy_shards, stages, "train.steps=14",

@@ -123,6 +123,19 @@ def resolve_stages(
     if out and out[-1].ends_after < total_steps:
         raise ValueError(f"schedule.stages end after step {out[-1].ends_after}, before train.steps={total_steps}: "
                          "let the last stage run to the end (no until_step)")  # fmt: skip
+    return _joined(out)
+
+
+def _joined(stages: list[Stage]) -> list[Stage]:
+    """Pieces of one stage that a resume cut but that run alike (the same batch) as one stage again."""
+    out: list[Stage] = []
+    for s in stages:
+        if out and replace(out[-1], ends_after=s.ends_after) == replace(
+            s, starts_after=out[-1].starts_after, samples_before=out[-1].samples_before
+        ):
+            out[-1] = replace(out[-1], ends_after=s.ends_after)
+        else:
+            out.append(s)
     return out
 
 

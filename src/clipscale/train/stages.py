@@ -40,14 +40,17 @@ class StagePlan:
         input_size.resize_inputs(model, *self.inputs_of(first))
         return first
 
-    def keep_trained(self, trained: list[Stage], step: int) -> None:
+    def keep_trained(self, trained: list[Stage], step: int) -> bool:
         """A resume at `step` of a checkpoint that `trained` with those stages: their boundaries up to `step`
-        stand (in place: the schedule reads the same list), the rest follows from the samples trained so far."""
+        stand (in place: the schedule reads the same list), the rest follows from the samples trained so far.
+        True when the boundaries moved."""
         resolved = training_stages(self.cfg, self.layout, trained, step)
-        if resolved != self.stages:
-            self.stages[:] = resolved
-            log.info("stage boundaries from step %d: %s", step, ", ".join(f"stage {s.index + 1} to step "
-                     f"{s.ends_after} at batch {s.global_batch}" for s in resolved if s.ends_after > step))  # fmt: skip
+        if resolved == self.stages:
+            return False
+        self.stages[:] = resolved
+        log.info("stage boundaries from step %d: %s", step, ", ".join(f"stage {s.index + 1} to step "
+                 f"{s.ends_after} at batch {s.global_batch}" for s in resolved if s.ends_after > step))  # fmt: skip
+        return True
 
     @property
     def count(self) -> int:

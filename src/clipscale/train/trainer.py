@@ -162,8 +162,9 @@ class Trainer:
         differ from this one's: a boundary in samples would move); the rest from the samples trained so far."""
         saved = self.state.parts["meta"].saved
         same = (saved.get("config") or {}).get("schedule", {}).get("stages") == to_dict(self.cfg.schedule)["stages"]
-        if self.stages and saved.get("stages") and same:
-            self.plan.keep_trained([Stage(**s) for s in saved["stages"]], step)
+        trained = [Stage(**s) for s in saved.get("stages") or []] if same else []
+        if self.stages and trained and self.plan.keep_trained(trained, step):
+            self.engine.restart_schedule(self.engine.schedule_step())  # its next lr was set from the old list
 
     def _data_at(self, stage) -> None:
         """Collective: the data at a stage's batch, crops and text length (nothing to do when they are the same)."""
