@@ -137,13 +137,14 @@ class TrainData:
         )  # fmt: skip
 
     def reconfigure(self, layout: BatchLayout, transform: Callable, tokenizer: Callable, draft_size: int | None):
-        """Collective: a training stage's batch layout, crops and text length from the current step on. The
-        streams continue from the samples trained on, as in a resume (what the workers had prefetched at the
+        """A training stage's batch layout, crops and text length from the current step on (every rank at the
+        same step; no collective: each rank continues its own streams). The streams continue from the samples
+        trained on, as in a resume (what the workers had prefetched at the
         old settings is dropped, never trained on, so nothing is lost or repeated); a new global batch starts
         a new mixture schedule from this step, the samples each source delivered carried over."""
         if layout.streams != self.layout.streams:
             raise ValueError("a stage cannot change the number of data streams (world size x workers)")
-        state = self.state()
+        state = self.state(every_rank=False)
         self.close()
         self.layout, self.global_batch, self.micro_batches = layout, layout.global_batch, layout.micro_batches
         self.tokenizer, self.decoder = tokenizer, self._decoder(transform, draft_size)
@@ -360,11 +361,12 @@ class TrainData:
             out[f"data/{source.name}/epoch"] = round(n / source.samples, 6)
         return out
 
-    def state(self) -> dict:
-        """Collective: the global data state (every rank's stream positions) for a checkpoint."""
+    def state(self, every_rank: bool = True) -> dict:
+        """Collective: the global data state (every rank's stream positions) for a checkpoint. With
+        `every_rank` false, this rank's streams only, without a collective (what it needs to continue itself)."""
         local = {s: {name: p.to_state() for name, p in by_source.items()} for s, by_source in self.positions.items()}
         streams: dict[int, dict] = {}
-        for part in all_gather_object(local):
+        for part in all_gather_object(local) if every_rank else [local]:
             streams.update(part)
         return {
             "format": STATE_FORMAT,

@@ -167,7 +167,7 @@ class Trainer:
             self.engine.restart_schedule(self.engine.schedule_step())  # its next lr was set from the old list
 
     def _data_at(self, stage) -> None:
-        """Collective: the data at a stage's batch, crops and text length (nothing to do when they are the same)."""
+        """The data at a stage's batch, crops and text length (nothing to do when they are the same)."""
         key = self.plan.data_key_of(stage)
         if key != self.data_key:
             self.data.reconfigure(*self.plan.data_settings(stage))
