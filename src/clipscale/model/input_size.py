@@ -25,13 +25,17 @@ from . import open_clip
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
 
 
+def _side(size) -> int:
+    """One side of a size open_clip gives as an int or a (height, width) pair."""
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 def image_size(model: nn.Module) -> int | None:
     """The image side the model takes (None: a tower without a position grid, which takes any size)."""
     visual = getattr(model, "visual", None)
     if visual is None or getattr(visual, "positional_embedding", None) is None:
         return None
-    size = visual.image_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return _side(visual.image_size)
 
 
 def text_tower(model: nn.Module) -> nn.Module:
@@ -48,8 +52,7 @@ def context_length(model: nn.Module) -> int | None:
 
 
 def patch_size(model: nn.Module) -> int:
-    size = model.visual.patch_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return _side(model.visual.patch_size)
 
 
 def saved_input_size(state: dict, model: nn.Module) -> tuple[int | None, int | None]:
@@ -61,9 +64,8 @@ def saved_input_size(state: dict, model: nn.Module) -> tuple[int | None, int | N
     size = None
     if image is not None and image.ndim == 2 and image_size(model) is not None and hasattr(model.visual, "grid_size"):
         grid = math.isqrt(image.shape[0] - 1)  # open_clip's ViT: one class token, a square grid
-        now = model.visual.grid_size
-        now = now[0] if isinstance(now, (tuple, list)) else now
-        size = image_size(model) if grid == now else grid * patch_size(model)  # (a side the grid rounds down)
+        same_grid = grid == _side(model.visual.grid_size)  # (a side the grid rounds down keeps its size)
+        size = image_size(model) if same_grid else grid * patch_size(model)
     length = int(text.shape[0]) if text is not None and context_length(model) is not None else None
     return size, length
 
